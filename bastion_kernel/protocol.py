@@ -1,0 +1,134 @@
+"""The wire between the kernel and the executor: a versioned JSON envelope.
+
+Every message is a ZeroMQ multipart message.  Its first frame is a UTF-8
+JSON object, the *envelope*::
+
+    {"v": 1, "id": "<client-chosen id>", "kind": "<kind>", "body": {...}}
+
+A reply carries the ``id`` of its request.  A ``result`` reply has a second
+frame: the table as Arrow IPC (file format).  No other frame is ever read, and
+nothing but JSON and Arrow IPC is ever deserialized from the wire.
+
+Request kinds (scientist -> executor)
+-------------------------------------
+``hello``           ``{}`` -> ``ok`` ``{"scientist", "server_version", "plan_version"}``
+``datasets``        ``{}`` -> ``ok`` ``{"datasets": [{"name", "schema", "policy"}]}``
+``schema``          ``{"plan"}`` -> ``ok`` ``{"schema": [[name, dtype], ...]}``
+``fetch``           ``{"plan", "text"}`` -> ``result`` | ``pending`` | ``error``
+``request_status``  ``{"request_id"}`` -> ``result`` | ``pending`` | ``error``
+``save``            ``{"plan", "name", "text"}`` -> ``ok`` ``{"name"}`` | ``error``
+
+Reply kinds (executor -> scientist)
+-----------------------------------
+``ok``       a body as listed above.
+``result``   ``{"schema", "rows", "notes": [str], "request_id": int | null}``
+             plus the Arrow IPC frame.
+``pending``  ``{"request_id", "status", "reason"}``: held for the owner.
+``error``    the one error shape, :func:`error_body`.
+
+The scientist's identity is never in the envelope: the executor takes it from
+the authenticated CURVE key.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+PROTOCOL_VERSION = 1
+MAX_ENVELOPE_BYTES = 1 << 20  # 1 MiB: a plan is small; a larger request is refused
+
+REQUEST_KINDS = ("hello", "datasets", "schema", "fetch", "request_status", "save")
+REPLY_KINDS = ("ok", "result", "pending", "error")
+
+# The documented set of error names a client can rely on (the design's
+# "small, documented set"); ``error_body`` refuses any other.
+ERROR_NAMES = {
+    "ProtocolError": "the message is not a valid Bastion envelope",
+    "AuthenticationError": "the key is not allowed, or the caller may not do this",
+    "UnsupportedOperation": "an operation, function or syntax outside the whitelist",
+    "SchemaError": "an unknown dataset, column or a type that does not fit",
+    "PolicyViolation": "the owner's policy does not allow releasing this result",
+    "ReviewRejected": "the owner rejected the request",
+    "NotFound": "no such request or saved result for this scientist",
+    "LimitExceeded": "a size, depth, row or time limit was exceeded",
+    "ExecutionError": "the query failed while running",
+    "ParseError": "the cell is not valid Bastion syntax",
+}
+
+
+class ProtocolError(ValueError):
+    """A message that is not a valid envelope."""
+
+
+class BastionError(Exception):
+    """An error with one of the documented names; travels as :func:`error_body`."""
+
+    def __init__(self, ename: str, evalue: str, **details: Any):
+        if ename not in ERROR_NAMES:
+            raise ValueError(f"undocumented error name {ename!r}")
+        super().__init__(evalue)
+        self.ename = ename
+        self.evalue = evalue
+        self.details = details
+
+    def body(self) -> dict:
+        return error_body(self.ename, self.evalue, **self.details)
+
+    @classmethod
+    def from_body(cls, body: dict) -> "BastionError":
+        ename = body.get("ename") if isinstance(body, dict) else None
+        evalue = body.get("evalue") if isinstance(body, dict) else None
+        if ename not in ERROR_NAMES or not isinstance(evalue, str):
+            return cls("ProtocolError", f"malformed error reply: {body!r:.200}")
+        details = body.get("details") if isinstance(body.get("details"), dict) else {}
+        return cls(ename, evalue, **details)
+
+
+def error_body(ename: str, evalue: str, **details: Any) -> dict:
+    """The canonical error shape: ``{"ename", "evalue", "details"}``."""
+    if ename not in ERROR_NAMES:
+        raise ValueError(f"undocumented error name {ename!r}")
+    return {"ename": ename, "evalue": evalue, "details": details}
+
+
+def encode(kind: str, body: dict, msg_id: str) -> bytes:
+    """Serialize one envelope (first frame of a message)."""
+    if kind not in REQUEST_KINDS and kind not in REPLY_KINDS:
+        raise ValueError(f"unknown message kind {kind!r}")
+    return json.dumps({"v": PROTOCOL_VERSION, "id": msg_id, "kind": kind, "body": body},
+                      separators=(",", ":"), allow_nan=False, default=str).encode("utf-8")
+
+
+def decode(frame: bytes, allowed_kinds: tuple[str, ...]) -> tuple[str, str, dict]:
+    """Parse and check an envelope; returns ``(kind, id, body)`` or raises ProtocolError."""
+    if len(frame) > MAX_ENVELOPE_BYTES:
+        raise ProtocolError(f"envelope of {len(frame)} bytes exceeds {MAX_ENVELOPE_BYTES}")
+    try:
+        text = bytes(frame).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"envelope is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        message = json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"envelope is not JSON: {str(exc)[:200]}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("envelope must be a JSON object")
+    extra = set(message) - {"v", "id", "kind", "body"}
+    if extra:
+        raise ProtocolError(f"envelope has unknown field {sorted(extra)[0]!r}")
+    if message.get("v") != PROTOCOL_VERSION or isinstance(message.get("v"), bool):
+        raise ProtocolError(f"unsupported protocol version {message.get('v')!r}; this executor speaks {PROTOCOL_VERSION}")
+    msg_id = message.get("id")
+    if not isinstance(msg_id, str) or not 0 < len(msg_id) <= 128:
+        raise ProtocolError("envelope id must be a string of 1 to 128 characters")
+    kind = message.get("kind")
+    if kind not in allowed_kinds:
+        raise ProtocolError(f"unknown message kind {str(kind)[:64]!r}; expected one of {', '.join(allowed_kinds)}")
+    body = message.get("body")
+    if not isinstance(body, dict):
+        raise ProtocolError("envelope body must be a JSON object")
+    return kind, msg_id, body
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
