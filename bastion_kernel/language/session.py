@@ -1,0 +1,33 @@
+"""What the interpreter needs from the outside world, and nothing more.
+
+The interpreter calls a :class:`Session` for everything remote; the kernel
+passes :class:`bastion_kernel.client.ExecutorClient`, and language tests may
+pass an in-memory one.  This module imports neither ipykernel nor zmq.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from .values import FetchedTable, RequestStatus
+
+
+class Session(Protocol):
+    def datasets(self) -> list[dict]:
+        """``[{"name", "schema": [[column, dtype], ...], "policy": {...}}]``."""
+
+    def schema(self, plan: dict) -> list[list[str]]:
+        """The output schema of a plan, ``[[column, dtype], ...]``, computed by the executor."""
+
+    def fetch(self, plan: dict, text: str) -> FetchedTable:
+        """Run a plan through the policy; block while the owner reviews it.
+
+        Raises ``BastionError`` (``PolicyViolation``, ``ReviewRejected``, ...)
+        or ``KeyboardInterrupt`` when the wait is interrupted (the request
+        then stays pending on the executor).
+        """
+
+    def request(self, request_id: int) -> FetchedTable | RequestStatus:
+        """The state of an earlier request; an approved one is fetched (once)."""
+
+    def save(self, plan: dict, name: str, text: str) -> None:
+        """Keep a result on the owner's side under ``name``."""

@@ -1,0 +1,39 @@
+"""Values a cell can produce that are not frames or expressions.
+
+The kernel's display layer renders these; they hold already-released data
+only (the executor decided what is in them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class FetchedTable:
+    """A result the executor released: a decoded ``polars.DataFrame``.
+
+    ``notes`` are the executor's remarks on the release (for example which
+    columns were wiped to ``*``); ``request_id`` is set when the result was
+    approved by the owner after review.
+    """
+
+    frame: Any
+    notes: list[str] = field(default_factory=list)
+    request_id: int | None = None
+
+
+@dataclass
+class RequestStatus:
+    """Where a held request stands: ``pending``, ``approved``, ``rejected``, ``released``, ``expired``."""
+
+    request_id: int
+    status: str
+    reason: str = ""
+
+
+@dataclass
+class DatasetList:
+    """What ``datasets()`` returns: the executor's dataset descriptions."""
+
+    datasets: list[dict]
