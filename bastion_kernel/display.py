@@ -1,0 +1,245 @@
+"""Values -> Jupyter mime bundles.  Pure functions: no kernel, no socket.
+
+A fetched table is shown as ``text/plain`` (polars' own repr),
+``text/html`` (with dtypes, row count and the executor's notes) and
+``application/vnd.dataresource+json`` (the Table Schema data resource).
+Every value is untrusted text: the HTML escapes all of it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import decimal
+import html
+import math
+from typing import Any
+
+from .language.values import DatasetList, FetchedTable, RequestStatus
+
+HTML_MAX_ROWS = 50           # rows shown in the HTML table
+RESOURCE_MAX_ROWS = 10_000   # rows carried in the data resource
+DATARESOURCE_MIME = "application/vnd.dataresource+json"
+
+# Table Schema field types by polars dtype name (the base name, before any "(").
+_TABLE_SCHEMA_TYPES = {
+    **{name: "integer" for name in ("Int8", "Int16", "Int32", "Int64", "Int128",
+                                      "UInt8", "UInt16", "UInt32", "UInt64")},
+    "Float32": "number", "Float64": "number", "Decimal": "number",
+    "String": "string", "Utf8": "string", "Categorical": "string", "Enum": "string",
+    "Boolean": "boolean",
+    "Date": "date", "Datetime": "datetime", "Time": "time", "Duration": "duration",
+    "List": "array", "Array": "array", "Struct": "object",
+}
+
+
+def mime_bundle(value: Any) -> dict[str, Any]:
+    """The mime bundle for a cell's value.
+
+    Parameters
+    ----------
+    value
+        A :class:`FetchedTable`, :class:`DatasetList`, :class:`RequestStatus`
+        or anything else (shown by its ``repr``).
+
+    Returns
+    -------
+    dict
+        ``{mime type: data}``, always with ``text/plain``.
+    """
+    if isinstance(value, FetchedTable):
+        return table_bundle(value)
+    if isinstance(value, DatasetList):
+        return dataset_list_bundle(value)
+    if isinstance(value, RequestStatus):
+        return {"text/plain": request_status_text(value)}
+    return {"text/plain": repr(value)}
+
+
+# -- tables -----------------------------------------------------------------
+
+def table_bundle(table: FetchedTable, html_max_rows: int = HTML_MAX_ROWS,
+                 resource_max_rows: int = RESOURCE_MAX_ROWS) -> dict[str, Any]:
+    """``text/plain``, ``text/html`` and the data resource for a released table."""
+    plain = repr(table.frame)
+    if table.notes:
+        plain += "\n" + "\n".join(f"note: {note}" for note in table.notes)
+    if table.request_id is not None:
+        plain += f"\n(approved by the owner: request #{table.request_id})"
+    return {
+        "text/plain": plain,
+        "text/html": table_html(table, html_max_rows),
+        DATARESOURCE_MIME: data_resource(table.frame, resource_max_rows),
+    }
+
+
+def table_html(table: FetchedTable, max_rows: int = HTML_MAX_ROWS) -> str:
+    """An HTML table: column names with dtypes, at most ``max_rows`` rows, the row count and notes."""
+    frame = table.frame
+    esc = html.escape
+    height = frame.height
+    shown = frame.head(max_rows)
+    header = "".join(
+        f'<th>{esc(name)}<br><span style="font-weight:normal;opacity:0.7">{esc(str(dtype))}</span></th>'
+        for name, dtype in frame.schema.items())
+    body = "".join(
+        "<tr>" + "".join(f"<td>{esc(_cell_text(v))}</td>" for v in row) + "</tr>"
+        for row in shown.iter_rows())
+    rows_word = "row" if height == 1 else "rows"
+    footer = [f"{height} {rows_word} × {frame.width} columns"]
+    if height > max_rows:
+        footer.append(f"showing the first {max_rows} rows; the result holds all {height}")
+    if table.request_id is not None:
+        footer.append(f"approved by the owner: request #{table.request_id}")
+    notes = "".join(f"<li>{esc(note)}</li>" for note in table.notes)
+    return ('<div class="bastion-table">'
+            f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
+            f"<p>{esc('; '.join(footer))}</p>"
+            + (f"<ul>{notes}</ul>" if notes else "")
+            + "</div>")
+
+
+def data_resource(frame: Any, max_rows: int = RESOURCE_MAX_ROWS) -> dict[str, Any]:
+    """The Table Schema data resource ``{"schema": {"fields": [...]}, "data": [{...}]}`` of a frame.
+
+    Values are JSON-safe: dates and times as ISO 8601 strings, NaN and
+    infinities as ``null``.
+    """
+    fields = [{"name": name, "type": table_schema_type(dtype)} for name, dtype in frame.schema.items()]
+    names = list(frame.columns)
+    data = [{name: json_safe(value) for name, value in zip(names, row)}
+            for row in frame.head(max_rows).iter_rows()]
+    return {"schema": {"fields": fields}, "data": data}
+
+
+def table_schema_type(dtype: Any) -> str:
+    """The Table Schema type of a polars dtype (``"string"`` for anything unmapped)."""
+    base = str(dtype).split("(", 1)[0].split("[", 1)[0]
+    return _TABLE_SCHEMA_TYPES.get(base, "string")
+
+
+def json_safe(value: Any) -> Any:
+    """A JSON-serializable form of one cell value."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, decimal.Decimal):
+        return float(value) if value.is_finite() else None
+    if isinstance(value, (_dt.date, _dt.datetime, _dt.time)):
+        return value.isoformat()
+    if isinstance(value, _dt.timedelta):
+        return _iso_duration(value)
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+def _iso_duration(delta: _dt.timedelta) -> str:
+    sign = "-" if delta < _dt.timedelta(0) else ""
+    delta = abs(delta)
+    seconds = delta.seconds + delta.microseconds / 1e6
+    return f"{sign}P{delta.days}DT{seconds:g}S"
+
+
+def _cell_text(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, (_dt.date, _dt.datetime, _dt.time)):
+        return value.isoformat()
+    return str(value)
+
+
+# -- dataset lists and request states ------------------------------------------
+
+def _policy_summary(policy: dict) -> str:
+    hidden = policy.get("hidden") or []
+    parts = [f"K={policy.get('min_group_size', '?')}",
+             f"hidden: {', '.join(map(str, hidden)) if hidden else 'none'}",
+             f"unsafe: {policy.get('unsafe', '?')}"]
+    if policy.get("allow_save") is False:
+        parts.append("no save")
+    return "; ".join(parts)
+
+
+def _schema_pairs(dataset: dict) -> list[tuple[str, str]]:
+    schema = dataset.get("schema") or []
+    return [(str(pair[0]), str(pair[1])) for pair in schema
+            if isinstance(pair, (list, tuple)) and len(pair) == 2]
+
+
+def dataset_list_bundle(value: DatasetList) -> dict[str, Any]:
+    """``text/plain`` and ``text/html`` for ``datasets()``: names, columns with dtypes, policies."""
+    lines, rows = [], []
+    esc = html.escape
+    for dataset in value.datasets:
+        name = str(dataset.get("name", "?"))
+        policy = dataset.get("policy") if isinstance(dataset.get("policy"), dict) else {}
+        columns = _schema_pairs(dataset)
+        summary = _policy_summary(policy)
+        lines.append(f"{name}  ({summary})")
+        lines.extend(f"    {column}: {dtype}" for column, dtype in columns)
+        column_html = ", ".join(f"{esc(column)} <i>{esc(dtype)}</i>" for column, dtype in columns)
+        rows.append(f"<tr><td><b>{esc(name)}</b></td><td>{column_html}</td><td>{esc(summary)}</td></tr>")
+    if not value.datasets:
+        lines.append("no datasets are open to you")
+    table = ("<table><thead><tr><th>dataset</th><th>columns</th><th>policy</th></tr></thead>"
+             f"<tbody>{''.join(rows)}</tbody></table>")
+    return {"text/plain": "\n".join(lines), "text/html": table}
+
+
+def request_status_text(status: RequestStatus) -> str:
+    """One line saying where a held request stands."""
+    text = f"request #{status.request_id}: {status.status}"
+    return f"{text}: {status.reason}" if status.reason else text
+
+
+def waiting_bundle(request_id: int, status: str, reason: str, elapsed_seconds: float) -> dict[str, Any]:
+    """The in-place status of a result waiting for the owner's review."""
+    text = f"waiting for the owner (request #{request_id}) — {int(elapsed_seconds)} s"
+    if status and status != "pending":
+        text += f" [{status}]"
+    if reason:
+        text += f"\n{reason}"
+    return {"text/plain": text}
+
+
+def wait_ended_bundle(request_id: int, outcome: str, elapsed_seconds: float) -> dict[str, Any]:
+    """What the waiting display becomes once the wait is over (``outcome`` is a short phrase)."""
+    return {"text/plain": f"request #{request_id}: {outcome} (waited {int(elapsed_seconds)} s)"}
+
+
+# -- errors -------------------------------------------------------------------
+
+def error_traceback(ename: str, evalue: str, details: dict | None, code: str) -> list[str]:
+    """Traceback lines for an error reply: where in the cell, the line, a caret, then ``ename: evalue``.
+
+    ``details`` may carry ``line`` (1-based), ``col`` (0-based, as ``ast``
+    counts) and optionally ``end_line``/``end_col``; without them the
+    traceback is the message alone.
+    """
+    details = details or {}
+    lines: list[str] = []
+    line_no, col = details.get("line"), details.get("col")
+    source_lines = code.splitlines()
+    if _is_count(line_no) and 1 <= line_no <= len(source_lines):
+        source = source_lines[line_no - 1]
+        if _is_count(col) and 0 <= col <= len(source):
+            lines.append(f"  cell line {line_no}, column {col + 1}:")
+            end_col = details.get("end_col")
+            same_line = details.get("end_line", line_no) == line_no
+            width = end_col - col if same_line and _is_count(end_col) and end_col > col else 1
+            width = max(1, min(width, len(source) - col)) if len(source) > col else 1
+            lines.append(f"    {source}")
+            lines.append("    " + " " * col + "^" * width)
+        else:
+            lines.append(f"  cell line {line_no}:")
+            lines.append(f"    {source}")
+    lines.append(f"{ename}: {evalue}")
+    return lines
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,228 @@
+"""The Bastion Jupyter kernel: Jupyter messages in, the language and the display out.
+
+Thin on purpose: each ``do_*`` hands the cell to the interpreter
+(:mod:`bastion_kernel.language`), which talks to the executor through a
+``Session`` (:mod:`bastion_kernel.client`), and renders values with
+:mod:`bastion_kernel.display`.  The kernel never executes cell text as
+Python, registers no comm targets and offers no debugger or subshells.
+"""
+from __future__ import annotations
+
+import fnmatch
+import traceback
+import uuid
+from dataclasses import dataclass
+from importlib import metadata
+
+from ipykernel.kernelbase import Kernel
+
+from . import display
+from .client import ConfiguredSession
+from .config import ConfigError
+from .language.interpreter import Interpreter
+from .protocol import BastionError
+
+HISTORY_SESSION = 1  # one in-memory history session per kernel process
+
+
+def _version() -> str:
+    try:
+        return metadata.version("bastion")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+@dataclass
+class _Wait:
+    """The in-place display of one result waiting for the owner."""
+
+    request_id: int
+    display_id: str
+    elapsed: float
+    shown_second: int
+
+
+class BastionKernel(Kernel):
+    """Jupyter kernel for the Bastion language."""
+
+    implementation = "bastion"
+    implementation_version = _version()
+    banner = ("Bastion: a polars-shaped query language. Queries run on the data owner's executor, "
+              "under the owner's privacy policy; this kernel runs no Python.\n"
+              "Start with datasets() and dataset(\"NAME\").")
+    language_info = {
+        "name": "bastion",
+        "version": _version(),
+        "mimetype": "text/x-python",
+        "file_extension": ".py",
+        "pygments_lexer": "python3",
+        "codemirror_mode": {"name": "ipython", "version": 3},
+    }
+    help_links = [{"text": "polars expressions", "url": "https://docs.pola.rs/api/python/stable/reference/"}]
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.executor_session = ConfiguredSession()
+        self.executor_session.on_wait = self._on_wait
+        self.interpreter = Interpreter(self.executor_session)
+        self._history: list[list] = []  # [line, input, output text or None]
+        self._silent = False
+        self._wait: _Wait | None = None
+
+    @property
+    def kernel_info(self):
+        info = super().kernel_info
+        # No debugger (there is no Python to debug) and no subshells (one cell at a time).
+        info["supported_features"] = []
+        return info
+
+    # -- execute ---------------------------------------------------------------
+
+    async def do_execute(self, code, silent, store_history=True, user_expressions=None,
+                         allow_stdin=False, *, cell_meta=None, cell_id=None):
+        self._silent = silent
+        self._wait = None
+        entry = [self.execution_count, code, None]
+        if store_history and not silent:
+            self._history.append(entry)
+        try:
+            result = self.interpreter.run_cell(code)
+            value = getattr(result, "value", None)
+            bundle = display.mime_bundle(value) if value is not None else None
+        except KeyboardInterrupt:
+            return self._interrupted_reply()
+        except (BastionError, ConfigError) as exc:
+            self._end_wait("rejected by the owner" if exc.ename == "ReviewRejected" else f"ended ({exc.ename})")
+            return self._error_reply(exc.ename, exc.evalue,
+                                     display.error_traceback(exc.ename, exc.evalue, exc.details, code))
+        except Exception as exc:  # noqa: BLE001 - a bug in the kernel must not end the session
+            self._end_wait(f"ended ({type(exc).__name__})")
+            self.log.error("internal error in a cell", exc_info=True)
+            lines = traceback.format_exception(exc)
+            return self._error_reply("InternalError", f"{type(exc).__name__}: {exc}",
+                                     ["".join(lines).rstrip(), f"InternalError: {type(exc).__name__}: {exc}"])
+        self._end_wait("approved by the owner")
+        if bundle is not None:
+            entry[2] = bundle.get("text/plain")
+            if not silent:
+                self.send_response(self.iopub_socket, "execute_result", {
+                    "execution_count": self.execution_count, "data": bundle, "metadata": {}})
+        return {"status": "ok", "execution_count": self.execution_count,
+                "payload": [], "user_expressions": {}}
+
+    def _error_reply(self, ename: str, evalue: str, traceback_lines: list[str]) -> dict:
+        content = {"ename": ename, "evalue": evalue, "traceback": traceback_lines}
+        if not self._silent:
+            self.send_response(self.iopub_socket, "error", content)
+        return {"status": "error", "execution_count": self.execution_count, **content}
+
+    def _interrupted_reply(self) -> dict:
+        wait = self._wait
+        if wait is None:
+            evalue = "the cell was interrupted"
+        else:
+            evalue = (f"stopped waiting for the owner; request #{wait.request_id} stays pending "
+                      f"on the executor: request({wait.request_id}) fetches it later")
+            self._end_wait(f"still pending; request({wait.request_id}) fetches it later")
+        return self._error_reply("KeyboardInterrupt", evalue, [f"KeyboardInterrupt: {evalue}"])
+
+    # -- waiting for the owner -----------------------------------------------------
+
+    def _on_wait(self, request_id: int, status: str, reason: str, elapsed: float) -> None:
+        """Called by the client while a result waits for review: show and update the status."""
+        wait = self._wait
+        if wait is not None and wait.request_id != request_id:
+            self._end_wait("approved by the owner")
+            wait = None
+        bundle = display.waiting_bundle(request_id, status, reason, elapsed)
+        if wait is None:
+            self._wait = _Wait(request_id, f"bastion-wait-{uuid.uuid4().hex}", elapsed, int(elapsed))
+            self._send_display("display_data", self._wait.display_id, bundle)
+        else:
+            wait.elapsed = elapsed
+            if int(elapsed) != wait.shown_second:
+                wait.shown_second = int(elapsed)
+                self._send_display("update_display_data", wait.display_id, bundle)
+
+    def _end_wait(self, outcome: str) -> None:
+        wait, self._wait = self._wait, None
+        if wait is not None:
+            self._send_display("update_display_data", wait.display_id,
+                               display.wait_ended_bundle(wait.request_id, outcome, wait.elapsed))
+
+    def _send_display(self, msg_type: str, display_id: str, bundle: dict) -> None:
+        if not self._silent:
+            self.send_response(self.iopub_socket, msg_type,
+                               {"data": bundle, "metadata": {}, "transient": {"display_id": display_id}})
+
+    # -- completion, inspection, is_complete ------------------------------------------
+
+    async def do_complete(self, code, cursor_pos):
+        cursor_pos = len(code) if cursor_pos is None else cursor_pos
+        try:
+            completion = self.interpreter.complete(code, cursor_pos)
+        except Exception:  # noqa: BLE001 - a failed completion is an empty one
+            self.log.debug("completion failed", exc_info=True)
+            return {"status": "ok", "matches": [], "cursor_start": cursor_pos,
+                    "cursor_end": cursor_pos, "metadata": {}}
+        return {"status": "ok", "matches": list(completion.matches),
+                "cursor_start": completion.cursor_start, "cursor_end": completion.cursor_end,
+                "metadata": {}}
+
+    async def do_inspect(self, code, cursor_pos, detail_level=0, omit_sections=()):
+        cursor_pos = len(code) if cursor_pos is None else cursor_pos
+        try:
+            text = self.interpreter.inspect(code, cursor_pos, detail_level)
+        except Exception:  # noqa: BLE001 - nothing to show is not an error
+            self.log.debug("inspection failed", exc_info=True)
+            text = None
+        if not text:
+            return {"status": "ok", "found": False, "data": {}, "metadata": {}}
+        return {"status": "ok", "found": True, "data": {"text/plain": text}, "metadata": {}}
+
+    async def do_is_complete(self, code):
+        try:
+            status, indent = self.interpreter.is_complete(code)
+        except Exception:  # noqa: BLE001
+            self.log.debug("is_complete failed", exc_info=True)
+            return {"status": "unknown"}
+        reply = {"status": status}
+        if status == "incomplete":
+            reply["indent"] = indent or ""
+        return reply
+
+    # -- history ------------------------------------------------------------------
+
+    async def do_history(self, hist_access_type, output, raw, session=None, start=None, stop=None,
+                         n=None, pattern=None, unique=False):
+        entries = self._history
+        if hist_access_type == "tail":
+            entries = entries[-n:] if n else entries
+        elif hist_access_type == "range":
+            first = start or 0
+            entries = [e for e in entries if e[0] >= first and (stop is None or e[0] < stop)]
+        elif hist_access_type == "search":
+            entries = [e for e in entries if fnmatch.fnmatchcase(e[1], pattern or "*")]
+            if unique:
+                last_of = {e[1]: e for e in entries}
+                entries = [e for e in entries if last_of[e[1]] is e]
+            entries = entries[-n:] if n else entries
+        else:
+            entries = []
+        history = [(HISTORY_SESSION, line, (code, out) if output else code) for line, code, out in entries]
+        return {"status": "ok", "history": history}
+
+    # -- what this kernel does not offer ---------------------------------------------
+
+    async def do_debug_request(self, msg):
+        return {}
+
+    async def create_subshell_request(self, socket, ident, parent) -> None:
+        self.session.send(socket, "create_subshell_reply",
+                          {"status": "error", "ename": "UnsupportedOperation",
+                           "evalue": "the Bastion kernel runs one cell at a time and has no subshells",
+                           "traceback": []}, parent, ident)
+
+    async def do_shutdown(self, restart):
+        self.executor_session.close()
+        return {"status": "ok", "restart": restart}

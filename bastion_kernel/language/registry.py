@@ -1,0 +1,224 @@
+"""The language's whitelist: which names, methods and properties exist.
+
+Every operation a scientist can call is an :class:`Operation` in one of the
+tables here, keyed by the Python class of the value it applies to (our own
+value classes only) and the name the scientist types.  The interpreter never
+looks a user-chosen name up anywhere else: an attribute is a key of these
+dicts or it is refused.
+
+Handlers are plain functions whose first parameter is the :class:`Context`
+(the session and the cell being run) and, for methods and properties, whose
+second is the receiver.  Their numpydoc docstrings are the language's
+documentation (``inspect`` shows them; :func:`documented_operations` lists
+them).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from bastion_kernel.plan import plan_hash
+
+from .errors import UnsupportedOperation, suggest
+
+
+class Context:
+    """What an operation handler may use: the session, the cell's text, caches.
+
+    ``pure`` is set while completing or inspecting: then nothing that changes
+    state or moves data (fetch, save, request) may run.
+    """
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.cell_text = ""
+        self.pure = False
+        self._schemas: dict[str, list[list[str]]] = {}
+        self._datasets: list[dict] | None = None
+
+    def schema(self, plan: dict) -> list[list[str]]:
+        """The output schema of a plan, asked once per distinct plan."""
+        key = plan_hash(plan)
+        if key not in self._schemas:
+            self._schemas[key] = [list(pair) for pair in self.session.schema(plan)]
+        return self._schemas[key]
+
+    def datasets(self, refresh: bool = False) -> list[dict]:
+        """The executor's dataset descriptions, cached until ``refresh``."""
+        if self._datasets is None or refresh:
+            self._datasets = list(self.session.datasets())
+        return self._datasets
+
+    def cached_datasets(self) -> list[dict] | None:
+        """The dataset list if it was already fetched (never asks the session)."""
+        return self._datasets
+
+    def require_effects(self, what: str) -> None:
+        """Refuse an operation with effects while completing or inspecting."""
+        if self.pure:
+            raise UnsupportedOperation(f"{what} is not run while completing or inspecting")
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One whitelisted operation.
+
+    ``kind`` is ``"method"`` (called on a receiver), ``"property"`` (read on
+    a receiver, no call) or ``"function"`` (a builtin name such as ``col``).
+    """
+
+    name: str
+    kind: str
+    handler: Callable[..., Any]
+    receiver: type | None = None
+
+    @property
+    def qualified_name(self) -> str:
+        if self.receiver is None:
+            return self.name
+        return f"{type_name(self.receiver)}.{self.name}"
+
+    @property
+    def signature(self) -> inspect.Signature:
+        return inspect.signature(self.handler)
+
+    def visible_parameters(self) -> list[inspect.Parameter]:
+        """Parameters the scientist passes (without the context and receiver)."""
+        hidden = 1 if self.receiver is None else 2
+        return list(self.signature.parameters.values())[hidden:]
+
+    def display_signature(self) -> str:
+        parts = []
+        for p in self.visible_parameters():
+            if p.kind is p.VAR_POSITIONAL:
+                parts.append(f"*{p.name}")
+            elif p.kind is p.VAR_KEYWORD:
+                parts.append(f"**{p.name}")
+            elif p.default is p.empty:
+                parts.append(p.name)
+            else:
+                parts.append(f"{p.name}={p.default!r}")
+        return f"{self.qualified_name}({', '.join(parts)})"
+
+    @property
+    def doc(self) -> str:
+        return inspect.getdoc(self.handler) or ""
+
+    def call(self, ctx: Context, receiver: Any, args: list, kwargs: dict) -> Any:
+        """Bind the scientist's arguments to the handler and run it."""
+        params = self.visible_parameters()
+        named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        takes_any_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
+        label = f"{self.qualified_name}()"
+        for key in kwargs:
+            if key not in named and not takes_any_keyword:
+                hint = suggest(key, named) or (f"; its parameters are {', '.join(sorted(named))}" if named
+                                               else "; it takes no keyword arguments")
+                raise UnsupportedOperation(f"{label} has no parameter {key!r}{hint}")
+        leading = (ctx,) if self.receiver is None else (ctx, receiver)
+        try:
+            bound = self.signature.bind(*leading, *args, **kwargs)
+        except TypeError as exc:
+            raise UnsupportedOperation(f"{label}: {exc}; expected {self.display_signature()}") from None
+        bound.apply_defaults()
+        return self.handler(*bound.args, **bound.kwargs)
+
+
+@dataclass(frozen=True)
+class BoundOperation:
+    """A method looked up on a value, waiting to be called."""
+
+    operation: Operation
+    receiver: Any
+
+    def __repr__(self) -> str:
+        return f"<method {self.operation.display_signature()}>"
+
+
+METHODS: dict[type, dict[str, Operation]] = {}
+PROPERTIES: dict[type, dict[str, Operation]] = {}
+FUNCTIONS: dict[str, Operation] = {}
+
+
+def type_name(cls: type) -> str:
+    """How the language names one of its value types in messages and docs."""
+    return getattr(cls, "type_name", cls.__name__)
+
+
+def method(receiver: type, name: str) -> Callable:
+    """Register ``handler(ctx, receiver, ...)`` as the method ``name`` of ``receiver``."""
+    def register(handler: Callable) -> Callable:
+        METHODS.setdefault(receiver, {})[name] = Operation(name, "method", handler, receiver)
+        return handler
+    return register
+
+
+def prop(receiver: type, name: str) -> Callable:
+    """Register ``handler(ctx, receiver)`` as the property ``name`` of ``receiver``."""
+    def register(handler: Callable) -> Callable:
+        PROPERTIES.setdefault(receiver, {})[name] = Operation(name, "property", handler, receiver)
+        return handler
+    return register
+
+
+def function(name: str) -> Callable:
+    """Register ``handler(ctx, ...)`` as the builtin function ``name``."""
+    def register(handler: Callable) -> Callable:
+        FUNCTIONS[name] = Operation(name, "function", handler, None)
+        return handler
+    return register
+
+
+def _registered_bases(cls: type) -> list[type]:
+    # Our value classes only: a subclass (Then) inherits its base's (Expr) methods.
+    return [c for c in cls.__mro__ if c in METHODS or c in PROPERTIES]
+
+
+def methods_of(cls: type) -> dict[str, Operation]:
+    """Every method a value of ``cls`` has (its own first, then its bases')."""
+    found: dict[str, Operation] = {}
+    for base in _registered_bases(cls):
+        for name, op in METHODS.get(base, {}).items():
+            found.setdefault(name, op)
+    return found
+
+
+def properties_of(cls: type) -> dict[str, Operation]:
+    """Every property a value of ``cls`` has."""
+    found: dict[str, Operation] = {}
+    for base in _registered_bases(cls):
+        for name, op in PROPERTIES.get(base, {}).items():
+            found.setdefault(name, op)
+    return found
+
+
+def attribute_names(cls: type) -> list[str]:
+    """Methods and properties of a value type, sorted (for completion and suggestions)."""
+    return sorted(set(methods_of(cls)) | set(properties_of(cls)))
+
+
+def _load_all() -> None:
+    # Registration happens when the modules defining handlers are imported.
+    from . import expr, frame, namespaces  # noqa: F401
+
+
+def documented_operations() -> list[Operation]:
+    """Every public operation of the language, for the doc index and its test.
+
+    Returns
+    -------
+    list of Operation
+        Builtin functions, methods and properties, sorted by qualified name.
+    """
+    _load_all()
+    ops: list[Operation] = list(FUNCTIONS.values())
+    for table in (METHODS, PROPERTIES):
+        for entries in table.values():
+            ops.extend(entries.values())
+    return sorted(ops, key=lambda op: op.qualified_name)
+
+
+def doc_index() -> dict[str, str]:
+    """``{qualified name: docstring}`` for every documented operation."""
+    return {op.qualified_name: op.doc for op in documented_operations()}

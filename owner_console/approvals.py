@@ -1,0 +1,268 @@
+"""The approval queue: held requests and the owner's decisions, in SQLite.
+
+The executor writes requests; the owner's command line and console decide
+them; the executor releases approved ones.  These are different threads and
+processes, so the database runs in WAL mode (readers never block the writer)
+with a busy timeout, every change is one ``BEGIN IMMEDIATE`` transaction, and
+every state change is a conditional update (``... WHERE status = 'pending'``)
+so two deciders, or two releases, can never both win.
+
+A request moves ``pending -> approved -> released`` or ``pending -> rejected``;
+nothing else.  Only committed transactions survive a crash
+(``synchronous=FULL``).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sqlite3
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from bastion_kernel.plan import canonical_json, plan_hash as compute_plan_hash
+
+STATUSES = ("pending", "approved", "rejected", "released")
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    scientist       TEXT NOT NULL,
+    status          TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'rejected', 'released')),
+    plan_json       TEXT NOT NULL,
+    plan_hash       TEXT NOT NULL,
+    plan_text       TEXT NOT NULL,
+    plan_tree       TEXT NOT NULL,
+    query_text      TEXT NOT NULL,
+    reason          TEXT NOT NULL,
+    columns_json    TEXT NOT NULL,
+    rows            INTEGER NOT NULL,
+    notes_json      TEXT NOT NULL,
+    result_sha256   TEXT NOT NULL,
+    asked_at        TEXT NOT NULL,
+    decided_at      TEXT,
+    decided_by      TEXT,
+    decision_reason TEXT,
+    released_at     TEXT
+);
+CREATE INDEX IF NOT EXISTS requests_status ON requests (status);
+"""
+
+
+class ApprovalError(Exception):
+    """A decision that cannot be made: no such request, or it is not in the right state."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One held request, as stored.
+
+    ``plan_text`` is the readable polars-shaped form of the plan and
+    ``plan_tree`` its tree view (both for the owner's review); ``query_text``
+    is what the scientist typed; ``columns`` is ``[[name, dtype], ...]`` and
+    ``rows`` the row count of the held table; ``result_sha256`` is the SHA-256
+    of the held table's Arrow IPC bytes, so what is released is what was
+    reviewed.
+    """
+
+    id: int
+    scientist: str
+    status: str
+    plan: Any
+    plan_hash: str
+    plan_text: str
+    plan_tree: Any
+    query_text: str
+    reason: str
+    columns: list
+    rows: int
+    notes: list
+    result_sha256: str
+    asked_at: str
+    decided_at: str | None
+    decided_by: str | None
+    decision_reason: str | None
+    released_at: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return asdict(self)
+
+
+def utc_now() -> str:
+    """The current time as an ISO 8601 UTC string (microseconds), as stores record it."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+class ApprovalStore:
+    """The request store at ``path`` (created if missing).
+
+    Safe to share between threads (one SQLite connection per thread) and
+    between processes (WAL mode, busy timeout, ``BEGIN IMMEDIATE``).
+
+    Parameters
+    ----------
+    path : str or Path
+        The SQLite file, normally ``Workspace.approvals_path``.
+    busy_timeout_ms : int
+        How long a writer waits for another process's transaction.
+    """
+
+    def __init__(self, path: str | Path, busy_timeout_ms: int = 10_000):
+        self.path = Path(path)
+        self._busy_timeout_ms = int(busy_timeout_ms)
+        self._local = threading.local()
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout_ms / 1000)
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their thread's store is dropped)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- writing -----------------------------------------------------------
+    def create(self, *, scientist: str, plan: Any, plan_text: str, plan_tree: Any, query_text: str,
+               reason: str, columns: list, rows: int, notes: list[str],
+               write_result: Callable[[int], str]) -> int:
+        """Store a new pending request and return its id.
+
+        ``write_result(id)`` is called inside the transaction, with the new
+        id, to write the held table durably (``results/<id>.arrow``); it
+        returns the SHA-256 of the bytes written.  If it raises, nothing is
+        stored, so a request never exists without its table.
+        """
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cursor = conn.execute(
+                "INSERT INTO requests (scientist, status, plan_json, plan_hash, plan_text, plan_tree,"
+                " query_text, reason, columns_json, rows, notes_json, result_sha256, asked_at)"
+                " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, '', ?)",
+                (scientist, canonical_json(plan).decode("utf-8"), compute_plan_hash(plan),
+                 str(plan_text), json.dumps(plan_tree), str(query_text), str(reason),
+                 json.dumps([list(c) for c in columns]), int(rows), json.dumps(list(notes)), utc_now()))
+            request_id = int(cursor.lastrowid)
+            digest = write_result(request_id)
+            conn.execute("UPDATE requests SET result_sha256 = ? WHERE id = ?", (str(digest), request_id))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return request_id
+
+    def decide(self, request_id: int, approved: bool, reason: str, by: str = "owner") -> Request:
+        """Approve or reject a pending request; raises ApprovalError if it is not pending."""
+        return self._transition(request_id, "pending", "approved" if approved else "rejected",
+                                "decided_at = ?, decided_by = ?, decision_reason = ?",
+                                (utc_now(), str(by), str(reason)))
+
+    def mark_released(self, request_id: int) -> Request:
+        """Record that an approved request's table was sent; a request is released once."""
+        return self._transition(request_id, "approved", "released", "released_at = ?", (utc_now(),))
+
+    def _transition(self, request_id: int, source: str, target: str, sets: str, values: tuple) -> Request:
+        request_id = _check_id(request_id)
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT status FROM requests WHERE id = ?", (request_id,)).fetchone()
+            if row is None:
+                raise ApprovalError(f"no request {request_id}")
+            if row["status"] != source:
+                raise ApprovalError(f"request {request_id} is {row['status']}, not {source}")
+            conn.execute(f"UPDATE requests SET status = ?, {sets} WHERE id = ? AND status = ?",
+                         (target, *values, request_id, source))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return self.get(request_id)
+
+    # -- reading -----------------------------------------------------------
+    def get(self, request_id: int) -> Request | None:
+        """The request with this id, or None."""
+        row = self._conn().execute("SELECT * FROM requests WHERE id = ?", (_check_id(request_id),)).fetchone()
+        return _to_request(row) if row is not None else None
+
+    def list(self, status: str | None = None) -> list[Request]:
+        """All requests (or those with ``status``), oldest first."""
+        if status is None:
+            rows = self._conn().execute("SELECT * FROM requests ORDER BY id").fetchall()
+        else:
+            if status not in STATUSES:
+                raise ApprovalError(f"unknown status {status!r}; expected one of {', '.join(STATUSES)}")
+            rows = self._conn().execute("SELECT * FROM requests WHERE status = ? ORDER BY id",
+                                        (status,)).fetchall()
+        return [_to_request(row) for row in rows]
+
+
+def record_decision(store: ApprovalStore, audit: Any, request_id: int, approved: bool, reason: str,
+                    by: str = "owner") -> Request:
+    """Approve or reject a pending request and audit the decision (``approval`` / ``rejection``).
+
+    The one way the owner's tools (command line, console) decide a request.
+
+    Parameters
+    ----------
+    store : ApprovalStore
+    audit : owner_console.audit.AuditLog
+    request_id : int
+    approved : bool
+    reason : str
+        Kept with the decision; a rejected scientist sees it.
+    by : str
+        Who decided.
+
+    Returns
+    -------
+    Request
+        The request after the decision.
+
+    Raises
+    ------
+    ApprovalError
+        No such request, or it is not pending.
+    """
+    request = store.decide(request_id, approved, reason, by=by)
+    audit.append("approval" if approved else "rejection", request.scientist, request_id=request.id,
+                 plan_hash=request.plan_hash, reason=reason, by=by)
+    return request
+
+
+def _check_id(request_id: Any) -> int:
+    if isinstance(request_id, bool) or not isinstance(request_id, int) or not 0 < request_id < 2**63:
+        raise ApprovalError(f"invalid request id {request_id!r}")
+    return request_id
+
+
+def _to_request(row: sqlite3.Row) -> Request:
+    return Request(
+        id=row["id"], scientist=row["scientist"], status=row["status"],
+        plan=json.loads(row["plan_json"]), plan_hash=row["plan_hash"], plan_text=row["plan_text"],
+        plan_tree=json.loads(row["plan_tree"]), query_text=row["query_text"], reason=row["reason"],
+        columns=json.loads(row["columns_json"]), rows=row["rows"], notes=json.loads(row["notes_json"]),
+        result_sha256=row["result_sha256"], asked_at=row["asked_at"], decided_at=row["decided_at"],
+        decided_by=row["decided_by"], decision_reason=row["decision_reason"],
+        released_at=row["released_at"])

@@ -1,0 +1,249 @@
+"""The audit log: append-only JSON lines, hash-chained and signed with Ed25519.
+
+Each line is one entry::
+
+    {"seq": 7, "time": "2026-01-01T12:00:00.000000+00:00", "event": "release",
+     "scientist": "alice", ...event fields...,
+     "prev": "<hash of entry 6>", "hash": "<sha256>", "sig": "<base64 Ed25519 signature>"}
+
+``hash`` is the SHA-256 (hex) of the canonical JSON (sorted keys, no spaces)
+of the entry without ``hash`` and ``sig``; ``prev`` is the previous entry's
+``hash`` (``"0" * 64`` for the first); ``sig`` signs the ``hash`` text with the
+workspace's audit key.  An edited line changes its hash; a recomputed hash
+lacks a valid signature; a deleted, inserted or moved line breaks ``seq`` and
+``prev``.  Removing entries from the *end* of the log cannot be seen from the
+log alone: keep a copy of the last ``hash`` that ``audit verify`` prints if
+that matters.
+
+Several processes append (the executor and the owner's command line): each
+append takes an exclusive ``fcntl.flock`` on the file, reads the last entry's
+hash under the lock, then writes, flushes and fsyncs the new line.
+
+Torn lines.  A crash in the middle of a write can leave a last line without
+its newline.  The next append does not hide or repair it: it writes a newline
+first (so the fragment stays on its own line, as evidence) and chains the new
+entry to the last *complete* entry.  ``verify`` then reports the fragment as
+the first bad line, and every entry after it still chains to the entries
+before it.
+
+Events: ``connection``, ``query``, ``decision``, ``release``, ``held``,
+``refusal``, ``error``, ``approval``, ``rejection``.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+GENESIS = "0" * 64
+EVENTS = ("connection", "query", "decision", "release", "held", "refusal", "error",
+          "approval", "rejection")
+RESERVED = ("seq", "time", "event", "scientist", "prev", "hash", "sig")
+_TAIL_CHUNK = 64 * 1024
+
+
+def canonical(entry: dict) -> bytes:
+    """The byte form that is hashed (and written): sorted keys, no spaces, UTF-8."""
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def entry_hash(entry: dict) -> str:
+    """SHA-256 (hex) of an entry's canonical JSON, without its ``hash`` and ``sig``."""
+    body = {key: value for key, value in entry.items() if key not in ("hash", "sig")}
+    return hashlib.sha256(canonical(body)).hexdigest()
+
+
+def load_signing_key(path: str | Path) -> Ed25519PrivateKey:
+    """Read the audit signing key (PKCS#8 PEM) written by ``Workspace.init``."""
+    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
+    return key
+
+
+def load_verify_key(path: str | Path) -> Ed25519PublicKey:
+    """Read the audit public key (PEM) written by ``Workspace.init``."""
+    key = serialization.load_pem_public_key(Path(path).read_bytes())
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path} is not an Ed25519 public key")
+    return key
+
+
+class AuditLog:
+    """Appends signed, chained entries to the log at ``path``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The JSON lines file (created if missing).
+    signing_key : Ed25519PrivateKey or path
+        The workspace's audit key, or the path of its PEM file.
+    """
+
+    def __init__(self, path: str | Path, signing_key: Ed25519PrivateKey | str | Path):
+        self.path = Path(path)
+        self._key = signing_key if isinstance(signing_key, Ed25519PrivateKey) else load_signing_key(signing_key)
+        self._lock = threading.Lock()
+        # (device, inode, size) after our last write, with that entry's hash and seq:
+        # lets an append skip re-reading the tail when no one else wrote since.
+        self._tail_cache: tuple[tuple[int, int, int], str, int] | None = None
+
+    def append(self, event: str, scientist: str | None = None, **fields: Any) -> dict:
+        """Append one entry and return it (with ``seq``, ``hash`` and ``sig``).
+
+        ``fields`` must be JSON-serialisable (other values are written as
+        their ``str``) and must not use the reserved keys.
+        """
+        if event not in EVENTS:
+            raise ValueError(f"unknown audit event {event!r}")
+        clash = set(fields) & set(RESERVED)
+        if clash:
+            raise ValueError(f"audit field {sorted(clash)[0]!r} is reserved")
+        # Round-trip through JSON so the hash is computed over exactly what a reader parses.
+        fields = json.loads(json.dumps(fields, default=str, allow_nan=False))
+        with self._lock, open(self.path, "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                stat = os.fstat(handle.fileno())
+                prev, last_seq, torn = self._tail(handle, stat)
+                entry = {"seq": last_seq + 1,
+                         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds"),
+                         "event": event, "scientist": scientist, **fields, "prev": prev}
+                entry["hash"] = entry_hash(entry)
+                entry["sig"] = base64.b64encode(self._key.sign(entry["hash"].encode("ascii"))).decode("ascii")
+                line = canonical(entry) + b"\n"
+                if torn:
+                    line = b"\n" + line  # keep the torn fragment on a line of its own
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
+                self._tail_cache = ((stat.st_dev, stat.st_ino, stat.st_size + len(line)),
+                                    entry["hash"], entry["seq"])
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return entry
+
+    def _tail(self, handle, stat: os.stat_result) -> tuple[str, int, bool]:
+        """``(hash, seq, torn)`` of the last complete entry; ``torn`` if the file ends mid-line."""
+        if stat.st_size == 0:
+            return GENESIS, 0, False
+        cache = self._tail_cache
+        if cache is not None and cache[0] == (stat.st_dev, stat.st_ino, stat.st_size):
+            return cache[1], cache[2], False
+        handle.seek(stat.st_size - 1)
+        torn = handle.read(1) != b"\n"
+        position, data, chunk = stat.st_size, b"", _TAIL_CHUNK
+        while True:
+            step = min(chunk, position)
+            position -= step
+            handle.seek(position)
+            data = handle.read(step) + data
+            complete = data[:data.rfind(b"\n") + 1]  # drop a torn fragment at the end
+            lines = complete.split(b"\n")[:-1]
+            if position > 0:
+                lines = lines[1:]  # the first piece may start mid-line
+            for raw in reversed(lines):
+                entry = _parse_entry(raw)
+                if entry is not None:
+                    return entry["hash"], entry["seq"], torn
+            if position == 0:
+                return GENESIS, 0, torn
+            chunk *= 2
+
+
+def _parse_entry(raw: bytes) -> dict | None:
+    try:
+        entry = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("hash"), str) \
+            or isinstance(entry.get("seq"), bool) or not isinstance(entry.get("seq"), int):
+        return None
+    return entry
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :func:`verify` found.
+
+    ``entries`` counts the lines read; ``first_bad`` is the 1-based line
+    number of the first problem (None if ``ok``); ``problem`` says what is
+    wrong with it; ``last_hash`` is the hash of the last good entry.
+    """
+
+    ok: bool
+    entries: int
+    first_bad: int | None = None
+    problem: str = ""
+    last_hash: str = GENESIS
+
+
+def verify(path: str | Path, public_key: Ed25519PublicKey | str | Path) -> VerifyReport:
+    """Check every line of the log: hash, signature, sequence and chain.
+
+    Parameters
+    ----------
+    path : str or Path
+        The audit log.
+    public_key : Ed25519PublicKey or path
+        The workspace's audit public key, or the path of its PEM file.
+
+    Returns
+    -------
+    VerifyReport
+        ``ok`` only if every line is a complete entry whose hash matches its
+        content, whose signature is valid, whose ``seq`` follows the previous
+        one and whose ``prev`` is the previous entry's hash.
+    """
+    key = public_key if isinstance(public_key, Ed25519PublicKey) else load_verify_key(public_key)
+    prev, expected_seq, count = GENESIS, 1, 0
+
+    def bad(line_no: int, problem: str) -> VerifyReport:
+        return VerifyReport(False, count, line_no, problem, prev)
+
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            count = line_no
+            if not raw.endswith(b"\n"):
+                return bad(line_no, "incomplete last line (a write torn by a crash, or a truncation)")
+            try:
+                entry = json.loads(raw)
+            except (ValueError, RecursionError):
+                return bad(line_no, "not a valid JSON entry (a torn write or an edit)")
+            if not isinstance(entry, dict) or any(k not in entry for k in RESERVED):
+                return bad(line_no, "not an audit entry (missing fields)")
+            if entry_hash(entry) != entry["hash"]:
+                return bad(line_no, "content does not match its hash (the entry was edited)")
+            try:
+                key.verify(base64.b64decode(str(entry["sig"]), validate=True), str(entry["hash"]).encode("ascii"))
+            except (InvalidSignature, ValueError):
+                return bad(line_no, "bad signature (the entry was not written with the audit key)")
+            if entry["seq"] != expected_seq:
+                return bad(line_no, f"sequence number {entry['seq']!r}, expected {expected_seq} "
+                                    "(an entry was deleted, inserted or moved)")
+            if entry["prev"] != prev:
+                return bad(line_no, "does not chain to the previous entry "
+                                    "(an entry was deleted, inserted or moved)")
+            prev, expected_seq = entry["hash"], expected_seq + 1
+    return VerifyReport(True, count, None, "", prev)
+
+
+def read_entries(path: str | Path) -> Iterator[dict]:
+    """The log's entries in order, skipping lines that do not parse (``verify`` reports those)."""
+    with open(path, "rb") as handle:
+        for raw in handle:
+            entry = _parse_entry(raw.rstrip(b"\n"))
+            if entry is not None:
+                yield entry

@@ -1,0 +1,429 @@
+"""Checked plan -> polars: the only module that builds and runs polars queries.
+
+Every frame operation and every expression function is compiled from an
+explicit dispatch table keyed by the plan's names; a plan-supplied name is
+never used to look up an attribute, and no polars plan is ever deserialized.
+
+The accounting layer (:mod:`owner_console.policy`) adds a few internal frame
+operations and expression kinds (``acct_*``) to a plan before it gets here.
+They live in tables of their own and are only reachable from a plan the policy
+built: the validator refuses any name outside the public tables.
+
+Datasets are read once into memory by :class:`DatasetCache`, shared by every
+session and thread.
+"""
+from __future__ import annotations
+
+import operator
+import threading
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import polars as pl
+
+from bastion_kernel.protocol import BastionError
+
+from .model import Dataset
+
+RESERVED_PREFIX = "__bastion"
+ACCOUNT_DTYPE = pl.Int64  # every accounting column has this dtype, so frames line up in concat
+
+
+# ---------------------------------------------------------------- datasets
+class DatasetCache:
+    """Registered datasets, each read once and shared (thread-safe).
+
+    A dataset is keyed by its resolved path, modification time and size, so a
+    file the owner replaces is read again on next use.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._path_locks: dict[str, threading.Lock] = {}
+        self._frames: dict[str, tuple[tuple[int, int], pl.DataFrame]] = {}
+
+    def frame(self, dataset: Dataset) -> pl.DataFrame:
+        """The dataset's table (read on first use, then from memory).
+
+        Raises
+        ------
+        BastionError
+            ``ExecutionError`` when the file cannot be read (no path or data in the message).
+        """
+        path = str(Path(dataset.path).resolve())
+        try:
+            stat = Path(path).stat()
+        except OSError as exc:
+            raise BastionError("ExecutionError", f"dataset {dataset.name!r} cannot be read "
+                                                 f"({type(exc).__name__})") from None
+        version = (stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            cached = self._frames.get(path)
+            if cached is not None and cached[0] == version:
+                return cached[1]
+            path_lock = self._path_locks.setdefault(path, threading.Lock())
+        with path_lock:  # one reader per file; other files load in parallel
+            with self._lock:
+                cached = self._frames.get(path)
+                if cached is not None and cached[0] == version:
+                    return cached[1]
+            table = _read(dataset, path)
+            with self._lock:
+                self._frames[path] = (version, table)
+            return table
+
+    def columns(self, dataset: Dataset) -> tuple[str, ...]:
+        """Column names of a dataset."""
+        return tuple(self.frame(dataset).columns)
+
+    def schema(self, dataset: Dataset) -> list[tuple[str, str]]:
+        """``[(column, dtype name), ...]`` of a dataset."""
+        return [(name, dtype_name(dtype)) for name, dtype in self.frame(dataset).schema.items()]
+
+
+def _read(dataset: Dataset, path: str) -> pl.DataFrame:
+    readers: dict[str, Callable[[str], pl.DataFrame]] = {
+        "csv": lambda p: pl.read_csv(p, try_parse_dates=True),
+        "parquet": pl.read_parquet,
+    }
+    reader = readers.get(dataset.format)
+    if reader is None:
+        raise BastionError("ExecutionError", f"dataset {dataset.name!r} has an unsupported format")
+    try:
+        return reader(path)
+    except Exception as exc:  # noqa: BLE001 - any reader failure becomes one typed, value-free error
+        raise BastionError("ExecutionError", f"dataset {dataset.name!r} cannot be read "
+                                             f"({type(exc).__name__})") from None
+
+
+DEFAULT_CACHE = DatasetCache()
+
+
+def dtype_name(dtype: Any) -> str:
+    """A polars dtype as the text a scientist sees (``Int64``, ``String``, ``Date``...)."""
+    return str(dtype)
+
+
+# ---------------------------------------------------------------- entry points
+def compile_plan(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache | None = None) -> pl.LazyFrame:
+    """Build the polars query of a checked (and possibly accounted) plan.
+
+    Schema problems (a type that does not fit, a join on mismatched key types)
+    surface here, node by node, as ``SchemaError``; no data is read except the
+    cached datasets themselves.
+    """
+    return _Compiler(catalog, cache or DEFAULT_CACHE).frame(plan)
+
+
+def run(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache | None = None) -> pl.DataFrame:
+    """Compile and collect a checked plan.
+
+    Raises
+    ------
+    BastionError
+        ``SchemaError`` while compiling, ``ExecutionError`` while running: the
+        message names the kind of failure only, never a data value.
+    """
+    query = compile_plan(plan, catalog, cache)
+    try:
+        return query.collect()
+    except BastionError:
+        raise
+    except MemoryError:
+        raise BastionError("LimitExceeded", "the query needs more memory than the executor has") from None
+    except Exception as exc:  # noqa: BLE001 - polars messages can quote data values: keep only the class
+        raise BastionError("ExecutionError",
+                           f"the query failed while running ({type(exc).__name__}); for example a strict cast or "
+                           "date parse that does not fit every value, or an operation on a type that does not "
+                           "support it. The message is generic because polars' own message can contain data values.",
+                           error_class=type(exc).__name__) from None
+
+
+def output_schema(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache | None = None) -> list[tuple[str, str]]:
+    """``[(column, dtype name), ...]`` a checked plan would produce, without running it."""
+    schema = _resolve(compile_plan(plan, catalog, cache), plan.get("op", "plan"))
+    return [(name, dtype_name(dtype)) for name, dtype in schema.items()]
+
+
+def _resolve(frame: pl.LazyFrame, op: str) -> Any:
+    try:
+        return frame.collect_schema()
+    except Exception as exc:  # noqa: BLE001
+        # Resolving a schema reads no data, so polars' first line names only columns and types.
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise BastionError("SchemaError", f"{op} does not fit the columns' types: {first_line}",
+                           op=op, error_class=type(exc).__name__) from None
+
+
+# ---------------------------------------------------------------- expression tables
+_DTYPES: dict[str, Any] = {
+    "Int8": pl.Int8, "Int16": pl.Int16, "Int32": pl.Int32, "Int64": pl.Int64,
+    "UInt8": pl.UInt8, "UInt16": pl.UInt16, "UInt32": pl.UInt32, "UInt64": pl.UInt64,
+    "Float32": pl.Float32, "Float64": pl.Float64, "String": pl.String, "Boolean": pl.Boolean,
+    "Date": pl.Date, "Datetime": pl.Datetime,
+}
+
+_BINARY: dict[str, Callable[[pl.Expr, pl.Expr], pl.Expr]] = {
+    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "truediv": operator.truediv,
+    "floordiv": operator.floordiv, "mod": operator.mod, "pow": operator.pow,
+    "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le,
+    "gt": operator.gt, "ge": operator.ge,
+    "and": operator.and_, "or": operator.or_, "xor": operator.xor,
+}
+
+_UNARY: dict[str, Callable[[pl.Expr], pl.Expr]] = {"not": operator.invert, "neg": operator.neg}
+
+# name -> handler(expr, args, sub) where sub compiles an expression argument.
+_Fn = Callable[[pl.Expr, dict, Callable[[dict], pl.Expr]], pl.Expr]
+_FUNCTIONS: dict[str, _Fn] = {
+    "sum": lambda e, a, s: e.sum(),
+    "mean": lambda e, a, s: e.mean(),
+    "median": lambda e, a, s: e.median(),
+    "min": lambda e, a, s: e.min(),
+    "max": lambda e, a, s: e.max(),
+    "std": lambda e, a, s: e.std(ddof=a["ddof"]),
+    "var": lambda e, a, s: e.var(ddof=a["ddof"]),
+    "quantile": lambda e, a, s: e.quantile(a["quantile"], interpolation=a["interpolation"]),
+    "count": lambda e, a, s: e.count(),
+    "len": lambda e, a, s: e.len(),
+    "n_unique": lambda e, a, s: e.n_unique(),
+    "null_count": lambda e, a, s: e.null_count(),
+    "first": lambda e, a, s: e.first(),
+    "last": lambda e, a, s: e.last(),
+    "mode": lambda e, a, s: e.mode(),
+    "is_null": lambda e, a, s: e.is_null(),
+    "is_not_null": lambda e, a, s: e.is_not_null(),
+    "is_in": lambda e, a, s: e.is_in(a["values"]),
+    "is_between": lambda e, a, s: e.is_between(s(a["lower"]), s(a["upper"]), closed=a["closed"]),
+    "fill_null": lambda e, a, s: e.fill_null(s(a["value"])),
+    # Conversions always run non-strict (a value that does not convert becomes
+    # null): a strict failure would tell the scientist that some row with such
+    # a value exists, even in a filtered, never-released result.
+    "cast": lambda e, a, s: e.cast(_DTYPES[a["dtype"]], strict=False),
+    "round": lambda e, a, s: e.round(a["decimals"]),
+    "abs": lambda e, a, s: e.abs(),
+    "clip": lambda e, a, s: e.clip(a["lower"], a["upper"]),
+    "log": lambda e, a, s: e.log(a["base"]),
+    "exp": lambda e, a, s: e.exp(),
+    "sqrt": lambda e, a, s: e.sqrt(),
+    "pow": lambda e, a, s: e.pow(s(a["exponent"])),
+    "str.len_chars": lambda e, a, s: e.str.len_chars(),
+    "str.to_lowercase": lambda e, a, s: e.str.to_lowercase(),
+    "str.to_uppercase": lambda e, a, s: e.str.to_uppercase(),
+    "str.contains": lambda e, a, s: e.str.contains(a["pattern"], literal=a["literal"]),
+    "str.starts_with": lambda e, a, s: e.str.starts_with(a["prefix"]),
+    "str.ends_with": lambda e, a, s: e.str.ends_with(a["suffix"]),
+    "str.slice": lambda e, a, s: e.str.slice(a["offset"], a["length"]),
+    "str.replace": lambda e, a, s: e.str.replace(a["pattern"], a["value"], literal=a["literal"]),
+    "str.strip_chars": lambda e, a, s: e.str.strip_chars(a["characters"]),
+    "str.to_date": lambda e, a, s: e.str.to_date(a["format"], strict=False),
+    "str.to_datetime": lambda e, a, s: e.str.to_datetime(a["format"], strict=False),
+    "dt.year": lambda e, a, s: e.dt.year(),
+    "dt.month": lambda e, a, s: e.dt.month(),
+    "dt.day": lambda e, a, s: e.dt.day(),
+    "dt.weekday": lambda e, a, s: e.dt.weekday(),
+    "dt.hour": lambda e, a, s: e.dt.hour(),
+    "dt.truncate": lambda e, a, s: e.dt.truncate(a["every"]),
+    "dt.strftime": lambda e, a, s: e.dt.strftime(a["format"]),
+}
+
+
+def _account_distinct(node: dict) -> pl.Expr:
+    """Distinct source rows in a group, from a row-id column (null: not fed, 0: unmatched join side)."""
+    c = pl.col(node["column"])
+    count = c.filter(c > 0).n_unique() if node["taintable"] or node["nullable"] else c.n_unique()
+    return _guarded(node, c, count)
+
+
+def _account_sum(node: dict) -> pl.Expr:
+    """Source rows in a group, from per-row counts; ``exact`` is False when rows may share source rows."""
+    c = pl.col(node["column"])
+    total = c.sum() if node["exact"] else pl.lit(1, dtype=ACCOUNT_DTYPE)
+    return _guarded(node, c, total)
+
+
+def _guarded(node: dict, c: pl.Expr, count: pl.Expr) -> pl.Expr:
+    # Order matters: an empty group is fed by 0 rows; a group with an unmatched
+    # join row is marked 0 (fails the rule); a group with no row from this
+    # source is null (not fed by it).
+    if not (node["taintable"] or node["nullable"] or node["global"]):
+        return count.cast(ACCOUNT_DTYPE).alias(node["name"])
+    expr = pl.when(pl.len() == 0).then(pl.lit(0, dtype=ACCOUNT_DTYPE))
+    if node["nullable"]:
+        expr = expr.when(c.is_null().all()).then(pl.lit(None, dtype=ACCOUNT_DTYPE))
+    if node["taintable"]:
+        expr = expr.when((c == 0).any()).then(pl.lit(0, dtype=ACCOUNT_DTYPE))
+    return expr.otherwise(count.cast(ACCOUNT_DTYPE)).alias(node["name"])
+
+
+def _account_one_row(node: dict) -> pl.Expr:
+    """Each row now holds individual values: it counts as fed by one source row."""
+    c = pl.col(node["column"])
+    return (pl.when(c.is_null()).then(pl.lit(None, dtype=ACCOUNT_DTYPE))
+            .when(c == 0).then(pl.lit(0, dtype=ACCOUNT_DTYPE))
+            .otherwise(pl.lit(1, dtype=ACCOUNT_DTYPE)).alias(node["name"]))
+
+
+def _account_unmatched(node: dict) -> pl.Expr:
+    """After an outer join: 0 where the row had no partner on this source's side."""
+    side = [pl.col(c).is_null() for c in node["side"]]
+    return (pl.when(pl.all_horizontal(side)).then(pl.lit(0, dtype=ACCOUNT_DTYPE))
+            .otherwise(pl.col(node["column"])).alias(node["column"]))
+
+
+_ACCOUNT_EXPRS: dict[str, Callable[[dict], pl.Expr]] = {
+    "acct_col": lambda n: pl.col(n["name"]),
+    "acct_const": lambda n: pl.lit(n["value"], dtype=ACCOUNT_DTYPE).alias(n["name"]),
+    "acct_len": lambda n: pl.len().cast(ACCOUNT_DTYPE).alias(n["name"]),
+    "acct_distinct": _account_distinct,
+    "acct_sum": _account_sum,
+    "acct_one_row": _account_one_row,
+    "acct_unmatched": _account_unmatched,
+}
+
+
+# ---------------------------------------------------------------- compiler
+class _Compiler:
+    def __init__(self, catalog: Mapping[str, Dataset], cache: DatasetCache):
+        self.catalog = catalog
+        self.cache = cache
+        self.ops: dict[str, Callable[[dict], pl.LazyFrame]] = {
+            "scan": self._scan, "saved": self._saved, "filter": self._filter, "select": self._select,
+            "with_columns": self._with_columns, "group_by": self._group_by, "sort": self._sort,
+            "head": self._head, "drop": self._drop, "rename": self._rename, "drop_nulls": self._drop_nulls,
+            "fill_null": self._fill_null, "unique": self._unique, "join": self._join,
+            "concat": self._concat, "with_row_index": self._with_row_index,
+            # internal operations, built only by owner_console.policy
+            "acct_row_id": self._acct_row_id, "acct_columns": self._acct_columns,
+            "acct_select": self._acct_select,
+        }
+        self.exprs: dict[str, Callable[[dict], pl.Expr]] = {
+            "col": lambda n: pl.col(n["name"]),
+            "lit": lambda n: pl.lit(n["value"]),
+            "len": lambda n: pl.len(),
+            "binary": lambda n: _BINARY[n["op"]](self.expr(n["left"]), self.expr(n["right"])),
+            "unary": lambda n: _UNARY[n["op"]](self.expr(n["operand"])),
+            "alias": lambda n: self.expr(n["input"]).alias(n["name"]),
+            "fn": lambda n: _FUNCTIONS[n["name"]](self.expr(n["input"]), n["args"], self.expr),
+            "when": self._when,
+            **_ACCOUNT_EXPRS,
+        }
+
+    def frame(self, node: dict) -> pl.LazyFrame:
+        result = self.ops[node["op"]](node)
+        _resolve(result, node["op"])  # surface type errors at the node that causes them
+        return result
+
+    def expr(self, node: dict) -> pl.Expr:
+        return self.exprs[node["expr"]](node)
+
+    def _exprs(self, nodes: list[dict]) -> list[pl.Expr]:
+        return [self.expr(n) for n in nodes]
+
+    def _when(self, node: dict) -> pl.Expr:
+        first, *rest = node["branches"]
+        chain: Any = pl.when(self.expr(first["when"])).then(self.expr(first["then"]))
+        for branch in rest:
+            chain = chain.when(self.expr(branch["when"])).then(self.expr(branch["then"]))
+        if node["otherwise"] is not None:
+            return chain.otherwise(self.expr(node["otherwise"]))
+        return chain
+
+    @staticmethod
+    def _user_columns(frame: pl.LazyFrame) -> list[str]:
+        # Frame-wide operations (fill_null, drop_nulls and unique without a
+        # subset) must never see the accounting columns.
+        return [c for c in frame.collect_schema().names() if not c.startswith(RESERVED_PREFIX)]
+
+    # frame operations --------------------------------------------------------
+    def _scan(self, node: dict) -> pl.LazyFrame:
+        return self.cache.frame(self.catalog[node["dataset"]]).lazy()
+
+    def _saved(self, node: dict) -> pl.LazyFrame:
+        return self.cache.frame(self.catalog[node["name"]]).lazy()
+
+    def _filter(self, node: dict) -> pl.LazyFrame:
+        return self.frame(node["input"]).filter(self.expr(node["predicate"]))
+
+    def _select(self, node: dict) -> pl.LazyFrame:
+        return self.frame(node["input"]).select(self._exprs(node["exprs"]))
+
+    def _with_columns(self, node: dict) -> pl.LazyFrame:
+        return self.frame(node["input"]).with_columns(self._exprs(node["exprs"]))
+
+    def _group_by(self, node: dict) -> pl.LazyFrame:
+        return self.frame(node["input"]).group_by(self._exprs(node["keys"])).agg(self._exprs(node["aggs"]))
+
+    def _sort(self, node: dict) -> pl.LazyFrame:
+        return self.frame(node["input"]).sort(self._exprs(node["by"]), descending=node["descending"],
+                                              nulls_last=node["nulls_last"])
+
+    def _head(self, node: dict) -> pl.LazyFrame:
+        return self.frame(node["input"]).head(node["n"])
+
+    def _drop(self, node: dict) -> pl.LazyFrame:
+        return self.frame(node["input"]).drop(node["columns"])
+
+    def _rename(self, node: dict) -> pl.LazyFrame:
+        return self.frame(node["input"]).rename(node["mapping"])
+
+    def _drop_nulls(self, node: dict) -> pl.LazyFrame:
+        frame = self.frame(node["input"])
+        return frame.drop_nulls(node["subset"] if node["subset"] is not None else self._user_columns(frame))
+
+    def _unique(self, node: dict) -> pl.LazyFrame:
+        frame = self.frame(node["input"])
+        return frame.unique(node["subset"] if node["subset"] is not None else self._user_columns(frame))
+
+    def _fill_null(self, node: dict) -> pl.LazyFrame:
+        # Same column choice as polars' LazyFrame.fill_null, limited to the scientist's columns.
+        frame = self.frame(node["input"])
+        schema = frame.collect_schema()
+        user = [c for c in schema.names() if not c.startswith(RESERVED_PREFIX)]
+        value_node = node["value"]
+        if value_node["expr"] == "lit" and value_node["value"] is not None:
+            value = value_node["value"]
+            fits = _FILL_NULL_FITS[type(value)]
+            columns = [c for c in user if fits(schema[c])]
+            if not columns:
+                return frame
+            return frame.with_columns(pl.col(columns).fill_null(value))
+        return frame.with_columns(pl.col(user).fill_null(self.expr(value_node)))
+
+    def _join(self, node: dict) -> pl.LazyFrame:
+        left, right = self.frame(node["left"]), self.frame(node["right"])
+        if node["how"] == "cross":
+            return left.join(right, how="cross", suffix=node["suffix"])
+        return left.join(right, left_on=self._exprs(node["left_on"]), right_on=self._exprs(node["right_on"]),
+                         how=node["how"], suffix=node["suffix"])
+
+    def _concat(self, node: dict) -> pl.LazyFrame:
+        frames = [self.frame(f) for f in node["inputs"]]
+        order = frames[0].collect_schema().names()
+        return pl.concat([f.select(order) for f in frames], how="vertical")
+
+    def _with_row_index(self, node: dict) -> pl.LazyFrame:
+        return self.frame(node["input"]).with_row_index(node["name"])
+
+    # internal accounting operations -------------------------------------------
+    def _acct_row_id(self, node: dict) -> pl.LazyFrame:
+        # Row ids start at 1: 0 marks "no partner in an outer join", null "not from this source".
+        frame = self.frame(node["input"])
+        return frame.with_columns(pl.int_range(1, pl.len() + 1, dtype=ACCOUNT_DTYPE).alias(node["name"]))
+
+    def _acct_columns(self, node: dict) -> pl.LazyFrame:
+        return self.frame(node["input"]).with_columns(self._exprs(node["exprs"]))
+
+    def _acct_select(self, node: dict) -> pl.LazyFrame:
+        return self.frame(node["input"]).select([pl.col(c) for c in node["columns"]])
+
+
+_INTEGER_DTYPES = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64,
+                   pl.Float32, pl.Float64)
+# Which columns polars' frame-wide fill_null(value) touches, by the literal's Python type.
+_FILL_NULL_FITS: dict[type, Callable[[Any], bool]] = {
+    bool: lambda dt: dt == pl.Boolean,
+    int: lambda dt: dt in _INTEGER_DTYPES or isinstance(dt, pl.Decimal),
+    float: lambda dt: dt in _INTEGER_DTYPES or isinstance(dt, pl.Decimal),
+    str: lambda dt: dt == pl.String or isinstance(dt, pl.Categorical),
+}

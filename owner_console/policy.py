@@ -1,0 +1,627 @@
+"""The owner's policy: the accounting a plan needs, and counts + policies -> a decision.
+
+Two steps of the executor's one-way path live here:
+
+:func:`account` rewrites a checked plan so that the engine computes, next to
+the scientist's columns, how many rows of every *source* fed each output row
+(a source is one ``scan`` occurrence, so a self-join has two).  It also
+follows each output column back to the source columns it was computed from
+(its *lineage*), for hidden columns.
+
+:func:`decide` reads those counts from the engine's result and applies the
+rule of the design: a released row must be computed from at least ``K`` rows
+of every protected source that fed it.  It then removes the accounting
+columns, replaces hidden values with ``*``, and returns ``Released`` /
+``Held`` or raises ``PolicyViolation``.
+
+How each source is counted, per frame (``_Rep.kind``):
+
+``implicit``
+    Every row is one distinct source row and no two rows share one (scan,
+    filter, sort, head...).  A group's count is ``len``: exact and cheap.
+``rid``
+    A row-id column (1, 2, ...; null: the row is not from this source, e.g.
+    after ``concat``; 0: an outer join found no partner on this side).  Used
+    once rows may be duplicated (joins) or mixed (concat); a group's count is
+    the number of distinct ids.
+``count``
+    A count column on aggregated rows (null: not fed by this source; 0: fed
+    by fewer than K, e.g. an unmatched outer-join row).  A second-level
+    group_by sums counts only when the first-level rows are fed by disjoint
+    sets of source rows; otherwise each row counts as one (row-level).
+
+Nothing here depends on polars' internals: the accounting is expressed as
+plan nodes that :mod:`owner_console.engine` compiles.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Mapping
+
+import polars as pl
+
+from bastion_kernel import plan as P
+from bastion_kernel.protocol import BastionError
+
+from .model import Decision, Held, Policy, Released, strictest_unsafe
+from .validate import RESERVED_PREFIX, CheckedPlan
+
+Lineage = frozenset  # frozenset[tuple[int, str]]: (source index, source column)
+_EMPTY: frozenset = frozenset()
+
+
+@dataclass(frozen=True)
+class Source:
+    """One scan occurrence of a dataset (or saved result) in a plan."""
+
+    index: int
+    dataset: str
+    policy: Policy
+
+
+@dataclass(frozen=True)
+class _Rep:
+    kind: str                 # "implicit" | "rid" | "count"
+    column: str | None        # the accounting column (None for implicit)
+    disjoint: bool = True     # distinct rows are fed by disjoint sets of source rows
+    nullable: bool = False    # some rows may not come from this source (concat)
+    taintable: bool = False   # some rows may have no partner on this side (outer/anti join)
+    individual: bool = False  # rows hold individual values (first/last/mode, implicit lists)
+
+
+@dataclass
+class _Frame:
+    node: dict
+    columns: tuple[str, ...]
+    lineage: dict[str, frozenset]
+    reps: dict[int, _Rep]
+    aggregated: bool
+
+
+@dataclass(frozen=True)
+class AccountedPlan:
+    """A checked plan with the accounting the policy needs.
+
+    Attributes
+    ----------
+    plan : dict
+        The plan to run: the scientist's operations plus internal ``acct_*``
+        nodes that compute per-source counts next to each output row.
+    columns : tuple[str, ...]
+        The scientist's output columns, in order (all other columns are accounting).
+    sources : tuple[Source, ...]
+        Every scan occurrence, by index.
+    reps : Mapping[int, _Rep]
+        How each source that feeds the result is counted in the result.
+    lineage : Mapping[str, frozenset]
+        Output column -> ``{(source index, source column)}``.
+    hidden : Mapping[str, tuple[tuple[str, str], ...]]
+        Output columns derived from hidden columns -> the ``(dataset, column)`` pairs.
+    aggregated : bool
+        True when the result rows are aggregates (group_by/agg or a global aggregate).
+    """
+
+    plan: dict
+    columns: tuple[str, ...]
+    sources: tuple[Source, ...]
+    reps: Mapping[int, _Rep]
+    lineage: Mapping[str, frozenset]
+    hidden: Mapping[str, tuple[tuple[str, str], ...]]
+    aggregated: bool
+
+
+# ---------------------------------------------------------------------------
+# Expression analysis: lineage and aggregation level.
+
+def expr_lineage(expr: dict, lineage: Mapping[str, frozenset]) -> frozenset:
+    """The source columns an expression's values are computed from.
+
+    Aggregations marked ``counts_only`` (count, len, n_unique, null_count) do
+    not carry their input's values, so they drop its lineage.
+    """
+    kind = expr["expr"]
+    if kind == "col":
+        return lineage[expr["name"]]
+    if kind in ("lit", "len"):
+        return _EMPTY
+    if kind == "alias":
+        return expr_lineage(expr["input"], lineage)
+    if kind == "unary":
+        return expr_lineage(expr["operand"], lineage)
+    if kind == "binary":
+        return expr_lineage(expr["left"], lineage) | expr_lineage(expr["right"], lineage)
+    if kind == "fn":
+        spec = P.EXPR_FUNCTIONS[expr["name"]]
+        if spec.counts_only:
+            return _EMPTY
+        result = expr_lineage(expr["input"], lineage)
+        for param, ptype in spec.params:
+            if ptype == "expr":
+                result = result | expr_lineage(expr["args"][param], lineage)
+        return result
+    if kind == "when":
+        result = _EMPTY
+        for branch in expr["branches"]:
+            result = result | expr_lineage(branch["when"], lineage) | expr_lineage(branch["then"], lineage)
+        if expr["otherwise"] is not None:
+            result = result | expr_lineage(expr["otherwise"], lineage)
+        return result
+    raise AssertionError(f"unchecked expression kind {kind!r}")  # the validator admits no other
+
+
+# "row": one value per input row; "agg": a reduction over all rows of the
+# group; "individual": one individual row's value (first/last/mode);
+# "lit": a constant.
+_LEVEL_ORDER = ("lit", "agg", "individual", "row")
+
+
+def _combine(*levels: str) -> str:
+    return max(levels, key=_LEVEL_ORDER.index, default="lit")
+
+
+def expr_level(expr: dict) -> str:
+    """Whether an expression yields per-row values, an aggregate, an individual value or a constant."""
+    kind = expr["expr"]
+    if kind == "col":
+        return "row"
+    if kind == "lit":
+        return "lit"
+    if kind == "len":
+        return "agg"
+    if kind == "alias":
+        return expr_level(expr["input"])
+    if kind == "unary":
+        return expr_level(expr["operand"])
+    if kind == "binary":
+        return _combine(expr_level(expr["left"]), expr_level(expr["right"]))
+    if kind == "fn":
+        spec = P.EXPR_FUNCTIONS[expr["name"]]
+        inner = [expr_level(expr["input"])] + [expr_level(expr["args"][p]) for p, t in spec.params if t == "expr"]
+        if spec.kind == "row_aggregate":
+            return "individual"
+        if spec.kind == "aggregate":
+            return "individual" if "individual" in inner else "agg"
+        return _combine(*inner)
+    if kind == "when":
+        parts = [expr_level(b["when"]) for b in expr["branches"]] + [expr_level(b["then"]) for b in expr["branches"]]
+        if expr["otherwise"] is not None:
+            parts.append(expr_level(expr["otherwise"]))
+        return _combine(*parts)
+    raise AssertionError(f"unchecked expression kind {kind!r}")
+
+
+# ---------------------------------------------------------------------------
+# account()
+
+def account(checked: CheckedPlan) -> AccountedPlan:
+    """Add the accounting the policy needs to a checked plan.
+
+    Parameters
+    ----------
+    checked : CheckedPlan
+        The validator's output.
+
+    Returns
+    -------
+    AccountedPlan
+        The plan to run, with per-source counts, plus each output column's lineage.
+    """
+    accountant = _Accountant(checked)
+    top = accountant.frame(checked.root)
+    sources = tuple(accountant.sources)
+    hidden: dict[str, tuple[tuple[str, str], ...]] = {}
+    for column in top.columns:
+        touched = sorted({(sources[s].dataset, c) for s, c in top.lineage[column]
+                          if c in sources[s].policy.hidden})
+        if touched:
+            hidden[column] = tuple(touched)
+    return AccountedPlan(plan=top.node, columns=top.columns, sources=sources, reps=dict(top.reps),
+                         lineage=dict(top.lineage), hidden=hidden, aggregated=top.aggregated)
+
+
+def _rid(s: int) -> str:
+    return f"{RESERVED_PREFIX}_r{s}"
+
+
+def _count(s: int) -> str:
+    return f"{RESERVED_PREFIX}_n{s}"
+
+
+class _Accountant:
+    def __init__(self, checked: CheckedPlan):
+        self.checked = checked
+        self.sources: list[Source] = []
+        self.rules = {
+            "scan": self._scan, "saved": self._scan, "filter": self._keep_rows, "sort": self._keep_rows,
+            "head": self._keep_rows, "drop_nulls": self._keep_rows, "unique": self._keep_rows,
+            "fill_null": self._keep_rows, "drop": self._drop, "rename": self._rename,
+            "with_row_index": self._with_row_index, "with_columns": self._with_columns,
+            "select": self._select, "group_by": self._group_by, "join": self._join, "concat": self._concat,
+        }
+
+    def frame(self, node: dict) -> _Frame:
+        return self.rules[node["op"]](node)
+
+    # helpers -----------------------------------------------------------------
+    def _materialize(self, frame: _Frame) -> _Frame:
+        """Give implicitly counted sources a row-id column, before rows get duplicated or mixed."""
+        reps = dict(frame.reps)
+        node = frame.node
+        for s, rep in frame.reps.items():
+            if rep.kind == "implicit":
+                node = {"op": "acct_row_id", "input": node, "name": _rid(s)}
+                reps[s] = _Rep("rid", _rid(s))
+        return replace(frame, node=node, reps=reps)
+
+    @staticmethod
+    def _group_counts(reps: Mapping[int, _Rep], global_: bool) -> list[dict]:
+        """Aggregations that count, per group, the rows of each source that fed it."""
+        aggs = []
+        for s, rep in reps.items():
+            flags = {"name": _count(s), "nullable": rep.nullable, "taintable": rep.taintable, "global": global_}
+            if rep.kind == "implicit":
+                aggs.append({"expr": "acct_len", "name": _count(s)})
+            elif rep.kind == "rid":
+                aggs.append({"expr": "acct_distinct", "column": rep.column, **flags})
+            else:
+                aggs.append({"expr": "acct_sum", "column": rep.column, "exact": rep.disjoint, **flags})
+        return aggs
+
+    @staticmethod
+    def _grouped_reps(reps: Mapping[int, _Rep], individual: bool) -> dict[int, _Rep]:
+        return {s: _Rep("count", _count(s), disjoint=rep.disjoint, nullable=rep.nullable,
+                        taintable=rep.taintable, individual=individual or rep.individual)
+                for s, rep in reps.items()}
+
+    @staticmethod
+    def _one_row_each(node: dict, reps: Mapping[int, _Rep]) -> dict:
+        exprs = [{"expr": "acct_one_row", "column": rep.column, "name": rep.column} for rep in reps.values()]
+        return {"op": "acct_columns", "input": node, "exprs": exprs}
+
+    @staticmethod
+    def _passthrough(reps: Mapping[int, _Rep]) -> list[dict]:
+        return [{"expr": "acct_col", "name": rep.column} for rep in reps.values() if rep.column is not None]
+
+    # operations --------------------------------------------------------------
+    def _scan(self, node: dict) -> _Frame:
+        name = node["dataset"] if node["op"] == "scan" else node["name"]
+        s = len(self.sources)
+        self.sources.append(Source(s, name, self.checked.datasets[name].policy))
+        columns = self.checked.columns_of(node)
+        return _Frame(dict(node), columns, {c: frozenset({(s, c)}) for c in columns},
+                      {s: _Rep("implicit", None)}, aggregated=False)
+
+    def _keep_rows(self, node: dict) -> _Frame:
+        # filter, sort, head, drop_nulls, unique, fill_null: each output row is an input row.
+        inner = self.frame(node["input"])
+        out = {**node, "input": inner.node}
+        lineage = dict(inner.lineage)
+        if node["op"] == "fill_null":
+            value = expr_lineage(node["value"], inner.lineage)
+            lineage = {c: l | value for c, l in lineage.items()}
+        return replace(inner, node=out, lineage=lineage)
+
+    def _drop(self, node: dict) -> _Frame:
+        inner = self.frame(node["input"])
+        columns = self.checked.columns_of(node)
+        return replace(inner, node={**node, "input": inner.node}, columns=columns,
+                       lineage={c: inner.lineage[c] for c in columns})
+
+    def _rename(self, node: dict) -> _Frame:
+        inner = self.frame(node["input"])
+        mapping = node["mapping"]
+        return replace(inner, node={**node, "input": inner.node}, columns=self.checked.columns_of(node),
+                       lineage={mapping.get(c, c): l for c, l in inner.lineage.items()})
+
+    def _with_row_index(self, node: dict) -> _Frame:
+        inner = self.frame(node["input"])
+        return replace(inner, node={**node, "input": inner.node}, columns=self.checked.columns_of(node),
+                       lineage={node["name"]: _EMPTY, **inner.lineage})
+
+    def _with_columns(self, node: dict) -> _Frame:
+        inner = self.frame(node["input"])
+        lineage = dict(inner.lineage)
+        for expr in node["exprs"]:
+            lineage[P.output_name(expr)] = expr_lineage(expr, inner.lineage)
+        return replace(inner, node={**node, "input": inner.node}, columns=self.checked.columns_of(node),
+                       lineage=lineage)
+
+    def _select(self, node: dict) -> _Frame:
+        inner = self.frame(node["input"])
+        columns = self.checked.columns_of(node)
+        lineage = {P.output_name(e): expr_lineage(e, inner.lineage) for e in node["exprs"]}
+        levels = {expr_level(e) for e in node["exprs"]}
+        if "row" in levels:
+            # One output row per input row (aggregates, if any, are broadcast).
+            out = {**node, "input": inner.node, "exprs": node["exprs"] + self._passthrough(inner.reps)}
+            return _Frame(out, columns, lineage, dict(inner.reps), inner.aggregated)
+        # A global aggregate: one row computed from all input rows.
+        individual = "individual" in levels
+        out = {**node, "input": inner.node, "exprs": node["exprs"] + self._group_counts(inner.reps, True)}
+        reps = self._grouped_reps(inner.reps, individual)
+        if individual:
+            out = self._one_row_each(out, reps)
+        return _Frame(out, columns, lineage, reps, aggregated=not individual)
+
+    def _group_by(self, node: dict) -> _Frame:
+        inner = self.frame(node["input"])
+        columns = self.checked.columns_of(node)
+        lineage = {P.output_name(e): expr_lineage(e, inner.lineage) for e in node["keys"] + node["aggs"]}
+        # An aggregation that is not a reduction (an implicit list of values,
+        # first/last/mode) puts individual values in the result.
+        individual = any(expr_level(e) in ("row", "individual") for e in node["aggs"])
+        out = {**node, "input": inner.node, "aggs": node["aggs"] + self._group_counts(inner.reps, False)}
+        reps = self._grouped_reps(inner.reps, individual)
+        if individual:
+            out = self._one_row_each(out, reps)
+        return _Frame(out, columns, lineage, reps, aggregated=not individual)
+
+    def _join(self, node: dict) -> _Frame:
+        how = node["how"]
+        left, right = self.frame(node["left"]), self.frame(node["right"])
+        columns = self.checked.columns_of(node)
+        if how == "semi":
+            return self._semi_join(node, left, right, columns)
+        if how == "anti":
+            out = {**node, "left": left.node, "right": right.node}
+            # Every row says "no row of the right side matched": fed by fewer than K of it.
+            reps = dict(left.reps)
+            consts = []
+            for s in right.reps:
+                reps[s] = _Rep("count", _count(s), taintable=True)
+                consts.append({"expr": "acct_const", "value": 0, "name": _count(s)})
+            out = {"op": "acct_columns", "input": out, "exprs": consts}
+            return _Frame(out, columns, dict(left.lineage), reps, left.aggregated)
+
+        left, right = self._materialize(left), self._materialize(right)
+        out: dict = {**node, "left": left.node, "right": right.node}
+        lineage = dict(left.lineage)
+        merged = {k["name"]: r["name"] for k, r in zip(node["left_on"], node["right_on"])} \
+            if how in ("inner", "left") else {}
+        dropped = set(merged.values())
+        for column in right.columns:
+            if column in dropped:
+                continue
+            lineage[column + node["suffix"] if column in left.columns else column] = right.lineage[column]
+        for left_key, right_key in merged.items():
+            lineage[left_key] = lineage[left_key] | right.lineage[right_key]
+        # Rows of either side may now appear several times.
+        reps = {s: replace(rep, disjoint=False) for s, rep in {**left.reps, **right.reps}.items()}
+        unmatched_sides = {"left": [right], "full": [left, right]}.get(how, [])
+        fixes = []
+        for side in unmatched_sides:
+            side_columns = [rep.column for rep in side.reps.values()]
+            for s, rep in side.reps.items():
+                fixes.append({"expr": "acct_unmatched", "column": rep.column, "side": side_columns})
+                reps[s] = replace(reps[s], taintable=True)
+        if fixes:
+            out = {"op": "acct_columns", "input": out, "exprs": fixes}
+        return _Frame(out, columns, lineage, reps, left.aggregated and right.aggregated)
+
+    def _semi_join(self, node: dict, left: _Frame, right: _Frame, columns: tuple[str, ...]) -> _Frame:
+        # A semi join is an inner join with the right side reduced to one row
+        # per key, carrying how many right rows have that key: left rows are
+        # not duplicated, and each learns how many right rows fed it.
+        keys = [{"expr": "col", "name": k["name"]} for k in node["right_on"]]
+        reduced = {"op": "group_by", "input": right.node, "keys": keys,
+                   "aggs": self._group_counts(right.reps, False)}
+        out = {**node, "how": "inner", "left": left.node, "right": reduced}
+        reps = dict(left.reps)
+        for s, rep in right.reps.items():
+            # Left rows with the same key share the same right rows.
+            reps[s] = _Rep("count", _count(s), disjoint=False, nullable=rep.nullable,
+                           taintable=rep.taintable, individual=rep.individual)
+        return _Frame(out, columns, dict(left.lineage), reps, left.aggregated)
+
+    def _concat(self, node: dict) -> _Frame:
+        inputs = [self.frame(f) for f in node["inputs"]]
+        columns = self.checked.columns_of(node)
+        if len(inputs) == 1:
+            only = inputs[0]
+            return replace(only, node={**node, "inputs": [only.node]})
+        inputs = [self._materialize(f) for f in inputs]
+        every = {s: rep for f in inputs for s, rep in f.reps.items()}
+        nodes = []
+        for frame in inputs:
+            missing = [{"expr": "acct_const", "value": None, "name": rep.column}
+                       for s, rep in every.items() if s not in frame.reps]
+            nodes.append({"op": "acct_columns", "input": frame.node, "exprs": missing} if missing else frame.node)
+        lineage = {c: frozenset().union(*(f.lineage[c] for f in inputs)) for c in columns}
+        reps = {s: replace(rep, nullable=True) for s, rep in every.items()}
+        return _Frame({**node, "inputs": nodes}, columns, lineage, reps, all(f.aggregated for f in inputs))
+
+
+# ---------------------------------------------------------------------------
+# save: the policy a kept result inherits
+
+def inherited_policy(accounted: AccountedPlan) -> Policy:
+    """The policy a saved result inherits from the sources that fed it.
+
+    A saved result becomes a source of its own: later queries count its rows
+    as if each were one row of a dataset.  That is only safe when no two of
+    its rows were fed by the same source row, so results whose rows may repeat
+    source rows (after a join, or a concat of one dataset with itself) are
+    refused.  Columns derived from hidden columns stay hidden under their new
+    names; K is the largest of the sources', the unsafe handling the strictest.
+
+    Raises
+    ------
+    BastionError
+        ``PolicyViolation`` when a source's owner does not allow saving, or the
+        rows may repeat source rows.
+    """
+    fed_by = [accounted.sources[s] for s in sorted(accounted.reps)]
+    refusing = sorted({s.dataset for s in fed_by if not s.policy.allow_save})
+    if refusing:
+        names = ", ".join(repr(d) for d in refusing)
+        raise BastionError("PolicyViolation", f"the owner does not allow saving results derived from {names}; "
+                                              "fetch an aggregate instead", sources=refusing)
+    datasets = [s.dataset for s in fed_by]
+    shared = sorted({accounted.sources[s].dataset for s, rep in accounted.reps.items() if not rep.disjoint})
+    repeated = sorted({d for d in datasets if datasets.count(d) > 1})
+    if shared or repeated:
+        names = ", ".join(repr(d) for d in shared or repeated)
+        raise BastionError("PolicyViolation", f"this result cannot be saved: its rows may repeat rows of {names} "
+                                              "(after a join or a concat of a dataset with itself), so counting its "
+                                              "rows later would overstate how many people fed a result; save the "
+                                              "parts before the join instead", sources=shared or repeated)
+    return Policy(min_group_size=max((s.policy.min_group_size for s in fed_by), default=1),
+                  unsafe=strictest_unsafe([s.policy.unsafe for s in fed_by]),
+                  hidden=frozenset(accounted.hidden), allow_save=True)
+
+
+# ---------------------------------------------------------------------------
+# decide()
+
+@dataclass
+class _SourceCheck:
+    source: Source
+    rep: _Rep
+    fed_rows: int = 0
+    failing: int = 0
+    unmatched: int = 0
+    smallest: int | None = None
+    messages: list[str] = field(default_factory=list)
+
+
+def decide(accounted: AccountedPlan, table: pl.DataFrame, scientist: str | None = None) -> Released | Held:
+    """Apply the release rule to an engine result.
+
+    Parameters
+    ----------
+    accounted : AccountedPlan
+        The plan that produced ``table``.
+    table : polars.DataFrame
+        The engine's result: the scientist's columns plus accounting columns.
+    scientist : str, optional
+        Who asked; recorded in ``Decision.details``.
+
+    Returns
+    -------
+    Released or Held
+        With the accounting columns removed and hidden values replaced by ``*``.
+
+    Raises
+    ------
+    BastionError
+        ``PolicyViolation`` when the result fails the rule and a source's
+        policy says ``reject``.
+    """
+    rows = table.height
+    checks = [_check_source(accounted.sources[s], rep, table, accounted.aggregated)
+              for s, rep in sorted(accounted.reps.items())]
+    datasets = tuple(dict.fromkeys(c.source.dataset for c in checks))
+    failing = [c for c in checks if c.messages]
+    # An empty result says "nobody matched": information about every source,
+    # unless no source asks for a minimum group size (K = 1 releases rows anyway).
+    empty = rows == 0 and any(c.source.policy.min_group_size > 1 for c in checks)
+    details: dict[str, Any] = {
+        "rows": rows,
+        "sources": list(datasets),
+        "min_group_size": {c.source.dataset: c.source.policy.min_group_size for c in checks},
+        "aggregated": accounted.aggregated,
+    }
+    if scientist is not None:
+        details["scientist"] = scientist
+    counted = [c.smallest for c in checks if c.smallest is not None]
+    if counted:
+        details["smallest_count"] = min(counted)
+    details["failing_rows"] = max((c.failing for c in checks), default=0)
+
+    released = _wipe(table.select(accounted.columns), accounted.hidden)
+    notes = _hidden_notes(accounted.hidden)
+
+    if not failing and not empty:
+        reason = "; ".join(dict.fromkeys(_pass_message(c, accounted.aggregated) for c in checks))
+        return Released(released, Decision("allow", reason or "no protected source fed this result",
+                                           datasets, details), notes)
+
+    action = strictest_unsafe([c.source.policy.unsafe for c in checks])
+    problems = [m for c in failing for m in c.messages]
+    if empty:
+        names = ", ".join(repr(d) for d in datasets)
+        problems.insert(0, f"the result is empty: that no row matched is itself information about {names}")
+    smallest_k = min((c.source.policy.min_group_size for c in checks), default=1)
+    largest_k = max((c.source.policy.min_group_size for c in checks), default=1)
+    allowed = (f"only non-empty aggregates over groups of at least {largest_k} rows of each source"
+               if smallest_k != largest_k else
+               f"only non-empty aggregates over groups of at least {largest_k} rows")
+    tail = {"reject": f"{allowed} are released",
+            "review": f"{allowed} are released without review",
+            "log": f"{allowed} are released without review; this result is released and logged"}[action]
+    reason = "; ".join(dict.fromkeys(problems)) + "; " + tail
+    decision = Decision(action, reason, datasets, details)
+    if action == "reject":
+        raise BastionError("PolicyViolation", reason, **details)
+    if action == "review":
+        return Held(released, decision, notes)
+    return Released(released, decision, notes)
+
+
+def _check_source(source: Source, rep: _Rep, table: pl.DataFrame, aggregated: bool) -> _SourceCheck:
+    check = _SourceCheck(source, rep)
+    k = source.policy.min_group_size
+    name = source.dataset
+    rows = table.height
+    if rep.kind == "implicit":
+        check.fed_rows = rows
+        check.smallest = 1 if rows else None
+        check.failing = rows if k > 1 else 0
+    else:
+        values = table.get_column(rep.column)
+        if rep.kind == "rid":
+            values = values.clip(upper_bound=1)  # a row id stands for one source row
+        fed = values.drop_nulls()
+        check.fed_rows = fed.len()
+        counted = fed
+        if rep.taintable:  # 0 marks a row with no partner in an outer or anti join
+            check.unmatched = int((fed == 0).sum())
+            counted = fed.filter(fed > 0)
+        check.smallest = int(counted.min()) if counted.len() else None
+        check.failing = int((fed < k).sum()) if k > 1 else 0
+    if check.failing == 0:
+        return check
+    if check.unmatched:
+        check.messages.append(
+            f"{check.unmatched} of {rows} rows depend on rows of {name!r} that had no match in a join "
+            f"(what is missing from {name!r} is information too)")
+    if rep.kind in ("implicit", "rid"):
+        check.messages.append(f"the result is row-level (each row comes from one row of {name!r})")
+    elif rep.individual:
+        check.messages.append(f"the result holds individual values of {name!r} (a list of values, first, last "
+                              f"or mode), each from one row")
+    else:
+        below = check.failing - check.unmatched
+        if below:
+            unit = "groups" if aggregated else "rows"
+            check.messages.append(f"{below} of {rows} {unit} were computed from fewer than {k} rows of {name!r} "
+                                  f"(smallest: {check.smallest})")
+    return check
+
+
+def _pass_message(check: _SourceCheck, aggregated: bool) -> str:
+    k = check.source.policy.min_group_size
+    name = check.source.dataset
+    if k <= 1:
+        return f"{name!r} has no minimum group size"
+    if check.fed_rows == 0:
+        return f"no row of {name!r} fed the result"
+    unit = "group" if aggregated else "row"
+    return f"every {unit} was computed from at least {k} rows of {name!r} (smallest: {check.smallest})"
+
+
+def _wipe(table: pl.DataFrame, hidden: Mapping[str, Iterable]) -> pl.DataFrame:
+    if not hidden:
+        return table
+    return table.with_columns([pl.repeat("*", table.height, dtype=pl.String).alias(c) for c in hidden])
+
+
+def _hidden_notes(hidden: Mapping[str, tuple[tuple[str, str], ...]]) -> list[str]:
+    notes = []
+    for column, pairs in hidden.items():
+        if len(pairs) == 1 and pairs[0][1] == column:
+            notes.append(f"column {column!r} is hidden by the owner's policy; its values are shown as *")
+        else:
+            sources = ", ".join(f"{c!r} of {d!r}" for d, c in pairs)
+            notes.append(f"column {column!r} is derived from hidden column(s) {sources}; its values are shown as *")
+    return notes

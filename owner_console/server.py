@@ -1,0 +1,532 @@
+"""The executor's socket loop: CURVE allow-list, identities, dispatch, replies.
+
+One ROUTER socket, CURVE server, bound on the owner's side.  A ZAP handler
+(:class:`AllowListAuthenticator`) admits only the public keys registered in
+the workspace (re-read on every handshake) and names each connection after
+its scientist; every request is attributed to that name, read from the
+message's ``User-Id`` property, never to anything in the message itself.
+
+Threads.  ZeroMQ sockets are not thread-safe, so only the loop thread touches
+the ROUTER.  Requests run on two thread pools (quick ones: ``hello``,
+``datasets``, ``schema``, ``request_status``, ``save``; queries: ``fetch``),
+so that a small request never waits behind a long query (polars releases the
+GIL).  A worker hands its reply back through its own inproc PUSH socket to a
+PULL socket that the loop polls next to the ROUTER.
+
+Every request gets exactly one reply: an ``ok``/``result``/``pending``, or the
+one error shape.  A handler that fails in an unexpected way answers
+``ExecutionError`` with a reference (the details, which may hold data values,
+go to the owner's log only) and the loop keeps serving.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
+from typing import Any, Callable
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+
+from bastion_kernel import protocol
+from bastion_kernel.plan import PLAN_VERSION, plan_hash, scan
+from bastion_kernel.protocol import BastionError, ProtocolError
+from owner_console.approvals import ApprovalError, Request
+from owner_console.model import Held, Released
+from owner_console.workspace import Workspace, atomic_write
+
+log = logging.getLogger("bastion.executor")
+
+ZAP_DOMAIN = "bastion"
+# A message a little over the envelope limit still reaches protocol.decode,
+# which answers with a typed error; a much larger one is cut off by ZeroMQ
+# (the connection is dropped) before it is ever buffered whole.
+MAX_MESSAGE_BYTES = protocol.MAX_ENVELOPE_BYTES + 64 * 1024
+MAX_TEXT_CHARS = 100_000
+# The reply id for a request whose own id cannot be read (an envelope needs one).
+UNREADABLE_ID = "?"
+POLL_MS = 100
+# Back-pressure: requests waiting or running, per scientist and in all; one
+# scientist flooding the executor gets LimitExceeded instead of its memory.
+MAX_IN_FLIGHT_PER_SCIENTIST = 32
+MAX_IN_FLIGHT = 256
+# Messages taken from the ROUTER per loop turn, so replies keep flowing under load.
+RECEIVE_BATCH = 64
+
+# The body fields each request kind takes: name -> (JSON type, required).
+# Anything else in a body is refused, so a body cannot smuggle in, say, a
+# "scientist" field that some later code might trust.
+BODY_FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
+    "hello": {},
+    "datasets": {},
+    "schema": {"plan": (dict, True)},
+    "fetch": {"plan": (dict, True), "text": (str, False)},
+    "request_status": {"request_id": (int, True)},
+    "save": {"plan": (dict, True), "name": (str, True), "text": (str, False)},
+}
+QUERY_KINDS = frozenset({"fetch", "save"})
+
+
+def server_version() -> str:
+    """The installed Bastion version, as ``hello`` reports it."""
+    try:
+        return metadata.version("bastion")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class AllowListAuthenticator(ThreadAuthenticator):
+    """ZAP handler: a CURVE key is admitted iff the workspace allow-list has it.
+
+    The allow-list (``scientists/*.toml``) is re-read at every handshake, so
+    ``bastion-owner scientist add`` takes effect without a restart.  The
+    connection's ``User-Id`` is the scientist's name.
+    """
+
+    def __init__(self, context: zmq.Context, workspace: Workspace):
+        super().__init__(context, log=logging.getLogger("bastion.zap"))
+        self.workspace = workspace
+        self._names: dict[bytes, str] = {}
+        self._refused: set[bytes] = set()
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """The credentials-provider hook: is this Z85 public key allowed?"""
+        try:
+            name = self.workspace.scientists().get(bytes(key))
+        except Exception:  # a broken workspace admits no one, and must not kill the ZAP thread
+            log.exception("cannot read the scientist allow-list; refusing %s", bytes(key)[:8])
+            return False
+        if name is None:
+            # A refused client keeps reconnecting: say it once per key, not every 100 ms.
+            if bytes(key) not in self._refused and len(self._refused) < 10_000:
+                self._refused.add(bytes(key))
+                log.warning("refused an unknown CURVE key %s", bytes(key).decode("ascii", "replace"))
+            return False
+        # Remembered so that curve_user_id names the key exactly as it was admitted.
+        self._names[bytes(key)] = name
+        return True
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self._names[z85.encode(client_public_key)]
+
+
+class _Request:
+    """One decoded request and who sent it."""
+
+    __slots__ = ("identity", "scientist", "kind", "msg_id", "body")
+
+    def __init__(self, identity: bytes, scientist: str, kind: str, msg_id: str, body: dict):
+        self.identity, self.scientist, self.kind, self.msg_id, self.body = identity, scientist, kind, msg_id, body
+
+
+class ExecutorServer:
+    """The executor: serves one workspace's datasets to its allow-listed scientists.
+
+    Parameters
+    ----------
+    workspace : Workspace
+        An initialised workspace.
+    bind : str, optional
+        ZeroMQ endpoint; defaults to the workspace's ``config.toml``.  A
+        ``tcp://127.0.0.1:*`` endpoint picks a free port (see :attr:`endpoint`).
+    query_workers, quick_workers : int
+        Threads for ``fetch`` queries and for everything else.
+    """
+
+    def __init__(self, workspace: Workspace, bind: str | None = None, query_workers: int = 4,
+                 quick_workers: int = 2):
+        from owner_console import executor  # imported late: a workspace CLI needs no engine
+        self._executor = executor
+        self.workspace = workspace.require()
+        self.bind = bind or workspace.bind
+        self.endpoint: str | None = None
+        self.store = workspace.approvals()
+        self.audit = workspace.audit_log()
+        self._stop = threading.Event()
+        self._query_workers, self._quick_workers = query_workers, quick_workers
+        self._context: zmq.Context | None = None
+        self._router: zmq.Socket | None = None
+        self._replies: zmq.Socket | None = None
+        self._auth: AllowListAuthenticator | None = None
+        self._pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None = None
+        self._reply_address = f"inproc://bastion-replies-{uuid.uuid4().hex}"
+        self._local = threading.local()
+        self._push_sockets: list[zmq.Socket] = []
+        self._push_lock = threading.Lock()
+        self._seen: set[tuple[str, bytes]] = set()
+        self._in_flight: dict[str, int] = {}
+        self._in_flight_lock = threading.Lock()
+        self._logged_catalog_errors: set[str] = set()
+        self._handlers: dict[str, Callable[[_Request], list[bytes]]] = {
+            "hello": self._hello,
+            "datasets": self._datasets,
+            "schema": self._schema,
+            "fetch": self._fetch,
+            "request_status": self._request_status,
+            "save": self._save,
+        }
+
+    # -- life cycle --------------------------------------------------------
+    def start(self) -> str:
+        """Bind the sockets and start the authenticator; returns the bound endpoint."""
+        context = zmq.Context()
+        self._context = context
+        self._auth = AllowListAuthenticator(context, self.workspace)
+        self._auth.start()
+        self._auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self._auth)
+
+        public, secret = self.workspace.server_keys()
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
+        router.setsockopt(zmq.CURVE_SERVER, 1)
+        router.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        router.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        try:
+            router.bind(self.bind)
+        except zmq.ZMQError as exc:
+            router.close(linger=0)
+            self._close()
+            raise OSError(f"cannot bind {self.bind}: {exc}") from None
+        self._router = router
+        self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+        replies = context.socket(zmq.PULL)
+        replies.setsockopt(zmq.LINGER, 0)
+        replies.bind(self._reply_address)
+        self._replies = replies
+        self._pools = (ThreadPoolExecutor(self._query_workers, thread_name_prefix="bastion-query"),
+                       ThreadPoolExecutor(self._quick_workers, thread_name_prefix="bastion-quick"))
+        return self.endpoint
+
+    def stop(self) -> None:
+        """Ask :meth:`serve_forever` to return; safe from a signal handler or another thread."""
+        self._stop.set()
+
+    def serve_forever(self) -> None:
+        """Serve until :meth:`stop`, then close everything (running queries finish first)."""
+        if self._router is None:
+            self.start()
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._replies, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                try:
+                    events = dict(poller.poll(POLL_MS))
+                except zmq.ZMQError as exc:
+                    if exc.errno == zmq.EINTR:
+                        continue
+                    raise
+                if self._replies in events:
+                    self._forward_replies()
+                if self._router in events:
+                    self._receive()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self._pools is not None:
+            for pool in self._pools:
+                pool.shutdown(wait=True, cancel_futures=True)
+            self._pools = None
+        with self._push_lock:
+            for sock in self._push_sockets:
+                sock.close(linger=0)
+            self._push_sockets.clear()
+        for sock in (self._replies, self._router):
+            if sock is not None:
+                sock.close(linger=0)
+        self._replies = self._router = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+        self.store.close()
+
+    # -- the loop thread ---------------------------------------------------
+    def _forward_replies(self) -> None:
+        while True:
+            try:
+                frames = self._replies.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._router.send_multipart(frames, copy=False)
+
+    def _receive(self) -> None:
+        for _ in range(RECEIVE_BATCH):
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._accept(frames)
+
+    def _accept(self, frames: list[zmq.Frame]) -> None:
+        identity, parts = frames[0].bytes, frames[1:]
+        scientist = parts[0].get("User-Id") if parts else None
+        if not scientist:
+            # CURVE plus ZAP always sets it; without it nobody can be held to account.
+            log.error("dropped a message without an authenticated identity")
+            return
+        if (scientist, identity) not in self._seen:
+            if len(self._seen) > 10_000:
+                self._seen.clear()
+            self._seen.add((scientist, identity))
+            self._submit(self._pools[1], self._audited_connection, scientist)
+        if len(parts) != 1:
+            self._reply_error(identity, _salvage_id(parts[0].bytes) if parts else UNREADABLE_ID, ProtocolError(
+                f"a request is one frame (the envelope); got {len(parts)} frames"))
+            return
+        data = parts[0].bytes
+        try:
+            kind, msg_id, body = protocol.decode(data, protocol.REQUEST_KINDS)
+            _check_body(kind, body)
+        except ProtocolError as exc:
+            self._reply_error(identity, _salvage_id(data), exc)
+            return
+        if not self._admit(scientist):
+            self._router.send_multipart([identity, protocol.encode("error", protocol.error_body(
+                "LimitExceeded", "too many requests at once; wait for earlier answers and try again"), msg_id)])
+            return
+        request = _Request(identity, scientist, kind, msg_id, body)
+        pool = self._pools[0] if kind in QUERY_KINDS else self._pools[1]
+        self._submit(pool, self._run, request)
+
+    def _admit(self, scientist: str) -> bool:
+        with self._in_flight_lock:
+            mine = self._in_flight.get(scientist, 0)
+            if mine >= MAX_IN_FLIGHT_PER_SCIENTIST or sum(self._in_flight.values()) >= MAX_IN_FLIGHT:
+                return False
+            self._in_flight[scientist] = mine + 1
+            return True
+
+    def _release_slot(self, scientist: str) -> None:
+        with self._in_flight_lock:
+            left = self._in_flight.get(scientist, 1) - 1
+            if left > 0:
+                self._in_flight[scientist] = left
+            else:
+                self._in_flight.pop(scientist, None)
+
+    def _submit(self, pool: ThreadPoolExecutor, function: Callable, *args: Any) -> None:
+        pool.submit(function, *args)
+
+    def _reply_error(self, identity: bytes, msg_id: str, exc: ProtocolError) -> None:
+        body = protocol.error_body("ProtocolError", str(exc))
+        self._router.send_multipart([identity, protocol.encode("error", body, msg_id)])
+
+    # -- worker threads ----------------------------------------------------
+    def _send(self, frames: list[bytes]) -> None:
+        sock = getattr(self._local, "push", None)
+        if sock is None:
+            sock = self._context.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self._reply_address)
+            with self._push_lock:
+                self._push_sockets.append(sock)
+            self._local.push = sock
+        sock.send_multipart(frames, copy=False)
+
+    def _audited_connection(self, scientist: str) -> None:
+        try:
+            self.audit.append("connection", scientist)
+        except Exception:
+            log.exception("cannot write the audit log")
+
+    def _run(self, request: _Request) -> None:
+        try:
+            try:
+                frames = self._handlers[request.kind](request)
+            except BastionError as exc:
+                frames = [protocol.encode("error", exc.body(), request.msg_id)]
+            except Exception:
+                frames = [protocol.encode("error", self._internal_error(request), request.msg_id)]
+            self._send([request.identity, *frames])
+        finally:
+            self._release_slot(request.scientist)
+
+    def _internal_error(self, request: _Request, **audit_fields: Any) -> dict:
+        """Log an unexpected failure for the owner; the scientist gets a reference only."""
+        reference = uuid.uuid4().hex[:12]
+        log.exception("request %s (%s from %s) failed; reference %s",
+                      request.msg_id, request.kind, request.scientist, reference)
+        try:
+            self.audit.append("error", request.scientist, request=request.msg_id, kind=request.kind,
+                              reference=reference, **audit_fields)
+        except Exception:
+            log.exception("cannot write the audit log")
+        return protocol.error_body("ExecutionError",
+                                   f"the executor could not complete this request; the owner can look "
+                                   f"it up in the executor's log under reference {reference}",
+                                   reference=reference)
+
+    def _catalog(self) -> dict:
+        catalog, errors = self.workspace.catalog_with_errors()
+        for error in errors:
+            if str(error) not in self._logged_catalog_errors:
+                self._logged_catalog_errors.add(str(error))
+                log.error("skipping a dataset: %s", error)
+        return catalog
+
+    # -- handlers: each returns the reply frames (envelope [+ table]) ------
+    def _hello(self, request: _Request) -> list[bytes]:
+        return [_ok(request, {"scientist": request.scientist, "server_version": server_version(),
+                              "plan_version": PLAN_VERSION})]
+
+    def _datasets(self, request: _Request) -> list[bytes]:
+        catalog = self._catalog()
+        described = []
+        for name in sorted(catalog):
+            try:
+                schema = self._executor.schema_of(scan(name), catalog)
+            except Exception as exc:  # an unreadable file hides that dataset, not the others
+                log.error("dataset %r is unavailable: %s", name, exc)
+                continue
+            described.append({"name": name, "schema": [list(pair) for pair in schema],
+                              "policy": catalog[name].policy.to_dict()})
+        return [_ok(request, {"datasets": described})]
+
+    def _schema(self, request: _Request) -> list[bytes]:
+        schema = self._executor.schema_of(request.body["plan"], self._catalog())
+        return [_ok(request, {"schema": [list(pair) for pair in schema]})]
+
+    def _save(self, request: _Request) -> list[bytes]:
+        raise BastionError("UnsupportedOperation", "save is not available yet on this executor")
+
+    def _fetch(self, request: _Request) -> list[bytes]:
+        plan = request.body["plan"]
+        text = request.body.get("text", "")
+        digest = plan_hash(plan)
+        self.audit.append("query", request.scientist, request=request.msg_id, plan=plan,
+                          plan_hash=digest, text=text)
+        try:
+            outcome = self._executor.evaluate(plan, self._catalog(), request.scientist)
+        except BastionError as exc:
+            self.audit.append("refusal", request.scientist, request=request.msg_id, plan_hash=digest,
+                              ename=exc.ename, evalue=exc.evalue)
+            raise
+        except Exception:
+            return [protocol.encode("error", self._internal_error(request, plan_hash=digest), request.msg_id)]
+        decision = outcome.decision
+        self.audit.append("decision", request.scientist, request=request.msg_id, plan_hash=digest,
+                          action=decision.action, reason=decision.reason, sources=list(decision.sources))
+        ipc = self._executor.table_to_ipc(outcome.table)
+        columns = _table_schema(outcome.table)
+        if isinstance(outcome, Released):
+            sha = hashlib.sha256(ipc).hexdigest()
+            self.audit.append("release", request.scientist, request=request.msg_id, plan_hash=digest,
+                              request_id=None, sha256=sha, rows=outcome.table.height,
+                              columns=[name for name, _ in columns])
+            body = {"schema": columns, "rows": outcome.table.height, "notes": list(outcome.notes),
+                    "request_id": None, "decision": {"action": decision.action, "reason": decision.reason}}
+            return [protocol.encode("result", body, request.msg_id), ipc]
+        if not isinstance(outcome, Held):
+            raise TypeError(f"evaluate returned {type(outcome).__name__}")
+        request_id = self._hold(request, plan, text, outcome, ipc, columns)
+        self.audit.append("held", request.scientist, request=request.msg_id, plan_hash=digest,
+                          request_id=request_id, reason=decision.reason, rows=outcome.table.height,
+                          sha256=hashlib.sha256(ipc).hexdigest())
+        return [protocol.encode("pending", {"request_id": request_id, "status": "pending",
+                                            "reason": decision.reason}, request.msg_id)]
+
+    def _hold(self, request: _Request, plan: dict, text: str, outcome: Held, ipc: bytes,
+              columns: list[list[str]]) -> int:
+        """Keep a held table in ``results/<id>.arrow`` and queue it for the owner."""
+        from bastion_kernel.plan_text import plan_to_polars_text, plan_tree
+
+        def write_result(request_id: int) -> str:
+            atomic_write(self.workspace.result_path(request_id), ipc, mode=0o600)
+            return hashlib.sha256(ipc).hexdigest()
+
+        return self.store.create(scientist=request.scientist, plan=plan,
+                                 plan_text=plan_to_polars_text(plan), plan_tree=plan_tree(plan),
+                                 query_text=text, reason=outcome.decision.reason, columns=columns,
+                                 rows=outcome.table.height, notes=list(outcome.notes),
+                                 write_result=write_result)
+
+    def _request_status(self, request: _Request) -> list[bytes]:
+        request_id = request.body["request_id"]
+        record = self.store.get(request_id) if 0 < request_id < 2**63 else None
+        if record is None or record.scientist != request.scientist:
+            # The same answer for "no such id" and "someone else's": ids reveal nothing.
+            raise BastionError("NotFound", f"no request {request_id}", request_id=request_id)
+        if record.status == "pending":
+            return [protocol.encode("pending", {"request_id": record.id, "status": "pending",
+                                                "reason": record.reason}, request.msg_id)]
+        if record.status == "rejected":
+            raise BastionError("ReviewRejected",
+                               f"the owner rejected request {record.id}: {record.decision_reason}",
+                               request_id=record.id, reason=record.decision_reason)
+        if record.status == "released":
+            raise BastionError("NotFound", f"request {record.id} was already released", request_id=record.id)
+        return self._release_approved(request, record)
+
+    def _release_approved(self, request: _Request, record: Request) -> list[bytes]:
+        ipc = self.workspace.result_path(record.id).read_bytes()
+        sha = hashlib.sha256(ipc).hexdigest()
+        if sha != record.result_sha256:
+            # Not what the owner reviewed: never release it.
+            raise RuntimeError(f"held result {record.id} changed on disk since it was reviewed")
+        try:
+            self.store.mark_released(record.id)
+        except ApprovalError:  # another request released it first
+            raise BastionError("NotFound", f"request {record.id} was already released",
+                               request_id=record.id) from None
+        self.audit.append("release", request.scientist, request=request.msg_id, plan_hash=record.plan_hash,
+                          request_id=record.id, sha256=sha, rows=record.rows,
+                          columns=[name for name, _ in record.columns])
+        body = {"schema": record.columns, "rows": record.rows, "notes": record.notes,
+                "request_id": record.id,
+                "decision": {"action": "approved", "reason": record.decision_reason or ""}}
+        return [protocol.encode("result", body, request.msg_id), ipc]
+
+
+def _ok(request: _Request, body: dict) -> bytes:
+    return protocol.encode("ok", body, request.msg_id)
+
+
+def _check_body(kind: str, body: dict) -> None:
+    """Refuse unknown, missing or mistyped body fields (raises ProtocolError)."""
+    fields = BODY_FIELDS[kind]
+    for name in body:
+        if name not in fields:
+            raise ProtocolError(f"{kind} takes no field {str(name)[:64]!r}"
+                                + (f"; it takes {', '.join(sorted(fields))}" if fields else ""))
+    for name, (expected, required) in fields.items():
+        if name not in body:
+            if required:
+                raise ProtocolError(f"{kind} needs the field {name!r}")
+            continue
+        value = body[name]
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise ProtocolError(f"{kind} field {name!r} must be a JSON {_JSON_TYPE_NAMES[expected]}")
+        if expected is str and len(value) > MAX_TEXT_CHARS:
+            raise ProtocolError(f"{kind} field {name!r} is longer than {MAX_TEXT_CHARS} characters")
+
+
+_JSON_TYPE_NAMES = {dict: "object", str: "string", int: "integer"}
+
+
+def _salvage_id(data: bytes) -> str:
+    """The id of an envelope that failed to decode, when one can be read; else :data:`UNREADABLE_ID`."""
+    if len(data) > protocol.MAX_ENVELOPE_BYTES:
+        return UNREADABLE_ID
+    try:
+        message = json.loads(data)
+    except Exception:  # whatever is wrong with it, decode() already said so
+        return UNREADABLE_ID
+    msg_id = message.get("id") if isinstance(message, dict) else None
+    return msg_id if isinstance(msg_id, str) and 0 < len(msg_id) <= 128 else UNREADABLE_ID
+
+
+def _table_schema(table: Any) -> list[list[str]]:
+    """``[[column, dtype], ...]`` of a released table, dtype named as polars prints it."""
+    return [[name, str(dtype)] for name, dtype in table.schema.items()]

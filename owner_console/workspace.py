@@ -1,0 +1,394 @@
+"""The owner's directory: configuration, keys, registered datasets and scientists.
+
+Layout of a workspace ``DIR``::
+
+    DIR/config.toml                  [server] bind = "tcp://127.0.0.1:5555"
+    DIR/keys/server.key              the executor's CURVE public key (give it to scientists)
+    DIR/keys/server.key_secret       the executor's CURVE secret key
+    DIR/keys/audit_ed25519           the audit log's Ed25519 signing key (PKCS#8 PEM, mode 0600)
+    DIR/keys/audit_ed25519.pub       its public key (SubjectPublicKeyInfo PEM), for ``audit verify``
+    DIR/datasets/NAME.toml           one registered dataset: file, format and policy
+    DIR/scientists/NAME.toml         one allow-listed scientist: their CURVE public key
+    DIR/approvals.sqlite             held requests (:mod:`owner_console.approvals`)
+    DIR/audit.jsonl                  the audit log (:mod:`owner_console.audit`)
+    DIR/results/                     held results waiting for a decision (Arrow IPC)
+
+Everything is re-read from disk on use, so ``bastion-owner dataset add`` and
+``scientist add`` take effect in a running executor without a restart.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any, Iterable
+
+import tomli_w
+import zmq
+import zmq.auth
+from zmq.utils import z85
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from owner_console.model import UNSAFE_MODES, Dataset, Policy
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+# File suffixes the executor can scan, and the format name stored for each.
+FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+class WorkspaceError(Exception):
+    """A problem the owner can fix: a bad name, a missing file, a malformed TOML file."""
+
+
+def check_name(name: str, what: str) -> str:
+    """Return ``name`` if it is a valid dataset or scientist name, else raise WorkspaceError.
+
+    Names become file names, so only ``[A-Za-z_][A-Za-z0-9_-]{0,63}`` is accepted.
+    """
+    if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
+        raise WorkspaceError(f"invalid {what} name {name!r}: use letters, digits, '_' or '-', "
+                             "starting with a letter or '_', at most 64 characters")
+    return name
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one.
+
+    Writes a temporary file in the same directory, fsyncs it, renames it over
+    ``path`` and fsyncs the directory, so a crash never leaves a half file.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Workspace:
+    """The owner's directory (see the module docstring for its layout).
+
+    Parameters
+    ----------
+    path : str or Path
+        The workspace directory; :meth:`init` creates it.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser().absolute()
+
+    # -- paths -------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.toml"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.path / "keys"
+
+    @property
+    def server_public_key_path(self) -> Path:
+        return self.keys_dir / "server.key"
+
+    @property
+    def server_secret_key_path(self) -> Path:
+        return self.keys_dir / "server.key_secret"
+
+    @property
+    def audit_private_key_path(self) -> Path:
+        return self.keys_dir / "audit_ed25519"
+
+    @property
+    def audit_public_key_path(self) -> Path:
+        return self.keys_dir / "audit_ed25519.pub"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.path / "datasets"
+
+    @property
+    def scientists_dir(self) -> Path:
+        return self.path / "scientists"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.path / "results"
+
+    @property
+    def approvals_path(self) -> Path:
+        return self.path / "approvals.sqlite"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.path / "audit.jsonl"
+
+    def result_path(self, request_id: int) -> Path:
+        """Where the held table of request ``request_id`` is kept (Arrow IPC file)."""
+        return self.results_dir / f"{int(request_id)}.arrow"
+
+    # -- creation ----------------------------------------------------------
+    def init(self, bind: str = DEFAULT_BIND) -> None:
+        """Create the workspace: config, server CURVE keys, audit signing key, empty stores.
+
+        Refuses a directory that already holds a workspace, so keys are never
+        silently replaced.
+        """
+        if self.config_path.exists():
+            raise WorkspaceError(f"{self.path} is already a Bastion workspace")
+        if self.path.exists() and not self.path.is_dir():
+            raise WorkspaceError(f"{self.path} exists and is not a directory")
+        self.path.mkdir(parents=True, exist_ok=True)
+        for directory in (self.keys_dir, self.datasets_dir, self.scientists_dir, self.results_dir):
+            directory.mkdir(exist_ok=True)
+        # Keys and held (not yet released) results are for the owner's eyes only.
+        os.chmod(self.keys_dir, 0o700)
+        os.chmod(self.results_dir, 0o700)
+        zmq.auth.create_certificates(self.keys_dir, "server")
+        os.chmod(self.server_secret_key_path, 0o600)
+
+        signing_key = Ed25519PrivateKey.generate()
+        atomic_write(self.audit_private_key_path, signing_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()), mode=0o600)
+        atomic_write(self.audit_public_key_path, signing_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+        # Imported here: the stores import this module for its paths.
+        from owner_console.approvals import ApprovalStore
+        ApprovalStore(self.approvals_path).close()
+        self.audit_path.touch()
+        # Written last: its presence marks a complete workspace.
+        atomic_write(self.config_path, tomli_w.dumps({"server": {"bind": bind}}).encode())
+
+    def require(self) -> "Workspace":
+        """Return self if this is an initialised workspace, else raise WorkspaceError."""
+        if not self.config_path.is_file():
+            raise WorkspaceError(f"{self.path} is not a Bastion workspace "
+                                 "(run: bastion-owner init --workspace DIR)")
+        return self
+
+    # -- stores ------------------------------------------------------------
+    def approvals(self):
+        """An :class:`owner_console.approvals.ApprovalStore` on this workspace's queue."""
+        from owner_console.approvals import ApprovalStore
+        return ApprovalStore(self.require().approvals_path)
+
+    def audit_log(self):
+        """An :class:`owner_console.audit.AuditLog` that appends to this workspace's log."""
+        from owner_console.audit import AuditLog
+        return AuditLog(self.require().audit_path, self.audit_private_key_path)
+
+    # -- configuration -----------------------------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        """The parsed ``config.toml``; ``config["server"]["bind"]`` is always present."""
+        data = _read_toml(self.require().config_path)
+        server = data.setdefault("server", {})
+        if not isinstance(server, dict):
+            raise WorkspaceError(f"{self.config_path}: [server] must be a table")
+        bind = server.setdefault("bind", DEFAULT_BIND)
+        if not isinstance(bind, str):
+            raise WorkspaceError(f"{self.config_path}: server.bind must be a string")
+        return data
+
+    @property
+    def bind(self) -> str:
+        """The endpoint the executor binds by default."""
+        return self.config["server"]["bind"]
+
+    def server_keys(self) -> tuple[bytes, bytes]:
+        """The executor's CURVE key pair ``(public, secret)``, Z85-encoded."""
+        public, secret = zmq.auth.load_certificate(self.require().server_secret_key_path)
+        if not secret:
+            raise WorkspaceError(f"{self.server_secret_key_path} holds no secret key")
+        return public, secret
+
+    # -- datasets ----------------------------------------------------------
+    def add_dataset(self, name: str, file: str | os.PathLike, *, min_group_size: int = 10,
+                    hidden: Iterable[str] = (), unsafe: str = "review", allow_save: bool = True,
+                    replace: bool = False) -> Dataset:
+        """Register a CSV or Parquet file under ``name`` with its policy.
+
+        Checks that the file reads and that every hidden column exists, then
+        writes ``datasets/NAME.toml``.
+
+        Parameters
+        ----------
+        name : str
+            Dataset name the scientist types in ``dataset(NAME)``.
+        file : path
+            A ``.csv`` or ``.parquet`` file; stored as an absolute path.
+        min_group_size, hidden, unsafe, allow_save
+            The :class:`owner_console.model.Policy` fields.
+        replace : bool
+            Overwrite an existing registration of ``name``.
+
+        Returns
+        -------
+        Dataset
+        """
+        self.require()
+        check_name(name, "dataset")
+        target = self.datasets_dir / f"{name}.toml"
+        if target.exists() and not replace:
+            raise WorkspaceError(f"dataset {name!r} is already registered ({target})")
+        path = Path(file).expanduser().absolute()
+        fmt = FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise WorkspaceError(f"{path}: unsupported file type {path.suffix!r}; "
+                                 f"expected one of {', '.join(sorted(FORMATS))}")
+        if not path.is_file():
+            raise WorkspaceError(f"{path}: no such file")
+        if unsafe not in UNSAFE_MODES:
+            raise WorkspaceError(f"unsafe must be one of {', '.join(UNSAFE_MODES)}, got {unsafe!r}")
+        try:
+            policy = Policy(min_group_size=min_group_size, unsafe=unsafe,
+                            hidden=frozenset(hidden), allow_save=allow_save)
+        except ValueError as exc:
+            raise WorkspaceError(str(exc)) from None
+        columns = read_columns(path, fmt)
+        missing = sorted(policy.hidden - set(columns))
+        if missing:
+            raise WorkspaceError(f"hidden column {missing[0]!r} is not in {path.name} "
+                                 f"(columns: {', '.join(columns)})")
+        record = {"name": name, "path": str(path), "format": fmt, "policy": policy.to_dict()}
+        atomic_write(target, tomli_w.dumps(record).encode())
+        return Dataset(name=name, path=path, format=fmt, policy=policy)
+
+    def load_dataset(self, toml_path: Path) -> Dataset:
+        """Read one ``datasets/NAME.toml``; raises WorkspaceError naming the file if malformed."""
+        data = _read_toml(toml_path)
+        try:
+            name = check_name(data.get("name"), "dataset")
+            if name != toml_path.stem:
+                raise WorkspaceError(f"name {name!r} does not match the file name")
+            fmt = data.get("format")
+            if fmt not in set(FORMATS.values()):
+                raise WorkspaceError(f"format must be csv or parquet, got {fmt!r}")
+            path = data.get("path")
+            if not isinstance(path, str) or not os.path.isabs(path):
+                raise WorkspaceError("path must be an absolute path")
+            policy_data = data.get("policy", {})
+            if not isinstance(policy_data, dict):
+                raise WorkspaceError("[policy] must be a table")
+            policy = Policy.from_dict(policy_data)
+            extra = set(data) - {"name", "path", "format", "policy"}
+            if extra:
+                raise WorkspaceError(f"unknown setting {sorted(extra)[0]!r}")
+        except (WorkspaceError, ValueError) as exc:
+            raise WorkspaceError(f"{toml_path}: {exc}") from None
+        return Dataset(name=name, path=Path(path), format=fmt, policy=policy)
+
+    def catalog_with_errors(self) -> tuple[dict[str, Dataset], list[WorkspaceError]]:
+        """All registered datasets, plus one error per malformed file (which is skipped)."""
+        catalog: dict[str, Dataset] = {}
+        errors: list[WorkspaceError] = []
+        for toml_path in sorted(self.require().datasets_dir.glob("*.toml")):
+            try:
+                dataset = self.load_dataset(toml_path)
+            except WorkspaceError as exc:
+                errors.append(exc)
+                continue
+            catalog[dataset.name] = dataset
+        return catalog, errors
+
+    def catalog(self) -> dict[str, Dataset]:
+        """All registered datasets by name; raises WorkspaceError on the first malformed file."""
+        catalog, errors = self.catalog_with_errors()
+        if errors:
+            raise errors[0]
+        return catalog
+
+    # -- scientists --------------------------------------------------------
+    def add_scientist(self, name: str, key_file: str | os.PathLike, replace: bool = False) -> bytes:
+        """Allow-list the CURVE public key in ``key_file`` under ``name``.
+
+        ``key_file`` is a certificate written by ``zmq.auth.create_certificates``
+        (the ``.key`` file; only its public key is kept).  Returns the Z85 key.
+        """
+        self.require()
+        check_name(name, "scientist")
+        target = self.scientists_dir / f"{name}.toml"
+        if target.exists() and not replace:
+            raise WorkspaceError(f"scientist {name!r} is already registered ({target})")
+        key_path = Path(key_file).expanduser()
+        if not key_path.is_file():
+            raise WorkspaceError(f"{key_path}: no such file")
+        try:
+            public, _secret = zmq.auth.load_certificate(key_path)
+        except Exception as exc:  # pyzmq raises ValueError/OSError/IndexError on bad files
+            raise WorkspaceError(f"{key_path}: not a CURVE certificate ({exc})") from None
+        public = _check_z85_key(public, str(key_path))
+        for key, other in self.scientists().items():
+            if key == public and other != name:
+                raise WorkspaceError(f"this key is already registered for scientist {other!r}")
+        record = {"name": name, "public_key": public.decode("ascii"),
+                  "added_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        atomic_write(target, tomli_w.dumps(record).encode())
+        return public
+
+    def scientists(self) -> dict[bytes, str]:
+        """The allow-list: ``{Z85 public key: scientist name}``; malformed files are skipped."""
+        allowed: dict[bytes, str] = {}
+        for toml_path in sorted(self.require().scientists_dir.glob("*.toml")):
+            try:
+                data = _read_toml(toml_path)
+                name = check_name(data.get("name"), "scientist")
+                key = _check_z85_key(str(data.get("public_key", "")).encode("ascii", "replace"),
+                                     str(toml_path))
+            except WorkspaceError:
+                continue  # a broken entry grants nothing
+            allowed[key] = name
+        return allowed
+
+
+def read_columns(path: Path, fmt: str) -> list[str]:
+    """The column names of a data file; raises WorkspaceError if polars cannot read it."""
+    import polars as pl  # only for reading headers; the engine owns execution
+    try:
+        if fmt == "csv":
+            schema = pl.scan_csv(path).collect_schema()
+        else:
+            schema = pl.read_parquet_schema(path)
+    except Exception as exc:  # polars raises many error types for unreadable files
+        raise WorkspaceError(f"{path}: cannot read as {fmt}: {str(exc).splitlines()[0][:200]}") from None
+    return list(schema)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise WorkspaceError(f"{path}: malformed TOML: {exc}") from None
+    except OSError as exc:
+        raise WorkspaceError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _check_z85_key(key: bytes, where: str) -> bytes:
+    try:
+        raw = z85.decode(key) if len(key) == 40 else b""
+    except Exception:
+        raw = b""
+    if len(raw) != 32:
+        raise WorkspaceError(f"{where}: no valid CURVE public key")
+    return bytes(key)

@@ -1,0 +1,171 @@
+"""The audit log: chaining, signatures, tamper detection, torn lines, concurrent appends."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import subprocess
+import sys
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from owner_console.audit import GENESIS, AuditLog, entry_hash, read_entries, verify
+
+
+@pytest.fixture
+def key():
+    return Ed25519PrivateKey.generate()
+
+
+def _log_with(tmp_path, key, n=5):
+    log = AuditLog(tmp_path / "audit.jsonl", key)
+    for i in range(n):
+        log.append("query", "alice", plan={"op": "scan", "dataset": "patients"}, text=f"cell {i}", n=i)
+    return log
+
+
+def _lines(path):
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def test_entries_chain_and_verify(tmp_path, key):
+    log = _log_with(tmp_path, key)
+    entries = list(read_entries(log.path))
+    assert [e["seq"] for e in entries] == [1, 2, 3, 4, 5]
+    assert entries[0]["prev"] == GENESIS
+    assert all(b["prev"] == a["hash"] for a, b in zip(entries, entries[1:]))
+    assert all(entry_hash(e) == e["hash"] for e in entries)
+    report = verify(log.path, key.public_key())
+    assert report.ok and report.entries == 5 and report.first_bad is None
+    assert report.last_hash == entries[-1]["hash"]
+
+
+def test_empty_log_verifies(tmp_path, key):
+    (tmp_path / "audit.jsonl").touch()
+    assert verify(tmp_path / "audit.jsonl", key.public_key()).ok
+
+
+def test_edited_line_is_caught(tmp_path, key):
+    log = _log_with(tmp_path, key)
+    lines = _lines(log.path)
+    lines[2] = lines[2].replace(b'"cell 2"', b'"cell X"')
+    log.path.write_bytes(b"".join(lines))
+    report = verify(log.path, key.public_key())
+    assert not report.ok and report.first_bad == 3 and "edited" in report.problem
+
+
+def test_rehashed_edit_fails_the_signature(tmp_path, key):
+    log = _log_with(tmp_path, key)
+    lines = _lines(log.path)
+    entry = json.loads(lines[1])
+    entry["text"] = "something else"
+    entry["hash"] = entry_hash(entry)
+    lines[1] = json.dumps(entry).encode() + b"\n"
+    log.path.write_bytes(b"".join(lines))
+    report = verify(log.path, key.public_key())
+    assert not report.ok and report.first_bad == 2 and "signature" in report.problem
+
+
+def test_deleted_line_is_caught(tmp_path, key):
+    log = _log_with(tmp_path, key)
+    lines = _lines(log.path)
+    del lines[1]
+    log.path.write_bytes(b"".join(lines))
+    report = verify(log.path, key.public_key())
+    assert not report.ok and report.first_bad == 2
+
+
+def test_swapped_lines_are_caught(tmp_path, key):
+    log = _log_with(tmp_path, key)
+    lines = _lines(log.path)
+    lines[1], lines[3] = lines[3], lines[1]
+    log.path.write_bytes(b"".join(lines))
+    report = verify(log.path, key.public_key())
+    assert not report.ok and report.first_bad == 2
+
+
+def test_another_key_does_not_verify(tmp_path, key):
+    log = _log_with(tmp_path, key)
+    report = verify(log.path, Ed25519PrivateKey.generate().public_key())
+    assert not report.ok and report.first_bad == 1 and "signature" in report.problem
+
+
+def test_torn_last_line_is_reported_and_appends_still_chain(tmp_path, key):
+    log = _log_with(tmp_path, key, n=3)
+    last_good = list(read_entries(log.path))[-1]
+    with open(log.path, "ab") as handle:
+        handle.write(b'{"seq": 4, "time": "2026-01-')  # a crash mid-write
+    report = verify(log.path, key.public_key())
+    assert not report.ok and report.first_bad == 4 and "incomplete" in report.problem
+
+    # A new writer (no cached tail) chains to the last complete entry.
+    after = AuditLog(log.path, key).append("release", "alice", sha256="ab" * 32)
+    assert after["seq"] == 4 and after["prev"] == last_good["hash"]
+    report = verify(log.path, key.public_key())
+    assert not report.ok and report.first_bad == 4 and "JSON" in report.problem
+    # The entries after the torn fragment chain among themselves and to those before it.
+    lines = _lines(log.path)
+    assert len(lines) == 5
+    repaired = tmp_path / "without-fragment.jsonl"
+    repaired.write_bytes(b"".join(lines[:3] + lines[4:]))
+    assert verify(repaired, key.public_key()).ok
+
+
+def test_reserved_and_unknown_names_are_refused(tmp_path, key):
+    log = AuditLog(tmp_path / "audit.jsonl", key)
+    with pytest.raises(ValueError):
+        log.append("query", "alice", hash="forged")
+    with pytest.raises(ValueError):
+        log.append("not-an-event", "alice")
+
+
+def _append_many(path, pem, count, who):
+    from cryptography.hazmat.primitives import serialization
+    log = AuditLog(path, serialization.load_pem_private_key(pem, password=None))
+    for i in range(count):
+        log.append("query", who, n=i)
+
+
+def test_concurrent_processes_append_one_chain(tmp_path, key):
+    from cryptography.hazmat.primitives import serialization
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    path = tmp_path / "audit.jsonl"
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_append_many, args=(path, pem, 40, f"w{i}")) for i in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    report = verify(path, key.public_key())
+    assert report.ok and report.entries == 160
+
+
+def test_cli_verify_catches_each_tampering(tmp_path):
+    """``bastion-owner audit verify`` exits 0 on an intact log and 1 on each kind of tampering."""
+    from owner_console.workspace import Workspace
+    workspace = Workspace(tmp_path / "ws")
+    workspace.init()
+    log = AuditLog(workspace.audit_path, workspace.audit_private_key_path)
+    for i in range(6):
+        log.append("query", "alice", n=i)
+    intact = workspace.audit_path.read_bytes()
+
+    def verify_cli():
+        return subprocess.run([sys.executable, "-m", "owner_console.cli", "audit", "verify",
+                               "--workspace", str(workspace.path)], capture_output=True, text=True, timeout=60)
+
+    result = verify_cli()
+    assert result.returncode == 0, result.stderr
+    lines = intact.splitlines(keepends=True)
+    tampered = {
+        "edited": lines[:2] + [lines[2].replace(b'"n":2', b'"n":7')] + lines[3:],
+        "deleted": lines[:2] + lines[3:],
+        "swapped": lines[:1] + [lines[2], lines[1]] + lines[3:],
+    }
+    for what, content in tampered.items():
+        workspace.audit_path.write_bytes(b"".join(content))
+        result = verify_cli()
+        assert result.returncode == 1, what
+        assert "line 2" in result.stderr or "line 3" in result.stderr, (what, result.stderr)

@@ -1,0 +1,82 @@
+"""Every public operation of the language is documented, and its examples run."""
+from __future__ import annotations
+
+import ast
+import re
+
+import pytest
+
+from bastion_kernel import plan as P
+from bastion_kernel.language.interpreter import Interpreter
+from bastion_kernel.language.registry import doc_index, documented_operations
+from bastion_kernel.protocol import BastionError
+from language_fake_session import FakeSession
+
+OPERATIONS = documented_operations()
+
+
+def test_the_index_covers_the_plan_tables():
+    names = {op.qualified_name for op in OPERATIONS}
+    for fn_name in P.EXPR_FUNCTIONS:
+        space, _, short = fn_name.rpartition(".")
+        qualified = f"Expr.{space}.{short}" if space else f"Expr.{short}"
+        assert qualified in names, qualified
+    for function in ("col", "lit", "len", "when", "dataset", "datasets", "sql", "concat", "request"):
+        assert function in names
+    for method in ("select", "with_columns", "filter", "group_by", "sort", "head", "limit", "drop", "rename",
+                   "drop_nulls", "fill_null", "unique", "join", "with_row_index", "count", "collect", "fetch",
+                   "save", "columns", "schema", "dtypes", "width"):
+        assert f"RemoteFrame.{method}" in names
+    assert set(doc_index()) == names
+
+
+@pytest.mark.parametrize("op", OPERATIONS, ids=[op.qualified_name for op in OPERATIONS])
+def test_operation_has_a_numpydoc_docstring(op):
+    doc = op.doc
+    assert doc, f"{op.qualified_name} has no docstring"
+    summary = doc.splitlines()[0]
+    assert summary.strip() and summary.rstrip().endswith("."), summary
+    sections = re.findall(r"^(\w[\w ]*)\n-{3,}$", doc, flags=re.M)
+    assert "Returns" in sections
+    assert "Examples" in sections
+    visible = [p for p in op.visible_parameters()]
+    if visible:
+        assert "Parameters" in sections, f"{op.qualified_name} documents no parameters"
+        for param in visible:
+            assert re.search(rf"^\*{{0,2}}[\w, ]*\b{param.name}\b.*:", doc, flags=re.M), \
+                f"{op.qualified_name}: parameter {param.name} is not documented"
+
+
+def _examples(doc: str) -> list[str]:
+    return [line.strip()[4:] for line in doc.splitlines() if line.strip().startswith(">>> ")]
+
+
+@pytest.mark.parametrize("op", OPERATIONS, ids=[op.qualified_name for op in OPERATIONS])
+def test_examples_are_bastion_cells_that_run(op):
+    examples = _examples(op.doc)
+    assert examples, f"{op.qualified_name} has no example"
+    interp = Interpreter(FakeSession())
+    interp.run_cell('patients = dataset("patients")')
+    for example in examples:
+        ast.parse(example)
+        try:
+            interp.run_cell(example)
+        except BastionError as exc:  # pragma: no cover - the assertion message says which
+            pytest.fail(f"{op.qualified_name} example {example!r} fails: {exc.ename}: {exc.evalue}")
+    # the examples use the operation they document
+    assert any(op.name in example for example in examples), examples
+
+
+def test_inspect_shows_each_docstring():
+    interp = Interpreter(FakeSession())
+    interp.run_cell('patients = dataset("patients")\ne = col("a")')
+    for op in OPERATIONS:
+        if op.receiver is None:
+            code = op.name
+        else:
+            receiver = {"RemoteFrame": "patients", "Expr": "e", "Expr.str": "e.str", "Expr.dt": "e.dt",
+                        "GroupBy": "patients.group_by('a')", "When": "when(e)",
+                        "Then": "when(e).then(1)"}[op.qualified_name.rsplit(".", 1)[0]]
+            code = f"{receiver}.{op.name}"
+        text = interp.inspect(code, len(code))
+        assert text is not None and op.doc in text, code

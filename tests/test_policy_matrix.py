@@ -1,0 +1,416 @@
+"""The release rule, rule x operation, against real polars.
+
+A released row must be computed from at least K rows of every protected source
+that fed it.  The counts are checked for exactness at the boundary: with K set
+to the smallest true count (computed here in plain polars) the result is
+allowed, with K one higher it is not, and the reason names that count.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from bastion_kernel import plan as P
+from bastion_kernel.protocol import BastionError
+from owner_console import executor, policy, validate
+from owner_console.model import Dataset, Held, Policy, Released
+from owner_console.sample_data import ZIP_CODES, write_patients
+
+pytestmark = pytest.mark.timeout(120)
+
+col, lit, fn, binary, alias, length = P.col, P.lit, P.fn, P.binary, P.alias, P.length
+scan = P.scan("patients")
+zips_scan = P.scan("zips")
+
+
+def op(op_name, **fields):
+    return P.frame_op(op_name, **fields)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("policy")
+    zips = root / "zips.csv"
+    pl.DataFrame({"zip": [int(z) for z in ZIP_CODES],
+                  "region": ["north" if i % 3 else "south" for i in range(len(ZIP_CODES))],
+                  "population": [1000 + 37 * i for i in range(len(ZIP_CODES))]}).write_csv(zips)
+    return {"patients": write_patients(root / "patients.csv", rows=2000), "zips": zips}
+
+
+@pytest.fixture(scope="module")
+def raw(files) -> pl.DataFrame:
+    return pl.read_csv(files["patients"], try_parse_dates=True)
+
+
+@pytest.fixture(scope="module")
+def raw_zips(files) -> pl.DataFrame:
+    return pl.read_csv(files["zips"])
+
+
+@pytest.fixture
+def catalog(files):
+    """``catalog(patients=Policy(...), zips=Policy(...))``."""
+    def make(**policies: Policy) -> dict[str, Dataset]:
+        return {name: Dataset(name, files[name], "csv", pol) for name, pol in policies.items()}
+    return make
+
+
+def outcome(plan, catalog) -> tuple[str, object]:
+    """(action, result or error) for any outcome, so tests can be parametrized over unsafe modes."""
+    try:
+        result = executor.evaluate(plan, catalog, "alice")
+    except BastionError as error:
+        assert error.ename == "PolicyViolation", error.evalue
+        return "reject", error
+    expected_type = Held if result.decision.action == "review" else Released
+    assert isinstance(result, expected_type)
+    return result.decision.action, result
+
+
+def reason_of(thing) -> str:
+    return thing.evalue if isinstance(thing, BastionError) else thing.decision.reason
+
+
+def boundary(plan, catalog, smallest: int, **other_policies: Policy) -> None:
+    """Allowed at K = smallest, refused at K = smallest + 1, reason naming the smallest count."""
+    action, result = outcome(plan, catalog(patients=Policy(min_group_size=smallest, unsafe="reject"), **other_policies))
+    assert action == "allow", reason_of(result)
+    assert f"smallest: {smallest}" in result.decision.reason
+    action, error = outcome(plan, catalog(patients=Policy(min_group_size=smallest + 1, unsafe="reject"),
+                                          **other_policies))
+    assert action == "reject"
+    assert f"fewer than {smallest + 1} rows of 'patients' (smallest: {smallest})" in error.evalue
+
+
+# ---------------------------------------------------------------- exact counts
+by_sex_zip = op("group_by", input=scan, keys=[col("sex"), col("zip")], aggs=[fn("mean", col("cost"))])
+
+
+def test_group_by_counts_are_exact(raw, catalog):
+    smallest = raw.group_by("sex", "zip").len()["len"].min()
+    boundary(by_sex_zip, catalog, smallest)
+
+
+def test_filter_then_group_by_counts_only_rows_that_passed_the_filter(raw, catalog):
+    plan = op("group_by", input=op("filter", input=scan, predicate=binary("gt", col("age"), lit(60))),
+              keys=[col("diagnosis")], aggs=[fn("max", col("cost"))])
+    smallest = raw.filter(pl.col("age") > 60).group_by("diagnosis").len()["len"].min()
+    boundary(plan, catalog, smallest)
+
+
+def test_global_aggregate_counts_the_filtered_rows(raw, catalog):
+    plan = op("select", input=op("filter", input=scan, predicate=binary("eq", col("diagnosis"), lit("migraine"))),
+              exprs=[fn("mean", col("cost"))])
+    boundary(plan, catalog, raw.filter(pl.col("diagnosis") == "migraine").height)
+
+
+def test_self_join_counts_distinct_rows_of_each_occurrence(raw, catalog):
+    # Each patient is joined with every patient of the same zip: rows repeat,
+    # so the count must be of distinct source rows, not of joined rows.
+    joined = op("join", left=op("filter", input=scan, predicate=binary("lt", col("age"), lit(30))),
+                right=scan, how="inner", left_on=[col("zip")], right_on=[col("zip")], suffix="_b")
+    plan = op("group_by", input=joined, keys=[col("diagnosis")], aggs=[length()])
+    young = raw.filter(pl.col("age") < 30)
+    exact = (young.join(raw, on="zip", suffix="_b").group_by("diagnosis")
+             .agg(pl.col("patient_id").n_unique().alias("a"), pl.col("patient_id_b").n_unique().alias("b")))
+    smallest = min(exact["a"].min(), exact["b"].min())
+    boundary(plan, catalog, smallest)
+    # Counting joined rows instead would have been far larger than the true count.
+    joined_rows = young.join(raw, on="zip").group_by("diagnosis").len()["len"].min()
+    assert joined_rows > smallest
+
+
+def test_join_of_two_datasets_checks_each_source_against_its_own_k(raw, raw_zips, catalog):
+    plan = op("group_by", input=op("join", left=scan, right=zips_scan, how="inner", left_on=[col("zip")],
+                                   right_on=[col("zip")], suffix="_z"),
+              keys=[col("region"), col("sex")], aggs=[fn("mean", col("cost")), fn("sum", col("population"))])
+    exact = raw.join(raw_zips, on="zip").group_by("region", "sex").agg(
+        pl.col("patient_id").n_unique().alias("p"), pl.col("zip").n_unique().alias("z"))
+    smallest_p, smallest_z = exact["p"].min(), exact["z"].min()
+    boundary(plan, catalog, smallest_p, zips=Policy(min_group_size=smallest_z))
+    # The zips table's own K decides for its rows.
+    action, error = outcome(plan, catalog(patients=Policy(min_group_size=1),
+                                          zips=Policy(min_group_size=smallest_z + 1, unsafe="reject")))
+    assert action == "reject"
+    assert f"fewer than {smallest_z + 1} rows of 'zips' (smallest: {smallest_z})" in error.evalue
+
+
+def test_nested_group_by_sums_counts_of_partitioning_groups(raw, catalog):
+    first = op("group_by", input=scan, keys=[col("sex"), col("zip")], aggs=[alias(fn("mean", col("cost")), "m")])
+    plan = op("group_by", input=first, keys=[col("sex")], aggs=[alias(fn("max", col("m")), "max_mean")])
+    boundary(plan, catalog, raw.group_by("sex").len()["len"].min())
+
+
+def test_nested_group_by_after_a_join_is_not_guessed(catalog):
+    # After a join the first-level groups may share source rows; summing
+    # their counts could overstate, so each first-level row counts as one.
+    joined = op("join", left=scan, right=scan, how="inner", left_on=[col("zip")], right_on=[col("zip")], suffix="_b")
+    first = op("group_by", input=joined, keys=[col("sex"), col("sex_b")], aggs=[alias(length(), "n")])
+    plan = op("group_by", input=first, keys=[col("sex")], aggs=[alias(fn("sum", col("n")), "total")])
+    action, error = outcome(plan, catalog(patients=Policy(min_group_size=3, unsafe="reject")))
+    assert action == "reject"
+    assert "fewer than 3 rows" in error.evalue
+
+
+def test_concat_keeps_each_rows_own_counts(raw, catalog):
+    women = op("filter", input=scan, predicate=binary("eq", col("sex"), lit("F")))
+    men = op("filter", input=scan, predicate=binary("eq", col("sex"), lit("M")))
+    plan = op("group_by", input=op("concat", inputs=[women, men]), keys=[col("sex"), col("smoker")],
+              aggs=[fn("mean", col("age"))])
+    # Each group is made of rows of one input only: the other occurrence did not feed it.
+    boundary(plan, catalog, raw.group_by("sex", "smoker").len()["len"].min())
+
+
+def test_counts_survive_sort_head_and_filter_of_aggregates(raw, catalog):
+    grouped = op("group_by", input=scan, keys=[col("diagnosis")], aggs=[alias(length(), "n")])
+    plan = op("head", input=op("sort", input=op("filter", input=grouped, predicate=binary("gt", col("n"), lit(50))),
+                               by=[col("n")], descending=[False], nulls_last=False), n=3)
+    sizes = raw.group_by("diagnosis").len().filter(pl.col("len") > 50)
+    boundary(plan, catalog, sizes["len"].min())
+
+
+def test_unique_rows_then_group_by_counts_the_rows_kept(raw, catalog):
+    plan = op("group_by", input=op("unique", input=op("select", input=scan, exprs=[col("sex"), col("zip")]),
+                                   subset=None),
+              keys=[col("sex")], aggs=[length()])
+    boundary(plan, catalog, raw.select("sex", "zip").unique().group_by("sex").len()["len"].min())
+
+
+# ---------------------------------------------------------------- rule x unsafe mode
+MODES = ["review", "reject", "log"]
+
+small_groups = op("group_by", input=scan, keys=[col("diagnosis"), col("zip")], aggs=[fn("mean", col("cost"))])
+row_level = op("head", input=op("select", input=scan, exprs=[col("age"), col("cost")]), n=5)
+first_values = op("group_by", input=scan, keys=[col("sex")], aggs=[fn("first", col("age"))])
+implicit_list = op("group_by", input=scan, keys=[col("sex")], aggs=[col("age")])
+empty_filtered = op("group_by", input=op("filter", input=scan, predicate=binary("gt", col("age"), lit(500))),
+                    keys=[col("sex")], aggs=[length()])
+empty_global = op("select", input=op("filter", input=scan, predicate=binary("gt", col("age"), lit(500))),
+                  exprs=[fn("mean", col("cost"))])
+
+FAILING = [
+    ("small_groups", small_groups, "groups were computed from fewer than 10 rows of 'patients'"),
+    ("row_level", row_level, "row-level (each row comes from one row of 'patients')"),
+    ("first_values", first_values, "individual values of 'patients'"),
+    ("implicit_list", implicit_list, "individual values of 'patients'"),
+    ("empty_filtered", empty_filtered, "the result is empty"),
+    ("empty_global", empty_global, "fewer than 10 rows of 'patients' (smallest: 0)"),
+    ("with_row_index", op("with_row_index", input=op("group_by", input=scan, keys=[col("sex")], aggs=[length()]),
+                          name="i"), None),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case_id,plan,phrase", FAILING, ids=[f[0] for f in FAILING])
+def test_failing_results_follow_the_unsafe_mode(case_id, plan, phrase, mode, catalog):
+    action, result = outcome(plan, catalog(patients=Policy(min_group_size=10, unsafe=mode)))
+    if case_id == "with_row_index":  # an index on big groups is still an aggregate result
+        assert action == "allow"
+        return
+    assert action == mode
+    reason = reason_of(result)
+    assert phrase in reason
+    assert "only non-empty aggregates over groups of at least 10 rows" in reason
+    if mode == "reject":
+        assert result.details["rows"] >= 0 and result.details["sources"] == ["patients"]
+    else:
+        assert result.decision.details["sources"] == ["patients"]
+        assert not any(c.startswith(validate.RESERVED_PREFIX) for c in result.table.columns)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_big_groups_are_allowed_whatever_the_mode(mode, raw, catalog):
+    plan = op("group_by", input=scan, keys=[col("sex")], aggs=[fn("mean", col("cost")), length()])
+    action, result = outcome(plan, catalog(patients=Policy(min_group_size=10, unsafe=mode)))
+    assert action == "allow"
+    assert_frame_equal(result.table.sort("sex"), raw.group_by("sex").agg(pl.col("cost").mean(), pl.len()).sort("sex"))
+    assert result.decision.details["smallest_count"] == raw.group_by("sex").len()["len"].min()
+    assert result.decision.details["failing_rows"] == 0
+
+
+def test_review_holds_the_table_that_would_be_released(raw, catalog):
+    action, held = outcome(small_groups, catalog(patients=Policy(min_group_size=10, hidden={"cost"})))
+    assert action == "review"
+    expected = raw.group_by("diagnosis", "zip").agg(pl.col("cost").mean()).with_columns(pl.lit("*").alias("cost"))
+    assert_frame_equal(held.table.sort("diagnosis", "zip"), expected.sort("diagnosis", "zip"))
+    sizes = raw.group_by("diagnosis", "zip").len()["len"]
+    failing = int((sizes < 10).sum())
+    assert held.decision.details["failing_rows"] == failing
+    assert f"{failing} of {sizes.len()} groups" in held.decision.reason
+
+
+def test_k_of_one_releases_rows(raw, catalog):
+    action, result = outcome(row_level, catalog(patients=Policy(min_group_size=1, unsafe="reject")))
+    assert action == "allow"
+    assert_frame_equal(result.table, raw.select("age", "cost").head(5))
+
+
+def test_the_strictest_unsafe_mode_among_sources_applies(catalog):
+    plan = op("join", left=row_level, right=op("select", input=zips_scan, exprs=[col("population")]),
+              how="cross", left_on=[], right_on=[], suffix="_z")
+    cat = catalog(patients=Policy(min_group_size=5, unsafe="log"), zips=Policy(min_group_size=1, unsafe="reject"))
+    action, error = outcome(plan, cat)
+    assert action == "reject"
+    assert "row-level" in error.evalue
+
+
+# ---------------------------------------------------------------- joins: missing sides
+def test_unmatched_rows_of_an_outer_join_fail_the_rule(raw, raw_zips, catalog):
+    # Only half of the zip codes are in the right-hand table: groups of
+    # patients whose zip has no partner depend on what zips is missing.
+    half = op("filter", input=zips_scan, predicate=binary("lt", col("population"), lit(1000 + 37 * 10)))
+    plan = op("group_by", input=op("join", left=scan, right=half, how="left", left_on=[col("zip")],
+                                   right_on=[col("zip")], suffix="_z"),
+              keys=[col("region")], aggs=[length()])
+    action, error = outcome(plan, catalog(patients=Policy(min_group_size=1), zips=Policy(min_group_size=2,
+                                                                                           unsafe="reject")))
+    assert action == "reject"
+    assert "no match in a join" in error.evalue
+    # With every zip present on the right, nothing is unmatched and the rule passes.
+    full_plan = op("group_by", input=op("join", left=scan, right=zips_scan, how="left", left_on=[col("zip")],
+                                        right_on=[col("zip")], suffix="_z"),
+                   keys=[col("region")], aggs=[length()])
+    smallest_z = raw.join(raw_zips, on="zip").group_by("region").agg(pl.col("zip").n_unique())["zip"].min()
+    action, result = outcome(full_plan, catalog(patients=Policy(min_group_size=1),
+                                                zips=Policy(min_group_size=smallest_z, unsafe="reject")))
+    assert action == "allow", reason_of(result)
+
+
+def test_anti_join_rows_depend_on_what_is_missing(catalog):
+    half = op("filter", input=zips_scan, predicate=binary("lt", col("population"), lit(1000 + 37 * 10)))
+    plan = op("group_by", input=op("join", left=scan, right=half, how="anti", left_on=[col("zip")],
+                                   right_on=[col("zip")], suffix="_z"),
+              keys=[col("sex")], aggs=[length()])
+    action, _ = outcome(plan, catalog(patients=Policy(min_group_size=5), zips=Policy(min_group_size=1)))
+    assert action == "allow"
+    action, error = outcome(plan, catalog(patients=Policy(min_group_size=5), zips=Policy(min_group_size=2,
+                                                                                           unsafe="reject")))
+    assert action == "reject" and "no match in a join" in error.evalue
+
+
+def test_semi_join_counts_matching_rows_of_the_right_side(raw, catalog):
+    # Each patient row is fed by the zips rows that share its code (one here).
+    plan = op("join", left=op("head", input=scan, n=20), right=zips_scan, how="semi",
+              left_on=[col("zip")], right_on=[col("zip")], suffix="_z")
+    action, result = outcome(plan, catalog(patients=Policy(min_group_size=1), zips=Policy(min_group_size=1)))
+    assert action == "allow"
+    assert_frame_equal(result.table.sort("patient_id"), raw.head(20).sort("patient_id"))
+    action, error = outcome(plan, catalog(patients=Policy(min_group_size=1),
+                                          zips=Policy(min_group_size=2, unsafe="reject")))
+    assert action == "reject" and "fewer than 2 rows of 'zips' (smallest: 1)" in error.evalue
+
+
+# ---------------------------------------------------------------- hidden columns
+HIDDEN = [
+    ("plain", op("select", input=scan, exprs=[col("name"), col("age")]), {"name"}),
+    ("derived", op("select", input=scan, exprs=[alias(fn("str.to_uppercase", col("name")), "upper"), col("age")]),
+     {"upper"}),
+    ("binary", op("select", input=scan, exprs=[alias(binary("add", col("age"), fn("str.len_chars", col("name"))), "x")]),
+     {"x"}),
+    ("when", op("select", input=scan, exprs=[alias(P.when([(binary("eq", col("name"), lit("Ada Adams")), lit(1))],
+                                                          lit(0)), "flag")]), {"flag"}),
+    ("group_key", op("group_by", input=scan, keys=[col("name")], aggs=[length()]), {"name"}),
+    ("min_of_hidden", op("group_by", input=scan, keys=[col("sex")], aggs=[fn("min", col("name"))]), {"name"}),
+    ("renamed", op("rename", input=op("select", input=scan, exprs=[col("name"), col("sex")]),
+                   mapping={"name": "who"}), {"who"}),
+    ("joined_key", op("join", left=op("select", input=scan, exprs=[col("name"), col("age")]),
+                      right=op("select", input=scan, exprs=[col("name"), col("sex")]), how="inner",
+                      left_on=[col("name")], right_on=[col("name")], suffix="_b"), {"name"}),
+    ("fill_null_from_hidden", op("select", input=scan, exprs=[alias(fn("fill_null", fn("cast", col("smoker"),
+                                                                                        dtype="String"),
+                                                                       value=col("name")), "s")]), {"s"}),
+    ("count_of_hidden", op("group_by", input=scan, keys=[col("sex")],
+                           aggs=[fn("count", col("name")), alias(fn("n_unique", col("name")), "distinct"),
+                                 alias(fn("null_count", col("name")), "nulls")]), set()),
+    ("filter_on_hidden", op("select", input=op("filter", input=scan, predicate=fn("str.starts_with", col("name"),
+                                                                                  prefix="A")),
+                            exprs=[col("age")]), set()),
+    ("hidden_key_not_output", op("select", input=op("group_by", input=scan, keys=[col("name")],
+                                                    aggs=[alias(length(), "n")]), exprs=[col("n")]), set()),
+    ("sort_by_hidden", op("select", input=op("sort", input=scan, by=[col("name")], descending=[False],
+                                             nulls_last=False), exprs=[col("age")]), set()),
+]
+
+
+@pytest.mark.parametrize("case_id,plan,wiped", HIDDEN, ids=[h[0] for h in HIDDEN])
+def test_hidden_columns_are_wiped_wherever_they_flow(case_id, plan, wiped, raw, catalog):
+    cat = catalog(patients=Policy(min_group_size=1, hidden={"name"}))
+    result = executor.evaluate(plan, cat, "alice")
+    reference = executor.evaluate(plan, catalog(patients=Policy(min_group_size=1)), "alice").table
+    assert result.table.columns == reference.columns
+    for column in result.table.columns:
+        if column in wiped:
+            assert result.table.schema[column] == pl.String
+            assert result.table.get_column(column).to_list() == ["*"] * reference.height
+            assert any(repr(column) in note and "*" in note for note in result.notes)
+        else:
+            assert_frame_equal(result.table.select(column).sort(column), reference.select(column).sort(column))
+    assert len(result.notes) == len(wiped)
+    # The schema a scientist sees before fetching agrees.
+    schema = dict(executor.schema_of(plan, cat))
+    assert {c for c, t in schema.items() if t == "String" and c in wiped} == wiped
+
+
+def test_hidden_column_of_one_dataset_does_not_hide_a_same_named_column_of_another(files, tmp_path, catalog):
+    # zips has no hidden columns; a column named like a hidden column elsewhere stays visible.
+    other = tmp_path / "people.csv"
+    pl.DataFrame({"zip": [int(ZIP_CODES[0])], "name": ["visible"]}).write_csv(other)
+    cat = {**catalog(patients=Policy(min_group_size=1, hidden={"name"})),
+           "people": Dataset("people", other, "csv", Policy(min_group_size=1))}
+    result = executor.evaluate(op("select", input=P.scan("people"), exprs=[col("name")]), cat, "alice")
+    assert result.table["name"].to_list() == ["visible"]
+
+
+# ---------------------------------------------------------------- accounting internals
+def test_cheap_path_uses_len_and_no_row_ids(files, catalog):
+    checked = validate.validate(by_sex_zip, catalog(patients=Policy()))
+    accounted = policy.account(checked)
+    text = repr(accounted.plan)
+    assert "acct_len" in text and "acct_row_id" not in text and "acct_distinct" not in text
+
+
+def test_joins_count_distinct_row_ids(files, catalog):
+    joined = op("join", left=scan, right=scan, how="inner", left_on=[col("zip")], right_on=[col("zip")], suffix="_b")
+    accounted = policy.account(validate.validate(op("group_by", input=joined, keys=[col("sex")], aggs=[length()]),
+                                                 catalog(patients=Policy())))
+    assert repr(accounted.plan).count("acct_row_id") == 2
+    assert len(accounted.sources) == 2
+
+
+# ---------------------------------------------------------------- save
+def test_a_saved_result_inherits_the_policy_and_is_counted_as_a_source(raw, catalog, tmp_path):
+    cat = catalog(patients=Policy(min_group_size=5, unsafe="reject", hidden={"name"}),
+                  zips=Policy(min_group_size=3, unsafe="log"))
+    plan = op("with_columns", input=op("filter", input=scan, predicate=binary("gt", col("age"), lit(70))),
+              exprs=[alias(fn("str.to_lowercase", col("name")), "lower")])
+    table, inherited = executor.prepare_save(plan, cat)
+    assert_frame_equal(table, raw.filter(pl.col("age") > 70).with_columns(pl.col("name").str.to_lowercase()
+                                                                         .alias("lower")))
+    assert inherited == Policy(min_group_size=5, unsafe="reject", hidden=frozenset({"name", "lower"}))
+    path = tmp_path / "saved.parquet"
+    table.write_parquet(path)
+    cat["mine"] = Dataset("mine", path, "parquet", inherited)
+    saved = {"op": "saved", "name": "mine"}
+    result = executor.evaluate(op("select", input=saved, exprs=[fn("min", col("lower")), fn("mean", col("age"))]),
+                               cat, "alice")
+    assert result.table["lower"].to_list() == ["*"]
+    assert result.table["age"].item() == pytest.approx(raw.filter(pl.col("age") > 70)["age"].mean())
+    with pytest.raises(BastionError, match="row-level"):
+        executor.evaluate(op("head", input=saved, n=3), cat, "alice")
+
+
+def test_saving_is_refused_when_rows_may_repeat_source_rows_or_the_owner_says_no(catalog):
+    self_join = op("join", left=scan, right=scan, how="inner", left_on=[col("zip")], right_on=[col("zip")],
+                   suffix="_b")
+    with pytest.raises(BastionError, match="repeat rows of 'patients'") as caught:
+        executor.prepare_save(self_join, catalog(patients=Policy()))
+    assert caught.value.ename == "PolicyViolation"
+    enrich = op("join", left=scan, right=zips_scan, how="inner", left_on=[col("zip")], right_on=[col("zip")],
+                suffix="_z")  # many patients share one zips row
+    with pytest.raises(BastionError, match="'zips'"):
+        executor.prepare_save(enrich, catalog(patients=Policy(), zips=Policy()))
+    with pytest.raises(BastionError, match="does not allow saving results derived from 'patients'"):
+        executor.prepare_save(by_sex_zip, catalog(patients=Policy(allow_save=False)))
