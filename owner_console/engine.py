@@ -206,7 +206,7 @@ _FUNCTIONS: dict[str, _Fn] = {
     "log": lambda e, a, s: e.log(a["base"]),
     "exp": lambda e, a, s: e.exp(),
     "sqrt": lambda e, a, s: e.sqrt(),
-    "pow": lambda e, a, s: e.pow(s(a["exponent"])),
+    "pow": lambda e, a, s: e.pow(s(a["exponent"])),  # s is the compiler's exponent-safe compile, see _Compiler
     "str.len_chars": lambda e, a, s: e.str.len_chars(),
     "str.to_lowercase": lambda e, a, s: e.str.to_lowercase(),
     "str.to_uppercase": lambda e, a, s: e.str.to_uppercase(),
@@ -287,6 +287,7 @@ class _Compiler:
     def __init__(self, catalog: Mapping[str, Dataset], cache: DatasetCache):
         self.catalog = catalog
         self.cache = cache
+        self.scope: pl.LazyFrame | None = None  # the input of the expressions being compiled
         self.ops: dict[str, Callable[[dict], pl.LazyFrame]] = {
             "scan": self._scan, "saved": self._saved, "filter": self._filter, "select": self._select,
             "with_columns": self._with_columns, "group_by": self._group_by, "sort": self._sort,
@@ -301,10 +302,13 @@ class _Compiler:
             "col": lambda n: pl.col(n["name"]),
             "lit": lambda n: pl.lit(n["value"]),
             "len": lambda n: pl.len(),
-            "binary": lambda n: _BINARY[n["op"]](self.expr(n["left"]), self.expr(n["right"])),
+            "binary": lambda n: _BINARY[n["op"]](self.expr(n["left"]),
+                                                 self._exponent(n["right"]) if n["op"] == "pow" else
+                                                 self.expr(n["right"])),
             "unary": lambda n: _UNARY[n["op"]](self.expr(n["operand"])),
             "alias": lambda n: self.expr(n["input"]).alias(n["name"]),
-            "fn": lambda n: _FUNCTIONS[n["name"]](self.expr(n["input"]), n["args"], self.expr),
+            "fn": lambda n: _FUNCTIONS[n["name"]](self.expr(n["input"]), n["args"],
+                                                  self._exponent if n["name"] == "pow" else self.expr),
             "when": self._when,
             **_ACCOUNT_EXPRS,
         }
@@ -319,6 +323,21 @@ class _Compiler:
 
     def _exprs(self, nodes: list[dict]) -> list[pl.Expr]:
         return [self.expr(n) for n in nodes]
+
+    def _on(self, frame: pl.LazyFrame) -> "_Compiler":
+        """Compile the next expressions against ``frame`` (their input), for type-aware choices."""
+        self.scope = frame
+        return self
+
+    def _exponent(self, node: dict) -> pl.Expr:
+        # polars turns an integer exponent into UInt32 and fails on a negative
+        # or huge value, so whether a query fails would depend on the data (an
+        # oracle on rows that are never released). Such exponents give null.
+        exponent = self.expr(node)
+        dtype = _resolve(self.scope.select(exponent.alias("exponent")), "pow")["exponent"]
+        if dtype.is_integer():
+            return pl.when((exponent >= 0) & (exponent <= _MAX_EXPONENT)).then(exponent)
+        return exponent
 
     def _when(self, node: dict) -> pl.Expr:
         first, *rest = node["branches"]
@@ -343,20 +362,26 @@ class _Compiler:
         return self.cache.frame(self.catalog[node["name"]]).lazy()
 
     def _filter(self, node: dict) -> pl.LazyFrame:
-        return self.frame(node["input"]).filter(self.expr(node["predicate"]))
+        frame = self.frame(node["input"])
+        return frame.filter(self._on(frame).expr(node["predicate"]))
 
     def _select(self, node: dict) -> pl.LazyFrame:
-        return self.frame(node["input"]).select(self._exprs(node["exprs"]))
+        frame = self.frame(node["input"])
+        return frame.select(self._on(frame)._exprs(node["exprs"]))
 
     def _with_columns(self, node: dict) -> pl.LazyFrame:
-        return self.frame(node["input"]).with_columns(self._exprs(node["exprs"]))
+        frame = self.frame(node["input"])
+        return frame.with_columns(self._on(frame)._exprs(node["exprs"]))
 
     def _group_by(self, node: dict) -> pl.LazyFrame:
-        return self.frame(node["input"]).group_by(self._exprs(node["keys"])).agg(self._exprs(node["aggs"]))
+        frame = self.frame(node["input"])
+        self._on(frame)
+        return frame.group_by(self._exprs(node["keys"])).agg(self._exprs(node["aggs"]))
 
     def _sort(self, node: dict) -> pl.LazyFrame:
-        return self.frame(node["input"]).sort(self._exprs(node["by"]), descending=node["descending"],
-                                              nulls_last=node["nulls_last"])
+        frame = self.frame(node["input"])
+        return frame.sort(self._on(frame)._exprs(node["by"]), descending=node["descending"],
+                          nulls_last=node["nulls_last"])
 
     def _head(self, node: dict) -> pl.LazyFrame:
         return self.frame(node["input"]).head(node["n"])
@@ -388,14 +413,15 @@ class _Compiler:
             if not columns:
                 return frame
             return frame.with_columns(pl.col(columns).fill_null(value))
-        return frame.with_columns(pl.col(user).fill_null(self.expr(value_node)))
+        return frame.with_columns(pl.col(user).fill_null(self._on(frame).expr(value_node)))
 
     def _join(self, node: dict) -> pl.LazyFrame:
         left, right = self.frame(node["left"]), self.frame(node["right"])
         if node["how"] == "cross":
             return left.join(right, how="cross", suffix=node["suffix"])
-        return left.join(right, left_on=self._exprs(node["left_on"]), right_on=self._exprs(node["right_on"]),
-                         how=node["how"], suffix=node["suffix"])
+        left_on = self._on(left)._exprs(node["left_on"])
+        right_on = self._on(right)._exprs(node["right_on"])
+        return left.join(right, left_on=left_on, right_on=right_on, how=node["how"], suffix=node["suffix"])
 
     def _concat(self, node: dict) -> pl.LazyFrame:
         frames = [self.frame(f) for f in node["inputs"]]
@@ -412,11 +438,14 @@ class _Compiler:
         return frame.with_columns(pl.int_range(1, pl.len() + 1, dtype=ACCOUNT_DTYPE).alias(node["name"]))
 
     def _acct_columns(self, node: dict) -> pl.LazyFrame:
-        return self.frame(node["input"]).with_columns(self._exprs(node["exprs"]))
+        frame = self.frame(node["input"])
+        return frame.with_columns(self._on(frame)._exprs(node["exprs"]))
 
     def _acct_select(self, node: dict) -> pl.LazyFrame:
         return self.frame(node["input"]).select([pl.col(c) for c in node["columns"]])
 
+
+_MAX_EXPONENT = (1 << 32) - 1
 
 _INTEGER_DTYPES = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64,
                    pl.Float32, pl.Float64)

@@ -46,7 +46,6 @@ from bastion_kernel.protocol import BastionError
 from .model import Decision, Held, Policy, Released, strictest_unsafe
 from .validate import RESERVED_PREFIX, CheckedPlan
 
-Lineage = frozenset  # frozenset[tuple[int, str]]: (source index, source column)
 _EMPTY: frozenset = frozenset()
 
 
@@ -270,7 +269,7 @@ class _Accountant:
     @staticmethod
     def _grouped_reps(reps: Mapping[int, _Rep], individual: bool) -> dict[int, _Rep]:
         return {s: _Rep("count", _count(s), disjoint=rep.disjoint, nullable=rep.nullable,
-                        taintable=rep.taintable, individual=individual or rep.individual)
+                        taintable=rep.taintable, individual=individual)
                 for s, rep in reps.items()}
 
     @staticmethod

@@ -8,7 +8,7 @@ message's ``User-Id`` property, never to anything in the message itself.
 
 Threads.  ZeroMQ sockets are not thread-safe, so only the loop thread touches
 the ROUTER.  Requests run on two thread pools (quick ones: ``hello``,
-``datasets``, ``schema``, ``request_status``, ``save``; queries: ``fetch``),
+``datasets``, ``schema``, ``request_status``; queries: ``fetch``, ``save``),
 so that a small request never waits behind a long query (polars releases the
 GIL).  A worker hands its reply back through its own inproc PUSH socket to a
 PULL socket that the loop polls next to the ROUTER.
@@ -17,6 +17,17 @@ Every request gets exactly one reply: an ``ok``/``result``/``pending``, or the
 one error shape.  A handler that fails in an unexpected way answers
 ``ExecutionError`` with a reference (the details, which may hold data values,
 go to the owner's log only) and the loop keeps serving.
+
+Limits.  ZeroMQ drops a connection that sends a frame larger than
+:data:`MAX_MESSAGE_BYTES` (a little over the envelope limit, so a slightly too
+large envelope still gets a typed error); a scientist may have at most
+:data:`MAX_IN_FLIGHT_PER_SCIENTIST` requests queued or running.
+
+Audit.  Each scientist's first message on a connection (``connection``),
+each ``fetch`` (``query`` with the plan and the cell text), its ``decision``,
+``release`` (SHA-256 of the Arrow bytes sent) or ``held``, each refusal
+(typed errors, malformed messages) and each unexpected ``error``.  ``hello``,
+``datasets`` and ``schema`` reveal no data and are not audited.
 """
 from __future__ import annotations
 
@@ -280,17 +291,17 @@ class ExecutorServer:
             if len(self._seen) > 10_000:
                 self._seen.clear()
             self._seen.add((scientist, identity))
-            self._submit(self._pools[1], self._audited_connection, scientist)
+            self._pools[1].submit(self._audited_connection, scientist)
         if len(parts) != 1:
-            self._reply_error(identity, _salvage_id(parts[0].bytes) if parts else UNREADABLE_ID, ProtocolError(
-                f"a request is one frame (the envelope); got {len(parts)} frames"))
+            self._reply_error(identity, scientist, _salvage_id(parts[0].bytes) if parts else UNREADABLE_ID,
+                              ProtocolError(f"a request is one frame (the envelope); got {len(parts)} frames"))
             return
         data = parts[0].bytes
         try:
             kind, msg_id, body = protocol.decode(data, protocol.REQUEST_KINDS)
             _check_body(kind, body)
         except ProtocolError as exc:
-            self._reply_error(identity, _salvage_id(data), exc)
+            self._reply_error(identity, scientist, _salvage_id(data), exc)
             return
         if not self._admit(scientist):
             self._router.send_multipart([identity, protocol.encode("error", protocol.error_body(
@@ -298,7 +309,7 @@ class ExecutorServer:
             return
         request = _Request(identity, scientist, kind, msg_id, body)
         pool = self._pools[0] if kind in QUERY_KINDS else self._pools[1]
-        self._submit(pool, self._run, request)
+        pool.submit(self._run, request)
 
     def _admit(self, scientist: str) -> bool:
         with self._in_flight_lock:
@@ -316,12 +327,21 @@ class ExecutorServer:
             else:
                 self._in_flight.pop(scientist, None)
 
-    def _submit(self, pool: ThreadPoolExecutor, function: Callable, *args: Any) -> None:
-        pool.submit(function, *args)
-
-    def _reply_error(self, identity: bytes, msg_id: str, exc: ProtocolError) -> None:
+    def _reply_error(self, identity: bytes, scientist: str, msg_id: str, exc: ProtocolError) -> None:
         body = protocol.error_body("ProtocolError", str(exc))
         self._router.send_multipart([identity, protocol.encode("error", body, msg_id)])
+        # Audited off the loop thread, and only while the scientist is within its
+        # request budget, so a flood of garbage cannot flood the log.
+        if self._admit(scientist):
+            self._pools[1].submit(self._audited_refusal, scientist, msg_id, body["evalue"])
+
+    def _audited_refusal(self, scientist: str, msg_id: str, evalue: str) -> None:
+        try:
+            self.audit.append("refusal", scientist, request=msg_id, ename="ProtocolError", evalue=evalue[:500])
+        except Exception:
+            log.exception("cannot write the audit log")
+        finally:
+            self._release_slot(scientist)
 
     # -- worker threads ----------------------------------------------------
     def _send(self, frames: list[bytes]) -> None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import polars as pl
+import signal
+
 import pytest
 from polars.testing import assert_frame_equal
 
@@ -139,9 +141,14 @@ def test_a_reply_to_an_earlier_request_is_not_taken_as_the_answer(executor):
 
 def test_a_timeout_names_the_endpoint_and_the_client_recovers(executor):
     client = executor.kernel_client("alice", timeout=60)
-    client.timeout = 0.0001
-    with pytest.raises(BastionError) as caught:
-        client.datasets()
+    client.timeout = 1.0
+    # A stopped (not dead) executor: the request is sent but no answer can come.
+    executor.process.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(BastionError) as caught:
+            client.datasets()
+    finally:
+        executor.process.send_signal(signal.SIGCONT)
     assert caught.value.ename == "ExecutionError"
     assert executor.endpoint in caught.value.evalue and "did not answer" in caught.value.evalue
     client.timeout = 60

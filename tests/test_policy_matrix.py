@@ -414,3 +414,11 @@ def test_saving_is_refused_when_rows_may_repeat_source_rows_or_the_owner_says_no
         executor.prepare_save(enrich, catalog(patients=Policy(), zips=Policy()))
     with pytest.raises(BastionError, match="does not allow saving results derived from 'patients'"):
         executor.prepare_save(by_sex_zip, catalog(patients=Policy(allow_save=False)))
+
+
+def test_an_aggregate_over_first_values_counts_the_groups_it_came_from(raw, catalog):
+    # first() gives one individual per group; a mean over those is computed
+    # from as many individuals as there were groups.
+    firsts = op("group_by", input=scan, keys=[col("zip")], aggs=[alias(fn("first", col("age")), "a")])
+    plan = op("select", input=firsts, exprs=[fn("mean", col("a"))])
+    boundary(plan, catalog, raw["zip"].n_unique())
