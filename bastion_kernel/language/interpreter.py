@@ -220,10 +220,10 @@ class Interpreter:
             raise attach_position(exc, node, self._line_offset)
 
     def _stmt_expr(self, node: ast.Expr) -> Any:
-        return self.eval(node.value)
+        return self.evaluate(node.value)
 
     def _stmt_assign(self, node: ast.Assign) -> None:
-        value = self.eval(node.value)
+        value = self.evaluate(node.value)
         for target in node.targets:
             self._assign(target, value)
 
@@ -235,7 +235,7 @@ class Interpreter:
         operator = BINARY_OPERATORS.get(type(node.op))
         if operator is None:
             raise UnsupportedOperation(f"the operator {type(node.op).__name__} is not part of the Bastion language")
-        value = self._apply_binary(operator, current, self.eval(node.value))
+        value = self._apply_binary(operator, current, self.evaluate(node.value))
         self._assign(node.target, value)
 
     def _assign(self, target: ast.expr, value: Any) -> None:
@@ -263,7 +263,7 @@ class Interpreter:
     # ------------------------------------------------------------------
     # Expressions.
 
-    def eval(self, node: ast.AST) -> Any:
+    def evaluate(self, node: ast.AST) -> Any:
         """Evaluate one expression node through the dispatch table."""
         handler = self._handlers.get(type(node))
         if handler is None:
@@ -306,7 +306,7 @@ class Interpreter:
         raise UnsupportedOperation(f"unknown name {name!r}{hint}")
 
     def _attribute(self, node: ast.Attribute) -> Any:
-        receiver = self.eval(node.value)
+        receiver = self.evaluate(node.value)
         try:
             return self.get_attribute(receiver, node.attr)
         except BastionError as exc:
@@ -334,19 +334,19 @@ class Interpreter:
         raise UnsupportedOperation(f"{owner} has no method or property {name!r}{suggest(name, offered)}")
 
     def _call(self, node: ast.Call) -> Any:
-        callee = self.eval(node.func)
+        callee = self.evaluate(node.func)
         args = []
         for arg in node.args:
             if isinstance(arg, ast.Starred):
                 raise UnsupportedOperation("star-arguments (*args) are not part of the Bastion language",
                                            **_pos(arg, self._line_offset))
-            args.append(self.eval(arg))
+            args.append(self.evaluate(arg))
         kwargs: dict[str, Any] = {}
         for keyword in node.keywords:
             if keyword.arg is None:
                 raise UnsupportedOperation("keyword unpacking (**kwargs) is not part of the Bastion language",
                                            **_pos(keyword.value, self._line_offset))
-            kwargs[keyword.arg] = self.eval(keyword.value)
+            kwargs[keyword.arg] = self.evaluate(keyword.value)
         site = node.func
         try:
             return self.call(callee, args, kwargs)
@@ -368,7 +368,7 @@ class Interpreter:
         operator = BINARY_OPERATORS.get(type(node.op))
         if operator is None:
             raise UnsupportedOperation(f"the operator {type(node.op).__name__} is not part of the Bastion language")
-        return self._apply_binary(operator, self.eval(node.left), self.eval(node.right))
+        return self._apply_binary(operator, self.evaluate(node.left), self.evaluate(node.right))
 
     def _apply_binary(self, operator: str, left: Any, right: Any) -> Any:
         if isinstance(left, Expr) or isinstance(right, Expr):
@@ -376,7 +376,7 @@ class Interpreter:
         return _literal_binary(operator, left, right)
 
     def _unaryop(self, node: ast.UnaryOp) -> Any:
-        operand = self.eval(node.operand)
+        operand = self.evaluate(node.operand)
         if isinstance(node.op, ast.Not):
             if isinstance(operand, Expr):
                 raise UnsupportedOperation("'not' does not apply to expressions; use ~expr (or expr.not_())")
@@ -409,7 +409,7 @@ class Interpreter:
             raise UnsupportedOperation("'is' comparisons are not available; use col(...).is_null() "
                                        "or .is_not_null()")
         operator = COMPARE_OPERATORS[op_type]
-        left, right = self.eval(node.left), self.eval(node.comparators[0])
+        left, right = self.evaluate(node.left), self.evaluate(node.comparators[0])
         if isinstance(left, Expr) or isinstance(right, Expr):
             return _expr_binary(operator, left, right)
         return _literal_compare(operator, left, right)
@@ -417,7 +417,7 @@ class Interpreter:
     def _boolop(self, node: ast.BoolOp) -> Any:
         word = "and" if isinstance(node.op, ast.And) else "or"
         symbol = "&" if word == "and" else "|"
-        values = [self.eval(v) for v in node.values]
+        values = [self.evaluate(v) for v in node.values]
         if any(isinstance(v, Expr) for v in values):
             raise UnsupportedOperation(f"'{word}' does not combine expressions; use {symbol} with parentheses, "
                                        f"e.g. (col('a') > 1) {symbol} (col('b') < 2)")
@@ -438,7 +438,7 @@ class Interpreter:
         if isinstance(node, ast.Starred):
             raise UnsupportedOperation("star-unpacking (*x) is not part of the Bastion language",
                                        **_pos(node, self._line_offset))
-        return self.eval(node)
+        return self.evaluate(node)
 
     def _dict(self, node: ast.Dict) -> dict:
         out: dict = {}
@@ -446,26 +446,26 @@ class Interpreter:
             if key_node is None:
                 raise UnsupportedOperation("dict unpacking (**d) is not part of the Bastion language",
                                            **_pos(value_node, self._line_offset))
-            key = self.eval(key_node)
+            key = self.evaluate(key_node)
             if not isinstance(key, SCALAR_TYPES):
                 raise SchemaError(f"a dict key must be a literal, not {describe_value(key)}",
                                   **_pos(key_node, self._line_offset))
-            out[key] = self.eval(value_node)
+            out[key] = self.evaluate(value_node)
         return out
 
     def _subscript(self, node: ast.Subscript) -> Any:
-        container = self.eval(node.value)
+        container = self.evaluate(node.value)
         if isinstance(node.slice, ast.Slice):
             if not isinstance(container, (list, tuple, str)):
                 raise UnsupportedOperation(f"slicing {describe_value(container)} is not available")
-            bounds = [None if part is None else self.eval(part)
+            bounds = [None if part is None else self.evaluate(part)
                       for part in (node.slice.lower, node.slice.upper, node.slice.step)]
             if not all(b is None or (isinstance(b, int) and not isinstance(b, bool)) for b in bounds):
                 raise SchemaError("slice bounds must be whole numbers")
             if bounds[2] == 0:
                 raise SchemaError("a slice step cannot be zero")
             return container[slice(*bounds)]
-        key = self.eval(node.slice)
+        key = self.evaluate(node.slice)
         if isinstance(container, RemoteFrame):
             if isinstance(key, str):
                 raise UnsupportedOperation(f"frame[{key!r}] is not available on a remote frame; "
@@ -509,7 +509,7 @@ class Interpreter:
         saved_pure, saved_offset = self.ctx.pure, self._line_offset
         self.ctx.pure, self._line_offset = True, 0
         try:
-            return self.eval(tree.body)
+            return self.evaluate(tree.body)
         finally:
             self.ctx.pure, self._line_offset = saved_pure, saved_offset
 
