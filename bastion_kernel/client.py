@@ -23,6 +23,9 @@ from .language.values import FetchedTable, RequestStatus
 from .protocol import REPLY_KINDS, BastionError, ProtocolError, decode, encode
 
 DEFAULT_POLL_INTERVAL = 1.0
+# Requests an interrupt cancels on the executor (a review wait is left pending instead).
+_CANCELLABLE = ("fetch", "save")
+CANCEL_ACK_SECONDS = 2.0
 
 # What each request may be answered with, besides ``error``.
 _EXPECTED_REPLIES = {
@@ -32,9 +35,45 @@ _EXPECTED_REPLIES = {
     "fetch": ("result", "pending"),
     "request_status": ("result", "pending"),
     "save": ("ok",),
+    "cancel": ("ok",),
+    "dp_preview": ("ok",),
+    "budget": ("ok",),
 }
 
 WaitCallback = Callable[[int, str, str, float], None]
+ProgressCallback = Callable[[str, float], None]
+PROGRESS_AFTER_SECONDS = 1.0  # a reply slower than this shows "running" in the cell
+
+
+class _Progress:
+    """Calls ``on_progress("running", elapsed)`` about once a second while a reply is slow, then ``("done", ...)``.
+
+    The protocol has no progress messages: the client reports the only stage
+    it knows, that the executor has the request and has not answered yet.
+    """
+
+    def __init__(self, callback: ProgressCallback | None, after: float) -> None:
+        self.callback = callback
+        self.started = time.monotonic()
+        self.next_tick = self.started + after
+        self.ticked = False
+
+    def poll_ms(self, remaining: float) -> int:
+        """How long to poll: until the deadline, or the next tick when someone listens."""
+        if self.callback is not None:
+            remaining = min(remaining, max(0.0, self.next_tick - time.monotonic()))
+        return int(remaining * 1000) + 1
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self.callback is not None and now >= self.next_tick:
+            self.ticked = True
+            self.next_tick = now + 1.0
+            self.callback("running", now - self.started)
+
+    def done(self) -> None:
+        if self.callback is not None and self.ticked:
+            self.callback("done", time.monotonic() - self.started)
 
 
 class ExecutorClient:
@@ -57,6 +96,10 @@ class ExecutorClient:
         ``on_wait(request_id, status, reason, elapsed_seconds)``, called while
         :meth:`fetch` waits for the owner; the kernel sets it to update the
         cell's display.
+    on_progress
+        ``on_progress(stage, elapsed_seconds)``: ``"running"`` about once a
+        second while a reply takes longer than :attr:`progress_after`
+        seconds, then ``"done"`` when it arrives.
     """
 
     def __init__(self, endpoint: str, server_public_key: bytes, public_key: bytes, secret_key: bytes,
@@ -65,6 +108,8 @@ class ExecutorClient:
         self.timeout = float(timeout)
         self.poll_interval = float(poll_interval)
         self.on_wait: WaitCallback | None = None
+        self.on_progress: ProgressCallback | None = None
+        self.progress_after = PROGRESS_AFTER_SECONDS
         self._keys = (server_public_key, public_key, secret_key)
         self._context = zmq.Context()
         self._socket: zmq.Socket | None = None
@@ -117,11 +162,51 @@ class ExecutorClient:
         msg_id = uuid.uuid4().hex
         sock = self._connected_socket()
         sock.send_multipart([encode(kind, body, msg_id)])
+        try:
+            return self._await_reply(sock, msg_id)
+        except KeyboardInterrupt:
+            if kind in _CANCELLABLE:
+                self._cancel(msg_id)
+            raise
+        except BastionError as exc:
+            # We stopped waiting (timeout): the executor need not keep computing an answer no one reads.
+            if kind in _CANCELLABLE and exc.ename == "ExecutionError":
+                self._cancel(msg_id, wait=False)
+            raise
+
+    def _cancel(self, target: str, wait: bool = True) -> None:
+        """Ask the executor to cancel request ``target``; waits briefly for the acknowledgement.
+
+        The executor knows requests by scientist and envelope id, not by
+        connection, so a fresh socket (after a timeout) can cancel too.
+        """
+        cancel_id = uuid.uuid4().hex
+        try:
+            self._connected_socket().send_multipart([encode("cancel", {"target": target}, cancel_id)])
+            if not wait:
+                return
+            deadline = time.monotonic() + CANCEL_ACK_SECONDS
+            while (remaining := deadline - time.monotonic()) > 0:
+                if not self._socket.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                    break
+                frames = self._socket.recv_multipart(copy=True)
+                try:
+                    _, reply_id, _ = decode(frames[0], REPLY_KINDS)
+                except ProtocolError:
+                    continue
+                if reply_id == cancel_id:
+                    return
+        except (zmq.ZMQError, KeyboardInterrupt):
+            pass  # the interrupt goes on regardless; the executor's own time limit still applies
+
+    def _await_reply(self, sock: zmq.Socket, msg_id: str) -> tuple[str, dict, list[bytes]]:
         deadline = time.monotonic() + self.timeout
+        progress = _Progress(self.on_progress, self.progress_after)
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+            if remaining <= 0 or not sock.poll(progress.poll_ms(remaining), zmq.POLLIN):
                 if time.monotonic() < deadline:
+                    progress.tick()
                     continue
                 self._reset_socket()
                 raise BastionError(
@@ -136,6 +221,7 @@ class ExecutorClient:
                 raise BastionError("ProtocolError", f"the executor sent an invalid reply: {exc}") from None
             if reply_id != msg_id:
                 continue  # the late answer to an interrupted or timed-out request
+            progress.done()
             return reply_kind, reply_body, frames[1:]
 
     def _call(self, kind: str, body: dict) -> tuple[str, dict, list[bytes]]:
@@ -200,6 +286,47 @@ class ExecutorClient:
         self._call("save", {"plan": plan, "name": name, "text": text})
 
 
+    def dp_preview(self, plan: dict) -> FetchedTable:
+        """What a differentially private query would cost and its expected error (nothing is spent).
+
+        Returns a table with one row per noisy statistic (``column``,
+        ``aggregate``, ``distribution``, ``scale``, ``accuracy`` at 95%);
+        the notes say the query's epsilon and the budget left.
+        """
+        body = self._call("dp_preview", {"plan": plan})[1]
+        columns = body.get("columns")
+        if not isinstance(columns, list) or not all(isinstance(c, dict) for c in columns):
+            raise BastionError("ProtocolError", "the executor's dp_preview reply is malformed")
+        rows = [{"column": c.get("name"), "aggregate": c.get("aggregate"), "distribution": c.get("distribution"),
+                 "scale": c.get("scale"), "accuracy (95%)": c.get("accuracy")} for c in columns]
+        left = body.get("budget") if isinstance(body.get("budget"), dict) else {}
+        notes = [f"this query costs epsilon {body.get('epsilon')} of dataset {body.get('dataset')!r}; "
+                 f"{left.get('epsilon_remaining')} of {left.get('epsilon_total')} is left "
+                 f"({left.get('queries_left')} such queries)",
+                 "accuracy: with 95% confidence the released value is within this distance of the true one"]
+        return FetchedTable(frame=_json_table(rows, ["column", "aggregate", "distribution", "scale",
+                                                     "accuracy (95%)"]), notes=notes)
+
+    def budget(self) -> FetchedTable:
+        """The scientist's privacy budget on every differentially private dataset, as a table."""
+        body = self._call("budget", {})[1]
+        datasets = body.get("datasets")
+        if not isinstance(datasets, list) or not all(isinstance(d, dict) for d in datasets):
+            raise BastionError("ProtocolError", "the executor's budget reply is malformed")
+        names = ["name", "epsilon_total", "epsilon_spent", "epsilon_remaining", "epsilon_per_query",
+                 "queries_left"]
+        notes = [] if datasets else ["no dataset of this executor is differentially private"]
+        return FetchedTable(frame=_json_table([{n: d.get(n) for n in names} for d in datasets], names),
+                            notes=notes)
+
+
+def _json_table(rows: list[dict], names: list[str]):
+    import polars
+
+    return polars.DataFrame(rows, schema=names, orient="row") if rows else \
+        polars.DataFrame({n: [] for n in names})
+
+
 def _pending_fields(body: dict) -> tuple[int, str, str]:
     request_id = body.get("request_id")
     if not isinstance(request_id, int) or isinstance(request_id, bool):
@@ -245,12 +372,14 @@ class ConfiguredSession:
         self._loader = loader
         self._client: ExecutorClient | None = None
         self.on_wait: WaitCallback | None = None
+        self.on_progress: ProgressCallback | None = None
 
     @property
     def client(self) -> ExecutorClient:
         if self._client is None:
             self._client = ExecutorClient.from_config(self._loader())
         self._client.on_wait = self.on_wait
+        self._client.on_progress = self.on_progress
         return self._client
 
     def datasets(self) -> list[dict]:
@@ -261,6 +390,12 @@ class ConfiguredSession:
 
     def fetch(self, plan: dict, text: str) -> FetchedTable:
         return self.client.fetch(plan, text)
+
+    def dp_preview(self, plan: dict) -> FetchedTable:
+        return self.client.dp_preview(plan)
+
+    def budget(self) -> FetchedTable:
+        return self.client.budget()
 
     def request(self, request_id: int) -> FetchedTable | RequestStatus:
         return self.client.request(request_id)

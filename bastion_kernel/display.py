@@ -13,11 +13,13 @@ import html
 import math
 from typing import Any
 
-from .language.values import DatasetList, FetchedTable, RequestStatus
+from .language.values import Chart, DatasetList, FetchedTable, RequestStatus
 
 HTML_MAX_ROWS = 50           # rows shown in the HTML table
 RESOURCE_MAX_ROWS = 10_000   # rows carried in the data resource
 DATARESOURCE_MIME = "application/vnd.dataresource+json"
+VEGALITE_MIME = "application/vnd.vegalite.v5+json"
+CHART_TEXT_MAX_ROWS = 40     # rows of a chart's text fallback
 
 # Table Schema field types by polars dtype name (the base name, before any "(").
 _TABLE_SCHEMA_TYPES = {
@@ -47,6 +49,8 @@ def mime_bundle(value: Any) -> dict[str, Any]:
     """
     if isinstance(value, FetchedTable):
         return table_bundle(value)
+    if isinstance(value, Chart):
+        return chart_bundle(value)
     if isinstance(value, DatasetList):
         return dataset_list_bundle(value)
     if isinstance(value, RequestStatus):
@@ -152,6 +156,45 @@ def _cell_text(value: Any) -> str:
     return str(value)
 
 
+# -- charts -------------------------------------------------------------------
+
+def vega_lite_spec(chart: Chart) -> dict[str, Any]:
+    """The chart's Vega-Lite v5 spec with its released rows inlined as ``data.values``."""
+    values = [{name: json_safe(row.get(name)) for name in chart.columns} for row in chart.rows]
+    return {**chart.spec, "data": {"values": values}}
+
+
+def chart_bundle(chart: Chart, text_max_rows: int = CHART_TEXT_MAX_ROWS) -> dict[str, Any]:
+    """Vega-Lite for front ends that draw it (JupyterLab), and a text table of the aggregates otherwise."""
+    title = chart.spec.get("title")
+    lines = [f"{chart.kind} chart" + (f": {title}" if isinstance(title, str) else "")]
+    lines += text_table(chart.columns, chart.rows, text_max_rows)
+    lines += [f"note: {note}" for note in chart.notes]
+    lines += [f"(approved by the owner: request #{request_id})" for request_id in chart.request_ids]
+    return {VEGALITE_MIME: vega_lite_spec(chart), "text/plain": "\n".join(lines)}
+
+
+def text_table(columns: list[str], rows: list[dict], max_rows: int = CHART_TEXT_MAX_ROWS) -> list[str]:
+    """Lines of a small, aligned text table (numbers right-aligned), with a note when cut."""
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.6g}"
+        return _cell_text(value)
+
+    shown = [[cell(row.get(name)) for name in columns] for row in rows[:max_rows]]
+    widths = [max([len(name)] + [len(r[i]) for r in shown]) for i, name in enumerate(columns)]
+    numeric = [all(isinstance(row.get(name), (int, float)) and not isinstance(row.get(name), bool)
+                   for row in rows[:max_rows]) and bool(rows) for name in columns]
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+    lines = [line(list(columns)), line(["-" * w for w in widths])] + [line(r) for r in shown]
+    if not rows:
+        lines.append("(nothing to draw)")
+    elif len(rows) > max_rows:
+        lines.append(f"... {len(rows) - max_rows} more rows (all are in the chart)")
+    return lines
+
+
 # -- dataset lists and request states ------------------------------------------
 
 def _policy_summary(policy: dict) -> str:
@@ -204,6 +247,17 @@ def waiting_bundle(request_id: int, status: str, reason: str, elapsed_seconds: f
     if reason:
         text += f"\n{reason}"
     return {"text/plain": text}
+
+
+def progress_bundle(stage: str, elapsed_seconds: float) -> dict[str, Any]:
+    """The in-place status of a query the executor is still working on (``stage``: ``"running"``)."""
+    what = {"running": "running on the owner's executor"}.get(stage, stage)
+    return {"text/plain": f"{what} — {int(elapsed_seconds)} s"}
+
+
+def progress_ended_bundle(outcome: str, elapsed_seconds: float) -> dict[str, Any]:
+    """What the running display becomes once the executor answered (``outcome``: ``"done"``, ``"ended (...)"``)."""
+    return {"text/plain": f"query {outcome} after {int(elapsed_seconds)} s on the owner's executor"}
 
 
 def wait_ended_bundle(request_id: int, outcome: str, elapsed_seconds: float) -> dict[str, Any]:

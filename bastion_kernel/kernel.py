@@ -42,6 +42,15 @@ class _Wait:
     shown_second: int
 
 
+@dataclass
+class _Running:
+    """The in-place display of a query the executor has not answered yet (shown after a second)."""
+
+    display_id: str
+    elapsed: float
+    shown_second: int
+
+
 class BastionKernel(Kernel):
     """Jupyter kernel for the Bastion language."""
 
@@ -64,10 +73,12 @@ class BastionKernel(Kernel):
         super().__init__(**kwargs)
         self.executor_session = ConfiguredSession()
         self.executor_session.on_wait = self._on_wait
+        self.executor_session.on_progress = self._on_progress
         self.interpreter = Interpreter(self.executor_session)
         self._history: list[list] = []  # [line, input, output text or None]
         self._silent = False
         self._wait: _Wait | None = None
+        self._running: _Running | None = None
 
     @property
     def kernel_info(self):
@@ -82,6 +93,7 @@ class BastionKernel(Kernel):
                          allow_stdin=False, *, cell_meta=None, cell_id=None):
         self._silent = silent
         self._wait = None
+        self._running = None
         entry = [self.execution_count, code, None]
         if store_history and not silent:
             self._history.append(entry)
@@ -90,12 +102,15 @@ class BastionKernel(Kernel):
             value = getattr(result, "value", None)
             bundle = display.mime_bundle(value) if value is not None else None
         except KeyboardInterrupt:
+            self._end_running("interrupted")
             return self._interrupted_reply()
         except (BastionError, ConfigError) as exc:
+            self._end_running(f"ended ({exc.ename})")
             self._end_wait("rejected by the owner" if exc.ename == "ReviewRejected" else f"ended ({exc.ename})")
             return self._error_reply(exc.ename, exc.evalue,
                                      display.error_traceback(exc.ename, exc.evalue, exc.details, code))
         except Exception as exc:  # noqa: BLE001 - a bug in the kernel must not end the session
+            self._end_running(f"ended ({type(exc).__name__})")
             self._end_wait(f"ended ({type(exc).__name__})")
             self.log.error("internal error in a cell", exc_info=True)
             lines = traceback.format_exception(exc)
@@ -143,6 +158,28 @@ class BastionKernel(Kernel):
             if int(elapsed) != wait.shown_second:
                 wait.shown_second = int(elapsed)
                 self._send_display("update_display_data", wait.display_id, bundle)
+
+    def _on_progress(self, stage: str, elapsed: float) -> None:
+        """Called by the client while a reply is slow (``"running"``) and when it arrives (``"done"``)."""
+        running = self._running
+        if stage == "done":
+            self._end_running("done")
+            return
+        bundle = display.progress_bundle(stage, elapsed)
+        if running is None:
+            self._running = _Running(f"bastion-run-{uuid.uuid4().hex}", elapsed, int(elapsed))
+            self._send_display("display_data", self._running.display_id, bundle)
+        else:
+            running.elapsed = elapsed
+            if int(elapsed) != running.shown_second:
+                running.shown_second = int(elapsed)
+                self._send_display("update_display_data", running.display_id, bundle)
+
+    def _end_running(self, outcome: str) -> None:
+        running, self._running = self._running, None
+        if running is not None:
+            self._send_display("update_display_data", running.display_id,
+                               display.progress_ended_bundle(outcome, running.elapsed))
 
     def _end_wait(self, outcome: str) -> None:
         wait, self._wait = self._wait, None

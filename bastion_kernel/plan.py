@@ -96,6 +96,9 @@ class FunctionSpec:
       (sum, mean, count...).  Released when the group is large enough.
     - ``"row_aggregate"``: reduces a group to one *individual* value or a list
       of them (first, last, mode...).  Always row-level for the policy.
+    - ``"dp_aggregate"``: a differentially private aggregate (``dp.sum``,
+      ``dp.mean``, ``dp.quantile``), computed by OpenDP on a dataset with a DP
+      policy only (``owner_console.dp``); the K-anonymity path refuses it.
 
     ``counts_only`` marks aggregations whose value does not reveal the values
     of their input column (``count``, ``null_count``, ``n_unique``): a hidden
@@ -129,6 +132,15 @@ EXPR_FUNCTIONS: dict[str, FunctionSpec] = {
     "first": _f("row_aggregate"),
     "last": _f("row_aggregate"),
     "mode": _f("row_aggregate"),
+    # differentially private aggregations (DP datasets only); bounds default to the owner's,
+    # and an empty candidates list means evenly spaced candidates over the bounds
+    "dp.sum": _f("dp_aggregate", ("lower", "optional_number"), ("upper", "optional_number"),
+                 lower=None, upper=None),
+    "dp.mean": _f("dp_aggregate", ("lower", "optional_number"), ("upper", "optional_number"),
+                  lower=None, upper=None),
+    "dp.quantile": _f("dp_aggregate", ("quantile", "number"), ("candidates", "literal_list"),
+                      ("lower", "optional_number"), ("upper", "optional_number"),
+                      quantile=0.5, candidates=[], lower=None, upper=None),
     # elementwise
     "is_null": _f("elementwise"),
     "is_not_null": _f("elementwise"),

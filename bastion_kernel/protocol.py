@@ -17,6 +17,16 @@ Request kinds (scientist -> executor)
 ``fetch``           ``{"plan", "text"}`` -> ``result`` | ``pending`` | ``error``
 ``request_status``  ``{"request_id"}`` -> ``result`` | ``pending`` | ``error``
 ``save``            ``{"plan", "name", "text"}`` -> ``ok`` ``{"name"}`` | ``error``
+``cancel``          ``{"target"}`` (the id of an earlier ``fetch`` or ``save`` envelope of the
+                    same scientist) -> ``ok`` ``{"target", "cancelled": true}`` | ``error``
+                    ``NotFound``; the cancelled request is answered ``error`` ``ExecutionError``
+                    with ``details["cancelled"]``
+``dp_preview``      ``{"plan"}`` -> ``ok`` ``{"dataset", "epsilon", "delta", "alpha", "columns": [{"name",
+                    "aggregate", "distribution", "scale", "accuracy"}], "budget"}``: what a
+                    differentially private query would cost and its expected error; spends nothing
+``budget``          ``{}`` -> ``ok`` ``{"datasets": [{"name", "epsilon_total", "epsilon_spent",
+                    "epsilon_remaining", "epsilon_per_query", "delta_total", "delta_spent",
+                    "queries_left"}]}``: the scientist's privacy budget on each DP dataset
 
 Reply kinds (executor -> scientist)
 -----------------------------------
@@ -37,7 +47,7 @@ from typing import Any
 PROTOCOL_VERSION = 1
 MAX_ENVELOPE_BYTES = 1 << 20  # 1 MiB: a plan is small; a larger request is refused
 
-REQUEST_KINDS = ("hello", "datasets", "schema", "fetch", "request_status", "save")
+REQUEST_KINDS = ("hello", "datasets", "schema", "fetch", "request_status", "save", "cancel", "dp_preview", "budget")
 REPLY_KINDS = ("ok", "result", "pending", "error")
 
 # The documented set of error names a client can rely on (the design's

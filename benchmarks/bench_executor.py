@@ -25,7 +25,7 @@ from pathlib import Path
 import polars as pl
 
 from bastion_kernel import plan as P
-from owner_console import engine
+from owner_console import engine, policy, validate
 from owner_console.executor import evaluate
 from owner_console.model import Dataset, Policy
 
@@ -75,6 +75,22 @@ def report(name: str, bastion: list[float], plain: list[float]) -> float:
     return ratio
 
 
+def stages(name: str, plan: dict, catalog: dict, cache: engine.DatasetCache, repeat: int) -> None:
+    # Where Bastion's time goes: the plan checks, the engine (the accounted
+    # query: the scientist's columns plus the policy's counts), the decision.
+    def checks():
+        return policy.account(validate.validate(plan, catalog, dataset_columns=cache.columns))
+
+    accounted = checks()
+    table = engine.run(accounted.plan, catalog, cache)
+    medians = {label: statistics.median(timed(fn, repeat)) * 1000 for label, fn in (
+        ("validate+account", checks),
+        ("engine.run (accounted query)", lambda: engine.run(accounted.plan, catalog, cache)),
+        ("decide", lambda: policy.decide(accounted, table, "bench")))}
+    print(f"  {name} stages: " + ", ".join(f"{label} {ms:.1f} ms" for label, ms in medians.items()))
+    print(f"  {name} accounting columns: {[c for c in table.columns if c not in accounted.columns]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000_000)
@@ -103,6 +119,7 @@ def main() -> None:
         assert outcome.decision.action == "allow", outcome.decision
         report(f"group-by over {args.rows:,} rows", timed(lambda: evaluate(group_plan, catalog, "bench", cache=cache), args.repeat),
                timed(plain_group, args.repeat))
+        stages("group-by", group_plan, catalog, cache, args.repeat)
 
         join_plan = P.frame_op(
             "group_by",
@@ -121,6 +138,7 @@ def main() -> None:
         assert outcome.decision.action == "allow", outcome.decision
         report(f"{args.rows:,} x 7 join 100 x 5, then aggregate", timed(lambda: evaluate(join_plan, catalog, "bench", cache=cache),
                                                               args.repeat), timed(plain_join, args.repeat))
+        stages("join", join_plan, catalog, cache, args.repeat)
 
 
 if __name__ == "__main__":

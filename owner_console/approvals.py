@@ -7,9 +7,14 @@ with a busy timeout, every change is one ``BEGIN IMMEDIATE`` transaction, and
 every state change is a conditional update (``... WHERE status = 'pending'``)
 so two deciders, or two releases, can never both win.
 
-A request moves ``pending -> approved -> released`` or ``pending -> rejected``;
-nothing else.  Only committed transactions survive a crash
-(``synchronous=FULL``).
+A request moves ``pending -> approved -> released``, ``pending -> rejected``
+or ``pending -> approved -> expired`` (an approval not fetched within the
+workspace's ``approval_ttl_seconds``); nothing else.  Only committed
+transactions survive a crash (``synchronous=FULL``).
+
+Stores written by an older version (schema 1: no ``expired`` status) are
+migrated in place when opened, inside one ``BEGIN IMMEDIATE`` transaction,
+so two processes opening an old store at once migrate it exactly once.
 """
 from __future__ import annotations
 
@@ -23,13 +28,17 @@ from typing import Any, Callable
 
 from bastion_kernel.plan import canonical_json, plan_hash as compute_plan_hash
 
-STATUSES = ("pending", "approved", "rejected", "released")
-_SCHEMA_VERSION = 1
+STATUSES = ("pending", "approved", "rejected", "released", "expired")
+_SCHEMA_VERSION = 2
+# Columns every schema version has, in the order of schema 1 (copied by the migration).
+_V1_COLUMNS = ("id, scientist, status, plan_json, plan_hash, plan_text, plan_tree, query_text, reason,"
+               " columns_json, rows, notes_json, result_sha256, asked_at, decided_at, decided_by,"
+               " decision_reason, released_at")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
     scientist       TEXT NOT NULL,
-    status          TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'rejected', 'released')),
+    status          TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'rejected', 'released', 'expired')),
     plan_json       TEXT NOT NULL,
     plan_hash       TEXT NOT NULL,
     plan_text       TEXT NOT NULL,
@@ -44,7 +53,8 @@ CREATE TABLE IF NOT EXISTS requests (
     decided_at      TEXT,
     decided_by      TEXT,
     decision_reason TEXT,
-    released_at     TEXT
+    released_at     TEXT,
+    expired_at      TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_status ON requests (status);
 """
@@ -84,6 +94,7 @@ class Request:
     decided_by: str | None
     decision_reason: str | None
     released_at: str | None
+    expired_at: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
@@ -116,6 +127,7 @@ class ApprovalStore:
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
+            _migrate_schema_1(conn)
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
@@ -172,17 +184,43 @@ class ApprovalStore:
             raise
         return request_id
 
-    def decide(self, request_id: int, approved: bool, reason: str, by: str = "owner") -> Request:
-        """Approve or reject a pending request; raises ApprovalError if it is not pending."""
+    def decide(self, request_id: int, approved: bool, reason: str, by: str = "owner",
+               before_commit: Callable[[Request], Any] | None = None) -> Request:
+        """Approve or reject a pending request; raises ApprovalError if it is not pending.
+
+        ``before_commit(request)``, if given, is called inside the transaction
+        with the decided request (used to audit the decision: if it raises,
+        the decision is not stored).
+        """
         return self._transition(request_id, "pending", "approved" if approved else "rejected",
                                 "decided_at = ?, decided_by = ?, decision_reason = ?",
-                                (utc_now(), str(by), str(reason)))
+                                (utc_now(), str(by), str(reason)), before_commit)
 
     def mark_released(self, request_id: int) -> Request:
         """Record that an approved request's table was sent; a request is released once."""
         return self._transition(request_id, "approved", "released", "released_at = ?", (utc_now(),))
 
-    def _transition(self, request_id: int, source: str, target: str, sets: str, values: tuple) -> Request:
+    def expire(self, request_id: int) -> Request:
+        """Mark an approved, not yet released request as expired; it can no longer be released."""
+        return self._transition(request_id, "approved", "expired", "expired_at = ?", (utc_now(),))
+
+    def expire_approved(self, ttl_seconds: float, now: _dt.datetime | None = None) -> list[Request]:
+        """Expire every approval older than ``ttl_seconds``; returns the requests expired now.
+
+        An approval that another process releases or expires at the same time
+        is skipped (the conditional update lets only one of them win).
+        """
+        expired = []
+        for request in self.list("approved"):
+            if is_expired(request, ttl_seconds, now):
+                try:
+                    expired.append(self.expire(request.id))
+                except ApprovalError:
+                    continue
+        return expired
+
+    def _transition(self, request_id: int, source: str, target: str, sets: str, values: tuple,
+                    before_commit: Callable[[Request], Any] | None = None) -> Request:
         request_id = _check_id(request_id)
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
@@ -194,6 +232,9 @@ class ApprovalStore:
                 raise ApprovalError(f"request {request_id} is {row['status']}, not {source}")
             conn.execute(f"UPDATE requests SET status = ?, {sets} WHERE id = ? AND status = ?",
                          (target, *values, request_id, source))
+            if before_commit is not None:
+                before_commit(_to_request(conn.execute("SELECT * FROM requests WHERE id = ?",
+                                                       (request_id,)).fetchone()))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -205,6 +246,11 @@ class ApprovalStore:
         """The request with this id, or None."""
         row = self._conn().execute("SELECT * FROM requests WHERE id = ?", (_check_id(request_id),)).fetchone()
         return _to_request(row) if row is not None else None
+
+    def fingerprint(self) -> tuple:
+        """``((status, count, max id), ...)``: changes whenever a request is added or changes status."""
+        return tuple(tuple(row) for row in self._conn().execute(
+            "SELECT status, COUNT(*), MAX(id) FROM requests GROUP BY status ORDER BY status").fetchall())
 
     def list(self, status: str | None = None) -> list[Request]:
         """All requests (or those with ``status``), oldest first."""
@@ -245,10 +291,87 @@ def record_decision(store: ApprovalStore, audit: Any, request_id: int, approved:
     ApprovalError
         No such request, or it is not pending.
     """
-    request = store.decide(request_id, approved, reason, by=by)
-    audit.append("approval" if approved else "rejection", request.scientist, request_id=request.id,
-                 plan_hash=request.plan_hash, reason=reason, by=by)
-    return request
+    # The entry is written inside the decision's transaction: a crash can leave an
+    # audited decision that was not stored (the owner decides again), never a
+    # stored decision that was not audited.
+    def audited(request: Request) -> None:
+        audit.append("approval" if approved else "rejection", request.scientist, request_id=request.id,
+                     plan_hash=request.plan_hash, reason=reason, by=by)
+
+    return store.decide(request_id, approved, reason, by=by, before_commit=audited)
+
+
+def sweep_expired(store: ApprovalStore, audit: Any, ttl_seconds: float,
+                  result_path: Callable[[int], Path]) -> list[Request]:
+    """Expire stale approvals, audit each (``expiry``) and delete its held result file.
+
+    Parameters
+    ----------
+    store : ApprovalStore
+    audit : owner_console.audit.AuditLog
+    ttl_seconds : float
+        The workspace's ``approval_ttl_seconds``.
+    result_path : callable
+        ``Workspace.result_path``: request id -> its held result file.
+
+    Returns
+    -------
+    list of Request
+        The requests this call expired.
+    """
+    expired = store.expire_approved(ttl_seconds)
+    for request in expired:
+        audit.append("expiry", request.scientist, request_id=request.id, plan_hash=request.plan_hash,
+                     decided_at=request.decided_at, ttl_seconds=ttl_seconds)
+    # Also files left by an expiry whose process died before deleting them.
+    for request in store.list("expired"):
+        try:
+            Path(result_path(request.id)).unlink()
+        except FileNotFoundError:
+            pass
+    return expired
+
+
+def describe_seconds(seconds: float) -> str:
+    """``604800`` -> ``"7 days"``: a duration in the largest whole unit."""
+    seconds = int(seconds)
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds} second{'s' if seconds != 1 else ''}"
+
+
+def expires_at(request: Request, ttl_seconds: float) -> _dt.datetime | None:
+    """When an approved request's approval expires (None if it was never approved)."""
+    if request.decided_at is None or request.status not in ("approved", "released", "expired"):
+        return None
+    return _dt.datetime.fromisoformat(request.decided_at) + _dt.timedelta(seconds=float(ttl_seconds))
+
+
+def is_expired(request: Request, ttl_seconds: float, now: _dt.datetime | None = None) -> bool:
+    """True if ``request`` is approved (not yet released) and its approval is older than ``ttl_seconds``."""
+    if request.status == "expired":
+        return True
+    deadline = expires_at(request, ttl_seconds) if request.status == "approved" else None
+    return deadline is not None and (now or _dt.datetime.now(_dt.timezone.utc)) >= deadline
+
+
+def _migrate_schema_1(conn: sqlite3.Connection) -> None:
+    """Rebuild a schema-1 ``requests`` table (no ``expired`` status) as the current one.
+
+    Runs inside the caller's transaction; SQLite cannot alter a CHECK
+    constraint in place, so the table is renamed, recreated and copied.
+    """
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'requests'").fetchone()
+    if row is None or "'expired'" in row["sql"]:
+        return
+    conn.execute("DROP INDEX IF EXISTS requests_status")
+    conn.execute("ALTER TABLE requests RENAME TO requests_schema_1")
+    for statement in filter(str.strip, _SCHEMA.split(";")):
+        conn.execute(statement)
+    conn.execute(f"INSERT INTO requests ({_V1_COLUMNS}) SELECT {_V1_COLUMNS} FROM requests_schema_1")
+    conn.execute("DROP TABLE requests_schema_1")
 
 
 def _check_id(request_id: Any) -> int:
@@ -265,4 +388,4 @@ def _to_request(row: sqlite3.Row) -> Request:
         columns=json.loads(row["columns_json"]), rows=row["rows"], notes=json.loads(row["notes_json"]),
         result_sha256=row["result_sha256"], asked_at=row["asked_at"], decided_at=row["decided_at"],
         decided_by=row["decided_by"], decision_reason=row["decision_reason"],
-        released_at=row["released_at"])
+        released_at=row["released_at"], expired_at=row["expired_at"] if "expired_at" in row.keys() else None)

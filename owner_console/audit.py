@@ -20,14 +20,19 @@ append takes an exclusive ``fcntl.flock`` on the file, reads the last entry's
 hash under the lock, then writes, flushes and fsyncs the new line.
 
 Torn lines.  A crash in the middle of a write can leave a last line without
-its newline.  The next append does not hide or repair it: it writes a newline
-first (so the fragment stays on its own line, as evidence) and chains the new
-entry to the last *complete* entry.  ``verify`` then reports the fragment as
-the first bad line, and every entry after it still chains to the entries
-before it.
+its newline (every complete line was fsynced before the lock was released, so
+only the very end of the file can be torn, and only by a writer that died
+holding the lock).  The next writer, under the lock, cuts that fragment off
+and appends a ``recovered`` entry that records it (its length, SHA-256 and
+text), then carries on; opening an :class:`AuditLog` does the same at once.
+So the log verifies again after a crash at any moment, and the evidence of
+the crash is itself a signed, chained entry.  Only an incomplete *final* line
+is treated so: anything else (a bad line in the middle, a complete but
+altered last line) is left for ``verify`` to report.
 
 Events: ``connection``, ``query``, ``decision``, ``release``, ``held``,
-``refusal``, ``error``, ``approval``, ``rejection``.
+``refusal``, ``error``, ``approval``, ``rejection``, ``expiry`` (an approval
+not fetched in time) and ``recovered`` (a torn last line cut off, see above).
 """
 from __future__ import annotations
 
@@ -48,9 +53,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 GENESIS = "0" * 64
 EVENTS = ("connection", "query", "decision", "release", "held", "refusal", "error",
-          "approval", "rejection")
+          "approval", "rejection", "expiry", "recovered",
+          "save", "cancel")  # a result kept with save/collect; a scientist's cancel of a running query
 RESERVED = ("seq", "time", "event", "scientist", "prev", "hash", "sig")
 _TAIL_CHUNK = 64 * 1024
+# How much of a torn fragment a ``recovered`` entry keeps as text (all of it is hashed).
+_FRAGMENT_KEPT = 4096
 
 
 def canonical(entry: dict) -> bytes:
@@ -99,6 +107,54 @@ class AuditLog:
         # (device, inode, size) after our last write, with that entry's hash and seq:
         # lets an append skip re-reading the tail when no one else wrote since.
         self._tail_cache: tuple[tuple[int, int, int], str, int] | None = None
+        if self.path.exists() and self.path.stat().st_size > 0:
+            self.recover()
+
+    def recover(self) -> dict | None:
+        """Cut off a torn last line left by a crash; returns the ``recovered`` entry, or None.
+
+        Safe to call at any time: under the file lock, a torn line can only be
+        the remains of a writer that died.
+        """
+        with self._lock, open(self.path, "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                stat = os.fstat(handle.fileno())
+                prev, last_seq, torn = self._tail(handle, stat)
+                if not torn:
+                    return None
+                recovered, line = self._cut_torn_tail(handle, stat, prev, last_seq)
+                self._write(handle, line, recovered)
+                return recovered
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _entry(self, seq: int, prev: str, event: str, scientist: str | None, fields: dict) -> dict:
+        entry = {"seq": seq,
+                 "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds"),
+                 "event": event, "scientist": scientist, **fields, "prev": prev}
+        entry["hash"] = entry_hash(entry)
+        entry["sig"] = base64.b64encode(self._key.sign(entry["hash"].encode("ascii"))).decode("ascii")
+        return entry
+
+    def _cut_torn_tail(self, handle, stat: os.stat_result, prev: str, last_seq: int) -> tuple[dict, bytes]:
+        """Truncate the file after its last complete line; the ``recovered`` entry and its line."""
+        end = _last_newline_end(handle, stat.st_size)
+        handle.seek(end)
+        fragment = handle.read(stat.st_size - end)
+        handle.truncate(end)
+        recovered = self._entry(last_seq + 1, prev, "recovered", None, {
+            "fragment_bytes": len(fragment), "fragment_sha256": hashlib.sha256(fragment).hexdigest(),
+            "fragment": fragment[:_FRAGMENT_KEPT].decode("utf-8", "replace"),
+            "reason": "an incomplete last line (a write torn by a crash) was cut off"})
+        return recovered, canonical(recovered) + b"\n"
+
+    def _write(self, handle, data: bytes, last: dict) -> None:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+        stat = os.fstat(handle.fileno())
+        self._tail_cache = ((stat.st_dev, stat.st_ino, stat.st_size), last["hash"], last["seq"])
 
     def append(self, event: str, scientist: str | None = None, **fields: Any) -> dict:
         """Append one entry and return it (with ``seq``, ``hash`` and ``sig``).
@@ -118,19 +174,13 @@ class AuditLog:
             try:
                 stat = os.fstat(handle.fileno())
                 prev, last_seq, torn = self._tail(handle, stat)
-                entry = {"seq": last_seq + 1,
-                         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds"),
-                         "event": event, "scientist": scientist, **fields, "prev": prev}
-                entry["hash"] = entry_hash(entry)
-                entry["sig"] = base64.b64encode(self._key.sign(entry["hash"].encode("ascii"))).decode("ascii")
-                line = canonical(entry) + b"\n"
+                data = b""
                 if torn:
-                    line = b"\n" + line  # keep the torn fragment on a line of its own
-                handle.write(line)
-                handle.flush()
-                os.fsync(handle.fileno())
-                self._tail_cache = ((stat.st_dev, stat.st_ino, stat.st_size + len(line)),
-                                    entry["hash"], entry["seq"])
+                    recovered, data = self._cut_torn_tail(handle, stat, prev, last_seq)
+                    prev, last_seq = recovered["hash"], recovered["seq"]
+                entry = self._entry(last_seq + 1, prev, event, scientist, fields)
+                # One write: the recovery record and the entry land together.
+                self._write(handle, data + canonical(entry) + b"\n", entry)
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         return entry
@@ -161,6 +211,19 @@ class AuditLog:
             if position == 0:
                 return GENESIS, 0, torn
             chunk *= 2
+
+
+def _last_newline_end(handle, size: int) -> int:
+    """The offset just after the file's last newline (0 if it has none)."""
+    position = size
+    while position > 0:
+        step = min(_TAIL_CHUNK, position)
+        position -= step
+        handle.seek(position)
+        found = handle.read(step).rfind(b"\n")
+        if found >= 0:
+            return position + found + 1
+    return 0
 
 
 def _parse_entry(raw: bytes) -> dict | None:

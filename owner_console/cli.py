@@ -35,7 +35,7 @@ def _workspace(args: argparse.Namespace) -> Workspace:
 
 def cmd_init(args: argparse.Namespace) -> int:
     workspace = Workspace(args.workspace)
-    workspace.init()
+    workspace.init(approval_ttl_seconds=args.approval_ttl_seconds)
     print(f"initialised a Bastion workspace in {workspace.path}")
     print(f"give scientists the executor's public key: {workspace.server_public_key_path}")
     return 0
@@ -43,9 +43,50 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_dataset_add(args: argparse.Namespace) -> int:
     workspace = _workspace(args)
+    settings = {"person_id": args.person_id, "max_share": args.max_share,
+                "suppress_small_groups": args.suppress_small_groups}
+    dp_policy = _dp_policy(args)
     dataset = workspace.add_dataset(args.name, args.file, min_group_size=args.min_group_size,
-                                    hidden=args.hide, unsafe=args.unsafe, allow_save=not args.no_save)
+                                    hidden=args.hide, unsafe=args.unsafe, allow_save=not args.no_save,
+                                    dp=dp_policy,
+                                    **{k: v for k, v in settings.items() if v not in (None, False)})
     print(f"registered dataset {dataset.name!r} ({dataset.format}, {dataset.path}): {_policy_text(dataset.policy)}")
+    if dataset.dp is not None:
+        print(f"differential privacy: epsilon {dataset.dp.epsilon:g} per scientist, "
+              f"{dataset.dp.epsilon_per_query:g} per query; only DP aggregates are released")
+    return 0
+
+
+def _dp_policy(args: argparse.Namespace):
+    """The ``--privacy dp`` options as a DPPolicy (None for the default privacy mode)."""
+    dp_options = (args.epsilon, args.epsilon_per_query, args.delta, args.privacy_unit_column,
+                  args.max_contributions, args.max_rows, args.bounds or None, args.public_keys or None)
+    if args.privacy != "dp":
+        if any(option is not None for option in dp_options):
+            raise UsageError("--epsilon, --delta, --bounds, --public-keys and the other DP options need --privacy dp")
+        return None
+    from owner_console.dp import policy_from_options
+    if not Path(args.file).is_file():
+        raise UsageError(f"{args.file}: no such file")
+    try:
+        return policy_from_options(args.file, epsilon=args.epsilon, epsilon_per_query=args.epsilon_per_query,
+                                   delta=args.delta or 0.0, max_rows=args.max_rows,
+                                   privacy_unit_column=args.privacy_unit_column,
+                                   max_contributions=args.max_contributions or 1, bounds=args.bounds,
+                                   public_keys=args.public_keys)
+    except Exception as exc:  # a bad option or an unreadable file: say which
+        raise UsageError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+
+def cmd_dataset_show(args: argparse.Namespace) -> int:
+    workspace = _workspace(args)
+    toml_path = workspace.datasets_dir / f"{args.name}.toml"
+    if not toml_path.is_file():
+        raise UsageError(f"no dataset {args.name!r} in {workspace.path}")
+    dataset = workspace.load_dataset(toml_path)  # validates: a malformed file is an error naming file and key
+    print(f"# {toml_path}")
+    print(f"# {_policy_text(dataset.policy)}")
+    print(toml_path.read_text().rstrip("\n"))
     return 0
 
 
@@ -61,8 +102,15 @@ def cmd_dataset_list(args: argparse.Namespace) -> int:
 
 def _policy_text(policy) -> str:
     hidden = ", ".join(sorted(policy.hidden)) or "none"
-    return (f"min group size {policy.min_group_size}, unsafe results: {policy.unsafe}, "
+    text = (f"min group size {policy.min_group_size}, unsafe results: {policy.unsafe}, "
             f"hidden columns: {hidden}, saving {'allowed' if policy.allow_save else 'not allowed'}")
+    optional = policy.to_dict()
+    for key in ("min_group_size", "unsafe", "hidden", "allow_save", "scientists"):
+        optional.pop(key, None)
+    extras = [f"{key.replace('_', ' ')} {value}" for key, value in optional.items()]
+    if policy.scientists:
+        extras.append(f"overrides for {', '.join(sorted(policy.scientists))}")
+    return ", ".join([text, *extras])
 
 
 def cmd_scientist_add(args: argparse.Namespace) -> int:
@@ -198,6 +246,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1: {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0: {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``bastion-owner`` argument parser (each sub-command's ``func`` runs it)."""
     parser = argparse.ArgumentParser(prog="bastion-owner",
@@ -210,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    command(commands, "init", cmd_init, "create a workspace: config, keys and empty stores")
+    p = command(commands, "init", cmd_init, "create a workspace: config, keys and empty stores")
+    p.add_argument("--approval-ttl-seconds", type=_positive_int, default=7 * 24 * 3600, metavar="SECONDS",
+                   help="how long an approved result waits for its scientist before it expires (default 7 days)")
 
     dataset = commands.add_parser("dataset", help="register and list datasets").add_subparsers(
         dest="dataset_command", required=True, metavar="ACTION")
@@ -223,6 +293,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unsafe", choices=UNSAFE_MODES, default="review",
                    help="what to do with a result the policy does not allow (default review)")
     p.add_argument("--no-save", action="store_true", help="do not let scientists save derived results")
+    p.add_argument("--person-id", default=None, metavar="COL",
+                   help="a column identifying a person (one person may have many rows): K counts people")
+    p.add_argument("--suppress-small-groups", action="store_true",
+                   help="drop groups under K from aggregates (and say how many) instead of holding the result")
+    p.add_argument("--max-share", type=_share, default=None, metavar="SHARE",
+                   help="dominance rule: no single row may make up more than SHARE (0-1] of a sum or mean")
+    p.add_argument("--privacy", choices=("min-group-size", "dp"), default="min-group-size",
+                   help="dp: release only differentially private aggregates (OpenDP), with a budget per scientist")
+    p.add_argument("--epsilon", type=_positive_float, default=None, metavar="E",
+                   help="with --privacy dp: each scientist's total privacy budget")
+    p.add_argument("--epsilon-per-query", type=_positive_float, default=None, metavar="E",
+                   help="with --privacy dp: what one released query costs (default epsilon/10)")
+    p.add_argument("--delta", type=_positive_float, default=None, metavar="D",
+                   help="with --privacy dp: total delta (default 0, pure DP)")
+    p.add_argument("--privacy-unit-column", default=None, metavar="COL",
+                   help="with --privacy dp: rows of one person share this identifier")
+    p.add_argument("--max-contributions", type=_positive_int, default=None, metavar="N",
+                   help="with --privacy dp: rows one person may contribute (default 1)")
+    p.add_argument("--max-rows", type=_positive_int, default=None, metavar="N",
+                   help="with --privacy dp: a public upper bound on the row count (default: loose, from the file)")
+    p.add_argument("--bounds", action="append", default=[], metavar="COL=LO:HI",
+                   help="with --privacy dp: clipping bounds of a numeric column")
+    p.add_argument("--public-keys", action="append", default=[], metavar="COL=v1,v2,...",
+                   help="with --privacy dp: a column scientists may group by, and its public values")
+    p = command(dataset, "show", cmd_dataset_show, "print a dataset's policy file")
+    p.add_argument("name", type=_name("dataset"), metavar="NAME")
     command(dataset, "list", cmd_dataset_list, "list registered datasets and their policies")
 
     scientist = commands.add_parser("scientist", help="allow-list scientists").add_subparsers(

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from owner_console.sample_data import write_patients
+from owner_console.sample_data import DIAGNOSES, write_patients
 from owner_console.workspace import Workspace
 
 LISTENING_LINE = "bastion executor listening on"
@@ -43,6 +43,12 @@ DATASET = "patients"
 SCIENTIST = "alice"
 MIN_GROUP_SIZE = 10
 HIDDEN_COLUMNS = ("name",)
+# The same table under differential privacy (examples/dp.ipynb): only noisy aggregates, a budget per scientist.
+DP_DATASET = "patients_dp"
+DP_OPTIONS = ("--privacy", "dp", "--epsilon", "5", "--epsilon-per-query", "0.5", "--hide", "name",
+              "--bounds", "age=0:100", "--bounds", "cost=0:50000", "--bounds", "length_of_stay=0:60",
+              "--public-keys", "sex=F,M",
+              "--public-keys", "diagnosis=" + ",".join(name for name, _, _ in DIAGNOSES))
 SCIENTIST_NOTEBOOK = "examples/scientist.ipynb"
 OWNER_NOTEBOOK = "examples/owner.ipynb"
 
@@ -182,6 +188,9 @@ def set_up(paths: DemoPaths, executor_port: int, log: Callable[[str], None] = pr
         hide = [arg for column in HIDDEN_COLUMNS for arg in ("--hide", column)]
         run_step([owner, "dataset", "add", "--workspace", paths.workspace, DATASET, paths.data_file,
                   "--min-group-size", str(MIN_GROUP_SIZE), *hide], "registering the dataset", log)
+    if not (workspace.datasets_dir / f"{DP_DATASET}.toml").is_file():
+        run_step([owner, "dataset", "add", "--workspace", paths.workspace, DP_DATASET, paths.data_file,
+                  *DP_OPTIONS], "registering the differentially private dataset", log)
 
     log("The scientist:")
     public_key = paths.scientist_dir / "scientist.key"

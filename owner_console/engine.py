@@ -14,8 +14,10 @@ session and thread.
 """
 from __future__ import annotations
 
+import datetime
 import operator
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -115,18 +117,30 @@ def compile_plan(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache
     return _Compiler(catalog, cache or DEFAULT_CACHE).frame(plan)
 
 
-def run(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache | None = None) -> pl.DataFrame:
+def run(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache | None = None, *,
+        cancel: threading.Event | None = None, timeout: float | None = None) -> pl.DataFrame:
     """Compile and collect a checked plan.
+
+    Parameters
+    ----------
+    cancel : threading.Event, optional
+        Set by another thread to stop waiting for the query (a scientist's ``cancel``).
+    timeout : float, optional
+        Seconds the query may run before it is cancelled.
 
     Raises
     ------
     BastionError
         ``SchemaError`` while compiling, ``ExecutionError`` while running: the
         message names the kind of failure only, never a data value.
+        ``LimitExceeded`` after ``timeout``; ``ExecutionError`` with
+        ``details["cancelled"]`` when ``cancel`` was set.
     """
     query = compile_plan(plan, catalog, cache)
     try:
-        return query.collect()
+        if cancel is None and timeout is None:
+            return query.collect()
+        return _collect_cancellable(query, cancel, timeout)
     except BastionError:
         raise
     except MemoryError:
@@ -137,6 +151,123 @@ def run(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache | None =
                            "date parse that does not fit every value, or an operation on a type that does not "
                            "support it. The message is generic because polars' own message can contain data values.",
                            error_class=type(exc).__name__) from None
+
+
+# Polling interval while a background query runs: short at first so quick
+# queries answer at once, then capped so a long one costs little CPU.
+_FIRST_POLL_SECONDS = 0.001
+_MAX_POLL_SECONDS = 0.05
+# Cancelled queries that polars is still computing (see _abandon); past this
+# many, new cancellable queries are refused until some finish.
+MAX_ABANDONED_QUERIES = 8
+_abandoned = 0
+_abandoned_lock = threading.Lock()
+
+
+def abandoned_queries() -> int:
+    """How many cancelled or timed-out queries polars is still computing."""
+    return _abandoned
+
+
+def _abandon(handle: Any) -> None:
+    """Keep a cancelled query's handle alive until polars is done with it.
+
+    polars 1.36 aborts the whole process (a Rust panic in a rayon thread) when
+    the handle of a background query is dropped before the query finishes, so
+    a drain thread holds it and waits for the result, which it drops.
+    """
+    global _abandoned
+    with _abandoned_lock:
+        _abandoned += 1
+
+    def drain() -> None:
+        global _abandoned
+        try:
+            handle.fetch_blocking()
+        except BaseException:  # noqa: BLE001 - the result of a cancelled query is not wanted, nor its error
+            pass
+        finally:
+            with _abandoned_lock:
+                _abandoned -= 1
+
+    threading.Thread(target=drain, name="bastion-drain", daemon=True).start()
+
+
+def _collect_cancellable(query: pl.LazyFrame, cancel: threading.Event | None,
+                         timeout: float | None) -> pl.DataFrame:
+    """Collect in polars' background mode, giving up at ``timeout`` or when ``cancel`` is set.
+
+    Giving up frees the calling worker thread at once.  polars 1.36 only
+    honours ``InProcessQuery.cancel()`` between some of its operators, so the
+    computation itself may run on in polars' thread pool until it reaches such
+    a point; its result is then dropped.
+    """
+    if _abandoned >= MAX_ABANDONED_QUERIES:
+        raise BastionError("LimitExceeded", "the executor is still winding down earlier cancelled queries; "
+                                            "try again in a little while", limit="abandoned_queries")
+    if cancel is not None and cancel.is_set():
+        raise BastionError("ExecutionError", "the query was cancelled at your request", cancelled=True)
+    handle = query.collect(background=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pause = _FIRST_POLL_SECONDS
+    while True:
+        result = handle.fetch()
+        if result is not None:
+            return result
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            handle.cancel()
+            _abandon(handle)
+            raise BastionError("LimitExceeded", f"the query ran longer than {timeout:g} s and was cancelled",
+                               limit="query_timeout_seconds", seconds=timeout)
+        step = pause if deadline is None else min(pause, deadline - now)
+        if cancel is not None and cancel.wait(step):
+            handle.cancel()
+            _abandon(handle)
+            raise BastionError("ExecutionError", "the query was cancelled at your request", cancelled=True)
+        if cancel is None:
+            time.sleep(step)
+        pause = min(pause * 2, _MAX_POLL_SECONDS)
+
+
+def join_sizes(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache | None = None) -> list[int]:
+    """How many rows each join of a checked plan produces, computed from per-key counts, without the join.
+
+    Semi and anti joins never produce more rows than their left side and are
+    left out.  Used to enforce a policy's ``max_join_rows`` before a join
+    can exhaust the executor's memory.
+    """
+    sizes = []
+    stack = [plan]
+    while stack:
+        node = stack.pop()
+        for key in ("input", "left", "right"):
+            if isinstance(node.get(key), dict):
+                stack.append(node[key])
+        stack.extend(node.get("inputs", []))
+        if node.get("op") != "join" or node["how"] in ("semi", "anti"):
+            continue
+        left, right = compile_plan(node["left"], catalog, cache), compile_plan(node["right"], catalog, cache)
+        if node["how"] == "cross":
+            counts = pl.concat([left.select(pl.len().alias("n")), right.select(pl.len().alias("n"))]).collect()
+            sizes.append(int(counts["n"][0]) * int(counts["n"][1]))
+            continue
+        keys = [f"k{i}" for i in range(len(node["left_on"]))]
+        left_counts = left.group_by([pl.col(k["name"]).alias(n) for k, n in zip(node["left_on"], keys)]) \
+            .agg(pl.len().cast(pl.Int64).alias("l"))
+        right_counts = right.group_by([pl.col(k["name"]).alias(n) for k, n in zip(node["right_on"], keys)]) \
+            .agg(pl.len().cast(pl.Int64).alias("r"))
+        matched = left_counts.join(right_counts, on=keys, how="left")
+        if node["how"] == "inner":
+            total = matched.select((pl.col("l") * pl.col("r")).sum())
+        else:  # left and full: unmatched left rows appear once
+            total = matched.select((pl.col("l") * pl.col("r").fill_null(1)).sum())
+        size = int(total.collect().item() or 0)
+        if node["how"] == "full":
+            size += int(right_counts.join(left_counts, on=keys, how="anti").select(pl.col("r").sum())
+                        .collect().item() or 0)
+        sizes.append(size)
+    return sizes
 
 
 def output_schema(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache | None = None) -> list[tuple[str, str]]:
@@ -288,6 +419,8 @@ class _Compiler:
         self.catalog = catalog
         self.cache = cache
         self.scope: pl.LazyFrame | None = None  # the input of the expressions being compiled
+        # Functions whose arguments are checked against the input's type while compiling.
+        self.probed: dict[str, _Fn] = {"dt.strftime": self._strftime}
         self.ops: dict[str, Callable[[dict], pl.LazyFrame]] = {
             "scan": self._scan, "saved": self._saved, "filter": self._filter, "select": self._select,
             "with_columns": self._with_columns, "group_by": self._group_by, "sort": self._sort,
@@ -297,6 +430,7 @@ class _Compiler:
             # internal operations, built only by owner_console.policy
             "acct_row_id": self._acct_row_id, "acct_columns": self._acct_columns,
             "acct_select": self._acct_select,
+            "acct_person_id": self._acct_person_id,
         }
         self.exprs: dict[str, Callable[[dict], pl.Expr]] = {
             "col": lambda n: pl.col(n["name"]),
@@ -307,10 +441,13 @@ class _Compiler:
                                                  self.expr(n["right"])),
             "unary": lambda n: _UNARY[n["op"]](self.expr(n["operand"])),
             "alias": lambda n: self.expr(n["input"]).alias(n["name"]),
-            "fn": lambda n: _FUNCTIONS[n["name"]](self.expr(n["input"]), n["args"],
-                                                  self._exponent if n["name"] == "pow" else self.expr),
+            "fn": lambda n: self.probed.get(n["name"], _FUNCTIONS[n["name"]])(
+                self.expr(n["input"]), n["args"], self._exponent if n["name"] == "pow" else self.expr),
             "when": self._when,
             **_ACCOUNT_EXPRS,
+            "acct_contrib": self._acct_contrib, "acct_share": self._acct_share,
+            "acct_min": lambda n: pl.col(n["column"]).min().alias(n["name"]),
+            "acct_max": lambda n: pl.col(n["column"]).max().alias(n["name"]),
         }
 
     def frame(self, node: dict) -> pl.LazyFrame:
@@ -328,6 +465,19 @@ class _Compiler:
         """Compile the next expressions against ``frame`` (their input), for type-aware choices."""
         self.scope = frame
         return self
+
+    def _strftime(self, e: pl.Expr, args: dict, sub: Callable[[dict], pl.Expr]) -> pl.Expr:
+        # polars checks a format only against a non-null value, so a bad one
+        # fails or not depending on which rows exist: try it on a sample
+        # value of the column's type instead, before any data is read.
+        dtype = _resolve(self.scope.select(e.alias("value")), "dt.strftime")["value"]
+        try:
+            pl.select(pl.lit(_SAMPLE_MOMENT).cast(dtype).dt.strftime(args["format"])).item()
+        except Exception as exc:  # noqa: BLE001 - any failure of the probe is the format's
+            raise BastionError("SchemaError", f"dt.strftime: the format cannot be applied to {dtype} values "
+                                              "(for example %H on a Date)", op="dt.strftime",
+                               error_class=type(exc).__name__) from None
+        return e.dt.strftime(args["format"])
 
     def _exponent(self, node: dict) -> pl.Expr:
         # polars turns an integer exponent into UInt32 and fails on a negative
@@ -441,11 +591,65 @@ class _Compiler:
         frame = self.frame(node["input"])
         return frame.with_columns(self._on(frame)._exprs(node["exprs"]))
 
+    def _acct_person_id(self, node: dict) -> pl.LazyFrame:
+        # One id per person (1, 2, ...), so counting distinct ids counts people;
+        # rows without a person id count as one more person together.
+        frame = self.frame(node["input"])
+        rank = pl.col(node["column"]).rank("dense").cast(ACCOUNT_DTYPE)
+        return frame.with_columns(rank.fill_null(rank.max().fill_null(0) + 1).alias(node["name"]))
+
+    def _acct_contrib(self, node: dict) -> pl.Expr:
+        """How many source rows (or people) made a real contribution to an aggregate.
+
+        A row contributes when its input value is not null, not zero (a
+        false boolean is zero), and, when the policy marks the input as
+        possibly ``padded``, not the value most rows of the group share (an
+        indicator padded with a constant other than zero).  Counting
+        functions (``count``, ``n_unique``, ``null_count``) count every non-null value.
+        """
+        value = self.expr(node["input"])
+        dtype = _resolve(self.scope.select(value.alias("value")), "aggregation")["value"]
+        present = value.is_not_null()
+        if node["function"] in ("count", "n_unique", "null_count"):
+            mask = present
+        else:
+            if dtype == pl.Boolean:
+                mask = present & value
+            elif dtype.is_numeric():
+                mask = present & (value != 0)
+            else:
+                mask = present
+        if node["padded"]:
+            mode = value.drop_nulls().mode().first()
+            mask = mask & ((value != mode).fill_null(True) | ((value == mode).sum() <= 1))
+        column = node["column"]
+        if node["kind"] == "implicit":
+            count = mask.sum()
+        elif node["kind"] == "rid":
+            rid = pl.col(column)
+            count = rid.filter(mask & (rid > 0)).n_unique()
+        else:
+            counts = pl.col(column)
+            fed = mask & (counts > 0)
+            count = counts.filter(fed).sum() if node["exact"] else fed.sum()
+        if node["kind"] != "implicit":
+            # A group with no row of this source (after a concat) was not fed by it.
+            count = pl.when(pl.col(column).is_not_null().any()).then(count)
+        return count.cast(ACCOUNT_DTYPE).alias(node["name"])
+
+    def _acct_share(self, node: dict) -> pl.Expr:
+        """The largest single row's share of an aggregate's absolute total, in millionths (dominance)."""
+        value = self.expr(node["input"]).cast(pl.Float64, strict=False).abs()
+        total = value.sum()
+        share = pl.when(total > 0).then(value.max() / total * 1_000_000).otherwise(0)
+        return share.round(0).cast(ACCOUNT_DTYPE).alias(node["name"])
+
     def _acct_select(self, node: dict) -> pl.LazyFrame:
         return self.frame(node["input"]).select([pl.col(c) for c in node["columns"]])
 
 
 _MAX_EXPONENT = (1 << 32) - 1
+_SAMPLE_MOMENT = datetime.datetime(2000, 1, 2, 3, 4, 5)
 
 _INTEGER_DTYPES = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64,
                    pl.Float32, pl.Float64)

@@ -10,20 +10,23 @@ to the table that leaves the owner's side::
 """
 from __future__ import annotations
 
+import dataclasses
 import io
-from typing import Any, Mapping
+import threading
+from typing import Any, Iterable, Mapping
 
 import polars as pl
 
 from bastion_kernel.protocol import BastionError
 
-from . import engine, policy, validate
+from . import dp, engine, policy, validate
 from .model import Dataset, Held, Policy, Released
 from .validate import RESERVED_PREFIX
 
 
 def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str,
-             cache: engine.DatasetCache | None = None) -> Released | Held:
+             cache: engine.DatasetCache | None = None, *, cancel: threading.Event | None = None,
+             timeout: float | None = None) -> Released | Held:
     """Run an untrusted plan through the owner's policy.
 
     Parameters
@@ -36,6 +39,11 @@ def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str,
         The authenticated identity, recorded in the decision's details.
     cache : DatasetCache, optional
         Where datasets are read from; the shared default cache when omitted.
+    cancel : threading.Event, optional
+        Set by another thread to cancel the running query.
+    timeout : float, optional
+        The workspace's query time limit in seconds; a dataset's own
+        ``query_timeout_seconds`` policy value, when smaller, wins.
 
     Returns
     -------
@@ -50,11 +58,42 @@ def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str,
         ``ExecutionError`` or ``PolicyViolation``.
     """
     cache = cache or engine.DEFAULT_CACHE
+    catalog = for_scientist(catalog, scientist)
+    if dp.touches_dp(plan, catalog):
+        # A plan that reads a differentially private dataset releases DP aggregates or nothing.
+        return dp.evaluate(plan, catalog, scientist, cache)
     checked = validate.validate(plan, catalog, dataset_columns=cache.columns)
     accounted = policy.account(checked)
-    table = engine.run(accounted.plan, catalog, cache)
+    _check_join_rows(checked, catalog, cache)
+    try:
+        table = engine.run(accounted.plan, catalog, cache, cancel=cancel,
+                           timeout=query_timeout(checked.datasets.values(), timeout))
+    except BastionError as error:
+        if error.ename != "ExecutionError" or error.details.get("cancelled"):
+            raise
+        # A data-dependent failure must look like the refusal it would have been.
+        return policy.decide_failed(accounted, error, scientist)
     _check_columns(table.columns, accounted.columns)
     return policy.decide(accounted, table, scientist)
+
+
+def _check_join_rows(checked: validate.CheckedPlan, catalog: Mapping[str, Dataset],
+                     cache: engine.DatasetCache) -> None:
+    """Refuse a plan whose joins would produce more rows than a source's ``max_join_rows``."""
+    limits = [d.policy.max_join_rows for d in checked.datasets.values() if d.policy.max_join_rows is not None]
+    if not limits:
+        return
+    limit = min(limits)
+    if any(size > limit for size in engine.join_sizes(checked.root, catalog, cache)):
+        # The size itself is not told: it is a count over rows that are not released.
+        raise BastionError("LimitExceeded", f"a join in this query would produce more than {limit} rows, the "
+                                            "most the owner allows; filter or aggregate the sides before joining",
+                           limit="max_join_rows", max_rows=limit)
+
+
+def for_scientist(catalog: Mapping[str, Dataset], scientist: str | None) -> dict[str, Dataset]:
+    """The catalog with each dataset's policy as it applies to ``scientist`` (their overrides applied)."""
+    return {name: dataclasses.replace(d, policy=d.policy.for_scientist(scientist)) for name, d in catalog.items()}
 
 
 def schema_of(plan: Any, catalog: Mapping[str, Dataset],
@@ -70,6 +109,8 @@ def schema_of(plan: Any, catalog: Mapping[str, Dataset],
         ``UnsupportedOperation``, ``SchemaError`` or ``LimitExceeded``.
     """
     cache = cache or engine.DEFAULT_CACHE
+    if dp.touches_dp(plan, catalog) and dp.is_dp_aggregation(plan):
+        return dp.schema_of(plan, catalog, cache)
     checked = validate.validate(plan, catalog, dataset_columns=cache.columns)
     accounted = policy.account(checked)
     schema = engine.output_schema(checked.root, catalog, cache)
@@ -78,7 +119,8 @@ def schema_of(plan: Any, catalog: Mapping[str, Dataset],
 
 
 def prepare_save(plan: Any, catalog: Mapping[str, Dataset],
-                 cache: engine.DatasetCache | None = None) -> tuple[pl.DataFrame, Policy]:
+                 cache: engine.DatasetCache | None = None, *, cancel: threading.Event | None = None,
+                 timeout: float | None = None, scientist: str | None = None) -> tuple[pl.DataFrame, Policy]:
     """Run a plan for ``save``: the table stays on the owner's side, under the policy it inherits.
 
     The table holds the real values (hidden-derived columns are hidden again by
@@ -96,14 +138,33 @@ def prepare_save(plan: Any, catalog: Mapping[str, Dataset],
     BastionError
         As :func:`evaluate`; ``PolicyViolation`` when saving is not allowed
         (see :func:`owner_console.policy.inherited_policy`).
+
+    ``scientist``, when given, applies that scientist's policy overrides
+    before the policy is inherited.
     """
     cache = cache or engine.DEFAULT_CACHE
+    catalog = for_scientist(catalog, scientist)
+    if dp.touches_dp(plan, catalog):
+        raise BastionError("PolicyViolation", "a result computed from a differentially private dataset cannot "
+                                              "be saved: such a dataset only releases DP aggregates with .fetch()")
     checked = validate.validate(plan, catalog, dataset_columns=cache.columns)
     accounted = policy.account(checked)
     inherited = policy.inherited_policy(accounted)  # refuse before running anything
-    table = engine.run(accounted.plan, catalog, cache)
+    table = engine.run(accounted.plan, catalog, cache, cancel=cancel,
+                       timeout=query_timeout(checked.datasets.values(), timeout))
     _check_columns(table.columns, accounted.columns)
     return table.select(accounted.columns), inherited
+
+
+def query_timeout(datasets: Iterable[Dataset], workspace_limit: float | None) -> float | None:
+    """The time limit of a query: the smallest of the workspace's and the datasets' own.
+
+    A dataset policy may carry ``query_timeout_seconds`` (read when the
+    policy type has it); ``None`` everywhere means no limit.
+    """
+    limits = [workspace_limit] + [getattr(d.policy, "query_timeout_seconds", None) for d in datasets]
+    limits = [float(t) for t in limits if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0]
+    return min(limits) if limits else None
 
 
 def table_to_ipc(table: pl.DataFrame) -> bytes:

@@ -5,9 +5,9 @@ exchange only these, so each can be read and tested on its own.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 UNSAFE_MODES = ("review", "reject", "log")
 # Strictest first: combining policies takes the earliest mode present.
@@ -16,12 +16,41 @@ _STRICTNESS = {"reject": 0, "review": 1, "log": 2}
 
 @dataclass(frozen=True)
 class Policy:
-    """A dataset's privacy policy, as the owner wrote it (``datasets/NAME.toml``)."""
+    """A dataset's privacy policy, as the owner wrote it (``datasets/NAME.toml``).
+
+    The first four fields are the core rule; the others are optional and off
+    by default (see ``docs/policy.md``):
+
+    ``person_id``
+        A column identifying a person (one person may have many rows): K then
+        counts distinct people, not rows.
+    ``max_share``
+        The dominance rule: no single row (person) may make up more than this
+        share (0 < max_share <= 1) of a released sum or mean's absolute total.
+    ``suppress_small_groups``
+        Drop the groups under K from an aggregate (and say how many) instead
+        of holding the whole result.
+    ``aggregates_only``
+        Never release a result that fails the rule, not even after review.
+    ``max_rows_released``, ``max_join_rows``, ``query_timeout_seconds``
+        Limits (None: no limit).
+    ``scientists``
+        Per-scientist overrides: ``{name: {setting: value}}``, applied by
+        :meth:`for_scientist`.
+    """
 
     min_group_size: int = 10
     unsafe: str = "review"
     hidden: frozenset[str] = frozenset()
     allow_save: bool = True
+    person_id: str | None = None
+    max_share: float | None = None
+    suppress_small_groups: bool = False
+    aggregates_only: bool = False
+    max_rows_released: int | None = None
+    max_join_rows: int | None = None
+    query_timeout_seconds: float | None = None
+    scientists: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.min_group_size, int) or isinstance(self.min_group_size, bool) \
@@ -30,14 +59,67 @@ class Policy:
         if self.unsafe not in UNSAFE_MODES:
             raise ValueError(f"unsafe must be one of {', '.join(UNSAFE_MODES)}, got {self.unsafe!r}")
         object.__setattr__(self, "hidden", frozenset(self.hidden))
+        if not isinstance(self.allow_save, bool):
+            raise ValueError("allow_save must be true or false")
+        if self.person_id is not None and (not isinstance(self.person_id, str) or not self.person_id):
+            raise ValueError(f"person_id must be a column name, got {self.person_id!r}")
+        if self.max_share is not None and (isinstance(self.max_share, bool)
+                                           or not isinstance(self.max_share, (int, float))
+                                           or not 0 < self.max_share <= 1):
+            raise ValueError(f"max_share must be a number in (0, 1], got {self.max_share!r}")
+        for flag in ("suppress_small_groups", "aggregates_only"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false")
+        for limit in ("max_rows_released", "max_join_rows"):
+            value = getattr(self, limit)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{limit} must be a whole number >= 1, got {value!r}")
+        timeout = self.query_timeout_seconds
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):
+            raise ValueError(f"query_timeout_seconds must be a number > 0, got {timeout!r}")
+        checked = {}
+        if not isinstance(self.scientists, Mapping):
+            raise ValueError("scientists must be a table of per-scientist overrides")
+        for name, overrides in self.scientists.items():
+            if not isinstance(name, str) or not isinstance(overrides, Mapping):
+                raise ValueError(f"scientists.{name}: must be a table of settings")
+            extra = set(overrides) - set(OVERRIDABLE)
+            if extra:
+                raise ValueError(f"scientists.{name}: unknown or not overridable setting {sorted(extra)[0]!r}; "
+                                 f"overridable: {', '.join(OVERRIDABLE)}")
+            try:
+                replace(self, scientists={}, **_override_values(overrides))
+            except ValueError as exc:
+                raise ValueError(f"scientists.{name}: {exc}") from None
+            checked[name] = dict(overrides)
+        object.__setattr__(self, "scientists", checked)
+
+    def for_scientist(self, scientist: str | None) -> "Policy":
+        """The policy that applies to ``scientist``: this one with their overrides, if any.
+
+        The result carries no overrides table, so it never tells one scientist
+        about another.
+        """
+        overrides = self.scientists.get(scientist, {}) if scientist is not None else {}
+        return replace(self, scientists={}, **_override_values(overrides))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"min_group_size": self.min_group_size, "unsafe": self.unsafe,
-                "hidden": sorted(self.hidden), "allow_save": self.allow_save}
+        data: dict[str, Any] = {"min_group_size": self.min_group_size, "unsafe": self.unsafe,
+                                "hidden": sorted(self.hidden), "allow_save": self.allow_save}
+        # Optional settings appear only when set, so older files and readers stay valid.
+        for name in _OPTIONAL_DEFAULTS:
+            value = getattr(self, name)
+            if value != _OPTIONAL_DEFAULTS[name]:
+                data[name] = value
+        if self.scientists:
+            data["scientists"] = {n: {k: (sorted(v) if k == "hidden" else v) for k, v in o.items()}
+                                  for n, o in self.scientists.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Policy":
-        known = {"min_group_size", "unsafe", "hidden", "allow_save"}
+        known = {"min_group_size", "unsafe", "hidden", "allow_save", "scientists", *_OPTIONAL_DEFAULTS}
         extra = set(data) - known
         if extra:
             raise ValueError(f"unknown policy setting {sorted(extra)[0]!r}")
@@ -47,8 +129,29 @@ class Policy:
         allow_save = data.get("allow_save", True)
         if not isinstance(allow_save, bool):
             raise ValueError("allow_save must be true or false")
+        optional = {name: data[name] for name in _OPTIONAL_DEFAULTS if name in data}
         return cls(min_group_size=data.get("min_group_size", 10), unsafe=data.get("unsafe", "review"),
-                   hidden=frozenset(hidden), allow_save=allow_save)
+                   hidden=frozenset(hidden), allow_save=allow_save, scientists=data.get("scientists", {}),
+                   **optional)
+
+
+_OPTIONAL_DEFAULTS: dict[str, Any] = {
+    "person_id": None, "max_share": None, "suppress_small_groups": False, "aggregates_only": False,
+    "max_rows_released": None, "max_join_rows": None, "query_timeout_seconds": None,
+}
+# Settings a per-scientist override may change (person_id describes the data, not the reader).
+OVERRIDABLE = ("min_group_size", "unsafe", "hidden", "allow_save", "max_share", "suppress_small_groups",
+               "aggregates_only", "max_rows_released", "max_join_rows", "query_timeout_seconds")
+
+
+def _override_values(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    values = dict(overrides)
+    if "hidden" in values:
+        hidden = values["hidden"]
+        if not isinstance(hidden, (list, tuple, frozenset, set)) or not all(isinstance(h, str) for h in hidden):
+            raise ValueError("hidden must be a list of column names")
+        values["hidden"] = frozenset(hidden)
+    return values
 
 
 def strictest_unsafe(modes: list[str]) -> str:
@@ -64,6 +167,8 @@ class Dataset:
     path: Path
     format: str  # "csv" or "parquet"
     policy: Policy
+    # An owner_console.dp.DPPolicy when the dataset releases only differentially private aggregates.
+    dp: Any = None
 
 
 @dataclass(frozen=True)

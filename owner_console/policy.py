@@ -30,6 +30,16 @@ How each source is counted, per frame (``_Rep.kind``):
     group_by sums counts only when the first-level rows are fed by disjoint
     sets of source rows; otherwise each row counts as one (row-level).
 
+With ``person_id`` a scan is counted as ``rid`` over a person number, so
+groups count people, not rows.
+
+Next to the counts, every aggregation of row-level values gets, per source,
+the number of rows (people) that made a real contribution to it, and for
+sums and means under a ``max_share`` policy the largest row's share
+(``_Frame.contribs``); these columns travel with the rows to the result and
+are checked by :func:`decide` (the contribution and dominance rules of
+``docs/policy.md``).
+
 Nothing here depends on polars' internals: the accounting is expressed as
 plan nodes that :mod:`owner_console.engine` compiles.
 """
@@ -66,6 +76,7 @@ class _Rep:
     nullable: bool = False    # some rows may not come from this source (concat)
     taintable: bool = False   # some rows may have no partner on this side (outer/anti join)
     individual: bool = False  # rows hold individual values (first/last/mode, implicit lists)
+    repeated: bool = False    # a source row may appear in several rows (after a join)
 
 
 @dataclass
@@ -75,6 +86,9 @@ class _Frame:
     lineage: dict[str, frozenset]
     reps: dict[int, _Rep]
     aggregated: bool
+    # accounting column -> ("contrib", source index) or ("share", millionths allowed):
+    # the contribution and dominance checks of aggregates computed so far.
+    contribs: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -107,6 +121,7 @@ class AccountedPlan:
     lineage: Mapping[str, frozenset]
     hidden: Mapping[str, tuple[tuple[str, str], ...]]
     aggregated: bool
+    contribs: Mapping[str, tuple[str, int]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------
@@ -215,7 +230,8 @@ def account(checked: CheckedPlan) -> AccountedPlan:
         if touched:
             hidden[column] = tuple(touched)
     return AccountedPlan(plan=top.node, columns=top.columns, sources=sources, reps=dict(top.reps),
-                         lineage=dict(top.lineage), hidden=hidden, aggregated=top.aggregated)
+                         lineage=dict(top.lineage), hidden=hidden, aggregated=top.aggregated,
+                         contribs=dict(top.contribs))
 
 
 def _rid(s: int) -> str:
@@ -226,10 +242,83 @@ def _count(s: int) -> str:
     return f"{RESERVED_PREFIX}_n{s}"
 
 
+# Aggregations whose value is computed from their input's values: the
+# contribution rule applies to them (``len`` carries nothing but the group size).
+_CONTRIBUTION_FUNCTIONS = ("sum", "mean", "median", "min", "max", "std", "var", "quantile", "count", "n_unique",
+                           "null_count")
+# Aggregations a single large value can dominate: the dominance rule applies to them.
+_DOMINANCE_FUNCTIONS = ("sum", "mean")
+
+
+_PLAIN_FUNCTIONS = ("abs", "round", "sqrt", "log", "exp", "cast")
+_PLAIN_OPS = ("add", "sub", "mul", "truediv")
+
+
+def is_plain(expr: dict) -> bool:
+    """True for arithmetic on columns that cannot single out rows (no condition, clip, fill, comparison...).
+
+    An aggregate of anything else may be "padded": every row but a few gets
+    the same chosen value (``when(name == X).then(cost).otherwise(1)``,
+    ``cost.clip(lower=L)``), so the contribution rule also requires K rows
+    whose value differs from the one most rows share.
+    """
+    kind = expr["expr"]
+    if kind in ("col", "lit"):
+        return True
+    if kind == "alias":
+        return is_plain(expr["input"])
+    if kind == "unary":
+        return expr["op"] == "neg" and is_plain(expr["operand"])
+    if kind == "binary":
+        return expr["op"] in _PLAIN_OPS and is_plain(expr["left"]) and is_plain(expr["right"])
+    if kind == "fn":
+        if expr["name"] == "cast" and expr["args"]["dtype"] == "Boolean":
+            return False
+        return expr["name"] in _PLAIN_FUNCTIONS and is_plain(expr["input"])
+    return False
+
+
+def _row_aggregations(expr: dict) -> list[dict]:
+    """The aggregation calls of an expression that reduce row-level values (outermost first).
+
+    Aggregates nested inside another aggregation's input (``sum(x.fill_null(x.max()))``)
+    are found too: their value flows into the outer one.
+    """
+    found: list[dict] = []
+
+    def walk(node: dict) -> None:
+        kind = node["expr"]
+        if kind == "fn":
+            if node["name"] in _CONTRIBUTION_FUNCTIONS and expr_level(node["input"]) == "row":
+                found.append(node)
+            walk(node["input"])
+            spec = P.EXPR_FUNCTIONS[node["name"]]
+            for param, ptype in spec.params:
+                if ptype == "expr":
+                    walk(node["args"][param])
+        elif kind == "alias":
+            walk(node["input"])
+        elif kind == "unary":
+            walk(node["operand"])
+        elif kind == "binary":
+            walk(node["left"])
+            walk(node["right"])
+        elif kind == "when":
+            for branch in node["branches"]:
+                walk(branch["when"])
+                walk(branch["then"])
+            if node["otherwise"] is not None:
+                walk(node["otherwise"])
+
+    walk(expr)
+    return found
+
+
 class _Accountant:
     def __init__(self, checked: CheckedPlan):
         self.checked = checked
         self.sources: list[Source] = []
+        self.serial = 0  # numbers contribution columns, unique in the whole plan
         self.rules = {
             "scan": self._scan, "saved": self._scan, "filter": self._keep_rows, "sort": self._keep_rows,
             "head": self._keep_rows, "drop_nulls": self._keep_rows, "unique": self._keep_rows,
@@ -269,7 +358,7 @@ class _Accountant:
     @staticmethod
     def _grouped_reps(reps: Mapping[int, _Rep], individual: bool) -> dict[int, _Rep]:
         return {s: _Rep("count", _count(s), disjoint=rep.disjoint, nullable=rep.nullable,
-                        taintable=rep.taintable, individual=individual)
+                        taintable=rep.taintable, individual=individual, repeated=rep.repeated)
                 for s, rep in reps.items()}
 
     @staticmethod
@@ -278,21 +367,74 @@ class _Accountant:
         return {"op": "acct_columns", "input": node, "exprs": exprs}
 
     @staticmethod
-    def _passthrough(reps: Mapping[int, _Rep]) -> list[dict]:
-        return [{"expr": "acct_col", "name": rep.column} for rep in reps.values() if rep.column is not None]
+    def _passthrough(reps: Mapping[int, _Rep], contribs: Iterable[str] = ()) -> list[dict]:
+        columns = [rep.column for rep in reps.values() if rep.column is not None] + list(contribs)
+        return [{"expr": "acct_col", "name": c} for c in columns]
+
+    def _contributions(self, exprs: list[dict], reps: Mapping[int, _Rep]) -> tuple[list[dict], dict]:
+        """Accounting expressions for the contribution and dominance rules of ``exprs``' aggregations.
+
+        For every aggregation of row-level values and every source feeding it:
+        how many of that source's rows (people) made a real contribution; and
+        for sums and means, when a source sets ``max_share``, the largest
+        row's share of the absolute total.
+        """
+        accounting: list[dict] = []
+        contribs: dict[str, tuple[str, int]] = {}
+        shares = [self.sources[s].policy.max_share for s in reps if self.sources[s].policy.max_share is not None]
+        for expr in exprs:
+            for call in _row_aggregations(expr):
+                self.serial += 1
+                j = self.serial
+                for s, rep in reps.items():
+                    name = f"{RESERVED_PREFIX}_k{j}_{s}"
+                    accounting.append({"expr": "acct_contrib", "input": call["input"], "function": call["name"],
+                                       "kind": rep.kind, "column": rep.column, "exact": rep.disjoint,
+                                       "padded": not is_plain(call["input"]), "name": name})
+                    contribs[name] = ("contrib", s)
+                if shares and call["name"] in _DOMINANCE_FUNCTIONS:
+                    name = f"{RESERVED_PREFIX}_d{j}"
+                    accounting.append({"expr": "acct_share", "input": call["input"], "name": name})
+                    contribs[name] = ("share", int(round(min(shares) * 1_000_000)))
+        return accounting, contribs
+
+    @staticmethod
+    def _carried(contribs: Mapping[str, tuple[str, int]]) -> list[dict]:
+        """Aggregating rows keeps the weakest contribution (largest share) among them."""
+        return [{"expr": "acct_min", "column": c, "name": c} if kind == "contrib" else
+                {"expr": "acct_max", "column": c, "name": c} for c, (kind, _) in contribs.items()]
 
     # operations --------------------------------------------------------------
     def _scan(self, node: dict) -> _Frame:
         name = node["dataset"] if node["op"] == "scan" else node["name"]
         s = len(self.sources)
-        self.sources.append(Source(s, name, self.checked.datasets[name].policy))
+        policy = self.checked.datasets[name].policy
+        self.sources.append(Source(s, name, policy))
         columns = self.checked.columns_of(node)
-        return _Frame(dict(node), columns, {c: frozenset({(s, c)}) for c in columns},
-                      {s: _Rep("implicit", None)}, aggregated=False)
+        lineage = {c: frozenset({(s, c)}) for c in columns}
+        if policy.person_id is None:
+            return _Frame(dict(node), columns, lineage, {s: _Rep("implicit", None)}, aggregated=False)
+        if policy.person_id not in columns:
+            # Fail closed: without the column, people cannot be told apart from rows.
+            raise BastionError("PolicyViolation", f"the owner's policy for {name!r} counts people by the column "
+                                                  f"{policy.person_id!r}, which the data does not have; "
+                                                  "ask the owner to fix the policy", sources=[name])
+        # Rows of one person are not disjoint: counting rows would overstate how many people fed a result.
+        out = {"op": "acct_person_id", "input": dict(node), "column": policy.person_id, "name": _rid(s)}
+        return _Frame(out, columns, lineage, {s: _Rep("rid", _rid(s), disjoint=False)}, aggregated=False)
 
     def _keep_rows(self, node: dict) -> _Frame:
         # filter, sort, head, drop_nulls, unique, fill_null: each output row is an input row.
         inner = self.frame(node["input"])
+        if node["op"] in ("filter", "fill_null"):
+            # A predicate that compares with an aggregate (keep the rows if the
+            # sum of an indicator is large...), or a fill value computed by one,
+            # says something about that aggregate.
+            accounting, contribs = self._contributions([node["predicate" if node["op"] == "filter" else "value"]],
+                                                       inner.reps)
+            if accounting:
+                inner = replace(inner, node={"op": "acct_columns", "input": inner.node, "exprs": accounting},
+                                contribs={**inner.contribs, **contribs})
         out = {**node, "input": inner.node}
         lineage = dict(inner.lineage)
         if node["op"] == "fill_null":
@@ -322,25 +464,32 @@ class _Accountant:
         lineage = dict(inner.lineage)
         for expr in node["exprs"]:
             lineage[P.output_name(expr)] = expr_lineage(expr, inner.lineage)
-        return replace(inner, node={**node, "input": inner.node}, columns=self.checked.columns_of(node),
-                       lineage=lineage)
+        # Aggregates broadcast to every row (a total next to each row) are checked like released ones.
+        accounting, contribs = self._contributions(node["exprs"], inner.reps)
+        return replace(inner, node={**node, "input": inner.node, "exprs": node["exprs"] + accounting},
+                       columns=self.checked.columns_of(node), lineage=lineage,
+                       contribs={**inner.contribs, **contribs})
 
     def _select(self, node: dict) -> _Frame:
         inner = self.frame(node["input"])
         columns = self.checked.columns_of(node)
         lineage = {P.output_name(e): expr_lineage(e, inner.lineage) for e in node["exprs"]}
         levels = {expr_level(e) for e in node["exprs"]}
+        accounting, contribs = self._contributions(node["exprs"], inner.reps)
         if "row" in levels:
             # One output row per input row (aggregates, if any, are broadcast).
-            out = {**node, "input": inner.node, "exprs": node["exprs"] + self._passthrough(inner.reps)}
-            return _Frame(out, columns, lineage, dict(inner.reps), inner.aggregated)
+            out = {**node, "input": inner.node,
+                   "exprs": node["exprs"] + self._passthrough(inner.reps, inner.contribs) + accounting}
+            return _Frame(out, columns, lineage, dict(inner.reps), inner.aggregated,
+                          {**inner.contribs, **contribs})
         # A global aggregate: one row computed from all input rows.
         individual = "individual" in levels
-        out = {**node, "input": inner.node, "exprs": node["exprs"] + self._group_counts(inner.reps, True)}
+        out = {**node, "input": inner.node, "exprs": node["exprs"] + self._group_counts(inner.reps, True)
+               + accounting + self._carried(inner.contribs)}
         reps = self._grouped_reps(inner.reps, individual)
         if individual:
             out = self._one_row_each(out, reps)
-        return _Frame(out, columns, lineage, reps, aggregated=not individual)
+        return _Frame(out, columns, lineage, reps, not individual, {**inner.contribs, **contribs})
 
     def _group_by(self, node: dict) -> _Frame:
         inner = self.frame(node["input"])
@@ -349,11 +498,13 @@ class _Accountant:
         # An aggregation that is not a reduction (an implicit list of values,
         # first/last/mode) puts individual values in the result.
         individual = any(expr_level(e) in ("row", "individual") for e in node["aggs"])
-        out = {**node, "input": inner.node, "aggs": node["aggs"] + self._group_counts(inner.reps, False)}
+        accounting, contribs = self._contributions(node["aggs"], inner.reps)
+        out = {**node, "input": inner.node, "aggs": node["aggs"] + self._group_counts(inner.reps, False)
+               + accounting + self._carried(inner.contribs)}
         reps = self._grouped_reps(inner.reps, individual)
         if individual:
             out = self._one_row_each(out, reps)
-        return _Frame(out, columns, lineage, reps, aggregated=not individual)
+        return _Frame(out, columns, lineage, reps, not individual, {**inner.contribs, **contribs})
 
     def _join(self, node: dict) -> _Frame:
         how = node["how"]
@@ -370,7 +521,7 @@ class _Accountant:
                 reps[s] = _Rep("count", _count(s), taintable=True)
                 consts.append({"expr": "acct_const", "value": 0, "name": _count(s)})
             out = {"op": "acct_columns", "input": out, "exprs": consts}
-            return _Frame(out, columns, dict(left.lineage), reps, left.aggregated)
+            return _Frame(out, columns, dict(left.lineage), reps, left.aggregated, dict(left.contribs))
 
         left, right = self._materialize(left), self._materialize(right)
         out: dict = {**node, "left": left.node, "right": right.node}
@@ -385,7 +536,7 @@ class _Accountant:
         for left_key, right_key in merged.items():
             lineage[left_key] = lineage[left_key] | right.lineage[right_key]
         # Rows of either side may now appear several times.
-        reps = {s: replace(rep, disjoint=False) for s, rep in {**left.reps, **right.reps}.items()}
+        reps = {s: replace(rep, disjoint=False, repeated=True) for s, rep in {**left.reps, **right.reps}.items()}
         unmatched_sides = {"left": [right], "full": [left, right]}.get(how, [])
         fixes = []
         for side in unmatched_sides:
@@ -395,7 +546,8 @@ class _Accountant:
                 reps[s] = replace(reps[s], taintable=True)
         if fixes:
             out = {"op": "acct_columns", "input": out, "exprs": fixes}
-        return _Frame(out, columns, lineage, reps, left.aggregated and right.aggregated)
+        return _Frame(out, columns, lineage, reps, left.aggregated and right.aggregated,
+                      {**left.contribs, **right.contribs})
 
     def _semi_join(self, node: dict, left: _Frame, right: _Frame, columns: tuple[str, ...]) -> _Frame:
         # A semi join is an inner join with the right side reduced to one row
@@ -403,14 +555,15 @@ class _Accountant:
         # not duplicated, and each learns how many right rows fed it.
         keys = [{"expr": "col", "name": k["name"]} for k in node["right_on"]]
         reduced = {"op": "group_by", "input": right.node, "keys": keys,
-                   "aggs": self._group_counts(right.reps, False)}
+                   "aggs": self._group_counts(right.reps, False) + self._carried(right.contribs)}
         out = {**node, "how": "inner", "left": left.node, "right": reduced}
         reps = dict(left.reps)
         for s, rep in right.reps.items():
             # Left rows with the same key share the same right rows.
-            reps[s] = _Rep("count", _count(s), disjoint=False, nullable=rep.nullable,
+            reps[s] = _Rep("count", _count(s), disjoint=False, repeated=True, nullable=rep.nullable,
                            taintable=rep.taintable, individual=rep.individual)
-        return _Frame(out, columns, dict(left.lineage), reps, left.aggregated)
+        return _Frame(out, columns, dict(left.lineage), reps, left.aggregated,
+                      {**left.contribs, **right.contribs})
 
     def _concat(self, node: dict) -> _Frame:
         inputs = [self.frame(f) for f in node["inputs"]]
@@ -420,34 +573,41 @@ class _Accountant:
             return replace(only, node={**node, "inputs": [only.node]})
         inputs = [self._materialize(f) for f in inputs]
         every = {s: rep for f in inputs for s, rep in f.reps.items()}
+        contribs = {c: v for f in inputs for c, v in f.contribs.items()}
         nodes = []
         for frame in inputs:
             missing = [{"expr": "acct_const", "value": None, "name": rep.column}
                        for s, rep in every.items() if s not in frame.reps]
+            missing += [{"expr": "acct_const", "value": None, "name": c} for c in contribs if c not in frame.contribs]
             nodes.append({"op": "acct_columns", "input": frame.node, "exprs": missing} if missing else frame.node)
         lineage = {c: frozenset().union(*(f.lineage[c] for f in inputs)) for c in columns}
         reps = {s: replace(rep, nullable=True) for s, rep in every.items()}
-        return _Frame({**node, "inputs": nodes}, columns, lineage, reps, all(f.aggregated for f in inputs))
+        return _Frame({**node, "inputs": nodes}, columns, lineage, reps, all(f.aggregated for f in inputs),
+                      contribs)
 
 
 # ---------------------------------------------------------------------------
 # save: the policy a kept result inherits
 
 def inherited_policy(accounted: AccountedPlan) -> Policy:
-    """The policy a saved result inherits from the sources that fed it.
+    """The policy a saved result inherits from the sources that fed it: the strictest combination.
 
     A saved result becomes a source of its own: later queries count its rows
     as if each were one row of a dataset.  That is only safe when no two of
     its rows were fed by the same source row, so results whose rows may repeat
     source rows (after a join, or a concat of one dataset with itself) are
-    refused.  Columns derived from hidden columns stay hidden under their new
-    names; K is the largest of the sources', the unsafe handling the strictest.
+    refused.  A source that counts people (``person_id``) must keep its
+    person column in the result, which becomes the result's ``person_id``.
+    Columns derived from hidden columns stay hidden under their new names; K
+    is the largest of the sources', the unsafe handling the strictest, the
+    dominance share the smallest, the limits the smallest; suppression applies
+    only if every source allows it, ``aggregates_only`` if any source asks.
 
     Raises
     ------
     BastionError
         ``PolicyViolation`` when a source's owner does not allow saving, or the
-        rows may repeat source rows.
+        rows may repeat source rows, or a person column is missing.
     """
     fed_by = [accounted.sources[s] for s in sorted(accounted.reps)]
     refusing = sorted({s.dataset for s in fed_by if not s.policy.allow_save})
@@ -456,7 +616,8 @@ def inherited_policy(accounted: AccountedPlan) -> Policy:
         raise BastionError("PolicyViolation", f"the owner does not allow saving results derived from {names}; "
                                               "fetch an aggregate instead", sources=refusing)
     datasets = [s.dataset for s in fed_by]
-    shared = sorted({accounted.sources[s].dataset for s, rep in accounted.reps.items() if not rep.disjoint})
+    shared = sorted({accounted.sources[s].dataset for s, rep in accounted.reps.items()
+                     if rep.repeated or (not rep.disjoint and accounted.sources[s].policy.person_id is None)})
     repeated = sorted({d for d in datasets if datasets.count(d) > 1})
     if shared or repeated:
         names = ", ".join(repr(d) for d in shared or repeated)
@@ -464,9 +625,32 @@ def inherited_policy(accounted: AccountedPlan) -> Policy:
                                               "(after a join or a concat of a dataset with itself), so counting its "
                                               "rows later would overstate how many people fed a result; save the "
                                               "parts before the join instead", sources=shared or repeated)
-    return Policy(min_group_size=max((s.policy.min_group_size for s in fed_by), default=1),
-                  unsafe=strictest_unsafe([s.policy.unsafe for s in fed_by]),
-                  hidden=frozenset(accounted.hidden), allow_save=True)
+    person_id = None
+    for source in fed_by:
+        if source.policy.person_id is None:
+            continue
+        carriers = [c for c in accounted.columns
+                    if accounted.lineage[c] == frozenset({(source.index, source.policy.person_id)})]
+        if accounted.aggregated or not carriers or person_id is not None:
+            raise BastionError("PolicyViolation", f"{source.dataset!r} counts people by "
+                                                  f"{source.policy.person_id!r}: keep that column, unchanged and "
+                                                  "row by row, in a result you save", sources=[source.dataset])
+        person_id = carriers[0]
+
+    def smallest(values: Iterable[Any]) -> Any:
+        present = [v for v in values if v is not None]
+        return min(present) if present else None
+
+    policies = [s.policy for s in fed_by]
+    return Policy(min_group_size=max((p.min_group_size for p in policies), default=1),
+                  unsafe=strictest_unsafe([p.unsafe for p in policies]),
+                  hidden=frozenset(accounted.hidden), allow_save=True, person_id=person_id,
+                  max_share=smallest(p.max_share for p in policies),
+                  suppress_small_groups=bool(policies) and all(p.suppress_small_groups for p in policies),
+                  aggregates_only=any(p.aggregates_only for p in policies),
+                  max_rows_released=smallest(p.max_rows_released for p in policies),
+                  max_join_rows=smallest(p.max_join_rows for p in policies),
+                  query_timeout_seconds=smallest(p.query_timeout_seconds for p in policies))
 
 
 # ---------------------------------------------------------------------------
@@ -486,6 +670,14 @@ class _SourceCheck:
 def decide(accounted: AccountedPlan, table: pl.DataFrame, scientist: str | None = None) -> Released | Held:
     """Apply the release rule to an engine result.
 
+    The decision order (``docs/policy.md``): per row, every source that fed
+    it must have fed it with at least its K rows (people); every aggregate in
+    it must have at least K real contributors per source and no dominant row;
+    small groups are then dropped if every source asks for suppression; the
+    result must not be empty, must be an aggregate for a scientist limited to
+    aggregates, and must not exceed the rows limit.  Anything that fails goes
+    to the strictest unsafe handling among the sources.
+
     Parameters
     ----------
     accounted : AccountedPlan
@@ -504,16 +696,15 @@ def decide(accounted: AccountedPlan, table: pl.DataFrame, scientist: str | None 
     ------
     BastionError
         ``PolicyViolation`` when the result fails the rule and a source's
-        policy says ``reject``.
+        policy says ``reject`` (or ``aggregates_only`` applies).
     """
     rows = table.height
     checks = [_check_source(accounted.sources[s], rep, table, accounted.aggregated)
               for s, rep in sorted(accounted.reps.items())]
+    contributions = _check_contributions(accounted, table)
+    failing_mask = _failing_rows(accounted, table, checks, contributions)
     datasets = tuple(dict.fromkeys(c.source.dataset for c in checks))
-    failing = [c for c in checks if c.messages]
-    # An empty result says "nobody matched": information about every source,
-    # unless no source asks for a minimum group size (K = 1 releases rows anyway).
-    empty = rows == 0 and any(c.source.policy.min_group_size > 1 for c in checks)
+    fed_by = [c.source.policy for c in checks]
     details: dict[str, Any] = {
         "rows": rows,
         "sources": list(datasets),
@@ -525,23 +716,49 @@ def decide(accounted: AccountedPlan, table: pl.DataFrame, scientist: str | None 
     counted = [c.smallest for c in checks if c.smallest is not None]
     if counted:
         details["smallest_count"] = min(counted)
-    details["failing_rows"] = max((c.failing for c in checks), default=0)
+    details["failing_rows"] = int(failing_mask.sum())
 
-    released = _wipe(table.select(accounted.columns), accounted.hidden)
     notes = _hidden_notes(accounted.hidden)
+    problems = [m for c in checks for m in c.messages] + contributions.messages
+    # Small-cell suppression: only when every source asks for it, and only for aggregates.
+    suppress = (bool(fed_by) and all(p.suppress_small_groups for p in fed_by) and accounted.aggregated
+                and not any(c.rep.individual for c in checks) and bool(problems))
+    if suppress:
+        dropped = int(failing_mask.sum())
+        table = table.filter(~failing_mask)
+        rows = table.height
+        details["suppressed_groups"] = dropped
+        notes.append(f"{dropped} group(s) computed from too few rows (or with too few contributors) were "
+                     f"left out by the owner's small-group suppression")
+        problems = []
+    released = _wipe(table.select(accounted.columns), accounted.hidden)
 
-    if not failing and not empty:
+    # An empty result says "nobody matched": information about every source,
+    # unless no source asks for a minimum group size (K = 1 releases rows anyway).
+    if rows == 0 and any(c.source.policy.min_group_size > 1 for c in checks):
+        names = ", ".join(repr(d) for d in datasets)
+        problems.insert(0, f"the result is empty: that no row matched is itself information about {names}")
+    only_aggregates = sorted({c.source.dataset for c in checks if c.source.policy.aggregates_only})
+    if only_aggregates and not accounted.aggregated:
+        problems.append(f"the owner releases only aggregates of {', '.join(repr(d) for d in only_aggregates)} "
+                        "to you, and this result is row-level")
+    limits = [p.max_rows_released for p in fed_by if p.max_rows_released is not None]
+    if limits and rows > min(limits):
+        problems.append(f"the result has {rows} rows, more than the {min(limits)} the owner releases per request")
+
+    if not problems:
         reason = "; ".join(dict.fromkeys(_pass_message(c, accounted.aggregated) for c in checks))
+        for dataset, smallest in contributions.smallest.items():
+            reason += (f"; every aggregate had at least {details['min_group_size'][dataset]} contributing rows "
+                       f"of {dataset!r} (smallest: {smallest})")
+        if suppress:
+            reason += f"; {details['suppressed_groups']} small group(s) suppressed"
         return Released(released, Decision("allow", reason or "no protected source fed this result",
                                            datasets, details), notes)
 
-    action = strictest_unsafe([c.source.policy.unsafe for c in checks])
-    problems = [m for c in failing for m in c.messages]
-    if empty:
-        names = ", ".join(repr(d) for d in datasets)
-        problems.insert(0, f"the result is empty: that no row matched is itself information about {names}")
-    smallest_k = min((c.source.policy.min_group_size for c in checks), default=1)
-    largest_k = max((c.source.policy.min_group_size for c in checks), default=1)
+    action = "reject" if only_aggregates else strictest_unsafe([p.unsafe for p in fed_by])
+    smallest_k = min((p.min_group_size for p in fed_by), default=1)
+    largest_k = max((p.min_group_size for p in fed_by), default=1)
     allowed = (f"only non-empty aggregates over groups of at least {largest_k} rows of each source"
                if smallest_k != largest_k else
                f"only non-empty aggregates over groups of at least {largest_k} rows")
@@ -555,6 +772,134 @@ def decide(accounted: AccountedPlan, table: pl.DataFrame, scientist: str | None 
     if action == "review":
         return Held(released, decision, notes)
     return Released(released, decision, notes)
+
+
+def decide_failed(accounted: AccountedPlan, error: BastionError, scientist: str | None = None) -> Held:
+    """The decision for a query that failed while running (a runtime error is an oracle).
+
+    Whether a query fails can depend on rows that would never be released
+    (a format that fails only for some values, an operation on an empty
+    selection), so a failure is answered like a result that fails the rule:
+    with the reason the plan alone gives (a row-level result is refused
+    whatever its rows), else a reason that names no value, and the sources'
+    unsafe handling.  Under ``log`` the value-free ``ExecutionError`` itself
+    is raised again: such a result would have been released anyway.
+
+    Returns
+    -------
+    Held
+        Under ``review``: an empty table of the result's columns, for the owner.
+
+    Raises
+    ------
+    BastionError
+        ``PolicyViolation`` under ``reject`` (or ``aggregates_only``), the
+        original error under ``log``.
+    """
+    fed = [accounted.sources[s] for s in sorted(accounted.reps)]
+    datasets = tuple(dict.fromkeys(s.dataset for s in fed))
+    problems = []
+    for s, rep in sorted(accounted.reps.items()):
+        source = accounted.sources[s]
+        if source.policy.min_group_size <= 1:
+            continue
+        if rep.kind in ("implicit", "rid"):
+            problems.append(f"the result is row-level (each row comes from one row of {source.dataset!r})")
+        elif rep.individual:
+            problems.append(f"the result holds individual values of {source.dataset!r} (a list of values, first, "
+                            f"last or mode), each from one row")
+    only_aggregates = any(s.policy.aggregates_only for s in fed)
+    if all(s.policy.min_group_size <= 1 for s in fed) and not only_aggregates:
+        raise error  # nothing is withheld from this scientist: the error tells nothing new
+    if not problems:
+        problems.append("the query failed while running, so its result could not be checked against the policy "
+                        "(what made it fail may depend on rows that are not released)")
+    action = "reject" if only_aggregates else strictest_unsafe([s.policy.unsafe for s in fed])
+    if action == "log" and not only_aggregates:
+        raise error
+    ks = [s.policy.min_group_size for s in fed] or [1]
+    allowed = (f"only non-empty aggregates over groups of at least {max(ks)} rows of each source"
+               if min(ks) != max(ks) else f"only non-empty aggregates over groups of at least {max(ks)} rows")
+    tail = {"reject": f"{allowed} are released", "review": f"{allowed} are released without review"}[action]
+    reason = "; ".join(dict.fromkeys(problems)) + "; " + tail
+    details: dict[str, Any] = {"rows": 0, "sources": list(datasets),
+                               "min_group_size": {s.dataset: s.policy.min_group_size for s in fed},
+                               "aggregated": accounted.aggregated, "failed": True}
+    if scientist is not None:
+        details["scientist"] = scientist
+    if action == "reject":
+        raise BastionError("PolicyViolation", reason, **{k: v for k, v in details.items() if k != "failed"})
+    empty = pl.DataFrame({c: [] for c in accounted.columns}, schema={c: pl.String for c in accounted.columns})
+    return Held(empty, Decision("review", reason, datasets, details),
+                ["the query failed while running; approving it releases an empty table"])
+
+
+@dataclass
+class _ContributionCheck:
+    checked: bool = False
+    smallest: dict[str, int] = field(default_factory=dict)  # dataset -> fewest contributors to an aggregate
+    failing: dict[str, pl.Series] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)
+
+
+def _check_contributions(accounted: AccountedPlan, table: pl.DataFrame) -> _ContributionCheck:
+    """The contribution rule (at least K real contributors) and the dominance rule, per aggregate."""
+    result = _ContributionCheck()
+    rows = table.height
+    few: dict[str, int] = {}
+    dominated, share = 0, 1.0
+    for column, (kind, value) in accounted.contribs.items():
+        if column not in table.columns:
+            continue
+        values = table.get_column(column)
+        if kind == "contrib":
+            source = accounted.sources[value]
+            k = source.policy.min_group_size
+            result.checked = True
+            if k <= 1 or values.drop_nulls().len() == 0:
+                continue
+            smallest = int(values.drop_nulls().min())
+            result.smallest[source.dataset] = min(result.smallest.get(source.dataset, smallest), smallest)
+            bad = (values.is_not_null() & (values < k)).fill_null(False)
+            if bad.any():
+                result.failing[column] = bad
+                few[source.dataset] = min(few.get(source.dataset, smallest), smallest)
+        else:
+            bad = (values.is_not_null() & (values > value)).fill_null(False)
+            if bad.any():
+                result.failing[column] = bad
+                dominated = max(dominated, int(bad.sum()))
+                share = value / 1_000_000
+    for dataset, smallest in few.items():
+        k = next(s.policy.min_group_size for s in accounted.sources if s.dataset == dataset)
+        result.messages.append(
+            f"an aggregate had fewer than {k} rows of {dataset!r} (smallest: {smallest}) contributing a value "
+            f"other than null or zero (or, for a conditional expression, other than the value most rows share); "
+            f"one person's value could ride out inside it (for example through an indicator such as "
+            f"when(...).then(x).otherwise(0))")
+    if dominated:
+        result.messages.append(f"in {dominated} of {rows} rows a single row makes up more than {share:.0%} of a "
+                               f"sum or mean (the owner's dominance rule)")
+    return result
+
+
+def _failing_rows(accounted: AccountedPlan, table: pl.DataFrame, checks: list["_SourceCheck"],
+                  contributions: _ContributionCheck) -> pl.Series:
+    """Which rows of the result fail the group size, contribution or dominance rule."""
+    failing = pl.Series("failing", [False] * table.height, dtype=pl.Boolean)
+    for check in checks:
+        k = check.source.policy.min_group_size
+        if k <= 1:
+            continue
+        if check.rep.kind == "implicit":
+            return pl.Series("failing", [True] * table.height, dtype=pl.Boolean)
+        values = table.get_column(check.rep.column)
+        if check.rep.kind == "rid":
+            values = values.clip(upper_bound=1)
+        failing = failing | (values.is_not_null() & (values < k)).fill_null(False)
+    for bad in contributions.failing.values():
+        failing = failing | bad
+    return failing
 
 
 def _check_source(source: Source, rep: _Rep, table: pl.DataFrame, aggregated: bool) -> _SourceCheck:

@@ -8,7 +8,7 @@ message's ``User-Id`` property, never to anything in the message itself.
 
 Threads.  ZeroMQ sockets are not thread-safe, so only the loop thread touches
 the ROUTER.  Requests run on two thread pools (quick ones: ``hello``,
-``datasets``, ``schema``, ``request_status``; queries: ``fetch``, ``save``),
+``datasets``, ``schema``, ``request_status``, ``dp_preview``, ``budget``; queries: ``fetch``, ``save``),
 so that a small request never waits behind a long query (polars releases the
 GIL).  A worker hands its reply back through its own inproc PUSH socket to a
 PULL socket that the loop polls next to the ROUTER.
@@ -23,11 +23,28 @@ Limits.  ZeroMQ drops a connection that sends a frame larger than
 large envelope still gets a typed error); a scientist may have at most
 :data:`MAX_IN_FLIGHT_PER_SCIENTIST` requests queued or running.
 
+Cancellation.  A ``fetch`` or ``save`` is registered under (scientist,
+envelope id) from the moment it is accepted; a ``cancel`` from the same
+scientist sets its event, and the worker stops waiting for polars at once
+(:func:`owner_console.engine.run`).  Queries also stop at the workspace's
+``query_timeout_seconds`` (:mod:`owner_console.limits`), and a result over
+``max_rows_released`` rows is neither sent nor held.
+
+Saved results.  ``save`` keeps a table per scientist
+(:mod:`owner_console.saved`); each request's catalog is the owner's datasets
+plus that scientist's own saved results, so another scientist's names fail
+exactly like names that do not exist.
+
 Audit.  Each scientist's first message on a connection (``connection``),
 each ``fetch`` (``query`` with the plan and the cell text), its ``decision``,
 ``release`` (SHA-256 of the Arrow bytes sent) or ``held``, each refusal
-(typed errors, malformed messages) and each unexpected ``error``.  ``hello``,
-``datasets`` and ``schema`` reveal no data and are not audited.
+(typed errors, malformed messages), each ``save`` (name, rows, columns,
+SHA-256 of the Parquet file, inherited policy, source datasets), each
+``cancel`` (its target and whether it was found) and each unexpected ``error``.  ``hello``,
+``datasets`` and ``schema`` reveal no data and are not audited; nor are
+``dp_preview`` (the noise of a DP query depends on the owner's policy and the
+query only) and ``budget`` (the scientist's own spending, which the DP
+releases' ``decision`` entries already record).
 """
 from __future__ import annotations
 
@@ -45,10 +62,12 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from bastion_kernel import protocol
-from bastion_kernel.plan import PLAN_VERSION, plan_hash, scan
+from bastion_kernel.plan import PLAN_VERSION, frame_op, plan_hash, scan
 from bastion_kernel.protocol import BastionError, ProtocolError
-from owner_console.approvals import ApprovalError, Request
+from owner_console.approvals import ApprovalError, Request, describe_seconds, expires_at, is_expired, sweep_expired
+from owner_console.limits import Limits, limits_from_config
 from owner_console.model import Held, Released
+from owner_console.saved import SavedResults, check_saved_name
 from owner_console.workspace import Workspace, atomic_write
 
 log = logging.getLogger("bastion.executor")
@@ -79,6 +98,9 @@ BODY_FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
     "fetch": {"plan": (dict, True), "text": (str, False)},
     "request_status": {"request_id": (int, True)},
     "save": {"plan": (dict, True), "name": (str, True), "text": (str, False)},
+    "cancel": {"target": (str, True)},
+    "dp_preview": {"plan": (dict, True)},
+    "budget": {},
 }
 QUERY_KINDS = frozenset({"fetch", "save"})
 
@@ -129,10 +151,12 @@ class AllowListAuthenticator(ThreadAuthenticator):
 class _Request:
     """One decoded request and who sent it."""
 
-    __slots__ = ("identity", "scientist", "kind", "msg_id", "body")
+    __slots__ = ("identity", "scientist", "kind", "msg_id", "body", "cancel")
 
     def __init__(self, identity: bytes, scientist: str, kind: str, msg_id: str, body: dict):
         self.identity, self.scientist, self.kind, self.msg_id, self.body = identity, scientist, kind, msg_id, body
+        # Set by the scientist's ``cancel``; the query's worker stops waiting for polars.
+        self.cancel = threading.Event()
 
 
 class ExecutorServer:
@@ -173,6 +197,11 @@ class ExecutorServer:
         self._in_flight: dict[str, int] = {}
         self._in_flight_lock = threading.Lock()
         self._logged_catalog_errors: set[str] = set()
+        self.saved = SavedResults(self.workspace.path / "saved")
+        # Queries queued or running, by (scientist, envelope id), for ``cancel``.
+        self._running: dict[tuple[str, str], list[_Request]] = {}
+        self._running_lock = threading.Lock()
+        self._logged_limit_error = False
         self._handlers: dict[str, Callable[[_Request], list[bytes]]] = {
             "hello": self._hello,
             "datasets": self._datasets,
@@ -180,6 +209,9 @@ class ExecutorServer:
             "fetch": self._fetch,
             "request_status": self._request_status,
             "save": self._save,
+            "cancel": self._cancel,
+            "dp_preview": self._dp_preview,
+            "budget": self._budget,
         }
 
     # -- life cycle --------------------------------------------------------
@@ -207,6 +239,7 @@ class ExecutorServer:
             raise OSError(f"cannot bind {self.bind}: {exc}") from None
         self._router = router
         self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._sweep_expired()
 
         replies = context.socket(zmq.PULL)
         replies.setsockopt(zmq.LINGER, 0)
@@ -308,6 +341,9 @@ class ExecutorServer:
                 "LimitExceeded", "too many requests at once; wait for earlier answers and try again"), msg_id)])
             return
         request = _Request(identity, scientist, kind, msg_id, body)
+        if kind in QUERY_KINDS:
+            with self._running_lock:
+                self._running.setdefault((scientist, msg_id), []).append(request)
         pool = self._pools[0] if kind in QUERY_KINDS else self._pools[1]
         pool.submit(self._run, request)
 
@@ -371,7 +407,18 @@ class ExecutorServer:
                 frames = [protocol.encode("error", self._internal_error(request), request.msg_id)]
             self._send([request.identity, *frames])
         finally:
+            if request.kind in QUERY_KINDS:
+                self._forget_running(request)
             self._release_slot(request.scientist)
+
+    def _forget_running(self, request: _Request) -> None:
+        key = (request.scientist, request.msg_id)
+        with self._running_lock:
+            running = self._running.get(key, [])
+            if request in running:
+                running.remove(request)
+            if not running:
+                self._running.pop(key, None)
 
     def _internal_error(self, request: _Request, **audit_fields: Any) -> dict:
         """Log an unexpected failure for the owner; the scientist gets a reference only."""
@@ -388,13 +435,31 @@ class ExecutorServer:
                                    f"it up in the executor's log under reference {reference}",
                                    reference=reference)
 
-    def _catalog(self) -> dict:
+    def _catalog(self, scientist: str | None = None) -> dict:
+        """The owner's datasets; with ``scientist``, plus that scientist's own saved results.
+
+        Saved results are never in another scientist's catalog, so their names
+        fail exactly like names that do not exist.  A dataset shadows a saved
+        result of the same name (``save`` refuses dataset names).
+        """
         catalog, errors = self.workspace.catalog_with_errors()
         for error in errors:
             if str(error) not in self._logged_catalog_errors:
                 self._logged_catalog_errors.add(str(error))
                 log.error("skipping a dataset: %s", error)
-        return catalog
+        if scientist is None:
+            return catalog
+        return {**self.saved.catalog(scientist), **catalog}
+
+    def _limits(self) -> Limits:
+        """The workspace's per-request limits, re-read on use (defaults if the config is broken)."""
+        try:
+            return limits_from_config(self.workspace.config)
+        except Exception as exc:  # a typo in config.toml must not stop the executor
+            if not self._logged_limit_error:
+                self._logged_limit_error = True
+                log.error("using the default limits: %s", exc)
+            return Limits()
 
     # -- handlers: each returns the reply frames (envelope [+ table]) ------
     def _hello(self, request: _Request) -> list[bytes]:
@@ -402,24 +467,110 @@ class ExecutorServer:
                               "plan_version": PLAN_VERSION})]
 
     def _datasets(self, request: _Request) -> list[bytes]:
-        catalog = self._catalog()
+        owners = self._catalog()
+        catalog = self._catalog(request.scientist)
         described = []
         for name in sorted(catalog):
+            saved = name not in owners
             try:
-                schema = self._executor.schema_of(scan(name), catalog)
+                schema = self._executor.schema_of(frame_op("saved", name=name) if saved else scan(name), catalog)
             except Exception as exc:  # an unreadable file hides that dataset, not the others
                 log.error("dataset %r is unavailable: %s", name, exc)
                 continue
-            described.append({"name": name, "schema": [list(pair) for pair in schema],
-                              "policy": catalog[name].policy.to_dict()})
+            # the policy as it applies to this scientist: no other scientist's overrides
+            entry = {"name": name, "schema": [list(pair) for pair in schema],
+                     "policy": catalog[name].policy.for_scientist(request.scientist).to_dict()}
+            if getattr(catalog[name], "dp", None) is not None:
+                entry["dp"] = catalog[name].dp.describe()
+            if saved:
+                record = self.saved.record(request.scientist, name) or {}
+                entry.update(saved=True, sources=record.get("sources", []))
+            described.append(entry)
         return [_ok(request, {"datasets": described})]
 
+    def _dp_preview(self, request: _Request) -> list[bytes]:
+        """The cost and expected error of a differentially private query (spends nothing, reveals no data)."""
+        from owner_console import dp
+        catalog = self._executor.for_scientist(self._catalog(request.scientist), request.scientist)
+        if not dp.touches_dp(request.body["plan"], catalog):
+            raise BastionError("PolicyViolation", "this query reads no differentially private dataset: it has "
+                                                  "no privacy cost (use .fetch())")
+        return [_ok(request, dp.preview(request.body["plan"], catalog, request.scientist))]
+
+    def _budget(self, request: _Request) -> list[bytes]:
+        """The scientist's own privacy budget on every DP dataset."""
+        from owner_console import dp
+        return [_ok(request, {"datasets": dp.budget(self._catalog(), request.scientist)})]
+
     def _schema(self, request: _Request) -> list[bytes]:
-        schema = self._executor.schema_of(request.body["plan"], self._catalog())
+        schema = self._executor.schema_of(request.body["plan"], self._catalog(request.scientist))
         return [_ok(request, {"schema": [list(pair) for pair in schema]})]
 
     def _save(self, request: _Request) -> list[bytes]:
-        raise BastionError("UnsupportedOperation", "save is not available yet on this executor")
+        """Run the plan and keep its table as the scientist's saved result (nothing is released)."""
+        plan = request.body["plan"]
+        text = request.body.get("text", "")
+        digest = plan_hash(plan)
+        self.audit.append("query", request.scientist, request=request.msg_id, plan=plan,
+                          plan_hash=digest, text=text, save_as=str(request.body["name"])[:64])
+        try:
+            name = check_saved_name(request.body["name"])
+            owners = self._catalog()
+            if name in owners:
+                raise BastionError("SchemaError", f"{name!r} is the name of a dataset; save under another name")
+            catalog = self._catalog(request.scientist)
+            table, inherited = self._executor.prepare_save(plan, catalog, cancel=request.cancel,
+                                                           timeout=self._limits().query_timeout_seconds,
+                                                           scientist=request.scientist)
+        except BastionError as exc:
+            self.audit.append("refusal", request.scientist, request=request.msg_id, plan_hash=digest,
+                              ename=exc.ename, evalue=exc.evalue)
+            raise
+        except Exception:
+            return [protocol.encode("error", self._internal_error(request, plan_hash=digest), request.msg_id)]
+        sources = self._lineage(plan, request.scientist, owners)
+        _, record = self.saved.save(request.scientist, name, table, inherited, sources=sources,
+                                    plan_hash=digest, text=text)
+        self.audit.append("save", request.scientist, request=request.msg_id, plan_hash=digest, name=name,
+                          rows=record["rows"], columns=[c for c, _ in record["columns"]],
+                          sha256=record["sha256"], policy=record["policy"], sources=record["sources"])
+        schema = self._executor.schema_of(frame_op("saved", name=name), self._catalog(request.scientist))
+        return [_ok(request, {"name": name, "schema": [list(pair) for pair in schema],
+                              "policy": inherited.to_dict()})]
+
+    def _lineage(self, plan: dict, scientist: str, owners: dict) -> list[str]:
+        """The owner's datasets a (validated) plan reads, through the saved results it reads."""
+        found: set[str] = set()
+        stack: list[Any] = [plan]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, list):
+                stack.extend(node)
+                continue
+            if not isinstance(node, dict):
+                continue
+            if node.get("op") in ("scan", "saved"):
+                name = node.get("dataset") if node.get("op") == "scan" else node.get("name")
+                if name in owners:
+                    found.add(name)
+                else:
+                    found.update((self.saved.record(scientist, name) or {}).get("sources", []))
+            stack.extend(value for value in node.values() if isinstance(value, (dict, list)))
+        return sorted(found)
+
+    def _cancel(self, request: _Request) -> list[bytes]:
+        """Cancel one of the scientist's own queued or running ``fetch``/``save`` requests."""
+        target = request.body["target"]
+        with self._running_lock:
+            running = list(self._running.get((request.scientist, target), ()))
+        for query in running:
+            query.cancel.set()
+        self.audit.append("cancel", request.scientist, request=request.msg_id, target=target[:128],
+                          found=bool(running))
+        if not running:
+            # The same answer for "finished", "never sent" and "someone else's".
+            raise BastionError("NotFound", f"no running request {target[:128]!r} to cancel", target=target[:128])
+        return [_ok(request, {"target": target, "cancelled": True})]
 
     def _fetch(self, request: _Request) -> list[bytes]:
         plan = request.body["plan"]
@@ -428,7 +579,10 @@ class ExecutorServer:
         self.audit.append("query", request.scientist, request=request.msg_id, plan=plan,
                           plan_hash=digest, text=text)
         try:
-            outcome = self._executor.evaluate(plan, self._catalog(), request.scientist)
+            outcome = self._executor.evaluate(plan, self._catalog(request.scientist), request.scientist,
+                                              cancel=request.cancel,
+                                              timeout=self._limits().query_timeout_seconds)
+            _check_rows_released(outcome.table.height, self._limits().max_rows_released)
         except BastionError as exc:
             self.audit.append("refusal", request.scientist, request=request.msg_id, plan_hash=digest,
                               ename=exc.ename, evalue=exc.evalue)
@@ -487,7 +641,23 @@ class ExecutorServer:
                                request_id=record.id, reason=record.decision_reason)
         if record.status == "released":
             raise BastionError("NotFound", f"request {record.id} was already released", request_id=record.id)
+        ttl = self.workspace.approval_ttl_seconds
+        if is_expired(record, ttl):
+            self._sweep_expired()
+            deadline = expires_at(record, ttl)
+            raise BastionError("NotFound",
+                               f"the owner's approval of request {record.id} expired at "
+                               f"{deadline.isoformat(timespec='seconds') if deadline else '?'} (approved results "
+                               f"are kept for {describe_seconds(ttl)}); send the query again for a new review",
+                               request_id=record.id, status="expired")
         return self._release_approved(request, record)
+
+    def _sweep_expired(self) -> None:
+        """Expire stale approvals and delete their held results (see :func:`approvals.sweep_expired`)."""
+        try:
+            sweep_expired(self.store, self.audit, self.workspace.approval_ttl_seconds, self.workspace.result_path)
+        except Exception:  # a failed sweep must not fail the request; the next one retries
+            log.exception("cannot expire stale approvals")
 
     def _release_approved(self, request: _Request, record: Request) -> list[bytes]:
         ipc = self.workspace.result_path(record.id).read_bytes()
@@ -507,6 +677,15 @@ class ExecutorServer:
                 "request_id": record.id,
                 "decision": {"action": "approved", "reason": record.decision_reason or ""}}
         return [protocol.encode("result", body, request.msg_id), ipc]
+
+
+def _check_rows_released(rows: int, limit: int) -> None:
+    """Refuse a result over the workspace's row limit (before it is held or sent)."""
+    if rows > limit:
+        # Only "more than the limit": the exact count of a result that is not released stays inside.
+        raise BastionError("LimitExceeded", f"the result has more than {limit:,} rows, the most the executor "
+                                            "releases in one request; aggregate it, filter it or take head(n)",
+                           limit="max_rows_released", max_rows=limit)
 
 
 def _ok(request: _Request, body: dict) -> bytes:

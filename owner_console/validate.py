@@ -484,6 +484,10 @@ class _Validator:
             shown = name[:64] if isinstance(name, str) else _describe(name)
             raise _refuse("UnsupportedOperation", f"unknown function {shown!r}; supported: "
                                                   f"{', '.join(P.EXPR_FUNCTIONS)}", at, function=shown)
+        if P.EXPR_FUNCTIONS[name].kind == "dp_aggregate":
+            # DP aggregates exist only on the DP path (owner_console.dp), which never comes here.
+            raise _refuse("PolicyViolation", f"{name} is a differentially private aggregate: it applies only "
+                                             "to a dataset with a differential privacy policy", at, function=name)
         inner = self._expr(node["input"], columns, f"{at}.input", depth + 1)
         args = self._fn_args(name, node["args"], columns, f"{at}.args", depth + 1)
         return {"expr": "fn", "name": name, "input": inner, "args": args}

@@ -36,6 +36,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from owner_console.model import UNSAFE_MODES, Dataset, Policy
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
+# How long an approved result waits for its scientist before it expires.
+DEFAULT_APPROVAL_TTL_SECONDS = 7 * 24 * 3600
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 # File suffixes the executor can scan, and the format name stored for each.
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -141,17 +143,28 @@ class Workspace:
     def audit_path(self) -> Path:
         return self.path / "audit.jsonl"
 
+    @property
+    def dp_ledger_path(self) -> Path:
+        """The differential privacy odometer (:class:`owner_console.dp.BudgetLedger`)."""
+        return self.path / "dp_budget.sqlite"
+
     def result_path(self, request_id: int) -> Path:
         """Where the held table of request ``request_id`` is kept (Arrow IPC file)."""
         return self.results_dir / f"{int(request_id)}.arrow"
 
     # -- creation ----------------------------------------------------------
-    def init(self, bind: str = DEFAULT_BIND) -> None:
+    def init(self, bind: str = DEFAULT_BIND, approval_ttl_seconds: int = DEFAULT_APPROVAL_TTL_SECONDS) -> None:
         """Create the workspace: config, server CURVE keys, audit signing key, empty stores.
+
+        ``approval_ttl_seconds`` (written to ``config.toml``) is how long an
+        approved result waits for its scientist before it expires.
 
         Refuses a directory that already holds a workspace, so keys are never
         silently replaced.
         """
+        if isinstance(approval_ttl_seconds, bool) or not isinstance(approval_ttl_seconds, int) \
+                or approval_ttl_seconds < 1:
+            raise WorkspaceError(f"approval_ttl_seconds must be a whole number >= 1, got {approval_ttl_seconds!r}")
         if self.config_path.exists():
             raise WorkspaceError(f"{self.path} is already a Bastion workspace")
         if self.path.exists() and not self.path.is_dir():
@@ -177,7 +190,8 @@ class Workspace:
         ApprovalStore(self.approvals_path).close()
         self.audit_path.touch()
         # Written last: its presence marks a complete workspace.
-        atomic_write(self.config_path, tomli_w.dumps({"server": {"bind": bind}}).encode())
+        atomic_write(self.config_path, tomli_w.dumps({"approval_ttl_seconds": approval_ttl_seconds,
+                                                      "server": {"bind": bind}}).encode())
 
     def require(self) -> "Workspace":
         """Return self if this is an initialised workspace, else raise WorkspaceError."""
@@ -211,6 +225,14 @@ class Workspace:
         return data
 
     @property
+    def approval_ttl_seconds(self) -> int:
+        """Seconds an approval stays valid (``approval_ttl_seconds`` in ``config.toml``; default 7 days)."""
+        ttl = self.config.get("approval_ttl_seconds", DEFAULT_APPROVAL_TTL_SECONDS)
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
+            raise WorkspaceError(f"{self.config_path}: approval_ttl_seconds must be a whole number >= 1")
+        return ttl
+
+    @property
     def bind(self) -> str:
         """The endpoint the executor binds by default."""
         return self.config["server"]["bind"]
@@ -225,7 +247,7 @@ class Workspace:
     # -- datasets ----------------------------------------------------------
     def add_dataset(self, name: str, file: str | os.PathLike, *, min_group_size: int = 10,
                     hidden: Iterable[str] = (), unsafe: str = "review", allow_save: bool = True,
-                    replace: bool = False) -> Dataset:
+                    replace: bool = False, dp: Any = None, **settings: Any) -> Dataset:
         """Register a CSV or Parquet file under ``name`` with its policy.
 
         Checks that the file reads and that every hidden column exists, then
@@ -239,8 +261,15 @@ class Workspace:
             A ``.csv`` or ``.parquet`` file; stored as an absolute path.
         min_group_size, hidden, unsafe, allow_save
             The :class:`owner_console.model.Policy` fields.
+        **settings
+            Optional policy settings: ``person_id``, ``max_share``,
+            ``suppress_small_groups``, ``aggregates_only``, ``max_rows_released``,
+            ``max_join_rows``, ``query_timeout_seconds``, ``scientists``.
         replace : bool
             Overwrite an existing registration of ``name``.
+        dp : DPPolicy or dict, optional
+            A differential privacy policy (:class:`owner_console.dp.DPPolicy`,
+            or its ``[dp]`` table): the dataset then releases only DP aggregates.
 
         Returns
         -------
@@ -262,17 +291,37 @@ class Workspace:
             raise WorkspaceError(f"unsafe must be one of {', '.join(UNSAFE_MODES)}, got {unsafe!r}")
         try:
             policy = Policy(min_group_size=min_group_size, unsafe=unsafe,
-                            hidden=frozenset(hidden), allow_save=allow_save)
-        except ValueError as exc:
+                            hidden=frozenset(hidden), allow_save=allow_save, **settings)
+        except (ValueError, TypeError) as exc:
             raise WorkspaceError(str(exc)) from None
         columns = read_columns(path, fmt)
         missing = sorted(policy.hidden - set(columns))
         if missing:
             raise WorkspaceError(f"hidden column {missing[0]!r} is not in {path.name} "
                                  f"(columns: {', '.join(columns)})")
+        if policy.person_id is not None and policy.person_id not in columns:
+            raise WorkspaceError(f"person id column {policy.person_id!r} is not in {path.name} "
+                                 f"(columns: {', '.join(columns)})")
+        dp_policy = None
+        if dp is not None:
+            from owner_console.dp import DPPolicy, check_columns
+            try:
+                dp_policy = dp if isinstance(dp, DPPolicy) else DPPolicy.from_dict(dp)
+                check_columns(dp_policy, columns, path.name)
+            except (ValueError, TypeError) as exc:
+                raise WorkspaceError(str(exc)) from None
         record = {"name": name, "path": str(path), "format": fmt, "policy": policy.to_dict()}
+        if dp_policy is not None:
+            record["dp"] = dp_policy.to_dict()
+        # Per-scientist overrides live in their own [scientists.NAME] tables.
+        scientists = record["policy"].pop("scientists", None)
+        if scientists:
+            record["scientists"] = scientists
         atomic_write(target, tomli_w.dumps(record).encode())
-        return Dataset(name=name, path=path, format=fmt, policy=policy)
+        if dp_policy is not None:
+            from dataclasses import replace as _replace
+            dp_policy = _replace(dp_policy, ledger=self.dp_ledger_path)
+        return Dataset(name=name, path=path, format=fmt, policy=policy, dp=dp_policy)
 
     def load_dataset(self, toml_path: Path) -> Dataset:
         """Read one ``datasets/NAME.toml``; raises WorkspaceError naming the file if malformed."""
@@ -290,13 +339,22 @@ class Workspace:
             policy_data = data.get("policy", {})
             if not isinstance(policy_data, dict):
                 raise WorkspaceError("[policy] must be a table")
+            scientists = data.get("scientists", {})
+            if not isinstance(scientists, dict):
+                raise WorkspaceError("[scientists] must hold one table per scientist, [scientists.NAME]")
+            if scientists:
+                policy_data = {**policy_data, "scientists": {**policy_data.get("scientists", {}), **scientists}}
             policy = Policy.from_dict(policy_data)
-            extra = set(data) - {"name", "path", "format", "policy"}
+            dp_policy = None
+            if "dp" in data:
+                from owner_console.dp import DPPolicy  # only DP datasets need it
+                dp_policy = DPPolicy.from_dict(data["dp"], ledger=self.dp_ledger_path)
+            extra = set(data) - {"name", "path", "format", "policy", "scientists", "dp"}
             if extra:
                 raise WorkspaceError(f"unknown setting {sorted(extra)[0]!r}")
-        except (WorkspaceError, ValueError) as exc:
+        except (WorkspaceError, ValueError, TypeError) as exc:
             raise WorkspaceError(f"{toml_path}: {exc}") from None
-        return Dataset(name=name, path=Path(path), format=fmt, policy=policy)
+        return Dataset(name=name, path=Path(path), format=fmt, policy=policy, dp=dp_policy)
 
     def catalog_with_errors(self) -> tuple[dict[str, Dataset], list[WorkspaceError]]:
         """All registered datasets, plus one error per malformed file (which is skipped)."""

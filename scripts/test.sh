@@ -6,6 +6,9 @@ started=$SECONDS
 # shellcheck source=scripts/_venv.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 bastion_ensure_venv
+# shellcheck source=scripts/_browser.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_browser.sh"
+bastion_ensure_chromium  # for tests/test_browser.py; skipped there with the reason if absent
 cd "$ROOT"
 
 # With no path given, pytest runs setup.cfg's testpaths (tests/); a path given

@@ -46,6 +46,14 @@ class FakeSession:
         self.fetched.append((plan, text))
         return FetchedTable(frame=None, notes=["fake"], request_id=None)
 
+    def dp_preview(self, plan: dict) -> FetchedTable:
+        self.calls.append(("dp_preview", plan))
+        return FetchedTable(frame=None, notes=["fake"], request_id=None)
+
+    def budget(self) -> FetchedTable:
+        self.calls.append(("budget",))
+        return FetchedTable(frame=None, notes=["fake"], request_id=None)
+
     def request(self, request_id: int):
         self.calls.append(("request", request_id))
         return RequestStatus(request_id, "pending", "waiting for the owner")

@@ -1,6 +1,7 @@
 """The audit log: chaining, signatures, tamper detection, torn lines, concurrent appends."""
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import subprocess
@@ -90,25 +91,51 @@ def test_another_key_does_not_verify(tmp_path, key):
     assert not report.ok and report.first_bad == 1 and "signature" in report.problem
 
 
-def test_torn_last_line_is_reported_and_appends_still_chain(tmp_path, key):
+def test_torn_last_line_is_reported_then_recovered_by_the_next_append(tmp_path, key):
     log = _log_with(tmp_path, key, n=3)
     last_good = list(read_entries(log.path))[-1]
+    fragment = b'{"seq": 4, "time": "2026-01-'  # a crash mid-write
     with open(log.path, "ab") as handle:
-        handle.write(b'{"seq": 4, "time": "2026-01-')  # a crash mid-write
+        handle.write(fragment)
     report = verify(log.path, key.public_key())
     assert not report.ok and report.first_bad == 4 and "incomplete" in report.problem
 
-    # A new writer (no cached tail) chains to the last complete entry.
-    after = AuditLog(log.path, key).append("release", "alice", sha256="ab" * 32)
-    assert after["seq"] == 4 and after["prev"] == last_good["hash"]
+    # The same writer (its cached tail is stale: the file grew) cuts the fragment
+    # off, records it in a signed "recovered" entry, then appends.
+    after = log.append("release", "alice", sha256="ab" * 32)
+    entries = list(read_entries(log.path))
+    assert [e["event"] for e in entries] == ["query"] * 3 + ["recovered", "release"]
+    recovered = entries[3]
+    assert recovered["seq"] == 4 and recovered["prev"] == last_good["hash"]
+    assert recovered["fragment"] == fragment.decode()
+    assert recovered["fragment_bytes"] == len(fragment)
+    assert recovered["fragment_sha256"] == hashlib.sha256(fragment).hexdigest()
+    assert after["seq"] == 5 and after["prev"] == recovered["hash"]
     report = verify(log.path, key.public_key())
-    assert not report.ok and report.first_bad == 4 and "JSON" in report.problem
-    # The entries after the torn fragment chain among themselves and to those before it.
+    assert report.ok and report.entries == 5
+
+
+def test_opening_the_log_recovers_a_torn_last_line(tmp_path, key):
+    log = _log_with(tmp_path, key, n=2)
+    with open(log.path, "ab") as handle:
+        handle.write(b'{"seq": 3, "ev')
+    assert not verify(log.path, key.public_key()).ok
+    AuditLog(log.path, key)  # e.g. the executor restarting after SIGKILL
+    report = verify(log.path, key.public_key())
+    assert report.ok and report.entries == 3
+    assert [e["event"] for e in read_entries(log.path)][-1] == "recovered"
+    assert AuditLog(log.path, key).recover() is None  # nothing more to do
+
+
+def test_only_a_torn_final_line_is_recovered(tmp_path, key):
+    log = _log_with(tmp_path, key, n=3)
     lines = _lines(log.path)
-    assert len(lines) == 5
-    repaired = tmp_path / "without-fragment.jsonl"
-    repaired.write_bytes(b"".join(lines[:3] + lines[4:]))
-    assert verify(repaired, key.public_key()).ok
+    lines[1] = lines[1][:20] + b"\n"  # a damaged line in the middle stays damaged
+    log.path.write_bytes(b"".join(lines))
+    AuditLog(log.path, key).append("query", "alice")
+    report = verify(log.path, key.public_key())
+    assert not report.ok and report.first_bad == 2
+    assert [e["event"] for e in read_entries(log.path)].count("recovered") == 0
 
 
 def test_reserved_and_unknown_names_are_refused(tmp_path, key):

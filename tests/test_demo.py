@@ -253,6 +253,14 @@ def test_scientist_and_owner_notebooks_run_against_the_demo(tmp_path, monkeypatc
         names = next(cell for source, cell in code.items() if 'select(col("name"))' in source)
         assert set(tables(names)[0]["name"].to_list()) == {"*"}
 
+        charts = [cell for source, cell in code.items() if ".plot." in source]
+        assert len(charts) == 5
+        for cell in charts:  # each chart cell ends with a Vega-Lite chart (the heatmap after the owner's approval)
+            results = [o for o in cell.outputs if o.get("output_type") == "execute_result"]
+            assert results and "application/vnd.vegalite.v5+json" in results[0]["data"], cell.source
+        described = tables(next(cell for source, cell in code.items() if "describe()" in source))[0]
+        assert described["statistic"].to_list()[:2] == ["count", "null_count"]
+
         refused = code["import os"]
         errors = [output for output in refused.outputs if output.output_type == "error"]
         assert errors and "import" in errors[0].evalue.lower()

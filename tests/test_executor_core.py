@@ -415,14 +415,29 @@ def test_a_type_mismatch_is_a_schema_error_naming_the_operation(open_catalog):
 
 
 def test_runtime_failures_carry_no_data_values(open_catalog):
-    # A format polars cannot apply fails while running; the message must be generic.
-    plan = op("select", input=scan, exprs=[fn("dt.strftime", col("admission_date"), format="%Q")])
+    # A pattern polars cannot compile fails while running; the message must be generic.
+    plan = op("select", input=scan, exprs=[fn("str.replace", col("diagnosis"), pattern="(flu", value="x")])
     with pytest.raises(BastionError) as caught:
         executor.evaluate(plan, open_catalog, "alice")
     assert caught.value.ename == "ExecutionError"
     text = caught.value.evalue + json.dumps(caught.value.details)
     assert "ComputeError" in text
-    assert "%Q" not in text and "Date" not in text
+    assert "(flu" not in text and "influenza" not in text
+
+
+@pytest.mark.parametrize("rows", ["all", "none"])
+def test_a_format_polars_cannot_apply_is_refused_before_running_whatever_the_rows(rows, open_catalog):
+    # polars checks a strftime format only against non-null values, so at run
+    # time the failure would tell whether any row was selected: it is checked
+    # on a sample value of the column's type instead, with the same error either way.
+    source = scan if rows == "all" else op("filter", input=scan, predicate=binary("lt", col("age"), lit(-1)))
+    plan = op("select", input=source, exprs=[fn("dt.strftime", col("admission_date"), format="%Q")])
+    with pytest.raises(BastionError) as caught:
+        executor.evaluate(plan, open_catalog, "alice")
+    assert caught.value.ename == "SchemaError"
+    assert caught.value.evalue == ("dt.strftime: the format cannot be applied to Date values "
+                                   "(for example %H on a Date)")
+    assert "2023" not in caught.value.evalue + json.dumps(caught.value.details)
 
 
 @pytest.mark.parametrize("plan_exponent,polars_exponent", [

@@ -153,9 +153,12 @@ def test_hidden_column_shows_stars(executor, owner_workspace):
     assert not any(name.encode() in frames[0] for name in secret_names)
 
 
-def test_save_is_refused_with_a_typed_error(executor):
+def test_save_answers_with_the_saved_name_or_a_typed_error(executor):
+    # (save and saved results in depth: tests/test_saved_results.py)
     kind, body, _ = executor.client("alice").request("save", {"plan": _aggregate_plan(), "name": "x", "text": ""})
-    assert kind == "error" and body["ename"] == "UnsupportedOperation"
+    assert kind == "ok" and body["name"] == "x", body
+    kind, body, _ = executor.client("alice").request("save", {"plan": _aggregate_plan(), "name": "../x", "text": ""})
+    assert kind == "error" and body["ename"] == "SchemaError"
 
 
 def test_kernel_client_round_trip(executor, owner_workspace):

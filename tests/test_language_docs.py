@@ -74,9 +74,9 @@ def test_inspect_shows_each_docstring():
         if op.receiver is None:
             code = op.name
         else:
-            receiver = {"RemoteFrame": "patients", "Expr": "e", "Expr.str": "e.str", "Expr.dt": "e.dt",
+            receiver = {"RemoteFrame": "patients", "Expr": "e", "Expr.str": "e.str", "Expr.dt": "e.dt", "Expr.dp": "e.dp",
                         "GroupBy": "patients.group_by('a')", "When": "when(e)",
-                        "Then": "when(e).then(1)"}[op.qualified_name.rsplit(".", 1)[0]]
+                        "Then": "when(e).then(1)", "RemoteFrame.plot": "patients.plot"}[op.qualified_name.rsplit(".", 1)[0]]
             code = f"{receiver}.{op.name}"
         text = interp.inspect(code, len(code))
         assert text is not None and op.doc in text, code

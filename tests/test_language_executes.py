@@ -25,8 +25,9 @@ ROWS = 800
 class ExecutorSession:
     """The Session seam answered by the executor's own functions, in process."""
 
-    def __init__(self, catalog: dict[str, Dataset]) -> None:
+    def __init__(self, catalog: dict[str, Dataset], directory) -> None:
         self.catalog = catalog
+        self.directory = directory
 
     def datasets(self) -> list[dict]:
         return [{"name": name, "schema": self.schema({"op": "scan", "dataset": name}),
@@ -44,7 +45,11 @@ class ExecutorSession:
         raise AssertionError("not used")
 
     def save(self, plan: dict, name: str, text: str) -> None:
-        raise AssertionError("not used")
+        # As the server does: the executor prepares the table, it becomes a dataset of its own.
+        table, policy = executor.prepare_save(plan, self.catalog)
+        path = self.directory / f"{name}.parquet"
+        table.write_parquet(path)
+        self.catalog[name] = Dataset(name, path, "parquet", policy)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +62,7 @@ def interp(tmp_path_factory) -> Interpreter:
     path = write_patients(tmp_path_factory.mktemp("data") / "patients.parquet", rows=ROWS)
     open_policy = Policy(min_group_size=1, unsafe="log")
     catalog = {"patients": Dataset("patients", path, "parquet", open_policy)}
-    interpreter = Interpreter(ExecutorSession(catalog))
+    interpreter = Interpreter(ExecutorSession(catalog, tmp_path_factory.mktemp("saved")))
     interpreter.run_cell('p = dataset("patients")')
     return interpreter
 

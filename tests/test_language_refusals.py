@@ -173,7 +173,7 @@ def test_nul_character_is_a_parse_error(interp):
 def test_language_never_touches_python_attributes(interp):
     # Registered handlers are reached by name only; a name that is a Python
     # attribute of the value (not in a registry) is refused.
-    for code in ("df.plan", "df.sources()", "df.describe", "col('a').nodes", "col('a').map",
+    for code in ("df.plan", "df.sources()", "df.summary", "col('a').nodes", "col('a').map",
                  "col('a').node", "df.group_by('a').frame", "datasets().datasets"):
         with pytest.raises(BastionError) as info:
             interp.run_cell(code)

@@ -85,6 +85,12 @@ def boundary(plan, catalog, smallest: int, **other_policies: Policy) -> None:
     assert f"fewer than {smallest + 1} rows of 'patients' (smallest: {smallest})" in error.evalue
 
 
+def contributors(frame: pl.DataFrame, keys: list[str], column: str) -> int:
+    """Smallest number, over groups, of rows whose ``column`` is neither null nor zero (plain polars)."""
+    value = pl.col(column)
+    return frame.group_by(keys).agg((value.is_not_null() & (value != 0)).sum().alias("c"))["c"].min()
+
+
 # ---------------------------------------------------------------- exact counts
 by_sex_zip = op("group_by", input=scan, keys=[col("sex"), col("zip")], aggs=[fn("mean", col("cost"))])
 
@@ -97,7 +103,9 @@ def test_group_by_counts_are_exact(raw, catalog):
 def test_filter_then_group_by_counts_only_rows_that_passed_the_filter(raw, catalog):
     plan = op("group_by", input=op("filter", input=scan, predicate=binary("gt", col("age"), lit(60))),
               keys=[col("diagnosis")], aggs=[fn("max", col("cost"))])
-    smallest = raw.filter(pl.col("age") > 60).group_by("diagnosis").len()["len"].min()
+    old = raw.filter(pl.col("age") > 60)
+    # The group size and the contribution rule: a null cost does not contribute to max(cost).
+    smallest = min(old.group_by("diagnosis").len()["len"].min(), contributors(old, ["diagnosis"], "cost"))
     boundary(plan, catalog, smallest)
 
 
@@ -130,6 +138,7 @@ def test_join_of_two_datasets_checks_each_source_against_its_own_k(raw, raw_zips
     exact = raw.join(raw_zips, on="zip").group_by("region", "sex").agg(
         pl.col("patient_id").n_unique().alias("p"), pl.col("zip").n_unique().alias("z"))
     smallest_p, smallest_z = exact["p"].min(), exact["z"].min()
+    smallest_p = min(smallest_p, contributors(raw.join(raw_zips, on="zip"), ["region", "sex"], "cost"))
     boundary(plan, catalog, smallest_p, zips=Policy(min_group_size=smallest_z))
     # The zips table's own K decides for its rows.
     action, error = outcome(plan, catalog(patients=Policy(min_group_size=1),
@@ -139,9 +148,17 @@ def test_join_of_two_datasets_checks_each_source_against_its_own_k(raw, raw_zips
 
 
 def test_nested_group_by_sums_counts_of_partitioning_groups(raw, catalog):
+    first = op("group_by", input=scan, keys=[col("sex"), col("zip")], aggs=[alias(length(), "n")])
+    plan = op("group_by", input=first, keys=[col("sex")], aggs=[alias(fn("max", col("n")), "max_n")])
+    boundary(plan, catalog, raw.group_by("sex").len()["len"].min())
+
+
+def test_nested_aggregates_keep_the_contributions_of_the_inner_groups(raw, catalog):
+    # max of the per-(sex, zip) means can be one inner mean: the inner groups'
+    # contributions count, not only the outer group's size.
     first = op("group_by", input=scan, keys=[col("sex"), col("zip")], aggs=[alias(fn("mean", col("cost")), "m")])
     plan = op("group_by", input=first, keys=[col("sex")], aggs=[alias(fn("max", col("m")), "max_mean")])
-    boundary(plan, catalog, raw.group_by("sex").len()["len"].min())
+    boundary(plan, catalog, contributors(raw, ["sex", "zip"], "cost"))
 
 
 def test_nested_group_by_after_a_join_is_not_guessed(catalog):
@@ -161,7 +178,8 @@ def test_concat_keeps_each_rows_own_counts(raw, catalog):
     plan = op("group_by", input=op("concat", inputs=[women, men]), keys=[col("sex"), col("smoker")],
               aggs=[fn("mean", col("age"))])
     # Each group is made of rows of one input only: the other occurrence did not feed it.
-    boundary(plan, catalog, raw.group_by("sex", "smoker").len()["len"].min())
+    smallest = min(raw.group_by("sex", "smoker").len()["len"].min(), contributors(raw, ["sex", "smoker"], "age"))
+    boundary(plan, catalog, smallest)
 
 
 def test_counts_survive_sort_head_and_filter_of_aggregates(raw, catalog):

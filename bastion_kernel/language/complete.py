@@ -389,7 +389,7 @@ def describe_value(interp: "Interpreter", value: Any, detail_level: int = 0, lab
 
 
 def _frame_help(interp: "Interpreter", frame: RemoteFrame, detail_level: int, label: str) -> str:
-    lines = [f"{label}: {frame.describe()}", ""]
+    lines = [f"{label}: {frame.summary()}", ""]
     try:
         schema = interp.ctx.schema(frame.plan)
         lines.append("Schema:")

@@ -8,6 +8,7 @@ session (the executor), and no row ever lives on this side except in a
 """
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from bastion_kernel import plan as P
@@ -45,14 +46,17 @@ class RemoteFrame:
                     stack.append(node[key])
         return list(dict.fromkeys(found))
 
-    def describe(self) -> str:
-        """A short readable summary: the sources and the plan as polars-like text."""
+    def summary(self) -> str:
+        """A short readable summary: the sources and the plan as polars-like text (the repr).
+
+        Not the language's ``describe()``, which computes statistics on the executor.
+        """
         return (f"RemoteFrame (lazy; nothing fetched) over {', '.join(self.sources()) or 'no dataset'}:\n"
                 f"  {plan_to_polars_text(self.plan)}\n"
                 "Use .fetch() to run it through the owner's policy.")
 
     def __repr__(self) -> str:
-        return self.describe()
+        return self.summary()
 
 
 class GroupBy:
@@ -546,16 +550,26 @@ def frame_count(ctx: Context, frame: RemoteFrame) -> RemoteFrame:
 def frame_collect(ctx: Context, frame: RemoteFrame) -> RemoteFrame:
     """Materialize the frame on the owner's side (it stays remote).
 
+    The query runs now and its result is kept on the owner's side under a
+    generated name, as with ``save`` (the same policy checks apply: the owner
+    must allow saving, and the result's rows must not repeat source rows);
+    later queries on the returned frame read that result instead of
+    recomputing it.
+
     Returns
     -------
     RemoteFrame
-        A remote frame with the same content; use ``.fetch()`` to see rows.
+        A remote frame over the materialized result; use ``.fetch()`` to see rows.
 
     Examples
     --------
     >>> adults = patients.filter(col("age") >= 18).collect()
     """
-    return frame
+    ctx.require_effects("collect()")
+    name = f"collected_{uuid.uuid4().hex[:12]}"
+    ctx.session.save(frame.plan, name, ctx.cell_text)
+    ctx.forget_remote_state()
+    return RemoteFrame(P.frame_op("saved", name=name))
 
 
 @method(RemoteFrame, "lazy")
@@ -615,6 +629,7 @@ def frame_save(ctx: Context, frame: RemoteFrame, name: str) -> RemoteFrame:
     check_name(name, "save()")
     ctx.require_effects("save()")
     ctx.session.save(frame.plan, name, ctx.cell_text)
+    ctx.forget_remote_state()
     return RemoteFrame(P.frame_op("saved", name=name))
 
 
@@ -713,6 +728,8 @@ def fn_dataset(ctx: Context, name: str) -> RemoteFrame:
     if name not in known:
         raise SchemaError(f"no dataset named {name!r}{suggest(name, [k for k in known if isinstance(k, str)])}; "
                           "datasets() lists them")
+    if any(d.get("name") == name and d.get("saved") is True for d in ctx.datasets()):
+        return RemoteFrame(P.frame_op("saved", name=name))  # one of your saved results
     return RemoteFrame(P.scan(name))
 
 
@@ -807,8 +824,10 @@ def fn_sql(ctx: Context, query: str) -> RemoteFrame:
 def sql_plan(ctx: Context, query: str) -> dict:
     """The plan of a SQL query, with the datasets' schemas as its tables."""
     from .sql import sql_to_plan  # imported when used: the SQL front end is a separate layer
-    tables = {d["name"]: d["schema"] for d in ctx.datasets() if isinstance(d.get("name"), str)}
-    return sql_to_plan(query, tables)
+    described = [d for d in ctx.datasets() if isinstance(d.get("name"), str)]
+    tables = {d["name"]: d["schema"] for d in described}
+    # The executor marks the scientist's own saved results (save/collect) with "saved": true.
+    return sql_to_plan(query, tables, saved=[d["name"] for d in described if d.get("saved") is True])
 
 
 @function("request")

@@ -24,6 +24,8 @@ from .errors import (BastionError, ExecutionError, LimitExceeded, ParseError, Sc
 from .expr import PYTHON_TYPE_TARGETS, SCALAR_TYPES, DType, Expr, describe_value, to_node
 from .frame import RemoteFrame, sql_plan
 from .namespaces import POLARS_MODULE, PolarsModule, polars_attribute
+from . import describe, plot  # noqa: F401 - registers frame.describe() and frame.plot
+from . import dp as _dp  # noqa: F401 - registers expr.dp, frame.dp_preview() and budget()
 from .registry import FUNCTIONS, BoundOperation, Context, Operation, attribute_names, methods_of, properties_of
 from .session import Session
 

@@ -54,6 +54,11 @@ class Context:
         """The dataset list if it was already fetched (never asks the session)."""
         return self._datasets
 
+    def forget_remote_state(self) -> None:
+        """Drop cached schemas and the dataset list (after ``save`` changed what the executor holds)."""
+        self._schemas.clear()
+        self._datasets = None
+
     def require_effects(self, what: str) -> None:
         """Refuse an operation with effects while completing or inspecting."""
         if self.pure:
@@ -200,7 +205,7 @@ def attribute_names(cls: type) -> list[str]:
 
 def _load_all() -> None:
     # Registration happens when the modules defining handlers are imported.
-    from . import expr, frame, namespaces  # noqa: F401
+    from . import describe, dp, expr, frame, namespaces, plot  # noqa: F401
 
 
 def documented_operations() -> list[Operation]:

@@ -31,3 +31,9 @@ class Session(Protocol):
 
     def save(self, plan: dict, name: str, text: str) -> None:
         """Keep a result on the owner's side under ``name``."""
+
+    def dp_preview(self, plan: dict) -> FetchedTable:
+        """What a differentially private query would cost and its expected error, as a table."""
+
+    def budget(self) -> FetchedTable:
+        """The scientist's privacy budget on each differentially private dataset, as a table."""

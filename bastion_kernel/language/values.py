@@ -37,3 +37,23 @@ class DatasetList:
     """What ``datasets()`` returns: the executor's dataset descriptions."""
 
     datasets: list[dict]
+
+
+@dataclass
+class Chart:
+    """A chart of released aggregates: a Vega-Lite v5 spec and the rows it draws.
+
+    ``spec`` is the spec without its data; ``rows`` are the released
+    aggregates as JSON-ready dicts (one per mark, columns in ``columns``
+    order), inlined into the spec by the display layer as ``data.values`` and
+    shown as the text fallback.  ``notes`` are the executor's remarks on every
+    fetch the chart needed plus the chart's own (bins left out, values
+    hidden); ``request_ids`` are the owner's approvals it used.
+    """
+
+    kind: str
+    spec: dict
+    columns: list[str]
+    rows: list[dict]
+    notes: list[str] = field(default_factory=list)
+    request_ids: list[int] = field(default_factory=list)

@@ -1,0 +1,533 @@
+"""Charts: ``frame.plot.<kind>(...)``, computed as aggregates on the owner's side.
+
+Each chart method builds ordinary aggregate plans (a ``group_by`` over bin or
+category keys) and fetches them through the session: the same validation,
+policy and audit path as any ``.fetch()``, so a chart draws only what the
+owner's policy releases.  Histograms and heatmaps place their bin edges from
+the column's min and max, fetched first as a global aggregate (released under
+the policy too), unless ``range=`` gives them.  Bins are computed with plan
+arithmetic the executor already knows: ``(x - low) // width``, clipped to the
+last bin and cast to an integer bin index.
+
+A method returns a :class:`~bastion_kernel.language.values.Chart`: a Vega-Lite
+v5 spec without data and the released rows; :mod:`bastion_kernel.display`
+inlines the rows and renders it.  Nothing here imports polars: released
+tables are read through their own ``columns``, ``schema`` and ``iter_rows``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from bastion_kernel import plan as P
+from bastion_kernel.protocol import BastionError
+
+from .errors import SchemaError, UnsupportedOperation, suggest
+from .expr import describe_value, is_number, to_node
+from .frame import RemoteFrame
+from .registry import Context, method, prop
+from .values import Chart
+
+MAX_BINS = 200
+VEGA_LITE_SCHEMA = "https://vega.github.io/schema/vega-lite/v5.json"
+# agg= names a chart accepts -> the plan function that computes them ("count" counts rows).
+AGGREGATIONS = ("mean", "sum", "median", "min", "max", "std", "var", "count", "n_unique")
+BOX_STATS = (("min", "min", None), ("q1", "quantile", 0.25), ("median", "quantile", 0.5),
+             ("q3", "quantile", 0.75), ("max", "max", None))
+BOX_INTERPOLATION = "linear"
+_NUMERIC = ("Int8", "Int16", "Int32", "Int64", "Int128", "UInt8", "UInt16", "UInt32", "UInt64",
+            "Float32", "Float64", "Decimal")
+_TEMPORAL = ("Date", "Datetime")
+
+
+class PlotNamespace:
+    """Chart methods of a remote frame (``frame.plot``)."""
+
+    type_name = "RemoteFrame.plot"
+
+    def __init__(self, frame: RemoteFrame) -> None:
+        self.frame = frame
+
+    def __repr__(self) -> str:
+        return (f"<chart methods of a frame over {', '.join(self.frame.sources()) or 'no dataset'}: "
+                "bar, box, heatmap, hist, line>")
+
+
+@prop(RemoteFrame, "plot")
+def frame_plot(ctx: Context, frame: RemoteFrame) -> PlotNamespace:
+    """Charts of the frame, computed as aggregates by the owner's executor.
+
+    Returns
+    -------
+    PlotNamespace
+        Its methods (``hist``, ``bar``, ``line``, ``box``, ``heatmap``) fetch
+        the aggregates through the owner's policy and return a chart.
+
+    Examples
+    --------
+    >>> patients.plot.hist("age", bins=20)
+    """
+    return PlotNamespace(frame)
+
+
+# --------------------------------------------------------------------------
+# Building blocks.
+
+def vega_lite_type(dtype: str) -> str:
+    """The Vega-Lite field type of a polars dtype name."""
+    base = str(dtype).split("(", 1)[0].split("[", 1)[0]
+    if base in _NUMERIC:
+        return "quantitative"
+    if base in _TEMPORAL:
+        return "temporal"
+    return "nominal"
+
+
+def _key(value: Any, what: str) -> tuple[dict, str]:
+    """An expression node for a chart axis and the column name it produces."""
+    node = to_node(value, what, str_as="col")
+    name = P.output_name(node)
+    if name is None or (node.get("expr") == "lit"):
+        raise SchemaError(f"{what} takes a column name or an expression over a column, not a literal")
+    return node, name
+
+
+def _optional_key(value: Any, what: str) -> tuple[dict, str] | None:
+    return None if value is None else _key(value, what)
+
+
+def _distinct(names: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise SchemaError(f"{what}: the column {name!r} is used twice; give the expressions "
+                              "different names with .alias(...)")
+        seen.add(name)
+
+
+def _aggregation(agg: Any, value: dict | None, value_name: str | None, what: str) -> tuple[dict, str]:
+    """The aggregate expression for ``agg=`` over ``value`` (rows counted when there is no value)."""
+    if not isinstance(agg, str) or agg not in AGGREGATIONS:
+        raise UnsupportedOperation(f"{what}: agg must be one of {', '.join(AGGREGATIONS)}, not "
+                                   f"{describe_value(agg)}{suggest(str(agg), AGGREGATIONS)}")
+    if value is None:
+        if agg != "count":
+            raise SchemaError(f"{what}: agg={agg!r} needs a value column (y); without one the chart counts rows")
+        return P.alias(P.length(), "count"), "count"
+    name = f"{agg}_{value_name}"
+    return P.alias(P.fn(agg, value), name), name
+
+
+def _bin_count(value: Any, what: str, limit: int = MAX_BINS) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= limit:
+        return value
+    raise SchemaError(f"{what}: bins must be a whole number from 1 to {limit}, not {describe_value(value)}")
+
+
+def _range(value: Any, what: str) -> tuple[float, float]:
+    if (isinstance(value, (list, tuple)) and len(value) == 2 and all(is_number(v) for v in value)
+            and all(math.isfinite(v) for v in value) and value[0] < value[1]):
+        return float(value[0]), float(value[1])
+    raise SchemaError(f"{what}: range must be (low, high) with low < high, not {describe_value(value)}")
+
+
+class _Fetcher:
+    """Fetches a chart's plans through the session and gathers their notes and approvals."""
+
+    def __init__(self, ctx: Context, what: str) -> None:
+        ctx.require_effects(what)
+        self.ctx = ctx
+        self.notes: list[str] = []
+        self.request_ids: list[int] = []
+
+    def rows(self, plan: dict) -> tuple[list[dict], dict[str, str]]:
+        """The released rows of ``plan`` as dicts, and its ``{column: dtype}``."""
+        fetched = self.ctx.session.fetch(plan, self.ctx.cell_text)
+        for note in fetched.notes:
+            if note not in self.notes:
+                self.notes.append(note)
+        if fetched.request_id is not None:
+            self.request_ids.append(fetched.request_id)
+        frame = fetched.frame
+        if frame is None:
+            return [], {}
+        schema = {name: str(dtype) for name, dtype in frame.schema.items()}
+        return list(frame.iter_rows(named=True)), schema
+
+    def chart(self, kind: str, spec: dict, columns: list[str], rows: list[dict]) -> Chart:
+        return Chart(kind=kind, spec=spec, columns=columns, rows=rows, notes=self.notes,
+                     request_ids=self.request_ids)
+
+
+def _plotted(rows: list[dict], values: list[str], fetcher: _Fetcher, unit: str) -> list[dict]:
+    """The rows whose values can be drawn; a note says how many were left out and why."""
+    kept = [row for row in rows if all(is_number(row.get(v)) for v in values)]
+    hidden = [row for row in rows if any(row.get(v) == "*" for v in values)]
+    left_out = len(rows) - len(kept)
+    if hidden:
+        fetcher.notes.append(f"{len(hidden)} {unit}(s) not drawn: their values are hidden (*) by the "
+                             "owner's policy")
+    elif left_out:
+        fetcher.notes.append(f"{left_out} {unit}(s) not drawn: no value (null, or withheld by the owner's policy)")
+    return kept
+
+
+def _sorted(rows: list[dict], keys: list[str]) -> list[dict]:
+    # Released keys may mix types (a hidden key is "*"), so sort on a type-tagged form.
+    def order(row: dict) -> tuple:
+        return tuple((row.get(k) is None, type(row.get(k)).__name__, row.get(k) if row.get(k) is not None else 0)
+                     for k in keys)
+    try:
+        return sorted(rows, key=order)
+    except TypeError:
+        return rows
+
+
+def _extent(fetcher: _Fetcher, frame: RemoteFrame, columns: list[tuple[dict, str]], what: str) -> list:
+    """``[(low, high) | None, ...]`` of each column, fetched as one global aggregate."""
+    exprs = []
+    for index, (node, _) in enumerate(columns):
+        exprs += [P.alias(P.fn("min", node), f"min_{index}"), P.alias(P.fn("max", node), f"max_{index}")]
+    rows, _ = fetcher.rows(P.frame_op("select", input=frame.plan, exprs=exprs))
+    row = rows[0] if rows else {}
+    extents = []
+    for index, (_, name) in enumerate(columns):
+        low, high = row.get(f"min_{index}"), row.get(f"max_{index}")
+        if low == "*" or high == "*":
+            raise BastionError("PolicyViolation", f"{what}: the column {name!r} is hidden by the owner's policy; "
+                                                  "its values cannot be binned")
+        if low is None or high is None:
+            extents.append(None)
+            continue
+        if not (is_number(low) and is_number(high)):
+            raise SchemaError(f"{what} bins numbers; {name!r} holds {describe_value(low)}. For dates, use "
+                              f"plot.bar or plot.line over col({name!r}).dt.truncate('1mo')")
+        low, high = float(low), float(high)
+        extents.append((low, high if high > low else low + 1.0))
+    return extents
+
+
+def _bin_index(node: dict, low: float, high: float, bins: int) -> tuple[dict, dict, float]:
+    """The filter keeping values in ``[low, high]`` and the bin index expression, and the bin width."""
+    width = (high - low) / bins
+    index = P.fn("cast", P.fn("clip", P.binary("floordiv", P.binary("sub", node, P.lit(low)), P.lit(width)),
+                              lower=0, upper=bins - 1), dtype="Int64")
+    inside = P.fn("is_between", node, lower=P.lit(low), upper=P.lit(high), closed="both")
+    return inside, index, width
+
+
+def _color(by: tuple[dict, str] | None) -> dict:
+    if by is None:
+        return {}
+    return {"color": {"field": by[1], "type": "nominal", "title": by[1]}}
+
+
+def _spec(mark: Any, encoding: dict, title: str, **extra: Any) -> dict:
+    return {"$schema": VEGA_LITE_SCHEMA, "title": title, "mark": mark, "encoding": encoding, **extra}
+
+
+# --------------------------------------------------------------------------
+# The chart methods.
+
+@method(PlotNamespace, "hist")
+def plot_hist(ctx: Context, plot: PlotNamespace, column: Any, bins: int = 10, by: Any = None,
+              range: Any = None) -> Chart:  # noqa: A002 - polars' and numpy's name for it
+    """A histogram: row counts in equal-width bins of a numeric column.
+
+    The bins are counted on the owner's side; a bin with fewer rows than the
+    owner's K is held for review, refused or left out, as the policy says.
+
+    Parameters
+    ----------
+    column : str or Expr
+        The numeric column to bin.
+    bins : int, default 10
+        Number of bins (1 to 200).
+    by : str or Expr, optional
+        A column whose values split each bin (stacked, one colour each).
+    range : tuple of float, optional
+        ``(low, high)`` of the bins; by default the column's min and max,
+        fetched first as an aggregate.
+
+    Returns
+    -------
+    Chart
+        Drawn as Vega-Lite, with a text table of the counts as fallback.
+
+    Examples
+    --------
+    >>> patients.plot.hist("age", bins=20)
+    >>> patients.plot.hist("cost", bins=30, by="sex", range=(0, 20000))
+    """
+    what = "plot.hist()"
+    key = _key(column, what)
+    group = _optional_key(by, what)
+    count = _bin_count(bins, what)
+    _distinct(["bin", "count"] + ([group[1]] if group else []), what)
+    fetcher = _Fetcher(ctx, what)
+    extent = _range(range, what) if range is not None else _extent(fetcher, plot.frame, [key], what)[0]
+    columns = ["bin_start", "bin_end", "count"] + ([group[1]] if group else [])
+    encoding = {
+        "x": {"field": "bin_start", "type": "quantitative", "bin": {"binned": True}, "title": key[1]},
+        "x2": {"field": "bin_end"},
+        "y": {"field": "count", "type": "quantitative", "title": "count", "stack": True},
+        **_color(group),
+    }
+    spec = _spec("bar", encoding, f"{key[1]}: counts in {count} bins")
+    if extent is None:
+        fetcher.notes.append(f"{key[1]!r} has no values to bin")
+        return fetcher.chart("hist", spec, columns, [])
+    low, high = extent
+    inside, index, width = _bin_index(key[0], low, high, count)
+    keys = [P.alias(index, "bin")] + ([group[0]] if group else [])
+    plan = P.frame_op("group_by", input=P.frame_op("filter", input=plot.frame.plan, predicate=inside),
+                      keys=keys, aggs=[P.alias(P.length(), "count")])
+    rows, _ = fetcher.rows(plan)
+    drawn = []
+    for row in _plotted(rows, ["count", "bin"], fetcher, "bin"):
+        out = {"bin_start": low + row["bin"] * width, "bin_end": low + (row["bin"] + 1) * width,
+               "count": row["count"]}
+        if group:
+            out[group[1]] = row.get(group[1])
+        drawn.append(out)
+    return fetcher.chart("hist", spec, columns, _sorted(drawn, ["bin_start"] + ([group[1]] if group else [])))
+
+
+def _grouped_chart(ctx: Context, plot: PlotNamespace, kind: str, x: Any, y: Any, agg: Any, by: Any) -> Chart:
+    what = f"plot.{kind}()"
+    key = _key(x, what)
+    value = _optional_key(y, what)
+    group = _optional_key(by, what)
+    aggregate, value_name = _aggregation(agg, value[0] if value else None, value[1] if value else None, what)
+    names = [key[1]] + ([group[1]] if group else [])
+    _distinct(names + [value_name], what)
+    fetcher = _Fetcher(ctx, what)
+    plan = P.frame_op("group_by", input=plot.frame.plan, keys=[key[0]] + ([group[0]] if group else []),
+                      aggs=[aggregate])
+    rows, schema = fetcher.rows(plan)
+    unit = "bar" if kind == "bar" else "point"
+    drawn = _sorted([{n: row.get(n) for n in names + [value_name]}
+                     for row in _plotted(rows, [value_name], fetcher, unit)], names)
+    x_type = vega_lite_type(schema.get(key[1], "String"))
+    title = f"{agg} of {value[1]} by {key[1]}" if value else f"rows by {key[1]}"
+    y_encoding = {"field": value_name, "type": "quantitative", "title": value_name}
+    if kind == "bar":
+        encoding = {"x": {"field": key[1], "type": "nominal" if x_type == "quantitative" else x_type,
+                          "title": key[1]},
+                    "y": y_encoding, **_color(group)}
+        if group:
+            encoding["xOffset"] = {"field": group[1], "type": "nominal"}
+        spec = _spec("bar", encoding, title)
+    else:
+        encoding = {"x": {"field": key[1], "type": "ordinal" if x_type == "nominal" else x_type, "title": key[1]},
+                    "y": y_encoding, **_color(group)}
+        spec = _spec({"type": "line", "point": True}, encoding, title)
+    return fetcher.chart(kind, spec, names + [value_name], drawn)
+
+
+@method(PlotNamespace, "bar")
+def plot_bar(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str = "mean", by: Any = None) -> Chart:
+    """A bar chart: one aggregate of ``y`` per category of ``x``.
+
+    Each bar is a group of the owner's data; a group with fewer rows than
+    the owner's K is held for review, refused or left out, as the policy says.
+
+    Parameters
+    ----------
+    x : str or Expr
+        The categories (one bar each).
+    y : str or Expr, optional
+        The value to aggregate; without it the bars count rows (use ``agg="count"``).
+    agg : str, default "mean"
+        "mean", "sum", "median", "min", "max", "std", "var", "count" or "n_unique".
+    by : str or Expr, optional
+        A column whose values split each bar (side by side, one colour each).
+
+    Returns
+    -------
+    Chart
+        Drawn as Vega-Lite, with a text table of the aggregates as fallback.
+
+    Examples
+    --------
+    >>> patients.plot.bar("sex", "cost", agg="mean")
+    >>> patients.plot.bar("diagnosis", agg="count", by="sex")
+    """
+    return _grouped_chart(ctx, plot, "bar", x, y, agg, by)
+
+
+@method(PlotNamespace, "line")
+def plot_line(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str = "sum", by: Any = None) -> Chart:
+    """A line chart: one aggregate of ``y`` per value of ``x``, in order of ``x``.
+
+    Parameters
+    ----------
+    x : str or Expr
+        The ordered axis: a date, a number or a category (for example
+        ``col("admission_date").dt.truncate("1mo")``).
+    y : str or Expr, optional
+        The value to aggregate; without it the line counts rows (use ``agg="count"``).
+    agg : str, default "sum"
+        "mean", "sum", "median", "min", "max", "std", "var", "count" or "n_unique".
+    by : str or Expr, optional
+        A column whose values make one line each.
+
+    Returns
+    -------
+    Chart
+        Drawn as Vega-Lite, with a text table of the aggregates as fallback.
+
+    Examples
+    --------
+    >>> patients.plot.line(col("admission_date").dt.truncate("1mo").alias("month"), "cost", agg="sum")
+    >>> patients.plot.line(col("admission_date").dt.year().alias("year"), agg="count", by="sex")
+    """
+    return _grouped_chart(ctx, plot, "line", x, y, agg, by)
+
+
+@method(PlotNamespace, "box")
+def plot_box(ctx: Context, plot: PlotNamespace, x: Any, y: Any, by: Any = None) -> Chart:
+    """A box plot: min, quartiles and max of ``y`` per category of ``x``.
+
+    Only aggregates are drawn: the whiskers span min to max and no
+    individual (outlier) point leaves the owner's side.
+
+    Parameters
+    ----------
+    x : str or Expr
+        The categories (one box each).
+    y : str or Expr
+        The numeric value summarized.
+    by : str or Expr, optional
+        A column whose values split each category (side by side, one colour each).
+
+    Returns
+    -------
+    Chart
+        Drawn as Vega-Lite, with a text table of min, q1, median, q3, max and count.
+
+    Examples
+    --------
+    >>> patients.plot.box("diagnosis", "cost")
+    >>> patients.plot.box("sex", "length_of_stay", by="smoker")
+    """
+    what = "plot.box()"
+    key = _key(x, what)
+    value = _key(y, what)
+    group = _optional_key(by, what)
+    names = [key[1]] + ([group[1]] if group else [])
+    stats = [name for name, _, _ in BOX_STATS]
+    _distinct(names + stats + ["count"], what)
+    aggs = []
+    for name, function, quantile in BOX_STATS:
+        node = (P.fn(function, value[0]) if quantile is None else
+                P.fn(function, value[0], quantile=quantile, interpolation=BOX_INTERPOLATION))
+        aggs.append(P.alias(node, name))
+    aggs.append(P.alias(P.length(), "count"))
+    fetcher = _Fetcher(ctx, what)
+    rows, schema = fetcher.rows(P.frame_op("group_by", input=plot.frame.plan,
+                                           keys=[key[0]] + ([group[0]] if group else []), aggs=aggs))
+    columns = names + stats + ["count"]
+    drawn = _sorted([{n: row.get(n) for n in columns} for row in _plotted(rows, stats, fetcher, "box")], names)
+    x_type = vega_lite_type(schema.get(key[1], "String"))
+    x = {"field": key[1], "type": "nominal" if x_type == "quantitative" else x_type, "title": key[1]}
+    common = {"x": x, **_color(group)}
+    if group:
+        common["xOffset"] = {"field": group[1], "type": "nominal"}
+    layers = [
+        {"mark": {"type": "rule"}, "encoding": {**common, "y": {"field": "min", "type": "quantitative",
+                                                                 "title": value[1]}, "y2": {"field": "max"}}},
+        {"mark": {"type": "bar", "size": 14}, "encoding": {**common, "y": {"field": "q1", "type": "quantitative"},
+                                                           "y2": {"field": "q3"}}},
+        {"mark": {"type": "tick", "color": "white", "size": 14},
+         "encoding": {"x": x, **({"xOffset": common["xOffset"]} if group else {}),
+                      "y": {"field": "median", "type": "quantitative"}}},
+    ]
+    spec = {"$schema": VEGA_LITE_SCHEMA, "title": f"{value[1]} by {key[1]} (min, quartiles, max)", "layer": layers}
+    return fetcher.chart("box", spec, columns, drawn)
+
+
+@method(PlotNamespace, "heatmap")
+def plot_heatmap(ctx: Context, plot: PlotNamespace, x: Any, y: Any, bins: Any = (20, 20), by: Any = None,
+                 range: Any = None) -> Chart:  # noqa: A002
+    """A 2-D histogram: row counts in a grid of bins of two numeric columns.
+
+    In place of a scatter plot (which would release every row), the grid's
+    cells are counted on the owner's side; a cell with fewer rows than the
+    owner's K is held for review, refused or left out, as the policy says.
+
+    Parameters
+    ----------
+    x, y : str or Expr
+        The two numeric columns.
+    bins : int or tuple of int, default (20, 20)
+        Number of bins along x and y (1 to 200 each).
+    by : str or Expr, optional
+        A column whose values get one grid each, side by side.
+    range : tuple, optional
+        ``((x_low, x_high), (y_low, y_high))``; by default the columns' min
+        and max, fetched first as an aggregate.
+
+    Returns
+    -------
+    Chart
+        Drawn as Vega-Lite, with a text table of the counts as fallback.
+
+    Examples
+    --------
+    >>> patients.plot.heatmap("age", "cost", bins=(20, 20))
+    >>> patients.plot.heatmap("age", "length_of_stay", bins=10, by="sex")
+    """
+    what = "plot.heatmap()"
+    keys = [_key(x, what), _key(y, what)]
+    group = _optional_key(by, what)
+    counts = [bins, bins] if isinstance(bins, int) and not isinstance(bins, bool) else bins
+    if not isinstance(counts, (list, tuple)) or len(counts) != 2:
+        raise SchemaError(f"{what}: bins must be a whole number or a pair of them, not {describe_value(bins)}")
+    counts = [_bin_count(c, what) for c in counts]
+    fetcher = _Fetcher(ctx, what)
+    if range is not None:
+        if not isinstance(range, (list, tuple)) or len(range) != 2:
+            raise SchemaError(f"{what}: range must be ((x_low, x_high), (y_low, y_high))")
+        extents = [_range(r, what) for r in range]
+    else:
+        extents = _extent(fetcher, plot.frame, keys, what)
+    axes = ["x", "y"]
+    columns = [f"{keys[0][1]}_start", f"{keys[0][1]}_end", f"{keys[1][1]}_start", f"{keys[1][1]}_end", "count"]
+    columns += [group[1]] if group else []
+    _distinct(columns + ["bin_x", "bin_y"], what)
+    encoding: dict = {
+        "x": {"field": columns[0], "type": "quantitative", "bin": {"binned": True}, "title": keys[0][1]},
+        "x2": {"field": columns[1]},
+        "y": {"field": columns[2], "type": "quantitative", "bin": {"binned": True}, "title": keys[1][1]},
+        "y2": {"field": columns[3]},
+        "color": {"field": "count", "type": "quantitative", "title": "count"},
+    }
+    if group:
+        encoding["column"] = {"field": group[1], "type": "nominal", "title": group[1]}
+    spec = _spec("rect", encoding, f"{keys[1][1]} against {keys[0][1]}: counts in {counts[0]}×{counts[1]} bins")
+    if any(e is None for e in extents):
+        fetcher.notes.append("no rows have values in both columns")
+        return fetcher.chart("heatmap", spec, columns, [])
+    predicate, bin_keys, widths = None, [], []
+    for (node, _), (low, high), count, axis in zip(keys, extents, counts, axes):
+        inside, index, width = _bin_index(node, low, high, count)
+        predicate = inside if predicate is None else P.binary("and", predicate, inside)
+        bin_keys.append(P.alias(index, f"bin_{axis}"))
+        widths.append(width)
+    plan = P.frame_op("group_by", input=P.frame_op("filter", input=plot.frame.plan, predicate=predicate),
+                      keys=bin_keys + ([group[0]] if group else []), aggs=[P.alias(P.length(), "count")])
+    rows, _ = fetcher.rows(plan)
+    drawn = []
+    for row in _plotted(rows, ["count", "bin_x", "bin_y"], fetcher, "cell"):
+        (x_low, _), (y_low, _) = extents
+        out = {columns[0]: x_low + row["bin_x"] * widths[0], columns[1]: x_low + (row["bin_x"] + 1) * widths[0],
+               columns[2]: y_low + row["bin_y"] * widths[1], columns[3]: y_low + (row["bin_y"] + 1) * widths[1],
+               "count": row["count"]}
+        if group:
+            out[group[1]] = row.get(group[1])
+        drawn.append(out)
+    return fetcher.chart("heatmap", spec, columns, _sorted(drawn, columns[:1] + columns[2:3]))
+
+
+__all__ = ["PlotNamespace", "AGGREGATIONS", "MAX_BINS", "vega_lite_type"]

@@ -1,0 +1,89 @@
+"""Memory: one copy of a dataset, however many sessions use it.
+
+A real executor on 127.0.0.1 serves one generated table (``--rows``,
+Parquet).  Eight scientists, each with its own connection, send aggregates
+over it at the same time (``--rounds`` each, different group keys and
+filters).  The executor's peak resident memory (``VmHWM`` in
+``/proc/PID/status``) is compared with the table's in-memory size (polars'
+``estimated_size``) and with the same process before any dataset was read.
+Target: peak <= 1.2 x in-memory size + 200 MB.
+
+Run: ``python benchmarks/bench_memory.py [--rows 10000000] [--rounds 5] [--sessions 8] [--proposed]``
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+from pathlib import Path
+
+import polars as pl
+
+from bastion_kernel import plan as P
+from harness import RawClient, machine, make_table, proc_status_bytes, served
+
+SESSIONS = 8
+MB = 1_000_000
+
+
+def session_plan(index: int, round_: int) -> dict:
+    keys = ["group", "key", "c", "group"][(index + round_) % 4]
+    filtered = P.frame_op("filter", input=P.scan("big"),
+                          predicate=P.binary("gt", P.col("d"), P.lit(round(0.1 * (index % 5), 1))))
+    return P.frame_op("group_by", input=filtered, keys=[P.col(keys)], aggs=[
+        P.alias(P.fn("mean", P.col("a")), "mean_a"), P.alias(P.fn("sum", P.col("b")), "sum_b"),
+        P.alias(P.length(), "n")])
+
+
+def session(running, name: str, index: int, rounds: int, errors: list[str]) -> None:
+    keys = running.keys[name]
+    with RawClient(running.endpoint, running.server_public_key, keys.public, keys.secret) as client:
+        for round_ in range(rounds):
+            kind, body, _ = client.request("fetch", {"plan": session_plan(index, round_), "text": "memory"},
+                                           timeout=600)
+            if kind != "result":
+                errors.append(f"{name}: {kind} {body}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sessions", type=int, default=SESSIONS)
+    parser.add_argument("--proposed", action="store_true",
+                        help="apply the proposed engine change (large Parquet files scanned lazily and streamed)")
+    args = parser.parse_args()
+    print(machine())
+    with tempfile.TemporaryDirectory(prefix="bastion-bench-") as tmp:
+        tmp = Path(tmp)
+        path = tmp / "big.parquet"
+        table = make_table(args.rows)
+        table.write_parquet(path)
+        size = pl.read_parquet(path).estimated_size()
+        del table
+        scientists = [f"s{i}" for i in range(args.sessions)]
+        with served({"big": (path, {"min_group_size": 10})}, scientists, tmp, streaming=args.proposed) as running:
+            pid = running.process.pid
+            before = proc_status_bytes(pid, "VmHWM")
+            errors: list[str] = []
+            threads = [threading.Thread(target=session, args=(running, name, i, args.rounds, errors))
+                       for i, name in enumerate(scientists)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            peak, now = proc_status_bytes(pid, "VmHWM"), proc_status_bytes(pid, "VmRSS")
+            if errors:
+                raise SystemExit("\n".join(errors[:5]))
+    target = 1.2 * size + 200 * MB
+    print(f"executor: {'with the proposed streaming change' if args.proposed else 'as it is today'}")
+    print(f"dataset: {args.rows:,} rows, in memory {size / MB:.0f} MB (polars estimated_size)")
+    print(f"executor before any dataset was read: peak RSS {before / MB:.0f} MB")
+    print(f"executor after {args.sessions} sessions x {args.rounds} concurrent aggregates: peak RSS (VmHWM) {peak / MB:.0f} MB, "
+          f"RSS now {now / MB:.0f} MB")
+    print(f"peak / dataset = {peak / size:.2f}; target <= 1.2 x {size / MB:.0f} + 200 = {target / MB:.0f} MB: "
+          f"{'met' if peak <= target else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""What the process-level benchmarks share: data, a real executor, scientists, statistics.
+
+The executor, workspaces and keys are made with the test suite's own helpers
+(``tests/conftest.py``: :func:`make_keys`, :func:`start_executor`), so a
+benchmark measures exactly the processes the end-to-end tests check.
+Everything runs on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import polars as pl
+
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+from conftest import ExecutorProcess, KeyPair, make_keys, start_executor  # noqa: E402
+from owner_console.workspace import Workspace  # noqa: E402
+from wire import RawClient  # noqa: E402
+
+__all__ = ["ExecutorProcess", "KeyPair", "RawClient", "machine", "make_table", "served", "percentile",
+           "summary", "proc_status_bytes"]
+
+
+def machine() -> str:
+    """One line naming the machine: CPU model, cores, memory, python and polars versions."""
+    model = "unknown CPU"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    memory = proc_meminfo_bytes("MemTotal") / 2**30
+    return (f"machine: {model}, {os.cpu_count()} cores, {memory:.1f} GiB, {platform.machine()}, "
+            f"python {platform.python_version()}, polars {pl.__version__}")
+
+
+def proc_meminfo_bytes(field: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def proc_status_bytes(pid: int, field: str) -> int:
+    """A ``kB`` field of ``/proc/PID/status`` (``VmHWM`` peak RSS, ``VmRSS``) in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def make_table(rows: int) -> pl.DataFrame:
+    """A deterministic table of ``rows`` rows (seeded hashes; polars only, no numpy).
+
+    Columns: ``id``, ``key`` (100 values), ``group`` (50 values), ``a`` in
+    [-1, 1), ``b`` in [0, 10), ``c`` (1000 values), ``d`` in [0, 1), and ``label``
+    (a short string).
+    """
+    def uniform(seed: int) -> pl.Expr:
+        return (pl.col("id").hash(seed) % 1_000_003).cast(pl.Float64) / 1_000_003
+
+    return pl.select(pl.int_range(0, rows, dtype=pl.Int64).alias("id")).with_columns(
+        (pl.col("id").hash(1) % 100).cast(pl.Int64).alias("key"),
+        (pl.col("id").hash(2) % 50).cast(pl.Int64).alias("group"),
+        (uniform(3) * 2 - 1).alias("a"),
+        (uniform(4) * 10).alias("b"),
+        (pl.col("id").hash(5) % 1000).cast(pl.Int64).alias("c"),
+        uniform(6).alias("d"),
+        pl.format("p{}", pl.col("id").hash(7) % 100_000).alias("label"),
+    )
+
+
+@contextlib.contextmanager
+def served(datasets: dict[str, tuple[Path, dict]], scientists: Sequence[str],
+           directory: Path | None = None, streaming: bool = False) -> Iterator[ExecutorProcess]:
+    """A workspace with ``datasets`` (name -> (file, add_dataset options)), ``scientists``
+    registered, and a real ``bastion-owner serve`` on 127.0.0.1 (stopped on exit).
+
+    ``streaming=True`` runs the executor with the proposed streaming engine for
+    large Parquet files applied (:mod:`streaming_proposal`).
+    """
+    with contextlib.ExitStack() as stack:
+        if streaming:
+            stack.enter_context(_environment(
+                BASTION_BENCH_STREAMING="1",
+                PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent / "streaming_site"),
+                                                         os.environ.get("PYTHONPATH")]))))
+        if directory is None:
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bastion-bench-")))
+        workspace = Workspace(directory / "workspace")
+        workspace.init()
+        for name, (path, options) in datasets.items():
+            workspace.add_dataset(name, path, **options)
+        keys: dict[str, KeyPair] = {}
+        for name in scientists:
+            keys[name] = make_keys(directory / "keys" / name, name)
+            workspace.add_scientist(name, keys[name].public_file)
+        running = start_executor(workspace.path, keys, ready_as=scientists[0])
+        try:
+            yield running
+        finally:
+            running.stop()
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the processes started inside (restored on exit)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100), nearest-rank (no interpolation: p99 is an observed value)."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil
+    return ordered[int(rank) - 1]
+
+
+def summary(values_seconds: Sequence[float]) -> str:
+    """``median X ms, p99 Y ms (n=N)``."""
+    return (f"median {statistics.median(values_seconds) * 1000:.2f} ms, "
+            f"p99 {percentile(values_seconds, 99) * 1000:.2f} ms (n={len(values_seconds)})")

@@ -1,0 +1,838 @@
+"""Differential privacy: a budgeted release mode built on OpenDP.
+
+A dataset whose ``datasets/NAME.toml`` has a ``[dp]`` table releases nothing
+but differentially private aggregates.  Every plan that reads such a dataset
+comes here instead of the K-anonymity path (``executor.evaluate`` routes it)::
+
+    query  = translate(plan, catalog)              # the DP subset, or a typed refusal
+    ledger.charge(scientist, dataset, policy)      # refused *before* anything runs
+    table  = OpenDP context (owner's policy only) -> query -> release
+
+What the owner writes (all in ``[dp]``)::
+
+    epsilon = 1.0                 # total budget of each scientist on this dataset
+    epsilon_per_query = 0.1       # what one released query costs (default epsilon / 10)
+    delta = 0.0                   # total delta (0: pure DP); delta_per_query likewise
+    max_rows = 100000             # a public upper bound on the number of rows
+    privacy_unit_column = "patient_id"   # optional: rows of one person share this id
+    max_contributions = 1         # rows one person may contribute (kept per id)
+    [dp.bounds]                   # optional clipping bounds, per column
+    age = [0, 100]
+    [dp.public_keys]              # group-by keys and their public values
+    sex = ["F", "M"]
+
+The OpenDP context (privacy unit, privacy loss, margins) is built from this
+policy only; a plan contributes nothing but which aggregates to compute, over
+which public keys, after which row filters.  Clipping bounds from the plan
+are accepted only inside the owner's bounds for that column (OpenDP
+calibrates the noise to whichever bounds are used, so they cannot weaken the
+guarantee, but the owner decides how much a single row may move a sum).
+
+The odometer (:class:`BudgetLedger`) is a SQLite (WAL) table in the
+workspace, one row per charged query; nothing on the wire can delete rows,
+so a scientist cannot reset it, and it survives restarts.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from bastion_kernel import plan as P
+from bastion_kernel.protocol import BastionError
+
+from .model import Dataset, Decision, Released
+
+LEDGER_FILE = "dp_budget.sqlite"
+ALPHA = 0.05                      # accuracy is reported at 95% confidence
+MAX_CANDIDATES = 1000             # quantile candidates in one plan
+DEFAULT_CANDIDATES = 101          # evenly spaced over the bounds when the plan gives none
+MAX_KEY_COMBINATIONS = 10_000     # rows of the public key set of one group_by
+_TOLERANCE = 1e-12                # float slack when comparing spent budget to the total
+DP_FUNCTIONS = ("dp.sum", "dp.mean", "dp.quantile")
+_NUMERIC_PREFIXES = ("Int", "UInt", "Float")
+
+
+# ----------------------------------------------------------------- policy
+@dataclass(frozen=True)
+class DPPolicy:
+    """The owner's differential privacy settings of one dataset (the ``[dp]`` table).
+
+    ``ledger`` is where the workspace keeps the odometer; it is set by the
+    workspace when it reads the dataset, never by a scientist.
+    """
+
+    epsilon: float
+    max_rows: int
+    epsilon_per_query: float | None = None
+    delta: float = 0.0
+    delta_per_query: float | None = None
+    privacy_unit_column: str | None = None
+    max_contributions: int = 1
+    bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict, hash=False)
+    public_keys: Mapping[str, tuple] = field(default_factory=dict, hash=False)
+    ledger: Path | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.epsilon) or not self.epsilon > 0:
+            raise ValueError(f"dp.epsilon must be a number > 0, got {self.epsilon!r}")
+        per_query = self.epsilon / 10 if self.epsilon_per_query is None else self.epsilon_per_query
+        if not _is_number(per_query) or not 0 < per_query <= self.epsilon:
+            raise ValueError(f"dp.epsilon_per_query must be a number in (0, epsilon], got {per_query!r}")
+        object.__setattr__(self, "epsilon_per_query", float(per_query))
+        object.__setattr__(self, "epsilon", float(self.epsilon))
+        if not _is_number(self.delta) or not 0 <= self.delta < 1:
+            raise ValueError(f"dp.delta must be a number in [0, 1), got {self.delta!r}")
+        delta_per_query = self.delta / 10 if self.delta_per_query is None else self.delta_per_query
+        if not _is_number(delta_per_query) or not 0 <= delta_per_query <= self.delta:
+            raise ValueError(f"dp.delta_per_query must be a number in [0, delta], got {delta_per_query!r}")
+        object.__setattr__(self, "delta_per_query", float(delta_per_query))
+        object.__setattr__(self, "delta", float(self.delta))
+        if not _is_whole(self.max_rows) or self.max_rows < 1:
+            raise ValueError(f"dp.max_rows must be a whole number >= 1, got {self.max_rows!r}")
+        if self.privacy_unit_column is not None and (not isinstance(self.privacy_unit_column, str)
+                                                     or not self.privacy_unit_column):
+            raise ValueError(f"dp.privacy_unit_column must be a column name, got {self.privacy_unit_column!r}")
+        if not _is_whole(self.max_contributions) or not 1 <= self.max_contributions <= 10_000:
+            raise ValueError(f"dp.max_contributions must be a whole number from 1 to 10000, "
+                             f"got {self.max_contributions!r}")
+        if not isinstance(self.bounds, Mapping):
+            raise ValueError("dp.bounds must be a table of column = [lower, upper]")
+        bounds = {}
+        for column, pair in self.bounds.items():
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(_is_finite(v) for v in pair) \
+                    or not pair[0] < pair[1]:
+                raise ValueError(f"dp.bounds.{column} must be [lower, upper] with finite numbers, lower < upper")
+            bounds[str(column)] = (pair[0], pair[1])
+        object.__setattr__(self, "bounds", bounds)
+        if not isinstance(self.public_keys, Mapping):
+            raise ValueError("dp.public_keys must be a table of column = [value, ...]")
+        keys = {}
+        for column, values in self.public_keys.items():
+            if not isinstance(values, (list, tuple)) or not values or len(values) > MAX_KEY_COMBINATIONS \
+                    or not all(isinstance(v, (str, int, float, bool)) for v in values) \
+                    or len(set(values)) != len(values):
+                raise ValueError(f"dp.public_keys.{column} must be a non-empty list of distinct values "
+                                 f"(at most {MAX_KEY_COMBINATIONS})")
+            keys[str(column)] = tuple(values)
+        object.__setattr__(self, "public_keys", keys)
+
+    @property
+    def columns(self) -> set[str]:
+        """The columns this policy names (they must exist in the data)."""
+        named = set(self.bounds) | set(self.public_keys)
+        if self.privacy_unit_column:
+            named.add(self.privacy_unit_column)
+        return named
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``[dp]`` table as written to ``datasets/NAME.toml``."""
+        data: dict[str, Any] = {"epsilon": self.epsilon, "epsilon_per_query": self.epsilon_per_query,
+                                "delta": self.delta, "delta_per_query": self.delta_per_query,
+                                "max_rows": self.max_rows, "max_contributions": self.max_contributions}
+        if self.privacy_unit_column:
+            data["privacy_unit_column"] = self.privacy_unit_column
+        if self.bounds:
+            data["bounds"] = {c: list(b) for c, b in self.bounds.items()}
+        if self.public_keys:
+            data["public_keys"] = {c: list(v) for c, v in self.public_keys.items()}
+        return data
+
+    def describe(self) -> dict[str, Any]:
+        """What a scientist may know of the policy (``datasets`` shows it)."""
+        data = self.to_dict()
+        data.pop("max_rows")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, ledger: Path | None = None) -> "DPPolicy":
+        """Parse a ``[dp]`` table; raises ValueError naming the key (``dp.KEY: ...``)."""
+        if not isinstance(data, Mapping):
+            raise ValueError("[dp] must be a table")
+        known = {"epsilon", "epsilon_per_query", "delta", "delta_per_query", "max_rows", "privacy_unit_column",
+                 "max_contributions", "bounds", "public_keys"}
+        extra = set(data) - known
+        if extra:
+            raise ValueError(f"dp.{sorted(extra)[0]}: unknown setting; known: {', '.join(sorted(known))}")
+        for required in ("epsilon", "max_rows"):
+            if required not in data:
+                raise ValueError(f"dp.{required}: missing (a [dp] table needs epsilon and max_rows)")
+        return cls(ledger=ledger, **dict(data))
+
+
+def check_columns(policy: DPPolicy, columns: Iterable[str], where: str) -> None:
+    """Refuse a policy naming a column the data does not have (ValueError naming ``where``)."""
+    available = list(columns)
+    for column in sorted(policy.columns):
+        if column not in available:
+            raise ValueError(f"{where}: the [dp] policy names the column {column!r}, which is not in the data "
+                             f"(columns: {', '.join(available)})")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ----------------------------------------------------------------- odometer
+class BudgetLedger:
+    """The durable odometer: what each scientist spent on each DP dataset.
+
+    One row per charged query; rows are only ever added.  A charge checks the
+    remaining budget and records the spend in one ``BEGIN IMMEDIATE``
+    transaction, so concurrent queries (threads or processes) cannot overspend.
+    """
+
+    _locks: dict[str, threading.Lock] = {}
+    _locks_guard = threading.Lock()
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with self._connect() as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("CREATE TABLE IF NOT EXISTS spends (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                         "scientist TEXT NOT NULL, dataset TEXT NOT NULL, epsilon REAL NOT NULL, "
+                         "delta REAL NOT NULL, plan_hash TEXT NOT NULL, at TEXT NOT NULL)")
+            conn.execute("CREATE INDEX IF NOT EXISTS spends_by_owner ON spends (scientist, dataset)")
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    def spent(self, scientist: str, dataset: str) -> tuple[float, float]:
+        """``(epsilon, delta)`` spent so far by ``scientist`` on ``dataset``."""
+        conn = self._connect()
+        try:
+            return _totals(conn, scientist, dataset)
+        finally:
+            conn.close()
+
+    def charge(self, scientist: str, dataset: str, policy: DPPolicy, plan_hash: str) -> tuple[float, float]:
+        """Record one query's cost, or refuse it if the budget cannot pay.
+
+        Returns
+        -------
+        (float, float)
+            ``(epsilon, delta)`` spent after this charge.
+
+        Raises
+        ------
+        BastionError
+            ``PolicyViolation`` when the query would exceed the scientist's
+            budget; nothing is recorded then.
+        """
+        cost_e, cost_d = policy.epsilon_per_query, policy.delta_per_query
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                spent_e, spent_d = _totals(conn, scientist, dataset)
+                if spent_e + cost_e > policy.epsilon + _TOLERANCE or spent_d + cost_d > policy.delta + _TOLERANCE:
+                    raise BastionError(
+                        "PolicyViolation",
+                        f"the privacy budget of dataset {dataset!r} is exhausted: this query costs epsilon "
+                        f"{cost_e:g}, and {max(policy.epsilon - spent_e, 0.0):g} of {policy.epsilon:g} is left; "
+                        "the query was not run", dataset=dataset, epsilon_cost=cost_e,
+                        epsilon_spent=spent_e, epsilon_total=policy.epsilon)
+                conn.execute("INSERT INTO spends (scientist, dataset, epsilon, delta, plan_hash, at) "
+                             "VALUES (?, ?, ?, ?, ?, ?)",
+                             (scientist, dataset, cost_e, cost_d, plan_hash,
+                              _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return spent_e + cost_e, spent_d + cost_d
+        finally:
+            conn.close()
+
+    def history(self, scientist: str | None = None) -> list[dict]:
+        """Every recorded spend (oldest first), optionally of one scientist."""
+        conn = self._connect()
+        try:
+            query = "SELECT id, scientist, dataset, epsilon, delta, plan_hash, at FROM spends"
+            rows = conn.execute(query + (" WHERE scientist = ? ORDER BY id" if scientist else " ORDER BY id"),
+                                (scientist,) if scientist else ()).fetchall()
+        finally:
+            conn.close()
+        keys = ("id", "scientist", "dataset", "epsilon", "delta", "plan_hash", "at")
+        return [dict(zip(keys, row)) for row in rows]
+
+
+def _totals(conn: sqlite3.Connection, scientist: str, dataset: str) -> tuple[float, float]:
+    rows = conn.execute("SELECT epsilon, delta FROM spends WHERE scientist = ? AND dataset = ?",
+                        (scientist, dataset)).fetchall()
+    return math.fsum(r[0] for r in rows), math.fsum(r[1] for r in rows)
+
+
+def _ledger(dataset: Dataset) -> BudgetLedger:
+    path = dataset.dp.ledger
+    if path is None:
+        # Without an odometer nothing can be charged: refuse rather than release unmetered.
+        raise BastionError("PolicyViolation", f"dataset {dataset.name!r} is differentially private but the "
+                                              "executor has no privacy budget store for it; ask the owner")
+    return BudgetLedger(path)
+
+
+def budget(catalog: Mapping[str, Dataset], scientist: str) -> list[dict]:
+    """What ``scientist`` has spent and has left on every DP dataset of ``catalog``.
+
+    Returns
+    -------
+    list of dict
+        ``{"name", "epsilon_total", "epsilon_spent", "epsilon_remaining",
+        "epsilon_per_query", "delta_total", "delta_spent", "queries_left"}``.
+    """
+    rows = []
+    for name in sorted(catalog):
+        dataset = catalog[name]
+        policy = getattr(dataset, "dp", None)
+        if policy is None:
+            continue
+        spent_e, spent_d = _ledger(dataset).spent(scientist, name)
+        remaining = max(policy.epsilon - spent_e, 0.0)
+        rows.append({"name": name, "epsilon_total": policy.epsilon, "epsilon_spent": spent_e,
+                     "epsilon_remaining": remaining, "epsilon_per_query": policy.epsilon_per_query,
+                     "delta_total": policy.delta, "delta_spent": spent_d,
+                     "queries_left": int((remaining + _TOLERANCE) // policy.epsilon_per_query)})
+    return rows
+
+
+# ----------------------------------------------------------------- routing
+def dp_datasets(plan: Any, catalog: Mapping[str, Dataset]) -> list[str]:
+    """Names of the DP datasets a (not yet validated) plan scans, anywhere in it.
+
+    Walks every JSON object of the plan, not only the fields the validator
+    knows, so that no shape of plan can reach a DP dataset past this check.
+    """
+    found: set[str] = set()
+    stack = [plan]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("op") in ("scan", "saved"):
+                name = node.get("dataset") if node.get("op") == "scan" else node.get("name")
+                dataset = catalog.get(name) if isinstance(name, str) else None
+                if dataset is not None and getattr(dataset, "dp", None) is not None:
+                    found.add(name)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return sorted(found)
+
+
+def touches_dp(plan: Any, catalog: Mapping[str, Dataset]) -> bool:
+    """True when the plan reads any dataset with a differential privacy policy."""
+    return bool(dp_datasets(plan, catalog))
+
+
+# ----------------------------------------------------------------- translation
+@dataclass
+class _Aggregate:
+    name: str          # output column
+    function: str      # "len", "dp.sum", "dp.mean", "dp.quantile"
+    column: str | None
+    args: dict
+
+
+@dataclass
+class _Query:
+    dataset: Dataset
+    rows: dict             # the checked scan -> filter* part
+    keys: list[str]
+    aggregates: list[_Aggregate]
+    key_dtypes: dict[str, str]
+    column_dtypes: dict[str, str]
+
+
+def _refuse_shape(dataset: str, what: str) -> BastionError:
+    return BastionError("PolicyViolation",
+                        f"dataset {dataset!r} is differentially private: it only releases DP aggregates "
+                        f"({what}). Write dataset(...).filter(...).group_by(public keys).agg(pl.len(), "
+                        "col(x).dp.sum(bounds=(lo, hi)), col(x).dp.mean(...), col(x).dp.quantile(q)) or "
+                        ".select(...) of such aggregates", dataset=dataset)
+
+
+def translate(plan: Any, catalog: Mapping[str, Dataset], cache: Any = None) -> _Query:
+    """Check that a plan is in the DP subset and describe it for OpenDP.
+
+    The subset: ``scan(DP dataset) -> filter* -> group_by(public keys, aggs)``
+    or ``-> select(aggs)``, where every aggregate is ``len`` or a ``dp.*``
+    function of a numeric column (optionally aliased).
+
+    Raises
+    ------
+    BastionError
+        ``PolicyViolation`` for anything that would release more than DP
+        aggregates (row-level frames, plain aggregates, joins, private keys),
+        ``SchemaError`` / ``UnsupportedOperation`` for malformed parts.
+    """
+    from . import engine, validate
+
+    names = dp_datasets(plan, catalog)
+    if len(names) > 1:
+        raise BastionError("PolicyViolation", f"a query may read only one differentially private dataset; "
+                                              f"this one reads {', '.join(names)}")
+    name = names[0]
+    dataset = catalog[name]
+    policy: DPPolicy = dataset.dp
+    if not isinstance(plan, dict) or plan.get("op") not in ("group_by", "select"):
+        shown = plan.get("op") if isinstance(plan, dict) and isinstance(plan.get("op"), str) else "this query"
+        raise _refuse_shape(name, f"the query ends in {str(shown)[:32]!r}, not in an aggregation")
+    # The rows part: only filters over the scan.
+    node = plan.get("input")
+    while isinstance(node, dict) and node.get("op") == "filter":
+        node = node.get("input")
+    if not (isinstance(node, dict) and node.get("op") == "scan" and node.get("dataset") == name):
+        shown = node.get("op") if isinstance(node, dict) and isinstance(node.get("op"), str) else "?"
+        raise _refuse_shape(name, f"{str(shown)[:32]!r} before the aggregation is not supported; "
+                                  "a join or any other combination with a DP dataset is refused")
+    cache = cache or engine.DEFAULT_CACHE
+    checked = validate.validate(plan["input"], catalog, dataset_columns=cache.columns)
+    schema = dict(cache.schema(dataset))
+    hidden = dataset.policy.hidden
+    if plan["op"] == "group_by":
+        fields = {"op", "input", "keys", "aggs"}
+        key_nodes, agg_nodes = plan.get("keys"), plan.get("aggs")
+    else:
+        fields = {"op", "input", "exprs"}
+        key_nodes, agg_nodes = [], plan.get("exprs")
+    if set(plan) != fields or not isinstance(key_nodes, list) or not isinstance(agg_nodes, list) or not agg_nodes:
+        raise BastionError("UnsupportedOperation", f"malformed {plan['op']} node in a DP query")
+    keys = []
+    for key in key_nodes:
+        column = key.get("name") if isinstance(key, dict) and key.get("expr") == "col" and set(key) == {"expr", "name"} \
+            else None
+        if not isinstance(column, str) or column not in policy.public_keys:
+            public = ", ".join(policy.public_keys) or "none"
+            raise BastionError("PolicyViolation", f"dataset {name!r} is differentially private: group_by keys "
+                                                  f"must be plain columns with public values ({public})",
+                               dataset=name)
+        keys.append(column)
+    if len(set(keys)) != len(keys):
+        raise BastionError("SchemaError", "a group_by key is repeated")
+    combinations = math.prod(len(policy.public_keys[k]) for k in keys)
+    if combinations > MAX_KEY_COMBINATIONS:
+        raise BastionError("LimitExceeded", f"these keys have {combinations} combinations; at most "
+                                            f"{MAX_KEY_COMBINATIONS} are released at once")
+    aggregates = [_aggregate(node, i, name, policy, schema, hidden) for i, node in enumerate(agg_nodes)]
+    out = keys + [a.name for a in aggregates]
+    if len(set(out)) != len(out):
+        raise BastionError("SchemaError", "two output columns have the same name; give one of them another "
+                                          "name with .alias()")
+    return _Query(dataset, checked.root, keys, aggregates, {k: schema[k] for k in keys}, schema)
+
+
+def _aggregate(node: Any, index: int, dataset: str, policy: DPPolicy, schema: dict[str, str],
+               hidden: frozenset[str]) -> _Aggregate:
+    at = f"aggregate {index + 1}"
+    alias = None
+    if isinstance(node, dict) and node.get("expr") == "alias" and set(node) == {"expr", "input", "name"}:
+        alias = node["name"]
+        if not isinstance(alias, str) or not alias or len(alias) > P.MAX_NAME_LENGTH or alias.startswith("__"):
+            raise BastionError("SchemaError", f"{at}: invalid column name")
+        node = node["input"]
+    if isinstance(node, dict) and node == {"expr": "len"}:
+        return _Aggregate(alias or "len", "len", None, {})
+    if not (isinstance(node, dict) and node.get("expr") == "fn" and node.get("name") in DP_FUNCTIONS
+            and set(node) == {"expr", "name", "input", "args"}):
+        raise BastionError("PolicyViolation",
+                           f"dataset {dataset!r} is differentially private: {at} is not a DP aggregate; "
+                           "use pl.len(), col(x).dp.sum(bounds=(lo, hi)), col(x).dp.mean(bounds=(lo, hi)) "
+                           "or col(x).dp.quantile(q)", dataset=dataset)
+    function = node["name"]
+    source = node["input"]
+    column = source.get("name") if isinstance(source, dict) and source.get("expr") == "col" \
+        and set(source) == {"expr", "name"} else None
+    if not isinstance(column, str):
+        raise BastionError("UnsupportedOperation", f"{at}: {function} applies to a plain column, col(\"name\")")
+    if column not in schema:
+        raise BastionError("SchemaError", f"{at}: unknown column {column!r}; available columns: "
+                                          f"{', '.join(repr(c) for c in schema)}", column=column)
+    if column in hidden or column == policy.privacy_unit_column:
+        raise BastionError("PolicyViolation", f"{at}: column {column!r} is hidden by the owner's policy")
+    if not schema[column].startswith(_NUMERIC_PREFIXES):
+        raise BastionError("SchemaError", f"{at}: {function} needs a numeric column; {column!r} is "
+                                          f"{schema[column]}")
+    args = node["args"]
+    spec = P.EXPR_FUNCTIONS[function]
+    if not isinstance(args, dict) or set(args) != {p for p, _ in spec.params}:
+        raise BastionError("UnsupportedOperation", f"{at}: {function} takes the arguments "
+                                                   f"{', '.join(p for p, _ in spec.params)}")
+    lower, upper = _bounds(args["lower"], args["upper"], column, policy, at)
+    checked: dict[str, Any] = {"lower": lower, "upper": upper}
+    if function == "dp.quantile":
+        q = args["quantile"]
+        if not _is_finite(q) or not 0 <= q <= 1:
+            raise BastionError("SchemaError", f"{at}: the quantile must be a number between 0 and 1")
+        candidates = args["candidates"]
+        if not isinstance(candidates, list) or len(candidates) > MAX_CANDIDATES \
+                or not all(_is_finite(c) for c in candidates):
+            raise BastionError("SchemaError", f"{at}: candidates must be a list of at most {MAX_CANDIDATES} "
+                                              "numbers")
+        if not candidates:
+            step = (upper - lower) / (DEFAULT_CANDIDATES - 1)
+            candidates = [lower + i * step for i in range(DEFAULT_CANDIDATES)]
+            if schema[column].startswith(("Int", "UInt")):
+                candidates = sorted({round(c) for c in candidates})
+        if any(b <= a for a, b in zip(candidates, candidates[1:])):
+            raise BastionError("SchemaError", f"{at}: candidates must be strictly increasing")
+        if schema[column].startswith(("Int", "UInt")) and not all(float(c).is_integer() for c in candidates):
+            raise BastionError("SchemaError", f"{at}: {column!r} holds whole numbers; give whole-number candidates")
+        if schema[column].startswith(("Int", "UInt")):
+            candidates = [int(c) for c in candidates]
+        checked.update(quantile=q, candidates=candidates)
+    return _Aggregate(alias or column, function, column, checked)
+
+
+def _bounds(lower: Any, upper: Any, column: str, policy: DPPolicy, at: str) -> tuple[Any, Any]:
+    owner = policy.bounds.get(column)
+    if lower is None and upper is None:
+        if owner is None:
+            raise BastionError("SchemaError", f"{at}: give clipping bounds for {column!r}, for example "
+                                              "bounds=(0, 100); the owner set none for this column")
+        return owner
+    if not (_is_finite(lower) and _is_finite(upper)) or not lower < upper:
+        raise BastionError("SchemaError", f"{at}: bounds must be two finite numbers, lower < upper")
+    if owner is not None and not owner[0] <= lower < upper <= owner[1]:
+        raise BastionError("PolicyViolation", f"{at}: bounds for {column!r} must lie within the owner's "
+                                              f"({owner[0]}, {owner[1]})")
+    return lower, upper
+
+
+# ----------------------------------------------------------------- OpenDP
+def _opendp():
+    import opendp.prelude as dp
+    dp.enable_features("contrib")
+    return dp
+
+
+def _opendp_query(query: _Query, cache: Any):
+    """The OpenDP query of a translated plan, on a context built from the owner's policy only."""
+    import polars as pl
+
+    from . import engine
+
+    dp = _opendp()
+    policy: DPPolicy = query.dataset.dp
+    cache = cache or engine.DEFAULT_CACHE
+    data = cache.frame(query.dataset).lazy()
+    if policy.privacy_unit_column:
+        unit = dp.unit_of(contributions=1, identifier=pl.col(policy.privacy_unit_column))
+    else:
+        unit = dp.unit_of(contributions=policy.max_contributions)
+    loss = {"epsilon": policy.epsilon_per_query}
+    if policy.delta_per_query > 0:
+        loss["delta"] = policy.delta_per_query
+    # A privacy filter bounded by this one query's loss: OpenDP refuses to release more than it.
+    # (The scientist's total is the odometer's job; split_evenly_over would cost a binary search.)
+    context = dp.Context.compositor(data=data, privacy_unit=unit, privacy_loss=dp.loss_of(**loss),
+                                    margins=[dp.polars.Margin(by=[], max_length=policy.max_rows)])
+    q = context.query(**loss)
+    if policy.privacy_unit_column:
+        q = q.truncate_per_group(policy.max_contributions)
+    for predicate in _filters(query.rows):
+        q = q.filter(_predicate(predicate))
+    exprs = [_agg_expr(a, dp) for a in query.aggregates]
+    if not query.keys:
+        return q.select(exprs)
+    keys = None
+    for key in query.keys:
+        values = pl.DataFrame({key: pl.Series(list(policy.public_keys[key]))})
+        try:
+            values = values.cast({key: _dtype(query.key_dtypes[key])})
+        except Exception:  # noqa: BLE001 - a public value of the wrong type is the owner's mistake
+            raise BastionError("ExecutionError", f"the public keys of {key!r} do not fit its type "
+                                                 f"{query.key_dtypes[key]}; ask the owner") from None
+        keys = values if keys is None else keys.join(values, how="cross")
+    return q.group_by(query.keys).agg(exprs).with_keys(keys.lazy())
+
+
+def _filters(rows: dict) -> list[dict]:
+    predicates = []
+    node = rows
+    while node["op"] == "filter":
+        predicates.append(node["predicate"])
+        node = node["input"]
+    return list(reversed(predicates))
+
+
+def _dtype(name: str):
+    import polars as pl
+    dtypes = {"Int8": pl.Int8, "Int16": pl.Int16, "Int32": pl.Int32, "Int64": pl.Int64, "UInt8": pl.UInt8,
+              "UInt16": pl.UInt16, "UInt32": pl.UInt32, "UInt64": pl.UInt64, "Float32": pl.Float32,
+              "Float64": pl.Float64, "String": pl.String, "Boolean": pl.Boolean}
+    if name not in dtypes:
+        raise BastionError("UnsupportedOperation", f"public keys of type {name} are not supported")
+    return dtypes[name]
+
+
+def _predicate(node: dict):
+    """A validated filter predicate as a polars expression (the subset OpenDP can analyse)."""
+    import polars as pl
+    kind = node["expr"]
+    if kind == "col":
+        return pl.col(node["name"])
+    if kind == "lit":
+        return pl.lit(node["value"])
+    if kind == "binary" and node["op"] in _BINARY:
+        return _BINARY[node["op"]](_predicate(node["left"]), _predicate(node["right"]))
+    if kind == "unary" and node["op"] == "not":
+        return ~_predicate(node["operand"])
+    if kind == "fn" and node["name"] in ("is_null", "is_not_null"):
+        inner = _predicate(node["input"])
+        return inner.is_null() if node["name"] == "is_null" else inner.is_not_null()
+    shown = node.get("name") if kind == "fn" else node.get("op", kind)
+    raise BastionError("UnsupportedOperation", f"a filter on a differentially private dataset may use "
+                                               f"columns, literals, comparisons, &, |, ~ and is_null; "
+                                               f"{str(shown)[:32]!r} is not supported")
+
+
+_BINARY = {
+    "eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "lt": lambda a, b: a < b,
+    "le": lambda a, b: a <= b, "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b,
+    "and": lambda a, b: a & b, "or": lambda a, b: a | b,
+}
+
+
+def _agg_expr(aggregate: _Aggregate, dp: Any):
+    import polars as pl
+    if aggregate.function == "len":
+        return pl.len().dp.noise().alias(aggregate.name)
+    column = pl.col(aggregate.column)
+    bounds = (aggregate.args["lower"], aggregate.args["upper"])
+    if aggregate.function == "dp.sum":
+        expr = column.dp.sum(bounds)
+    elif aggregate.function == "dp.mean":
+        expr = column.dp.mean(bounds)
+    else:
+        expr = column.dp.quantile(aggregate.args["quantile"], aggregate.args["candidates"])
+    return expr.alias(aggregate.name)
+
+
+def _calibrate(opendp_query: Any):
+    """The OpenDP measurement of a query at the policy's privacy loss (what ``resolve()`` finds).
+
+    OpenDP's own ``resolve()`` binary-searches the noise scale to full float
+    precision (over a thousand measurement builds, most of a second).  With one
+    global scale every mechanism used here (Laplace counts and sums, the
+    exponential mechanism of quantiles) has an epsilon proportional to
+    1/scale, so the scale follows from one privacy map; OpenDP's ``check``
+    then verifies the guarantee, and the scale is nudged up if rounding left
+    it a hair short.  Reads the query's fields as ``resolve()`` does
+    (pinned OpenDP 0.16).
+    """
+    dp = _opendp()
+    plan = object.__getattribute__(opendp_query, "polars_plan")
+    query = object.__getattribute__(opendp_query, "_query")
+    input_domain, input_metric = query._chain
+    d_in, d_out = query._d_in, query._d_out
+
+    def make(scale: float):
+        return dp.m.make_private_lazyframe(input_domain=input_domain, input_metric=input_metric,
+                                           output_measure=query._output_measure, lazyframe=plan,
+                                           global_scale=scale)
+
+    target = d_out[0] if isinstance(d_out, tuple) else d_out
+    at_one = make(1.0).map(d_in)
+    epsilon_at_one = at_one[0] if isinstance(at_one, tuple) else at_one
+    scale = max(float(epsilon_at_one) / float(target), 1e-12)
+    for _ in range(64):
+        measurement = make(scale)
+        if measurement.check(d_in, d_out):
+            return measurement
+        scale *= 1 + 1e-12 * 4 ** _
+    raise BastionError("UnsupportedOperation", "OpenDP could not calibrate the noise of this query")
+
+
+def _release(opendp_query: Any, measurement: Any):
+    """Run a calibrated measurement in the query's context (its compositor checks the loss again)."""
+    query = object.__getattribute__(opendp_query, "_query")
+    return query._context(measurement).collect()
+
+
+def _resolve_opendp(call, what: str):
+    """Run an OpenDP step; its refusals become typed errors (no data is in its messages)."""
+    try:
+        return call()
+    except BastionError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - OpenDPException and the value errors of its builders
+        message = str(exc).strip()
+        for marker in ('MakeMeasurement("', 'MakeTransformation("', 'FailedFunction("'):
+            if marker in message:
+                message = message.split(marker, 1)[1].split('")', 1)[0]
+                break
+        message = message.splitlines()[0] if message else type(exc).__name__
+        raise BastionError("UnsupportedOperation", f"OpenDP cannot {what} this query: {message[:300]}") from None
+
+
+# ----------------------------------------------------------------- entry points
+def preview(plan: Any, catalog: Mapping[str, Dataset], scientist: str, cache: Any = None) -> dict:
+    """What a DP query would cost and how accurate it would be, without spending anything.
+
+    Returns
+    -------
+    dict
+        ``{"dataset", "epsilon", "delta", "alpha", "columns": [{"name", "aggregate",
+        "distribution", "scale", "accuracy"}], "budget": {...}}``; ``accuracy``
+        is the half-width of the (1 - alpha) interval (null for quantiles).
+    """
+    query = translate(plan, catalog, cache)
+    opendp_query = _resolve_opendp(lambda: _opendp_query(query, cache), "build")
+    from opendp.accuracy import summarize_polars_measurement
+    measurement = _resolve_opendp(lambda: _calibrate(opendp_query), "analyse")
+    summary = _resolve_opendp(lambda: summarize_polars_measurement(measurement, ALPHA), "analyse")
+    columns = [{"name": row["column"], "aggregate": row["aggregate"], "distribution": row["distribution"],
+                "scale": row["scale"], "accuracy": row.get("accuracy")} for row in summary.to_dicts()]
+    policy = query.dataset.dp
+    left = [b for b in budget({query.dataset.name: query.dataset}, scientist)][0]
+    return {"dataset": query.dataset.name, "epsilon": policy.epsilon_per_query, "delta": policy.delta_per_query,
+            "alpha": ALPHA, "columns": columns, "budget": left}
+
+
+def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str, cache: Any = None) -> Released:
+    """Release a DP query: translate, charge the odometer, run OpenDP.
+
+    The budget is charged before the query runs (a refused charge runs
+    nothing); a query that fails after the charge keeps it spent, as DP
+    accounting requires.  DP queries are small aggregations and are not
+    cancellable; the executor's time limit does not apply to them.
+
+    Raises
+    ------
+    BastionError
+        As :func:`translate`; ``PolicyViolation`` when the budget is exhausted;
+        ``UnsupportedOperation`` when OpenDP cannot analyse the query.
+    """
+    query = translate(plan, catalog, cache)
+    opendp_query = _resolve_opendp(lambda: _opendp_query(query, cache), "build")
+    measurement = _resolve_opendp(lambda: _calibrate(opendp_query), "analyse")  # refused here costs nothing
+    policy: DPPolicy = query.dataset.dp
+    name = query.dataset.name
+    spent_e, spent_d = _ledger(query.dataset).charge(scientist, name, policy, P.plan_hash(plan))
+    table = _resolve_opendp(lambda: _release(opendp_query, measurement), "release")
+    table = table.select(query.keys + [a.name for a in query.aggregates])
+    if query.keys:
+        table = table.sort(query.keys)  # post-processing: a stable order for the public keys
+    remaining = max(policy.epsilon - spent_e, 0.0)
+    reason = (f"differentially private release of {name!r}: epsilon {policy.epsilon_per_query:g} spent "
+              f"({spent_e:g} of {policy.epsilon:g} used, {remaining:g} left)")
+    decision = Decision("allow", reason, (name,), {"dp": {"dataset": name, "epsilon": policy.epsilon_per_query,
+                                                         "delta": policy.delta_per_query,
+                                                         "epsilon_spent": spent_e, "delta_spent": spent_d,
+                                                         "epsilon_remaining": remaining}})
+    notes = [f"differentially private: epsilon {policy.epsilon_per_query:g} spent on {name!r}, "
+             f"{remaining:g} of {policy.epsilon:g} left"]
+    return Released(table, decision, notes)
+
+
+def schema_of(plan: Any, catalog: Mapping[str, Dataset], cache: Any = None) -> list[tuple[str, str]]:
+    """The schema a DP aggregation would release (computed without running it)."""
+    query = translate(plan, catalog, cache)
+    out = [(k, query.key_dtypes[k]) for k in query.keys]
+    for a in query.aggregates:
+        if a.function == "len":
+            dtype = "UInt32"
+        elif a.function == "dp.mean":
+            dtype = "Float64"
+        elif a.function == "dp.quantile":
+            dtype = query.column_dtypes[a.column] if all(isinstance(c, int) for c in a.args["candidates"]) \
+                else "Float64"
+        else:
+            dtype = query.column_dtypes[a.column]
+        out.append((a.name, dtype))
+    return out
+
+
+def is_dp_aggregation(plan: Any) -> bool:
+    """True when the plan's root aggregates (the shape :func:`translate` handles)."""
+    return isinstance(plan, dict) and plan.get("op") in ("group_by", "select")
+
+
+# ----------------------------------------------------------------- the owner's command line
+def policy_from_options(file: str | Path, *, epsilon: float | None, epsilon_per_query: float | None = None,
+                        delta: float = 0.0, max_rows: int | None = None, privacy_unit_column: str | None = None,
+                        max_contributions: int = 1, bounds: Iterable[str] = (),
+                        public_keys: Iterable[str] = ()) -> DPPolicy:
+    """A :class:`DPPolicy` from ``bastion-owner dataset add --privacy dp`` options.
+
+    ``bounds`` items are ``COL=LO:HI``; ``public_keys`` items ``COL=v1,v2,...``
+    (values converted to the column's type).  ``max_rows`` defaults to ten
+    times the file's row count, rounded up to a power of ten (a loose public
+    bound that does not reveal the count).
+
+    Raises
+    ------
+    ValueError
+        Naming the option that is wrong.
+    """
+    import polars as pl
+
+    if epsilon is None:
+        raise ValueError("--privacy dp needs --epsilon (the total budget of each scientist)")
+    path = Path(file)
+    frame = pl.scan_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else pl.scan_csv(path)
+    schema = frame.collect_schema()
+    if max_rows is None:
+        rows = frame.select(pl.len()).collect().item()
+        max_rows = 10 ** max(1, math.ceil(math.log10(max(rows, 1) * 10)))
+    parsed_bounds = {}
+    for item in bounds:
+        column, sep, rest = str(item).partition("=")
+        low, colon, high = rest.rpartition(":") if rest.count(":") == 1 else ("", "", "")
+        try:
+            parsed_bounds[column] = [_number(low), _number(high)]
+        except ValueError:
+            raise ValueError(f"--bounds {item!r}: expected COL=LO:HI, for example age=0:100") from None
+        if not sep or not colon or not column:
+            raise ValueError(f"--bounds {item!r}: expected COL=LO:HI, for example age=0:100")
+    keys = {}
+    for item in public_keys:
+        column, sep, rest = str(item).partition("=")
+        if not sep or not column or not rest:
+            raise ValueError(f"--public-keys {item!r}: expected COL=v1,v2,..., for example sex=F,M")
+        if column not in schema:
+            raise ValueError(f"--public-keys {item!r}: no column {column!r} in {path.name}")
+        keys[column] = [_key_value(v, schema[column], item) for v in rest.split(",")]
+    return DPPolicy(epsilon=epsilon, epsilon_per_query=epsilon_per_query, delta=delta,
+                    delta_per_query=delta / 10 if delta else 0.0, max_rows=max_rows,
+                    privacy_unit_column=privacy_unit_column, max_contributions=max_contributions,
+                    bounds=parsed_bounds, public_keys=keys)
+
+
+def _number(text: str) -> int | float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+
+
+def _key_value(text: str, dtype: Any, item: str) -> Any:
+    if dtype.is_integer():
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"--public-keys {item!r}: {text!r} is not a whole number") from None
+    if dtype.is_float():
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"--public-keys {item!r}: {text!r} is not a number") from None
+    if str(dtype) == "Boolean":
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"--public-keys {item!r}: {text!r} is not true or false")
+        return text.lower() == "true"
+    return text
