@@ -21,6 +21,8 @@ Frame nodes
 ``group_by``            ``{"op": "group_by", "input": F, "keys": [E, ...], "aggs": [E, ...]}``
 ``sort``                ``{"op": "sort", "input": F, "by": [E, ...], "descending": [bool, ...], "nulls_last": bool}``
 ``head``                ``{"op": "head", "input": F, "n": int}``
+``slice``               ``{"op": "slice", "input": F, "offset": int, "length": int | null}``
+``explode``             ``{"op": "explode", "input": F, "columns": [NAME, ...]}`` (list columns -> rows)
 ``drop``                ``{"op": "drop", "input": F, "columns": [NAME, ...]}``
 ``rename``              ``{"op": "rename", "input": F, "mapping": {OLD: NEW}}``
 ``drop_nulls``          ``{"op": "drop_nulls", "input": F, "subset": [NAME, ...] | null}``
@@ -82,7 +84,7 @@ DTYPES = (
 # Parameter types of expression functions. "expr" is an expression dict; the
 # others are JSON literals checked by the executor.
 PARAM_TYPES = ("expr", "int", "number", "str", "bool", "dtype", "literal_list",
-               "optional_str", "optional_number", "interval", "closed")
+               "optional_str", "optional_number", "interval", "closed", "exprs")
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,17 @@ EXPR_FUNCTIONS: dict[str, FunctionSpec] = {
     "first": _f("row_aggregate"),
     "last": _f("row_aggregate"),
     "mode": _f("row_aggregate"),
+    # aggregations that return individual values as a list (row-level, like first/last)
+    "implode": _f("row_aggregate"),
+    "head": _f("row_aggregate", ("n", "int"), n=10),
+    "tail": _f("row_aggregate", ("n", "int"), n=10),
+    "unique": _f("row_aggregate"),
+    # reorder / subset / widen the values of a column; meaningful inside an aggregation
+    "sort_by": _f("elementwise", ("by", "expr"), ("descending", "bool"), descending=False),
+    "filter": _f("elementwise", ("predicate", "expr")),
+    "repeat_by": _f("elementwise", ("by", "expr")),
+    # window function: an aggregate over each row's partition, broadcast to the row
+    "over": _f("elementwise", ("partition_by", "exprs")),
     # differentially private aggregations (DP datasets only); bounds default to the owner's,
     # and an empty candidates list means evenly spaced candidates over the bounds
     "dp.sum": _f("dp_aggregate", ("lower", "optional_number"), ("upper", "optional_number"),
@@ -191,6 +204,8 @@ FRAME_OPS: dict[str, dict[str, str]] = {
     "group_by": {"input": "frame", "keys": "exprs", "aggs": "exprs"},
     "sort": {"input": "frame", "by": "exprs", "descending": "bools", "nulls_last": "bool"},
     "head": {"input": "frame", "n": "count"},
+    "slice": {"input": "frame", "offset": "offset", "length": "optional_count"},
+    "explode": {"input": "frame", "columns": "names"},
     "drop": {"input": "frame", "columns": "names"},
     "rename": {"input": "frame", "mapping": "name_map"},
     "drop_nulls": {"input": "frame", "subset": "optional_names"},

@@ -126,6 +126,8 @@ def _function(expr: dict) -> str:
                 continue  # polars' own default: leave it out, as a person would
             if ptype == "expr":
                 shown = text_of(value, True)
+            elif ptype == "exprs":
+                shown = "[" + ", ".join(_name_or_expr(v) for v in value or []) + "]"
             elif ptype == "dtype":
                 shown = f"pl.{value}"
             else:
@@ -223,6 +225,8 @@ _FRAME_TEXT: dict[str, Callable[[dict], str]] = {
                            f"{', '.join(_name_or_expr(k) for k in n.get('keys') or [])}).agg({_exprs(n, 'aggs')})"),
     "sort": _sort_text,
     "head": lambda n: f"{_frame_text(n.get('input'))}.head({_literal(n.get('n'))})",
+    "slice": lambda n: f"{_frame_text(n.get('input'))}.slice({_literal(n.get('offset'))}, {_literal(n.get('length'))})",
+    "explode": lambda n: f"{_frame_text(n.get('input'))}.explode({_names(n.get('columns') or [])})",
     "drop": lambda n: f"{_frame_text(n.get('input'))}.drop({', '.join(_literal(c) for c in n.get('columns') or [])})",
     "rename": lambda n: f"{_frame_text(n.get('input'))}.rename({_literal_map(n.get('mapping'))})",
     "drop_nulls": _optional_subset("drop_nulls"),
@@ -274,6 +278,10 @@ def _tree_label(node: dict) -> str:
         return f"sort {_sort_args(node)}"
     if op == "head":
         return f"head {_literal(node.get('n'))}"
+    if op == "slice":
+        return f"slice {_literal(node.get('offset'))}, {_literal(node.get('length'))}"
+    if op == "explode":
+        return f"explode {_names(node.get('columns') or [])}"
     if op == "drop":
         return f"drop {', '.join(_literal(c) for c in node.get('columns') or [])}"
     if op == "rename":

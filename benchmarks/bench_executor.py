@@ -79,7 +79,9 @@ def stages(name: str, plan: dict, catalog: dict, cache: engine.DatasetCache, rep
     # Where Bastion's time goes: the plan checks, the engine (the accounted
     # query: the scientist's columns plus the policy's counts), the decision.
     def checks():
-        return policy.account(validate.validate(plan, catalog, dataset_columns=cache.columns))
+        # As executor.evaluate does: the owner-side unique-key check picks the cheaper exact join accounting.
+        return policy.account(validate.validate(plan, catalog, dataset_columns=cache.columns),
+                              unique_keys=lambda name, keys: cache.unique_keys(catalog[name], keys))
 
     accounted = checks()
     table = engine.run(accounted.plan, catalog, cache)

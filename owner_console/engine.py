@@ -10,12 +10,17 @@ They live in tables of their own and are only reachable from a plan the policy
 built: the validator refuses any name outside the public tables.
 
 Datasets are read once into memory by :class:`DatasetCache`, shared by every
-session and thread.
+session and thread, except large Parquet files (:func:`is_streamed`), which
+are scanned lazily and run on polars' streaming engine.
 """
 from __future__ import annotations
 
 import datetime
+import functools
 import operator
+import os
+import queue
+import resource
 import threading
 import time
 from pathlib import Path
@@ -28,6 +33,7 @@ from bastion_kernel.protocol import BastionError
 from .model import Dataset
 
 RESERVED_PREFIX = "__bastion"
+MAX_REPEAT = 1_000  # largest count repeat_by honours (explode sizes are not pre-checked like joins)
 ACCOUNT_DTYPE = pl.Int64  # every accounting column has this dtype, so frames line up in concat
 
 
@@ -43,6 +49,8 @@ class DatasetCache:
         self._lock = threading.Lock()
         self._path_locks: dict[str, threading.Lock] = {}
         self._frames: dict[str, tuple[tuple[int, int], pl.DataFrame]] = {}
+        # path -> (file version checked, {key columns: unique?}): see unique_keys
+        self._unique: dict[str, tuple[tuple[int, int], dict[tuple[str, ...], bool]]] = {}
 
     def frame(self, dataset: Dataset) -> pl.DataFrame:
         """The dataset's table (read on first use, then from memory).
@@ -74,13 +82,109 @@ class DatasetCache:
                 self._frames[path] = (version, table)
             return table
 
+    def unique_keys(self, dataset: Dataset, columns: tuple[str, ...], table: pl.DataFrame | None = None) -> bool:
+        """True when no two rows of the dataset share a value of ``columns`` (cached per file version).
+
+        With ``table``, the answer is about that table, and False unless it is
+        the dataset's current version (a file replaced meanwhile).  A streamed
+        dataset answers False (the check would read it whole).  The answer is
+        never released: it only chooses how the policy counts.
+        """
+        if is_streamed(dataset):
+            return False
+        current = self.frame(dataset)
+        if table is not None and table is not current:
+            return False
+        path = str(Path(dataset.path).resolve())
+        columns = tuple(columns)
+        with self._lock:
+            cached = self._frames.get(path)
+            if cached is None or cached[1] is not current:
+                return False  # replaced while we looked
+            version = cached[0]
+            checked = self._unique.get(path)
+            if checked is not None and checked[0] == version and columns in checked[1]:
+                return checked[1][columns]
+        try:
+            unique = not current.select(pl.struct(list(columns)).is_duplicated().any()).item()
+        except Exception:  # noqa: BLE001 - a key that cannot be checked is treated as not unique
+            unique = False
+        with self._lock:
+            checked = self._unique.get(path)
+            if checked is None or checked[0] != version:
+                checked = self._unique[path] = (version, {})
+            checked[1][columns] = unique
+        return unique
+
+    def lazy(self, dataset: Dataset) -> pl.LazyFrame:
+        """A query's input: a lazy scan of a large Parquet file (see :func:`is_streamed`), else the cached table."""
+        if is_streamed(dataset):
+            return pl.scan_parquet(dataset.path)
+        return self.frame(dataset).lazy()
+
     def columns(self, dataset: Dataset) -> tuple[str, ...]:
         """Column names of a dataset."""
-        return tuple(self.frame(dataset).columns)
+        return tuple(self._schema(dataset).names())
 
     def schema(self, dataset: Dataset) -> list[tuple[str, str]]:
         """``[(column, dtype name), ...]`` of a dataset."""
-        return [(name, dtype_name(dtype)) for name, dtype in self.frame(dataset).schema.items()]
+        return [(name, dtype_name(dtype)) for name, dtype in self._schema(dataset).items()]
+
+    def _schema(self, dataset: Dataset) -> pl.Schema:
+        if not is_streamed(dataset):
+            return self.frame(dataset).schema
+        try:  # the file's footer only: a streamed dataset is never read whole
+            return pl.scan_parquet(dataset.path).collect_schema()
+        except Exception as exc:  # noqa: BLE001 - any reader failure becomes one typed, value-free error
+            raise BastionError("ExecutionError", f"dataset {dataset.name!r} cannot be read "
+                                                 f"({type(exc).__name__})") from None
+
+
+# A Parquet file at least this large is never read into memory: queries scan it
+# lazily and run on polars' streaming engine, in bounded memory (a dataset
+# larger than the executor's memory would otherwise abort the process: Rust
+# aborts on a failed allocation).  Smaller files are read once and shared,
+# which is much faster for repeated queries.  None: one eighth of the memory
+# the executor may use (see streaming_threshold); a Parquet file is typically
+# 2-4x smaller than its table in memory.
+STREAMING_MIN_BYTES: int | None = None
+_STREAMING_FLOOR_BYTES = 64 * 2**20
+
+
+def streaming_threshold() -> int:
+    """The Parquet file size from which a dataset is streamed (see :data:`STREAMING_MIN_BYTES`).
+
+    Derived from the smallest of physical memory, the process's address-space
+    limit and its cgroup's memory limit, read at each call so a limit set
+    while the executor runs (``prlimit``) applies to the next query.
+    """
+    if STREAMING_MIN_BYTES is not None:
+        return STREAMING_MIN_BYTES
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
+    cgroup = _cgroup_memory_limit()
+    if cgroup is not None:
+        limits.append(cgroup)
+    return max(_STREAMING_FLOOR_BYTES, min(limits) // 8)
+
+
+@functools.lru_cache(maxsize=1)
+def _cgroup_memory_limit() -> int | None:
+    try:
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def is_streamed(dataset: Dataset) -> bool:
+    """True for a Parquet dataset whose file is at least :func:`streaming_threshold` bytes."""
+    try:
+        return dataset.format == "parquet" and Path(dataset.path).stat().st_size >= streaming_threshold()
+    except OSError:
+        return False  # the in-memory path reports the unreadable file
 
 
 def _read(dataset: Dataset, path: str) -> pl.DataFrame:
@@ -137,10 +241,11 @@ def run(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache | None =
         ``details["cancelled"]`` when ``cancel`` was set.
     """
     query = compile_plan(plan, catalog, cache)
+    streaming = _streams(plan, catalog)
     try:
         if cancel is None and timeout is None:
-            return query.collect()
-        return _collect_cancellable(query, cancel, timeout)
+            return _collect(query, streaming)
+        return _collect_cancellable(query, cancel, timeout, streaming)
     except BastionError:
         raise
     except MemoryError:
@@ -153,12 +258,32 @@ def run(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache | None =
                            error_class=type(exc).__name__) from None
 
 
-# Polling interval while a background query runs: short at first so quick
-# queries answer at once, then capped so a long one costs little CPU.
-_FIRST_POLL_SECONDS = 0.001
+def _streams(plan: dict, catalog: Mapping[str, Dataset]) -> bool:
+    """True when the plan reads a streamed dataset (see :func:`is_streamed`)."""
+    stack: list[Any] = [plan]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            name = item.get("dataset") if item.get("op") == "scan" else \
+                item.get("name") if item.get("op") == "saved" else None
+            if isinstance(name, str) and name in catalog and is_streamed(catalog[name]):
+                return True
+            stack.extend(v for v in item.values() if isinstance(v, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _collect(query: pl.LazyFrame, streaming: bool) -> pl.DataFrame:
+    return query.collect(engine="streaming") if streaming else query.collect()
+
+
+# While a query runs, the worker waits on its completion event and wakes at
+# these intervals only to look at the cancel flag and the deadline.
+_FIRST_POLL_SECONDS = 0.005
 _MAX_POLL_SECONDS = 0.05
-# Cancelled queries that polars is still computing (see _abandon); past this
-# many, new cancellable queries are refused until some finish.
+# Cancelled queries that polars is still computing (see _Running.abandon);
+# past this many, new cancellable queries are refused until some finish.
 MAX_ABANDONED_QUERIES = 8
 _abandoned = 0
 _abandoned_lock = threading.Lock()
@@ -169,64 +294,124 @@ def abandoned_queries() -> int:
     return _abandoned
 
 
-def _abandon(handle: Any) -> None:
-    """Keep a cancelled query's handle alive until polars is done with it.
+class _HelperThreads:
+    """Daemon threads that wait for (or run) queries, reused: starting a thread costs about a millisecond on a
+    busy machine.  A thread is added whenever none is idle, so a task never waits for another to end; daemon
+    threads, so a query polars is still computing never holds up the executor's exit."""
 
-    polars 1.36 aborts the whole process (a Rust panic in a rayon thread) when
-    the handle of a background query is dropped before the query finishes, so
-    a drain thread holds it and waits for the result, which it drops.
+    def __init__(self) -> None:
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def submit(self, task: Callable[..., None], *args: Any) -> None:
+        with self._lock:
+            spawn = self._idle == 0
+            if not spawn:
+                self._idle -= 1  # that idle thread, blocked in get(), takes a task
+        self._tasks.put((task, args))
+        if spawn:
+            threading.Thread(target=self._work, name="bastion-query", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            task, args = self._tasks.get()
+            try:
+                task(*args)
+            except BaseException:  # noqa: BLE001 - tasks report their own errors; the thread serves on
+                pass
+            with self._lock:
+                self._idle += 1
+
+
+_QUERY_THREADS = _HelperThreads()
+
+
+class _Running:
+    """A query collected on a helper thread, which signals an event when it ends.
+
+    In-memory queries run in polars' background mode (``InProcessQuery``,
+    whose ``cancel()`` polars honours between some operators); the helper
+    thread holds the handle until polars is done, because polars 1.36 aborts
+    the whole process (a Rust panic in a rayon thread) when a background
+    query's handle is dropped before it finishes.  Streamed queries run
+    ``collect(engine="streaming")`` on the helper thread: polars 1.36's
+    ``collect(background=True)`` ignores the streaming engine.
     """
-    global _abandoned
-    with _abandoned_lock:
-        _abandoned += 1
 
-    def drain() -> None:
+    def __init__(self, query: pl.LazyFrame, streaming: bool):
+        self._done = threading.Event()
+        self._abandoned = False
+        self._result: pl.DataFrame | None = None
+        self._error: BaseException | None = None
+        self._handle = None if streaming else query.collect(background=True)
+        _QUERY_THREADS.submit(self._collect, query)
+
+    def _collect(self, query: pl.LazyFrame) -> None:
         global _abandoned
         try:
-            handle.fetch_blocking()
-        except BaseException:  # noqa: BLE001 - the result of a cancelled query is not wanted, nor its error
-            pass
+            if self._handle is not None:
+                self._result = self._handle.fetch_blocking()
+            else:
+                self._result = query.collect(engine="streaming")
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting worker by outcome()
+            self._error = exc
         finally:
+            self._done.set()
             with _abandoned_lock:
-                _abandoned -= 1
+                if self._abandoned:  # nobody wants this result or its error
+                    self._result = self._error = None
+                    _abandoned -= 1
 
-    threading.Thread(target=drain, name="bastion-drain", daemon=True).start()
+    def wait(self, seconds: float) -> bool:
+        """True once the query has ended (at once when it ends within ``seconds``)."""
+        return self._done.wait(seconds)
+
+    def outcome(self) -> pl.DataFrame:
+        """The result of an ended query; raises the query's own exception."""
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def abandon(self) -> None:
+        """Stop waiting: ask polars to cancel, and count the query until polars lets it go."""
+        global _abandoned
+        if self._handle is not None:
+            self._handle.cancel()
+        with _abandoned_lock:
+            if not self._done.is_set():
+                self._abandoned = True
+                _abandoned += 1
 
 
 def _collect_cancellable(query: pl.LazyFrame, cancel: threading.Event | None,
-                         timeout: float | None) -> pl.DataFrame:
-    """Collect in polars' background mode, giving up at ``timeout`` or when ``cancel`` is set.
+                         timeout: float | None, streaming: bool = False) -> pl.DataFrame:
+    """Collect on a helper thread, giving up at ``timeout`` or when ``cancel`` is set.
 
     Giving up frees the calling worker thread at once.  polars 1.36 only
-    honours ``InProcessQuery.cancel()`` between some of its operators, so the
-    computation itself may run on in polars' thread pool until it reaches such
-    a point; its result is then dropped.
+    honours ``InProcessQuery.cancel()`` between some of its operators (and a
+    streaming query not at all), so the computation itself may run on until
+    it ends; its result is then dropped.
     """
     if _abandoned >= MAX_ABANDONED_QUERIES:
         raise BastionError("LimitExceeded", "the executor is still winding down earlier cancelled queries; "
                                             "try again in a little while", limit="abandoned_queries")
     if cancel is not None and cancel.is_set():
         raise BastionError("ExecutionError", "the query was cancelled at your request", cancelled=True)
-    handle = query.collect(background=True)
+    running = _Running(query, streaming)
     deadline = None if timeout is None else time.monotonic() + timeout
     pause = _FIRST_POLL_SECONDS
     while True:
-        result = handle.fetch()
-        if result is not None:
-            return result
-        now = time.monotonic()
-        if deadline is not None and now >= deadline:
-            handle.cancel()
-            _abandon(handle)
+        step = pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic()))
+        if running.wait(step):
+            return running.outcome()
+        if cancel is not None and cancel.is_set():
+            running.abandon()
+            raise BastionError("ExecutionError", "the query was cancelled at your request", cancelled=True)
+        if deadline is not None and time.monotonic() >= deadline:
+            running.abandon()
             raise BastionError("LimitExceeded", f"the query ran longer than {timeout:g} s and was cancelled",
                                limit="query_timeout_seconds", seconds=timeout)
-        step = pause if deadline is None else min(pause, deadline - now)
-        if cancel is not None and cancel.wait(step):
-            handle.cancel()
-            _abandon(handle)
-            raise BastionError("ExecutionError", "the query was cancelled at your request", cancelled=True)
-        if cancel is None:
-            time.sleep(step)
         pause = min(pause * 2, _MAX_POLL_SECONDS)
 
 
@@ -248,8 +433,10 @@ def join_sizes(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache |
         if node.get("op") != "join" or node["how"] in ("semi", "anti"):
             continue
         left, right = compile_plan(node["left"], catalog, cache), compile_plan(node["right"], catalog, cache)
+        streaming = _streams(node, catalog)
         if node["how"] == "cross":
-            counts = pl.concat([left.select(pl.len().alias("n")), right.select(pl.len().alias("n"))]).collect()
+            counts = _collect(pl.concat([left.select(pl.len().alias("n")), right.select(pl.len().alias("n"))]),
+                              streaming)
             sizes.append(int(counts["n"][0]) * int(counts["n"][1]))
             continue
         keys = [f"k{i}" for i in range(len(node["left_on"]))]
@@ -262,10 +449,10 @@ def join_sizes(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache |
             total = matched.select((pl.col("l") * pl.col("r")).sum())
         else:  # left and full: unmatched left rows appear once
             total = matched.select((pl.col("l") * pl.col("r").fill_null(1)).sum())
-        size = int(total.collect().item() or 0)
+        size = int(_collect(total, streaming).item() or 0)
         if node["how"] == "full":
-            size += int(right_counts.join(left_counts, on=keys, how="anti").select(pl.col("r").sum())
-                        .collect().item() or 0)
+            size += int(_collect(right_counts.join(left_counts, on=keys, how="anti").select(pl.col("r").sum()),
+                                 streaming).item() or 0)
         sizes.append(size)
     return sizes
 
@@ -322,6 +509,16 @@ _FUNCTIONS: dict[str, _Fn] = {
     "first": lambda e, a, s: e.first(),
     "last": lambda e, a, s: e.last(),
     "mode": lambda e, a, s: e.mode(),
+    "implode": lambda e, a, s: e.implode(),
+    "head": lambda e, a, s: e.head(a["n"]),
+    "tail": lambda e, a, s: e.tail(a["n"]),
+    "unique": lambda e, a, s: e.unique(),
+    "sort_by": lambda e, a, s: e.sort_by(s(a["by"]), descending=a["descending"]),
+    "filter": lambda e, a, s: e.filter(s(a["predicate"])),
+    # A negative count would fail only for some rows (an oracle), a huge one
+    # would exhaust memory: counts are kept within 0..MAX_REPEAT.
+    "repeat_by": lambda e, a, s: e.repeat_by(s(a["by"]).cast(pl.Int64, strict=False).clip(0, MAX_REPEAT)),
+    "over": lambda e, a, s: e.over([s(p) for p in a["partition_by"]]),
     "is_null": lambda e, a, s: e.is_null(),
     "is_not_null": lambda e, a, s: e.is_not_null(),
     "is_in": lambda e, a, s: e.is_in(a["values"]),
@@ -378,13 +575,13 @@ def _guarded(node: dict, c: pl.Expr, count: pl.Expr) -> pl.Expr:
     # join row is marked 0 (fails the rule); a group with no row from this
     # source is null (not fed by it).
     if not (node["taintable"] or node["nullable"] or node["global"]):
-        return count.cast(ACCOUNT_DTYPE).alias(node["name"])
+        return count.alias(node["name"])
     expr = pl.when(pl.len() == 0).then(pl.lit(0, dtype=ACCOUNT_DTYPE))
     if node["nullable"]:
         expr = expr.when(c.is_null().all()).then(pl.lit(None, dtype=ACCOUNT_DTYPE))
     if node["taintable"]:
         expr = expr.when((c == 0).any()).then(pl.lit(0, dtype=ACCOUNT_DTYPE))
-    return expr.otherwise(count.cast(ACCOUNT_DTYPE)).alias(node["name"])
+    return expr.otherwise(count).alias(node["name"])
 
 
 def _account_one_row(node: dict) -> pl.Expr:
@@ -402,10 +599,22 @@ def _account_unmatched(node: dict) -> pl.Expr:
             .otherwise(pl.col(node["column"])).alias(node["column"]))
 
 
+# Accounting expressions that yield polars' own count dtype (UInt32, or Float64
+# for a share): the compiler casts their columns to ACCOUNT_DTYPE in a
+# with_columns after the operation, because a cast inside ``agg`` takes
+# polars off its fast group-by path (3.4x slower, benchmarks/RESULTS.md).
+_UNCAST_ACCOUNTING = frozenset({"acct_len", "acct_distinct", "acct_sum", "acct_contrib", "acct_share"})
+
+
+def _cast_accounting(frame: pl.LazyFrame, exprs: list[dict]) -> pl.LazyFrame:
+    names = [e["name"] for e in exprs if e["expr"] in _UNCAST_ACCOUNTING]
+    return frame.with_columns(pl.col(names).cast(ACCOUNT_DTYPE)) if names else frame
+
+
 _ACCOUNT_EXPRS: dict[str, Callable[[dict], pl.Expr]] = {
     "acct_col": lambda n: pl.col(n["name"]),
     "acct_const": lambda n: pl.lit(n["value"], dtype=ACCOUNT_DTYPE).alias(n["name"]),
-    "acct_len": lambda n: pl.len().cast(ACCOUNT_DTYPE).alias(n["name"]),
+    "acct_len": lambda n: pl.len().alias(n["name"]),
     "acct_distinct": _account_distinct,
     "acct_sum": _account_sum,
     "acct_one_row": _account_one_row,
@@ -419,6 +628,7 @@ class _Compiler:
         self.catalog = catalog
         self.cache = cache
         self.scope: pl.LazyFrame | None = None  # the input of the expressions being compiled
+        self.tables: dict[str, pl.DataFrame] = {}  # dataset -> the table its latest scan reads
         # Functions whose arguments are checked against the input's type while compiling.
         self.probed: dict[str, _Fn] = {"dt.strftime": self._strftime}
         self.ops: dict[str, Callable[[dict], pl.LazyFrame]] = {
@@ -427,10 +637,11 @@ class _Compiler:
             "head": self._head, "drop": self._drop, "rename": self._rename, "drop_nulls": self._drop_nulls,
             "fill_null": self._fill_null, "unique": self._unique, "join": self._join,
             "concat": self._concat, "with_row_index": self._with_row_index,
+            "slice": self._slice, "explode": self._explode,
             # internal operations, built only by owner_console.policy
             "acct_row_id": self._acct_row_id, "acct_columns": self._acct_columns,
             "acct_select": self._acct_select,
-            "acct_person_id": self._acct_person_id,
+            "acct_person_id": self._acct_person_id, "acct_unique": self._acct_unique,
         }
         self.exprs: dict[str, Callable[[dict], pl.Expr]] = {
             "col": lambda n: pl.col(n["name"]),
@@ -506,10 +717,14 @@ class _Compiler:
 
     # frame operations --------------------------------------------------------
     def _scan(self, node: dict) -> pl.LazyFrame:
-        return self.cache.frame(self.catalog[node["dataset"]]).lazy()
+        dataset = self.catalog[node["dataset"]]
+        if is_streamed(dataset):
+            return self.cache.lazy(dataset)
+        table = self.tables[node["dataset"]] = self.cache.frame(dataset)  # for acct_unique
+        return table.lazy()
 
     def _saved(self, node: dict) -> pl.LazyFrame:
-        return self.cache.frame(self.catalog[node["name"]]).lazy()
+        return self.cache.lazy(self.catalog[node["name"]])
 
     def _filter(self, node: dict) -> pl.LazyFrame:
         frame = self.frame(node["input"])
@@ -517,16 +732,17 @@ class _Compiler:
 
     def _select(self, node: dict) -> pl.LazyFrame:
         frame = self.frame(node["input"])
-        return frame.select(self._on(frame)._exprs(node["exprs"]))
+        return _cast_accounting(frame.select(self._on(frame)._exprs(node["exprs"])), node["exprs"])
 
     def _with_columns(self, node: dict) -> pl.LazyFrame:
         frame = self.frame(node["input"])
-        return frame.with_columns(self._on(frame)._exprs(node["exprs"]))
+        return _cast_accounting(frame.with_columns(self._on(frame)._exprs(node["exprs"])), node["exprs"])
 
     def _group_by(self, node: dict) -> pl.LazyFrame:
         frame = self.frame(node["input"])
         self._on(frame)
-        return frame.group_by(self._exprs(node["keys"])).agg(self._exprs(node["aggs"]))
+        return _cast_accounting(frame.group_by(self._exprs(node["keys"])).agg(self._exprs(node["aggs"])),
+                                node["aggs"])
 
     def _sort(self, node: dict) -> pl.LazyFrame:
         frame = self.frame(node["input"])
@@ -535,6 +751,12 @@ class _Compiler:
 
     def _head(self, node: dict) -> pl.LazyFrame:
         return self.frame(node["input"]).head(node["n"])
+
+    def _slice(self, node: dict) -> pl.LazyFrame:
+        return self.frame(node["input"]).slice(node["offset"], node["length"])
+
+    def _explode(self, node: dict) -> pl.LazyFrame:
+        return self.frame(node["input"]).explode(node["columns"])
 
     def _drop(self, node: dict) -> pl.LazyFrame:
         return self.frame(node["input"]).drop(node["columns"])
@@ -589,7 +811,19 @@ class _Compiler:
 
     def _acct_columns(self, node: dict) -> pl.LazyFrame:
         frame = self.frame(node["input"])
-        return frame.with_columns(self._on(frame)._exprs(node["exprs"]))
+        return _cast_accounting(frame.with_columns(self._on(frame)._exprs(node["exprs"])), node["exprs"])
+
+    def _acct_unique(self, node: dict) -> pl.LazyFrame:
+        # The policy counted the join's left side as not repeated because this
+        # side's key is unique: hold that against the very table the query
+        # reads, so a file replaced since the policy asked fails closed.
+        frame = self.frame(node["input"])
+        dataset = self.catalog[node["dataset"]]
+        table = self.tables.get(node["dataset"])
+        if table is None or not self.cache.unique_keys(dataset, tuple(node["columns"]), table):
+            raise BastionError("ExecutionError", f"dataset {node['dataset']!r} changed while this query was "
+                                                 "being prepared; run it again", changed=True)
+        return frame
 
     def _acct_person_id(self, node: dict) -> pl.LazyFrame:
         # One id per person (1, 2, ...), so counting distinct ids counts people;
@@ -635,14 +869,14 @@ class _Compiler:
         if node["kind"] != "implicit":
             # A group with no row of this source (after a concat) was not fed by it.
             count = pl.when(pl.col(column).is_not_null().any()).then(count)
-        return count.cast(ACCOUNT_DTYPE).alias(node["name"])
+        return count.alias(node["name"])
 
     def _acct_share(self, node: dict) -> pl.Expr:
         """The largest single row's share of an aggregate's absolute total, in millionths (dominance)."""
         value = self.expr(node["input"]).cast(pl.Float64, strict=False).abs()
         total = value.sum()
         share = pl.when(total > 0).then(value.max() / total * 1_000_000).otherwise(0)
-        return share.round(0).cast(ACCOUNT_DTYPE).alias(node["name"])
+        return share.round(0).alias(node["name"])
 
     def _acct_select(self, node: dict) -> pl.LazyFrame:
         return self.frame(node["input"]).select([pl.col(c) for c in node["columns"]])

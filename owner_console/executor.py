@@ -63,7 +63,7 @@ def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str,
         # A plan that reads a differentially private dataset releases DP aggregates or nothing.
         return dp.evaluate(plan, catalog, scientist, cache)
     checked = validate.validate(plan, catalog, dataset_columns=cache.columns)
-    accounted = policy.account(checked)
+    accounted = policy.account(checked, unique_keys=lambda name, keys: cache.unique_keys(catalog[name], keys))
     _check_join_rows(checked, catalog, cache)
     try:
         table = engine.run(accounted.plan, catalog, cache, cancel=cancel,

@@ -46,7 +46,7 @@ plan nodes that :mod:`owner_console.engine` compiles.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import polars as pl
 
@@ -77,6 +77,7 @@ class _Rep:
     taintable: bool = False   # some rows may have no partner on this side (outer/anti join)
     individual: bool = False  # rows hold individual values (first/last/mode, implicit lists)
     repeated: bool = False    # a source row may appear in several rows (after a join)
+    tainted: bool = False     # rows carry a value from other rows (over, first...): aggregates of them are row-level
 
 
 @dataclass
@@ -152,6 +153,9 @@ def expr_lineage(expr: dict, lineage: Mapping[str, frozenset]) -> frozenset:
         for param, ptype in spec.params:
             if ptype == "expr":
                 result = result | expr_lineage(expr["args"][param], lineage)
+            elif ptype == "exprs":
+                for item in expr["args"][param]:
+                    result = result | expr_lineage(item, lineage)
         return result
     if kind == "when":
         result = _EMPTY
@@ -190,7 +194,9 @@ def expr_level(expr: dict) -> str:
         return _combine(expr_level(expr["left"]), expr_level(expr["right"]))
     if kind == "fn":
         spec = P.EXPR_FUNCTIONS[expr["name"]]
-        inner = [expr_level(expr["input"])] + [expr_level(expr["args"][p]) for p, t in spec.params if t == "expr"]
+        inner = [expr_level(expr["input"])] + [expr_level(a) for a in _expr_args(expr)]
+        if expr["name"] in _UNACCOUNTED_FUNCTIONS:
+            return "individual"
         if spec.kind == "row_aggregate":
             return "individual"
         if spec.kind == "aggregate":
@@ -207,20 +213,31 @@ def expr_level(expr: dict) -> str:
 # ---------------------------------------------------------------------------
 # account()
 
-def account(checked: CheckedPlan) -> AccountedPlan:
+def account(checked: CheckedPlan,
+            unique_keys: Callable[[str, tuple[str, ...]], bool] | None = None) -> AccountedPlan:
     """Add the accounting the policy needs to a checked plan.
 
     Parameters
     ----------
     checked : CheckedPlan
         The validator's output.
+    unique_keys : callable, optional
+        ``unique_keys(dataset, columns)``: True when no two rows of the
+        dataset share a value of ``columns`` (checked on the owner's side,
+        never released).  When the right side of an inner or left join is
+        such a dataset (a scan, possibly filtered, sorted, cut or without
+        nulls) joined on those columns, each left row meets at most one right
+        row, so the left sources keep their cheap counts instead of row ids.
+        The answer only chooses how the exact counts are computed; the engine
+        checks it again on the very table the query reads
+        (``acct_unique``).  Without it every join counts row ids.
 
     Returns
     -------
     AccountedPlan
         The plan to run, with per-source counts, plus each output column's lineage.
     """
-    accountant = _Accountant(checked)
+    accountant = _Accountant(checked, unique_keys)
     top = accountant.frame(checked.root)
     sources = tuple(accountant.sources)
     hidden: dict[str, tuple[tuple[str, str], ...]] = {}
@@ -278,6 +295,119 @@ def is_plain(expr: dict) -> bool:
     return False
 
 
+# Functions whose values cannot be tied to the rows they came from:
+# ``over`` broadcasts an aggregate of the row's partition (a small partition's
+# mean lands on its rows) and ``sort_by`` reorders values against their rows.
+# Their results are counted as individual values (row-level), never guessed.
+_UNACCOUNTED_FUNCTIONS = ("over", "sort_by")
+# Functions that change how many values a column has, or their order: they
+# belong inside an aggregation (``col("x").filter(c).sum()``), where the
+# values are reduced; in a row context they would no longer line up with
+# the rows (and their accounting).
+_RESHAPING_FUNCTIONS = ("filter", "sort_by", "head", "tail", "unique")
+
+
+def _expr_args(expr: dict) -> list[dict]:
+    """The expression arguments of a function call (``expr`` and ``exprs`` parameters)."""
+    found: list[dict] = []
+    for param, ptype in P.EXPR_FUNCTIONS[expr["name"]].params:
+        if ptype == "expr":
+            found.append(expr["args"][param])
+        elif ptype == "exprs":
+            found.extend(expr["args"][param])
+    return found
+
+
+def _children(expr: dict) -> list[dict]:
+    kind = expr["expr"]
+    if kind == "fn":
+        return [expr["input"], *_expr_args(expr)]
+    if kind == "alias":
+        return [expr["input"]]
+    if kind == "unary":
+        return [expr["operand"]]
+    if kind == "binary":
+        return [expr["left"], expr["right"]]
+    if kind == "when":
+        parts = [p for b in expr["branches"] for p in (b["when"], b["then"])]
+        return parts + ([expr["otherwise"]] if expr["otherwise"] is not None else [])
+    return []
+
+
+def reshaping_outside_aggregation(expr: dict, inside: bool = False) -> str | None:
+    """The first length- or order-changing function (filter, sort_by, head...) not under an aggregation."""
+    if expr["expr"] == "fn":
+        name = expr["name"]
+        if name in _RESHAPING_FUNCTIONS and not inside:
+            return name
+        if P.EXPR_FUNCTIONS[name].kind in ("aggregate", "row_aggregate") and name not in _RESHAPING_FUNCTIONS:
+            inside = True
+    for child in _children(expr):
+        found = reshaping_outside_aggregation(child, inside)
+        if found is not None:
+            return found
+    return None
+
+
+def _refuse_reshaping(exprs: Iterable[dict], where: str) -> None:
+    for expr in exprs:
+        name = reshaping_outside_aggregation(expr)
+        if name is not None:
+            raise BastionError("UnsupportedOperation",
+                               f"{name}() changes how many values a column has (or their order), so in {where} its "
+                               f"values would no longer line up with their rows; use it inside an aggregation, "
+                               f"for example col(\"x\").{name}(...).sum() in group_by().agg() or select()",
+                               function=name)
+
+
+def _as_masked(expr: dict) -> dict:
+    """An aggregation input with every ``filter(pred)`` written as ``when(pred).then(x)``.
+
+    Same values for the aggregate (the rows the filter drops become nulls,
+    which aggregations skip), but one value per row, so the contribution
+    accounting can line them up with the rows' ids: only rows that pass the
+    filter (and are not zero) count as contributors.
+    """
+    kind = expr["expr"]
+    if kind == "fn":
+        if expr["name"] == "filter":
+            return {"expr": "when", "branches": [{"when": _as_masked(expr["args"]["predicate"]),
+                                                  "then": _as_masked(expr["input"])}], "otherwise": None}
+        args = {}
+        for param, ptype in P.EXPR_FUNCTIONS[expr["name"]].params:
+            value = expr["args"][param]
+            args[param] = (_as_masked(value) if ptype == "expr" else
+                           [_as_masked(v) for v in value] if ptype == "exprs" else value)
+        return {**expr, "input": _as_masked(expr["input"]), "args": args}
+    if kind == "alias":
+        return {**expr, "input": _as_masked(expr["input"])}
+    if kind == "unary":
+        return {**expr, "operand": _as_masked(expr["operand"])}
+    if kind == "binary":
+        return {**expr, "left": _as_masked(expr["left"]), "right": _as_masked(expr["right"])}
+    if kind == "when":
+        otherwise = expr["otherwise"]
+        return {**expr, "branches": [{"when": _as_masked(b["when"]), "then": _as_masked(b["then"])}
+                                     for b in expr["branches"]],
+                "otherwise": None if otherwise is None else _as_masked(otherwise)}
+    return expr
+
+
+def _tainting(exprs: Iterable[dict]) -> bool:
+    """True when an expression has a part that carries individual values (over, first, sort_by, implode...).
+
+    Such a part may sit inside a row-level expression (``cost == cost.max().over("zip")``),
+    whose level alone does not show it.
+    """
+    return any(expr_level(e) == "individual" or _tainting(_children(e)) for e in exprs)
+
+
+def _tainted(reps: Mapping[int, _Rep], exprs: Iterable[dict]) -> dict[int, _Rep]:
+    if not _tainting(exprs):
+        return dict(reps)
+    return {s: replace(rep, tainted=True) for s, rep in reps.items()}
+
+
 def _row_aggregations(expr: dict) -> list[dict]:
     """The aggregation calls of an expression that reduce row-level values (outermost first).
 
@@ -292,10 +422,8 @@ def _row_aggregations(expr: dict) -> list[dict]:
             if node["name"] in _CONTRIBUTION_FUNCTIONS and expr_level(node["input"]) == "row":
                 found.append(node)
             walk(node["input"])
-            spec = P.EXPR_FUNCTIONS[node["name"]]
-            for param, ptype in spec.params:
-                if ptype == "expr":
-                    walk(node["args"][param])
+            for arg in _expr_args(node):
+                walk(arg)
         elif kind == "alias":
             walk(node["input"])
         elif kind == "unary":
@@ -315,13 +443,15 @@ def _row_aggregations(expr: dict) -> list[dict]:
 
 
 class _Accountant:
-    def __init__(self, checked: CheckedPlan):
+    def __init__(self, checked: CheckedPlan, unique_keys: Callable[[str, tuple[str, ...]], bool] | None = None):
         self.checked = checked
+        self.unique_keys = unique_keys
         self.sources: list[Source] = []
         self.serial = 0  # numbers contribution columns, unique in the whole plan
         self.rules = {
             "scan": self._scan, "saved": self._scan, "filter": self._keep_rows, "sort": self._keep_rows,
-            "head": self._keep_rows, "drop_nulls": self._keep_rows, "unique": self._keep_rows,
+            "head": self._keep_rows, "slice": self._keep_rows, "explode": self._explode,
+            "drop_nulls": self._keep_rows, "unique": self._keep_rows,
             "fill_null": self._keep_rows, "drop": self._drop, "rename": self._rename,
             "with_row_index": self._with_row_index, "with_columns": self._with_columns,
             "select": self._select, "group_by": self._group_by, "join": self._join, "concat": self._concat,
@@ -386,7 +516,10 @@ class _Accountant:
             for call in _row_aggregations(expr):
                 self.serial += 1
                 j = self.serial
+                call = {**call, "input": _as_masked(call["input"])}
                 for s, rep in reps.items():
+                    if self.sources[s].policy.min_group_size <= 1:
+                        continue  # decide() applies the contribution rule only under K > 1: no column to compute
                     name = f"{RESERVED_PREFIX}_k{j}_{s}"
                     accounting.append({"expr": "acct_contrib", "input": call["input"], "function": call["name"],
                                        "kind": rep.kind, "column": rep.column, "exact": rep.disjoint,
@@ -424,8 +557,12 @@ class _Accountant:
         return _Frame(out, columns, lineage, {s: _Rep("rid", _rid(s), disjoint=False)}, aggregated=False)
 
     def _keep_rows(self, node: dict) -> _Frame:
-        # filter, sort, head, drop_nulls, unique, fill_null: each output row is an input row.
+        # filter, sort, head, slice, drop_nulls, unique, fill_null: each output row is an input row.
         inner = self.frame(node["input"])
+        row_exprs = {"filter": [node.get("predicate")], "fill_null": [node.get("value")],
+                     "sort": node.get("by")}.get(node["op"]) or []
+        _refuse_reshaping(row_exprs, node["op"])
+        inner = replace(inner, reps=_tainted(inner.reps, row_exprs))
         if node["op"] in ("filter", "fill_null"):
             # A predicate that compares with an aggregate (keep the rows if the
             # sum of an indicator is large...), or a fill value computed by one,
@@ -459,8 +596,17 @@ class _Accountant:
         return replace(inner, node={**node, "input": inner.node}, columns=self.checked.columns_of(node),
                        lineage={node["name"]: _EMPTY, **inner.lineage})
 
+    def _explode(self, node: dict) -> _Frame:
+        # Each exploded row is still fed by the source rows of the row it came
+        # from: ids are repeated, never multiplied, so counts do not grow.
+        inner = self._materialize(self.frame(node["input"]))
+        reps = {s: replace(rep, disjoint=False, repeated=True) for s, rep in inner.reps.items()}
+        return replace(inner, node={**node, "input": inner.node}, reps=reps)
+
     def _with_columns(self, node: dict) -> _Frame:
         inner = self.frame(node["input"])
+        _refuse_reshaping(node["exprs"], "with_columns")
+        inner = replace(inner, reps=_tainted(inner.reps, node["exprs"]))
         lineage = dict(inner.lineage)
         for expr in node["exprs"]:
             lineage[P.output_name(expr)] = expr_lineage(expr, inner.lineage)
@@ -478,12 +624,14 @@ class _Accountant:
         accounting, contribs = self._contributions(node["exprs"], inner.reps)
         if "row" in levels:
             # One output row per input row (aggregates, if any, are broadcast).
+            _refuse_reshaping(node["exprs"], "a row-level select")
             out = {**node, "input": inner.node,
                    "exprs": node["exprs"] + self._passthrough(inner.reps, inner.contribs) + accounting}
-            return _Frame(out, columns, lineage, dict(inner.reps), inner.aggregated,
+            return _Frame(out, columns, lineage, _tainted(inner.reps, node["exprs"]), inner.aggregated,
                           {**inner.contribs, **contribs})
         # A global aggregate: one row computed from all input rows.
-        individual = "individual" in levels
+        individual = ("individual" in levels or _tainting(node["exprs"])
+                      or any(rep.tainted for rep in inner.reps.values()))
         out = {**node, "input": inner.node, "exprs": node["exprs"] + self._group_counts(inner.reps, True)
                + accounting + self._carried(inner.contribs)}
         reps = self._grouped_reps(inner.reps, individual)
@@ -497,7 +645,9 @@ class _Accountant:
         lineage = {P.output_name(e): expr_lineage(e, inner.lineage) for e in node["keys"] + node["aggs"]}
         # An aggregation that is not a reduction (an implicit list of values,
         # first/last/mode) puts individual values in the result.
-        individual = any(expr_level(e) in ("row", "individual") for e in node["aggs"])
+        individual = (any(expr_level(e) in ("row", "individual") for e in node["aggs"])
+                      or _tainting(node["keys"] + node["aggs"]) or any(rep.tainted for rep in inner.reps.values()))
+        _refuse_reshaping(node["keys"], "group_by keys")
         accounting, contribs = self._contributions(node["aggs"], inner.reps)
         out = {**node, "input": inner.node, "aggs": node["aggs"] + self._group_counts(inner.reps, False)
                + accounting + self._carried(inner.contribs)}
@@ -523,8 +673,17 @@ class _Accountant:
             out = {"op": "acct_columns", "input": out, "exprs": consts}
             return _Frame(out, columns, dict(left.lineage), reps, left.aggregated, dict(left.contribs))
 
-        left, right = self._materialize(left), self._materialize(right)
-        out: dict = {**node, "left": left.node, "right": right.node}
+        unique = self._unique_right(node)
+        if unique is None:
+            left, right = self._materialize(left), self._materialize(right)
+            out: dict = {**node, "left": left.node, "right": right.node}
+        else:
+            # Each left row meets at most one right row: left rows are not
+            # repeated, so the left sources keep their counts as they are.
+            right = self._materialize(right)
+            dataset, keys = unique
+            out = {**node, "left": left.node,
+                   "right": {"op": "acct_unique", "input": right.node, "dataset": dataset, "columns": list(keys)}}
         lineage = dict(left.lineage)
         merged = {k["name"]: r["name"] for k, r in zip(node["left_on"], node["right_on"])} \
             if how in ("inner", "left") else {}
@@ -535,8 +694,9 @@ class _Accountant:
             lineage[column + node["suffix"] if column in left.columns else column] = right.lineage[column]
         for left_key, right_key in merged.items():
             lineage[left_key] = lineage[left_key] | right.lineage[right_key]
-        # Rows of either side may now appear several times.
-        reps = {s: replace(rep, disjoint=False, repeated=True) for s, rep in {**left.reps, **right.reps}.items()}
+        # Rows of either side may now appear several times (of the right side only, under a unique right key).
+        repeated = right.reps if unique is not None else {**left.reps, **right.reps}
+        reps = {**left.reps, **{s: replace(rep, disjoint=False, repeated=True) for s, rep in repeated.items()}}
         unmatched_sides = {"left": [right], "full": [left, right]}.get(how, [])
         fixes = []
         for side in unmatched_sides:
@@ -548,6 +708,24 @@ class _Accountant:
             out = {"op": "acct_columns", "input": out, "exprs": fixes}
         return _Frame(out, columns, lineage, reps, left.aggregated and right.aggregated,
                       {**left.contribs, **right.contribs})
+
+    _ROW_SUBSETS = ("filter", "sort", "head", "drop_nulls")
+
+    def _unique_right(self, node: dict) -> tuple[str, tuple[str, ...]] | None:
+        """``(dataset, key columns)`` when a join's right key is unique in the dataset it scans, else None."""
+        if self.unique_keys is None or node["how"] not in ("inner", "left"):
+            return None
+        if any(k["expr"] != "col" for k in node["right_on"]):
+            return None
+        right = node["right"]
+        while right["op"] in self._ROW_SUBSETS:  # a subset of rows keeps a key unique
+            right = right["input"]
+        if right["op"] != "scan":
+            return None
+        keys = tuple(k["name"] for k in node["right_on"])
+        if not set(keys) <= set(self.checked.columns_of(right)):
+            return None
+        return (right["dataset"], keys) if self.unique_keys(right["dataset"], keys) else None
 
     def _semi_join(self, node: dict, left: _Frame, right: _Frame, columns: tuple[str, ...]) -> _Frame:
         # A semi join is an inner join with the right side reduced to one row
@@ -807,7 +985,7 @@ def decide_failed(accounted: AccountedPlan, error: BastionError, scientist: str 
             problems.append(f"the result is row-level (each row comes from one row of {source.dataset!r})")
         elif rep.individual:
             problems.append(f"the result holds individual values of {source.dataset!r} (a list of values, first, "
-                            f"last or mode), each from one row")
+                            f"last, mode, sort_by or a window value from over), each from one row")
     only_aggregates = any(s.policy.aggregates_only for s in fed)
     if all(s.policy.min_group_size <= 1 for s in fed) and not only_aggregates:
         raise error  # nothing is withheld from this scientist: the error tells nothing new
@@ -932,8 +1110,8 @@ def _check_source(source: Source, rep: _Rep, table: pl.DataFrame, aggregated: bo
     if rep.kind in ("implicit", "rid"):
         check.messages.append(f"the result is row-level (each row comes from one row of {name!r})")
     elif rep.individual:
-        check.messages.append(f"the result holds individual values of {name!r} (a list of values, first, last "
-                              f"or mode), each from one row")
+        check.messages.append(f"the result holds individual values of {name!r} (a list of values, first, last, "
+                              f"mode, sort_by or a window value from over), each from one row")
     else:
         below = check.failing - check.unmatched
         if below:

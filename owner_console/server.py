@@ -590,15 +590,19 @@ class ExecutorServer:
         except Exception:
             return [protocol.encode("error", self._internal_error(request, plan_hash=digest), request.msg_id)]
         decision = outcome.decision
-        self.audit.append("decision", request.scientist, request=request.msg_id, plan_hash=digest,
-                          action=decision.action, reason=decision.reason, sources=list(decision.sources))
+        decided = ("decision", request.scientist, {"request": request.msg_id, "plan_hash": digest,
+                                                   "action": decision.action, "reason": decision.reason,
+                                                   "sources": list(decision.sources)})
+        if not isinstance(outcome, Released):
+            self.audit.append_many([decided])
         ipc = self._executor.table_to_ipc(outcome.table)
         columns = _table_schema(outcome.table)
         if isinstance(outcome, Released):
             sha = hashlib.sha256(ipc).hexdigest()
-            self.audit.append("release", request.scientist, request=request.msg_id, plan_hash=digest,
-                              request_id=None, sha256=sha, rows=outcome.table.height,
-                              columns=[name for name, _ in columns])
+            # The decision and its release in one locked, fsynced write: on disk before the result leaves.
+            self.audit.append_many([decided, ("release", request.scientist, {
+                "request": request.msg_id, "plan_hash": digest, "request_id": None, "sha256": sha,
+                "rows": outcome.table.height, "columns": [name for name, _ in columns]})])
             body = {"schema": columns, "rows": outcome.table.height, "notes": list(outcome.notes),
                     "request_id": None, "decision": {"action": decision.action, "reason": decision.reason}}
             return [protocol.encode("result", body, request.msg_id), ipc]

@@ -49,6 +49,8 @@ _PARAM_RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("quantile", "quantile"): (0.0, 1.0),
     ("round", "decimals"): (0, 38),
     ("str.slice", "length"): (0, INT64_MAX),
+    ("head", "n"): (0, MAX_HEAD),
+    ("tail", "n"): (0, MAX_HEAD),
 }
 _PARAM_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("quantile", "interpolation"): QUANTILE_INTERPOLATIONS,
@@ -146,7 +148,8 @@ class _Validator:
             "expr": self._expr_field, "exprs": self._exprs_field, "bools": self._bools_field,
             "bool": self._bool_field, "count": self._count_field, "names": self._names_field,
             "optional_names": self._optional_names_field, "name_map": self._name_map_field,
-            "join_how": self._join_how_field,
+            "join_how": self._join_how_field, "offset": self._offset_field,
+            "optional_count": self._optional_count_field,
         }
         self.column_rules = {
             "scan": self._cols_scan, "saved": self._cols_scan, "filter": self._cols_same,
@@ -155,6 +158,7 @@ class _Validator:
             "drop": self._cols_drop, "rename": self._cols_rename, "drop_nulls": self._cols_subset,
             "fill_null": self._cols_same, "unique": self._cols_subset, "join": self._cols_join,
             "concat": self._cols_concat, "with_row_index": self._cols_with_row_index,
+            "slice": self._cols_same, "explode": self._cols_explode,
         }
         self.param_checks = {
             "expr": None,  # handled with the frame's columns, see _fn_args
@@ -162,7 +166,7 @@ class _Validator:
             "bool": self._param_bool, "dtype": self._param_dtype,
             "literal_list": self._param_literal_list, "optional_str": self._param_optional_str,
             "optional_number": self._param_optional_number, "interval": self._param_interval,
-            "closed": self._param_closed,
+            "closed": self._param_closed, "exprs": None,  # like "expr"
         }
 
     def check(self, plan: Any) -> CheckedPlan:
@@ -305,6 +309,17 @@ class _Validator:
             raise _refuse("LimitExceeded", f"expected a whole number from 0 to {MAX_HEAD}", at)
         return value
 
+    def _offset_field(self, value: Any, at: str, depth: int, columns: Sequence[str] = ()) -> int:
+        # A slice offset may count from the end (negative), as in polars.
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _refuse("SchemaError", f"expected a whole number, got {_describe(value)}", at)
+        if not -MAX_HEAD <= value <= MAX_HEAD:
+            raise _refuse("LimitExceeded", f"expected a whole number from {-MAX_HEAD} to {MAX_HEAD}", at)
+        return value
+
+    def _optional_count_field(self, value: Any, at: str, depth: int, columns: Sequence[str] = ()) -> int | None:
+        return None if value is None else self._count_field(value, at, depth)
+
     def _names_field(self, value: Any, at: str, depth: int, columns: Sequence[str] = ()) -> list[str]:
         if not isinstance(value, list):
             raise _refuse("SchemaError", f"expected a list of column names, got {_describe(value)}", at)
@@ -428,6 +443,12 @@ class _Validator:
                                              f"frame 0 has {list(first)[:20]}, frame {i} has {list(columns)[:20]}", at)
         return tuple(first)
 
+    def _cols_explode(self, node: dict, inputs: Any, at: str) -> tuple[str, ...]:
+        if not node["columns"]:
+            raise _refuse("SchemaError", "explode needs at least one column", at)
+        self._no_duplicates(node["columns"], at, "explode")
+        return tuple(inputs)
+
     def _cols_with_row_index(self, node: dict, inputs: Any, at: str) -> tuple[str, ...]:
         name = self._check_column_name(node["name"], f"{at}.name")
         return self._no_duplicates([name, *inputs], at, "with_row_index")
@@ -532,6 +553,12 @@ class _Validator:
             value = args[param]
             if ptype == "expr":
                 checked[param] = self._expr(value, columns, where, depth + 1)
+                continue
+            if ptype == "exprs":
+                if not isinstance(value, list) or not value:
+                    raise _refuse("SchemaError", f"argument {param!r} of {name!r} must be a non-empty list of "
+                                                 f"expressions, got {_describe(value)}", where)
+                checked[param] = [self._expr(v, columns, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
                 continue
             value = self.param_checks[ptype](value, where)
             low_high = _PARAM_RANGES.get((name, param))

@@ -483,23 +483,138 @@ def test_empty_result_oracle(bastion, raw):
 # ------------------------------------------------------------------ outside the whitelist
 @pytest.mark.parametrize("payload", [
     {"expr": "fn", "name": "explode", "input": {"expr": "col", "name": "cost"}, "args": {}},
-    {"expr": "fn", "name": "repeat_by", "input": {"expr": "col", "name": "cost"}, "args": {"by": 10}},
-    {"expr": "fn", "name": "over", "input": {"expr": "col", "name": "cost"}, "args": {"partition_by": ["zip"]}},
-    {"expr": "fn", "name": "implode", "input": {"expr": "col", "name": "cost"}, "args": {}},
-    {"expr": "fn", "name": "head", "input": {"expr": "col", "name": "cost"}, "args": {"n": 1}},
-    {"expr": "fn", "name": "unique", "input": {"expr": "col", "name": "cost"}, "args": {}},
     {"expr": "acct_const", "value": 100, "name": "__bastion_n0"},
-], ids=["explode", "repeat_by", "over", "implode", "head_in_agg", "unique_as_list", "accounting_injection"])
+], ids=["explode_expression", "accounting_injection"])
 def test_operations_outside_the_whitelist_that_would_inflate_or_list_rows(bastion, payload):
     kind, body, frames = fetch(bastion, op("group_by", input=STRICT, keys=[col("sex")], aggs=[payload]))
     assert kind == "error" and body["ename"] == "UnsupportedOperation", body
 
 
-def test_frame_slice_and_explode_are_refused(bastion):
-    for payload in ({"op": "slice", "input": STRICT, "offset": 0, "length": 1},
-                    {"op": "explode", "input": STRICT, "columns": ["cost"]}):
-        kind, body, _ = fetch(bastion, payload)
-        assert kind == "error" and body["ename"] == "UnsupportedOperation"
+# ------------------------------------------------------------------ explode, repeat_by, slice, over, list aggregations
+def explode_repeated(frame: dict, column: str, times: int) -> dict:
+    return op("explode", input=op("with_columns", input=frame,
+                                  exprs=[fn("repeat_by", col(column), by=lit(times))]), columns=[column])
+
+
+def test_repeat_by_explode_inflates_one_person_into_a_group(bastion):
+    # One patient repeated 100 times: polars would count a group of 100.
+    one = op("filter", input=STRICT, predicate=is_target())
+    body = refused(fetch(bastion, op("group_by", input=explode_repeated(one, "age", 100), keys=[col("sex")],
+                                     aggs=[fn("mean", col("cost")), length()])))
+    assert "smallest: 1)" in body["evalue"]
+
+
+def test_repeat_by_explode_inflates_a_person_with_visits(bastion):
+    one = op("filter", input=scan("visits"), predicate=is_target())
+    refused(fetch(bastion, total(explode_repeated(one, "cost", 50), fn("sum", col("cost")))))
+
+
+def test_repeat_by_explode_inflates_an_indicator_contribution(bastion):
+    # Everyone is in the group, but only the target contributes: 100 copies are still one contributor.
+    target_cost = op("select", input=STRICT, exprs=[alias(indicator(col("cost")), "x")])
+    refused(fetch(bastion, total(explode_repeated(target_cost, "x", 100), fn("sum", col("x")))))
+
+
+def test_repeat_by_with_a_negative_count_is_no_oracle(bastion):
+    # polars fails on a negative count; here it gives an empty list for every row, whatever the data.
+    signed = binary("sub", col("age"), lit(50))
+    plan = op("select", input=STRICT, exprs=[alias(fn("repeat_by", col("age"), by=signed), "r")])
+    failing = op("select", input=STRICT, exprs=[alias(fn("repeat_by", col("age"), by=lit(1)), "r")])
+    assert refused(fetch(bastion, plan))["evalue"] == refused(fetch(bastion, failing))["evalue"]
+
+
+def test_slice_picks_one_row(bastion):
+    by_id = op("sort", input=STRICT, by=[col("patient_id")], descending=[False], nulls_last=False)
+    refused(fetch(bastion, op("slice", input=by_id, offset=TARGET - 1, length=1)))
+
+
+def test_slice_then_aggregate_a_group_of_one(bastion):
+    by_id = op("sort", input=STRICT, by=[col("patient_id")], descending=[False], nulls_last=False)
+    refused(fetch(bastion, total(op("slice", input=by_id, offset=-1, length=1), fn("max", col("cost")))))
+
+
+def test_window_mean_of_a_partition_of_one_onto_rows(bastion):
+    windowed = fn("over", fn("mean", col("cost")), partition_by=[col("patient_id")])
+    refused(fetch(bastion, op("select", input=STRICT, exprs=[col("sex"), alias(windowed, "m")])))
+
+
+def test_window_mean_of_a_small_partition_carried_into_a_group_by(bastion):
+    # Each row carries its own patient's cost; the max over a big group is the largest person's value.
+    windowed = op("with_columns", input=STRICT,
+                  exprs=[alias(fn("over", fn("mean", col("cost")), partition_by=[col("patient_id")]), "m")])
+    body = refused(fetch(bastion, op("group_by", input=windowed, keys=[col("sex")], aggs=[fn("max", col("m"))])))
+    assert "individual values" in body["evalue"]
+
+
+def test_window_value_used_as_a_group_key(bastion):
+    key = alias(fn("over", fn("max", col("age")), partition_by=[col("zip")]), "oldest_in_zip")
+    refused(fetch(bastion, op("group_by", input=STRICT, keys=[key], aggs=[length()])))
+
+
+def test_window_value_in_a_filter_then_count(bastion):
+    windowed = fn("over", fn("max", col("cost")), partition_by=[col("zip")])
+    plan = op("filter", input=STRICT, predicate=binary("eq", col("cost"), windowed))
+    refused(fetch(bastion, total(plan, length())))
+
+
+def test_implode_a_group_to_get_its_rows(bastion):
+    refused(fetch(bastion, op("group_by", input=STRICT, keys=[col("sex")], aggs=[fn("implode", col("age"))])))
+
+
+def test_implode_then_explode_back_into_rows(bastion):
+    listed = op("group_by", input=STRICT, keys=[col("sex")], aggs=[fn("implode", col("age"))])
+    refused(fetch(bastion, total(op("explode", input=listed, columns=["age"]), fn("max", col("age")))))
+
+
+def test_head_in_agg(bastion):
+    refused(fetch(bastion, op("group_by", input=STRICT, keys=[col("sex")], aggs=[fn("head", col("age"), n=1)])))
+
+
+def test_tail_in_agg(bastion):
+    refused(fetch(bastion, op("group_by", input=STRICT, keys=[col("sex")], aggs=[fn("tail", col("cost"), n=1)])))
+
+
+def test_unique_as_a_list(bastion):
+    refused(fetch(bastion, op("group_by", input=STRICT, keys=[col("sex")], aggs=[fn("unique", col("zip"))])))
+
+
+def test_sort_by_first_picks_the_max_persons_name(bastion):
+    richest = fn("first", fn("sort_by", col("name"), by=col("cost"), descending=True))
+    body = refused(fetch(bastion, op("group_by", input=STRICT, keys=[col("sex")], aggs=[alias(richest, "who")])))
+    assert "individual values" in body["evalue"]
+
+
+def test_sort_by_first_under_log_is_released_wiped(bastion):
+    richest = fn("first", fn("sort_by", col("name"), by=col("cost"), descending=True))
+    wiped(fetch(bastion, op("group_by", input=OPEN, keys=[col("sex")], aggs=[alias(richest, "who")])), "who")
+
+
+def test_sort_by_last_picks_the_oldest_persons_cost(bastion):
+    refused(fetch(bastion, total(STRICT, fn("last", fn("sort_by", col("cost"), by=col("age"))))))
+
+
+def test_filter_inside_agg_on_a_unique_id(bastion):
+    body = refused(fetch(bastion, op("group_by", input=STRICT, keys=[col("sex")],
+                                     aggs=[fn("sum", fn("filter", col("cost"), predicate=is_target()))])))
+    assert "contributing" in body["evalue"]
+
+
+def test_filter_inside_agg_on_a_hidden_name(bastion, raw):
+    name = raw.filter(pl.col("patient_id") == TARGET)["name"].item()
+    refused(fetch(bastion, total(STRICT, fn("mean", fn("filter", col("age"),
+                                                       predicate=binary("eq", col("name"), lit(name)))))))
+
+
+def test_filter_outside_an_aggregation_to_misalign_rows(bastion):
+    kind, body, _ = fetch(bastion, op("with_columns", input=STRICT,
+                                      exprs=[alias(fn("filter", col("cost"), predicate=is_target()), "c")]))
+    assert kind == "error" and body["ename"] == "UnsupportedOperation", body
+
+
+def test_sort_by_outside_an_aggregation_to_move_values_between_people(bastion):
+    moved = alias(fn("sort_by", col("cost"), by=col("visit")), "cost")
+    kind, body, _ = fetch(bastion, op("with_columns", input=scan("visits"), exprs=[moved]))
+    assert kind == "error" and body["ename"] == "UnsupportedOperation", body
 
 
 def test_reading_the_accounting_columns(bastion):
@@ -508,6 +623,29 @@ def test_reading_the_accounting_columns(bastion):
 
 
 # ------------------------------------------------------------------ honest queries still work
+def test_honest_filtered_mean_inside_agg(bastion, raw):
+    plan = op("group_by", input=STRICT, keys=[col("sex")],
+              aggs=[alias(fn("mean", fn("filter", col("cost"), predicate=col("smoker"))), "smoker_cost")])
+    table, body = released(fetch(bastion, plan))
+    expected = raw.group_by("sex").agg(pl.col("cost").filter(pl.col("smoker")).mean().alias("smoker_cost"))
+    assert_frame_equal(table.sort("sex"), expected.sort("sex"))
+    assert body["decision"]["action"] == "allow"
+
+
+def test_honest_count_after_repeat_by_explode(bastion, raw):
+    plan = op("group_by", input=explode_repeated(STRICT, "age", 2), keys=[col("sex")], aggs=[length()])
+    table, body = released(fetch(bastion, plan))
+    expected = raw.group_by("sex").agg((pl.len() * 2).alias("len"))
+    assert_frame_equal(table.sort("sex"), expected.sort("sex"), check_dtypes=False)
+
+
+def test_honest_window_mean_reviewed_by_the_owner(bastion):
+    windowed = fn("over", fn("mean", col("cost")), partition_by=[col("diagnosis")])
+    kind, body, _ = fetch(bastion, op("select", input=scan("patients"), exprs=[col("diagnosis"),
+                                                                               alias(windowed, "m")]))
+    assert kind == "pending", body
+
+
 def test_honest_group_by_mean_and_count(bastion, raw):
     table, body = released(fetch(bastion, op("group_by", input=STRICT, keys=[col("diagnosis")],
                                              aggs=[fn("mean", col("cost")), length()])))

@@ -236,6 +236,11 @@ EXPR_CASES = [
      {"expr": "when", "branches": [{"when": binary("gt", col("a"), lit(1)), "then": col("b")},
                                    {"when": binary("eq", col("a"), lit(2)), "then": lit(0)}],
       "otherwise": None}),
+    ('col("a").repeat_by(2)', fn("repeat_by", col("a"), by=lit(2))),
+    ('col("a").mean().over("b")', fn("over", fn("mean", col("a")), partition_by=[col("b")])),
+    ('col("a").filter(col("b") > 1).sum()',
+     fn("sum", fn("filter", col("a"), predicate=binary("gt", col("b"), lit(1))))),
+    ('col("a").sort_by("b").first()', fn("first", fn("sort_by", col("a"), by=col("b"), descending=False))),
 ]
 
 

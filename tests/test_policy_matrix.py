@@ -440,3 +440,88 @@ def test_an_aggregate_over_first_values_counts_the_groups_it_came_from(raw, cata
     firsts = op("group_by", input=scan, keys=[col("zip")], aggs=[alias(fn("first", col("age")), "a")])
     plan = op("select", input=firsts, exprs=[fn("mean", col("a"))])
     boundary(plan, catalog, raw["zip"].n_unique())
+
+
+# ---------------------------------------------------------------- joins on a unique right key
+def _counts(accounted, catalog, keys):
+    """The engine's per-source counts and contribution counts, sorted by the group keys."""
+    from owner_console import engine
+
+    table = engine.run(accounted.plan, catalog, engine.DatasetCache())
+    accounting = sorted(c for c in table.columns if c not in accounted.columns)
+    return table.sort(keys).select(keys + accounting)
+
+
+@pytest.mark.parametrize("how", ["inner", "left"])
+def test_a_unique_right_key_counts_the_left_side_by_len_with_the_same_counts(how, raw, raw_zips, catalog):
+    from owner_console import engine
+
+    right = op("filter", input=zips_scan, predicate=binary("gt", col("population"), lit(1100)))
+    plan = op("group_by", input=op("join", left=scan, right=right, how=how, left_on=[col("zip")],
+                                   right_on=[col("zip")], suffix="_z"),
+              keys=[col("region"), col("sex")], aggs=[fn("mean", col("cost")), fn("sum", col("population"))])
+    cat = catalog(patients=Policy(min_group_size=5), zips=Policy(min_group_size=2))
+    checked = validate.validate(plan, cat)
+    cache = engine.DatasetCache()
+    assert cache.unique_keys(cat["zips"], ("zip",))
+    assert not cache.unique_keys(cat["patients"], ("zip",))
+    fast = policy.account(checked, unique_keys=lambda name, keys: cache.unique_keys(cat[name], keys))
+    slow = policy.account(checked)
+    # Only the right side carries row ids; the left source is counted by len.
+    assert repr(fast.plan).count("acct_row_id") == 1 and "acct_unique" in repr(fast.plan)
+    assert repr(slow.plan).count("acct_row_id") == 2
+    assert fast.reps[0].kind == "count" and not fast.reps[0].repeated
+    assert_frame_equal(_counts(fast, cat, ["region", "sex"]), _counts(slow, cat, ["region", "sex"]))
+    # And both are the true counts, from plain polars.
+    joined = raw.join(raw_zips.filter(pl.col("population") > 1100), on="zip", how=how)
+    exact = joined.group_by("region", "sex").len().sort("region", "sex", nulls_last=False)
+    got = _counts(fast, cat, ["region", "sex"])
+    assert got["__bastion_n0"].to_list() == exact["len"].to_list()
+    # Through the executor: the same table as plain polars.
+    result = executor.evaluate(plan, cat, "alice")
+    expected = joined.group_by("region", "sex").agg(pl.col("cost").mean(), pl.col("population").sum())
+    assert_frame_equal(result.table.sort("region", "sex"), expected.sort("region", "sex"), check_dtypes=False)
+
+
+def test_a_repeated_right_key_keeps_row_ids_on_both_sides(catalog):
+    from owner_console import engine
+
+    joined = op("join", left=zips_scan, right=scan, how="inner", left_on=[col("zip")], right_on=[col("zip")],
+                suffix="_p")
+    cat = catalog(patients=Policy(), zips=Policy())
+    cache = engine.DatasetCache()
+    accounted = policy.account(validate.validate(op("group_by", input=joined, keys=[col("region")],
+                                                    aggs=[length()]), cat),
+                               unique_keys=lambda name, keys: cache.unique_keys(cat[name], keys))
+    assert repr(accounted.plan).count("acct_row_id") == 2 and "acct_unique" not in repr(accounted.plan)
+
+
+def test_the_engine_refuses_a_unique_key_claim_the_table_does_not_hold(catalog):
+    # A file replaced between the policy's question and the run must fail
+    # closed, never count a repeated left row once.
+    from owner_console import engine
+
+    joined = op("join", left=zips_scan, right=scan, how="inner", left_on=[col("zip")], right_on=[col("zip")],
+                suffix="_p")
+    cat = catalog(patients=Policy(), zips=Policy())
+    accounted = policy.account(validate.validate(op("group_by", input=joined, keys=[col("region")],
+                                                    aggs=[length()]), cat),
+                               unique_keys=lambda name, keys: True)
+    with pytest.raises(BastionError) as caught:
+        engine.run(accounted.plan, cat, engine.DatasetCache())
+    assert caught.value.ename == "ExecutionError" and caught.value.details.get("changed")
+
+
+def test_the_unique_key_check_follows_the_file_version(tmp_path):
+    from owner_console import engine
+
+    path = tmp_path / "lookup.csv"
+    pl.DataFrame({"k": [1, 2, 3], "v": ["a", "b", "c"]}).write_csv(path)
+    lookup = Dataset("lookup", path, "csv", Policy())
+    cache = engine.DatasetCache()
+    assert cache.unique_keys(lookup, ("k",)) and cache.unique_keys(lookup, ("v",))
+    old = cache.frame(lookup)
+    pl.DataFrame({"k": [1, 2, 2, 3], "v": ["a", "b", "b2", "c"]}).write_csv(path)  # replaced by the owner
+    assert not cache.unique_keys(lookup, ("k",))
+    assert not cache.unique_keys(lookup, ("v",), table=old)  # a claim about a stale table is not honoured
+    assert cache.unique_keys(lookup, ("k", "v"))

@@ -220,7 +220,8 @@ def is_number(value: Any) -> bool:
 INTERVAL = re.compile(r"^(\d+(ns|us|ms|mo|s|m|h|d|w|q|y))+$")
 CLOSED = ("both", "left", "right", "none")
 # Where polars reads a bare string as a column name in an expression argument.
-STR_AS_COLUMN = {("is_between", "lower_bound"), ("is_between", "upper_bound"), ("pow", "exponent")}
+STR_AS_COLUMN = {("is_between", "lower_bound"), ("is_between", "upper_bound"), ("pow", "exponent"),
+                 ("sort_by", "by"), ("filter", "predicate"), ("repeat_by", "by"), ("over", "partition_by")}
 
 
 def check_param(fn_name: str, param: str, ptype: str, value: Any) -> Any:
@@ -228,6 +229,11 @@ def check_param(fn_name: str, param: str, ptype: str, value: Any) -> Any:
     label = f"{fn_name}() argument {param!r}"
     if ptype == "expr":
         return to_node(value, label, "col" if (fn_name, param) in STR_AS_COLUMN else "lit")
+    if ptype == "exprs":
+        nodes = to_nodes(value, label, "col")
+        if not nodes:
+            raise SchemaError(f"{label} needs at least one column or expression")
+        return nodes
     if ptype == "int":
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -294,6 +300,30 @@ FUNCTION_DOCS: dict[str, tuple[str, dict[str, str], str]] = {
              'patients.group_by("sex").agg(col("age").last())'),
     "mode": ("Most frequent value(s) of each group (individual values: reviewed by the owner).", {},
              'patients.select(col("diagnosis").mode())'),
+    "implode": ("All values of each group as one list (individual values: reviewed by the owner).", {},
+                'patients.group_by("zip").agg(col("age").implode())'),
+    "head": ("The first n values of each group, as a list (individual values: reviewed by the owner).",
+             {"n": "Number of values."}, 'patients.group_by("zip").agg(col("age").head(3))'),
+    "tail": ("The last n values of each group, as a list (individual values: reviewed by the owner).",
+             {"n": "Number of values."}, 'patients.group_by("zip").agg(col("age").tail(3))'),
+    "unique": ("The distinct values of each group, as a list (individual values: reviewed by the owner).", {},
+               'patients.group_by("sex").agg(col("diagnosis").unique())'),
+    "sort_by": ("The values ordered by another expression; use it inside an aggregation, for example "
+                "sort_by(...).first() (an individual value: reviewed by the owner).",
+                {"by": "The expression (a bare string is a column) to order by.",
+                 "descending": "Largest first."},
+                'patients.group_by("zip").agg(col("age").sort_by("cost").first())'),
+    "filter": ("Only the values where a condition holds; use it inside an aggregation. Only the rows that pass "
+               "count as contributors to the aggregate.", {"predicate": "A boolean expression."},
+               'patients.group_by("sex").agg(col("cost").filter(col("smoker")).mean())'),
+    "repeat_by": ("Each value repeated n times, as a list (n is capped at 1000; null or negative: none). "
+                  "Exploding the list does not make one person count as many.",
+                  {"by": "How many times: a whole number or an expression (a bare string is a column)."},
+                  'patients.with_columns(col("age").repeat_by(2)).explode("age").group_by("sex").agg(len())'),
+    "over": ("A window function: the expression computed within each row's partition and broadcast to its rows. "
+             "A result that uses it is row-level (reviewed by the owner), also after a later aggregation.",
+             {"partition_by": "The column name(s) or expression(s) that define the partitions."},
+             'patients.with_columns(col("cost").mean().over("diagnosis").alias("mean_cost"))'),
     "is_null": ("True where the value is null.", {}, 'patients.filter(col("cost").is_null())'),
     "is_not_null": ("True where the value is not null.", {}, 'patients.filter(col("cost").is_not_null())'),
     "is_in": ("True where the value is one of a list of literals.", {"other": "A list of literal values."},
@@ -366,7 +396,8 @@ POLARS_PARAM_NAMES = {("is_between", "lower"): "lower_bound", ("is_between", "up
 
 _PY_TYPE_NAMES = {"expr": "Expr or literal", "int": "int", "number": "float", "str": "str", "bool": "bool",
                   "dtype": "DataType", "literal_list": "list", "optional_str": "str or None",
-                  "optional_number": "float or None", "interval": "str", "closed": "str"}
+                  "optional_number": "float or None", "interval": "str", "closed": "str",
+                  "exprs": "str, Expr or list of them"}
 
 
 def _function_doc(fn_name: str, params: list[tuple[str, str, str]], spec: P.FunctionSpec) -> str:
@@ -416,6 +447,37 @@ def make_function_handler(fn_name: str) -> Callable:
 for _name in P.EXPR_FUNCTIONS:
     if "." not in _name:  # str.* and dt.* live on their namespaces (namespaces.py)
         method(Expr, _name)(make_function_handler(_name))
+
+
+@method(Expr, "over")
+def expr_over(ctx: Context, expr: Expr, partition_by: Any, *more_exprs: Any) -> Expr:
+    """A window function: compute the expression within each row's partition.
+
+    The value of each row is the expression (usually an aggregation) over
+    the rows that share its partition key, broadcast back to the row.  The
+    owner cannot tell how many rows fed each value once it sits on a row,
+    so a result that uses ``over`` is row-level: the owner reviews it, also
+    after a later ``group_by`` or aggregation.
+
+    Parameters
+    ----------
+    partition_by : str, Expr or list of them
+        The column(s) or expression(s) that define the partitions.
+    *more_exprs : str or Expr
+        More partition columns.
+
+    Returns
+    -------
+    Expr
+        A new expression (nothing is computed yet).
+
+    Examples
+    --------
+    >>> patients.with_columns(col("cost").mean().over("diagnosis").alias("mean_cost"))
+    """
+    first = partition_by if isinstance(partition_by, (list, tuple)) else [partition_by]
+    keys = check_param("over", "partition_by", "exprs", [*first, *more_exprs])
+    return expr.map(lambda node: P.fn("over", node, partition_by=keys))
 
 
 # --------------------------------------------------------------------------

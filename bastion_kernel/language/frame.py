@@ -341,6 +341,61 @@ def frame_limit(ctx: Context, frame: RemoteFrame, n: int = 5) -> RemoteFrame:
     return RemoteFrame(P.frame_op("head", input=frame.plan, n=_count(n, "limit()")))
 
 
+@method(RemoteFrame, "slice")
+def frame_slice(ctx: Context, frame: RemoteFrame, offset: int, length: int | None = None) -> RemoteFrame:
+    """The rows from ``offset`` on (negative: from the end), at most ``length`` of them.
+
+    Parameters
+    ----------
+    offset : int
+        Index of the first row kept; a negative offset counts from the end.
+    length : int or None, default None
+        Number of rows kept (None: to the end).
+
+    Returns
+    -------
+    RemoteFrame
+        A new lazy frame (individual rows: the owner reviews them).
+
+    Examples
+    --------
+    >>> patients.sort("age").slice(10, 5)
+    """
+    if not isinstance(offset, int) or isinstance(offset, bool):
+        raise SchemaError(f"slice() takes a whole number offset, not {describe_value(offset)}")
+    size = None if length is None else _count(length, "slice()")
+    return RemoteFrame(P.frame_op("slice", input=frame.plan, offset=offset, length=size))
+
+
+@method(RemoteFrame, "explode")
+def frame_explode(ctx: Context, frame: RemoteFrame, columns: Any, *more_columns: Any) -> RemoteFrame:
+    """One row per element of list columns (the other columns are repeated).
+
+    Each new row is still fed by the source rows of the row it came from:
+    exploding never makes one person count as several.
+
+    Parameters
+    ----------
+    columns : str or list of str
+        The list column(s) to explode.
+    *more_columns : str
+        More list columns.
+
+    Returns
+    -------
+    RemoteFrame
+        A new lazy frame.
+
+    Examples
+    --------
+    >>> patients.with_columns(col("age").repeat_by(2)).explode("age").group_by("sex").agg(len())
+    """
+    names = _names([columns, *more_columns], "explode()")
+    if not names:
+        raise SchemaError("explode() needs at least one column name")
+    return RemoteFrame(P.frame_op("explode", input=frame.plan, columns=names))
+
+
 @method(RemoteFrame, "drop")
 def frame_drop(ctx: Context, frame: RemoteFrame, *columns: Any) -> RemoteFrame:
     """Remove columns.

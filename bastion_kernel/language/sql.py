@@ -1120,19 +1120,21 @@ class _Translator:
         if sort_keys:
             plan = _sort(plan, sort_keys)
         offset = node.args.get("offset")
+        skip = None
         if offset is not None:
             _check_args(offset, ("expression",))
             skip = _int_literal(offset.expression, "OFFSET")
-            row = f"{_HIDDEN}row"
-            plan = P.frame_op("with_row_index", input=plan, name=row)
-            plan = P.frame_op("filter", input=plan, predicate=P.binary("ge", P.col(row), P.lit(skip)))
-            plan = P.frame_op("drop", input=plan, columns=[row])
         limit = node.args.get("limit")
+        count = None
         if limit is not None:
             if not isinstance(limit, exp.Limit):
                 raise _refuse(limit)
             _check_args(limit, ("expression",))
-            plan = P.frame_op("head", input=plan, n=_int_literal(limit.expression, "LIMIT"))
+            count = _int_literal(limit.expression, "LIMIT")
+        if skip is not None:
+            plan = P.frame_op("slice", input=plan, offset=skip, length=count)
+        elif count is not None:
+            plan = P.frame_op("head", input=plan, n=count)
         return plan
 
     # UNION ---------------------------------------------------------------------
