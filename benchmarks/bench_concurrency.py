@@ -9,11 +9,7 @@ for the same time (each run takes about 10 s at the default size; the script
 prints how long).  Prints the small queries' median and p99 in both phases and
 the ratio of the p99s (target: loaded p99 <= 2 x idle p99).
 
-``--proposed`` runs the executor with the proposed engine change for large
-Parquet files (:mod:`streaming_proposal`: the long query streams, leaving
-polars' thread pool to the small in-memory queries).
-
-Run: ``python benchmarks/bench_concurrency.py [--big-rows 40000000] [--seconds 20] [--proposed]``
+Run: ``python benchmarks/bench_concurrency.py [--big-rows 40000000] [--seconds 20]``
 """
 from __future__ import annotations
 
@@ -85,7 +81,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--big-rows", type=int, default=40_000_000)
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--proposed", action="store_true", help="apply the proposed streaming engine change")
     args = parser.parse_args()
     print(machine())
     with tempfile.TemporaryDirectory(prefix="bastion-bench-") as tmp:
@@ -95,7 +90,7 @@ def main() -> None:
         make_table(args.big_rows).write_parquet(big)
         datasets = {"patients": (patients, {"min_group_size": 10, "hidden": ["name"]}),
                     "big": (big, {"min_group_size": 10})}
-        with served(datasets, SMALL_SCIENTISTS + [HEAVY], tmp, streaming=args.proposed) as running:
+        with served(datasets, SMALL_SCIENTISTS + [HEAVY], tmp) as running:
             with client_for(running, HEAVY) as warm:  # load both datasets into the executor's cache
                 for plan in (SMALL_PLAN, HEAVY_PLAN):
                     kind, body, _ = warm.request("fetch", {"plan": plan, "text": "warm-up"}, timeout=600)
@@ -103,7 +98,6 @@ def main() -> None:
             idle, _ = phase(running, args.seconds, with_heavy=False)
             loaded, durations = phase(running, args.seconds, with_heavy=True)
     ratio = percentile(loaded, 99) / percentile(idle, 99)
-    print(f"executor: {'with the proposed streaming change' if args.proposed else 'as it is today'}")
     print(f"long query over {args.big_rows:,} rows: {len(durations)} run(s), "
           f"each {', '.join(f'{d:.1f}' for d in durations)} s")
     print(f"small queries, idle executor (8 scientists): {summary(idle)}")

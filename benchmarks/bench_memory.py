@@ -8,7 +8,7 @@ filters).  The executor's peak resident memory (``VmHWM`` in
 ``estimated_size``) and with the same process before any dataset was read.
 Target: peak <= 1.2 x in-memory size + 200 MB.
 
-Run: ``python benchmarks/bench_memory.py [--rows 10000000] [--rounds 5] [--sessions 8] [--proposed]``
+Run: ``python benchmarks/bench_memory.py [--rows 10000000] [--rounds 5] [--sessions 8]``
 """
 from __future__ import annotations
 
@@ -50,8 +50,6 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sessions", type=int, default=SESSIONS)
-    parser.add_argument("--proposed", action="store_true",
-                        help="apply the proposed engine change (large Parquet files scanned lazily and streamed)")
     args = parser.parse_args()
     print(machine())
     with tempfile.TemporaryDirectory(prefix="bastion-bench-") as tmp:
@@ -62,7 +60,7 @@ def main() -> None:
         size = pl.read_parquet(path).estimated_size()
         del table
         scientists = [f"s{i}" for i in range(args.sessions)]
-        with served({"big": (path, {"min_group_size": 10})}, scientists, tmp, streaming=args.proposed) as running:
+        with served({"big": (path, {"min_group_size": 10})}, scientists, tmp) as running:
             pid = running.process.pid
             before = proc_status_bytes(pid, "VmHWM")
             errors: list[str] = []
@@ -76,7 +74,6 @@ def main() -> None:
             if errors:
                 raise SystemExit("\n".join(errors[:5]))
     target = 1.2 * size + 200 * MB
-    print(f"executor: {'with the proposed streaming change' if args.proposed else 'as it is today'}")
     print(f"dataset: {args.rows:,} rows, in memory {size / MB:.0f} MB (polars estimated_size)")
     print(f"executor before any dataset was read: peak RSS {before / MB:.0f} MB")
     print(f"executor after {args.sessions} sessions x {args.rounds} concurrent aggregates: peak RSS (VmHWM) {peak / MB:.0f} MB, "

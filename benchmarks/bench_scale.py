@@ -9,8 +9,7 @@ since issue 7's engine change, a Parquet file larger than
 ``engine.streaming_threshold()`` (one eighth of the memory the executor may
 use, address-space limit included) is scanned lazily and run on polars'
 streaming engine.  (Before that change the executor read the file whole and
-the process aborted; :mod:`streaming_proposal` is the benchmark-only patch
-that modelled the change.)
+the process aborted.)
 
 Prints each run's outcome (result, typed error, or a dead process), its time,
 the executor's peak RSS (``VmHWM``), and checks each result against plain
@@ -75,8 +74,7 @@ def wait_reply(client: RawClient, msg_id: str, process, timeout: float = 900) ->
 
 
 def run(mode: str, path: Path, limit: int, tmp: Path) -> None:
-    with served({"huge": (path, {"min_group_size": 10})}, ["alice"], tmp / mode,
-                streaming=mode == "proposed") as running:
+    with served({"huge": (path, {"min_group_size": 10})}, ["alice"], tmp / mode) as running:
         pid = running.process.pid
         subprocess.run(["prlimit", "--pid", str(pid), f"--as={limit}:{limit}"], check=True)
         keys = running.keys["alice"]

@@ -81,19 +81,11 @@ def make_table(rows: int) -> pl.DataFrame:
 
 @contextlib.contextmanager
 def served(datasets: dict[str, tuple[Path, dict]], scientists: Sequence[str],
-           directory: Path | None = None, streaming: bool = False) -> Iterator[ExecutorProcess]:
+           directory: Path | None = None) -> Iterator[ExecutorProcess]:
     """A workspace with ``datasets`` (name -> (file, add_dataset options)), ``scientists``
     registered, and a real ``bastion-owner serve`` on 127.0.0.1 (stopped on exit).
-
-    ``streaming=True`` runs the executor with the proposed streaming engine for
-    large Parquet files applied (:mod:`streaming_proposal`).
     """
     with contextlib.ExitStack() as stack:
-        if streaming:
-            stack.enter_context(_environment(
-                BASTION_BENCH_STREAMING="1",
-                PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent / "streaming_site"),
-                                                         os.environ.get("PYTHONPATH")]))))
         if directory is None:
             directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bastion-bench-")))
         workspace = Workspace(directory / "workspace")
@@ -109,21 +101,6 @@ def served(datasets: dict[str, tuple[Path, dict]], scientists: Sequence[str],
             yield running
         finally:
             running.stop()
-
-
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """Set environment variables for the processes started inside (restored on exit)."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def percentile(values: Sequence[float], q: float) -> float:
