@@ -58,6 +58,69 @@ def proc_status_bytes(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the executor and its query worker processes)."""
+    found, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        try:
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                stack.extend(int(child) for child in (task / "children").read_text().split())
+            except OSError:
+                pass
+    return found
+
+
+def tree_memory_bytes(pid: int) -> tuple[int, int]:
+    """``(sum of PSS, sum of RSS)`` over a process tree.
+
+    PSS (proportional set size) charges each shared page to the processes that
+    map it in equal parts, so a dataset memory-mapped by several worker
+    processes counts once in the sum; the sum of RSS counts it once per process.
+    """
+    pss = rss = 0
+    for member in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+                elif line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+        except OSError:
+            continue  # a worker that just ended
+    return pss, rss
+
+
+class PeakSampler:
+    """Samples :func:`tree_memory_bytes` every ``interval`` seconds on a thread; keeps the peaks."""
+
+    def __init__(self, pid: int, interval: float = 0.02):
+        import threading
+        self.pid, self.interval = pid, interval
+        self.peak_pss = self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pss, rss = tree_memory_bytes(self.pid)
+            self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def make_table(rows: int) -> pl.DataFrame:
     """A deterministic table of ``rows`` rows (seeded hashes; polars only, no numpy).
 

@@ -194,6 +194,7 @@ class Released:
     table: Any  # polars.DataFrame, hidden values already wiped
     decision: Decision
     notes: list[str] = field(default_factory=list)
+    ipc: bytes | None = None  # the table as Arrow IPC, when a query worker already encoded it
 
 
 @dataclass
@@ -203,3 +204,4 @@ class Held:
     table: Any  # polars.DataFrame, hidden values already wiped
     decision: Decision
     notes: list[str] = field(default_factory=list)
+    ipc: bytes | None = None  # the table as Arrow IPC, when a query worker already encoded it

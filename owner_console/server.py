@@ -175,9 +175,10 @@ class ExecutorServer:
 
     def __init__(self, workspace: Workspace, bind: str | None = None, query_workers: int = 4,
                  quick_workers: int = 2):
-        from owner_console import executor  # imported late: a workspace CLI needs no engine
-        self._executor = executor
+        from owner_console.workers import QueryWorkers  # imported late: a workspace CLI needs no engine
         self.workspace = workspace.require()
+        # Queries run in worker processes; quick requests and DP plans in this one.
+        self._executor = QueryWorkers(self.workspace.dataset_cache_dir, size=query_workers)
         self.bind = bind or workspace.bind
         self.endpoint: str | None = None
         self.store = workspace.approvals()
@@ -280,6 +281,7 @@ class ExecutorServer:
             for pool in self._pools:
                 pool.shutdown(wait=True, cancel_futures=True)
             self._pools = None
+        self._executor.close()
         with self._push_lock:
             for sock in self._push_sockets:
                 sock.close(linger=0)
@@ -540,22 +542,13 @@ class ExecutorServer:
 
     def _lineage(self, plan: dict, scientist: str, owners: dict) -> list[str]:
         """The owner's datasets a (validated) plan reads, through the saved results it reads."""
+        from owner_console.engine import source_names
         found: set[str] = set()
-        stack: list[Any] = [plan]
-        while stack:
-            node = stack.pop()
-            if isinstance(node, list):
-                stack.extend(node)
-                continue
-            if not isinstance(node, dict):
-                continue
-            if node.get("op") in ("scan", "saved"):
-                name = node.get("dataset") if node.get("op") == "scan" else node.get("name")
-                if name in owners:
-                    found.add(name)
-                else:
-                    found.update((self.saved.record(scientist, name) or {}).get("sources", []))
-            stack.extend(value for value in node.values() if isinstance(value, (dict, list)))
+        for name in source_names(plan):
+            if name in owners:
+                found.add(name)
+            else:
+                found.update((self.saved.record(scientist, name) or {}).get("sources", []))
         return sorted(found)
 
     def _cancel(self, request: _Request) -> list[bytes]:
@@ -595,7 +588,7 @@ class ExecutorServer:
                                                    "sources": list(decision.sources)})
         if not isinstance(outcome, Released):
             self.audit.append_many([decided])
-        ipc = self._executor.table_to_ipc(outcome.table)
+        ipc = outcome.ipc if outcome.ipc is not None else self._executor.table_to_ipc(outcome.table)
         columns = _table_schema(outcome.table)
         if isinstance(outcome, Released):
             sha = hashlib.sha256(ipc).hexdigest()

@@ -148,6 +148,11 @@ class Workspace:
         """The differential privacy odometer (:class:`owner_console.dp.BudgetLedger`)."""
         return self.path / "dp_budget.sqlite"
 
+    @property
+    def dataset_cache_dir(self) -> Path:
+        """Memory-mapped Arrow IPC copies of the datasets, shared by the query workers (derived; safe to delete)."""
+        return self.path / "cache" / "datasets"
+
     def result_path(self, request_id: int) -> Path:
         """Where the held table of request ``request_id`` is kept (Arrow IPC file)."""
         return self.results_dir / f"{int(request_id)}.arrow"

@@ -1,7 +1,8 @@
 """Cancellation, the query time limit and the per-request limits, against a real executor process.
 
 The slow query is a cross join of the 5,000-row patients table with itself
-(25 million rows) aggregated by sex: several seconds here (see
+(25 million rows) aggregated by sex (mean, median, standard deviation and a
+distinct count): about five seconds here (see
 ``test_the_slow_query_really_is_slow`` for the precondition, measured with
 plain polars).  The limits are read from the workspace's ``config.toml`` on
 every request, so tests change them in place and restore them.
@@ -37,7 +38,12 @@ SLOW = frame_op("group_by",
                                right=frame_op("select", input=scan("patients_open"),
                                               exprs=[alias(col("age"), "age2")]),
                                how="cross", left_on=[], right_on=[], suffix="_r"),
-                keys=[col("sex")], aggs=[alias(fn("mean", binary("sub", col("age"), col("age2"))), "d")])
+                keys=[col("sex")],
+                aggs=[alias(fn("mean", binary("sub", col("age"), col("age2"))), "d"),
+                      alias(fn("median", binary("sub", col("age"), col("age2"))), "d_median"),
+                      alias(fn("std", binary("sub", col("age"), col("age2"))), "d_std"),
+                      alias(fn("n_unique", binary("add", binary("mul", col("age"), lit(1000)), col("age2"))),
+                            "pairs")])
 QUICK = frame_op("group_by", input=scan("patients"), keys=[col("sex")], aggs=[alias(length(), "n")])
 
 

@@ -1,0 +1,380 @@
+"""Query worker processes: every ``fetch`` and ``save`` runs in a process of its own.
+
+The executor's main process speaks ZeroMQ, keeps the audit log and the
+approvals, and answers quick requests; the query itself (validate -> account
+-> run -> decide, :func:`owner_console.executor.evaluate`) runs in one of a
+pool of worker processes, started with ``python -m owner_console.workers``.
+Why processes and not threads:
+
+- **A cancel or a timeout really stops the query.**  polars 1.36 honours
+  ``cancel()`` only between some operators (a streaming query not at all);
+  a worker process is killed, and its memory and CPU come back at once.
+- **One query cannot starve the others.**  polars has one thread pool per
+  process: in one process a long query's tasks make every small query wait
+  for a free pool thread.  Separate processes are scheduled by the operating
+  system, and a query that runs longer than :data:`BACKGROUND_AFTER_SECONDS`
+  is moved to a lower CPU priority, so short queries keep their pace.
+- **A query that exhausts memory kills its worker, not the executor.**  Rust
+  aborts the process on a failed allocation; the scientist gets a typed
+  error and every other session carries on.
+
+Datasets are still held once: each worker's :class:`engine.DatasetCache`
+memory-maps the same uncompressed Arrow IPC copy of a dataset, so its pages
+are shared through the operating system's page cache.
+
+The pipe between the processes carries JSON headers and Arrow IPC tables
+only (nothing is pickled), framed as ``[8-byte length][JSON][8-byte
+length][bytes]``.  Differentially private plans run in the main process,
+where the privacy budget ledger lives (:mod:`owner_console.dp`).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import selectors
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Mapping
+
+from bastion_kernel.protocol import BastionError
+
+from . import dp, engine, executor
+from .model import Dataset, Decision, Held, Policy, Released
+
+log = logging.getLogger("bastion.executor")
+
+# A query still running after this long is moved to a lower CPU priority
+# (nice value BACKGROUND_NICE), so that the short queries of other sessions
+# are scheduled ahead of it.
+BACKGROUND_AFTER_SECONDS = 0.5
+BACKGROUND_NICE = 15
+# A worker whose private (anonymous) memory stays above this after a query
+# is replaced: polars' allocator keeps freed memory, so one large query would
+# otherwise pin its peak for the life of the process.
+RECYCLE_PRIVATE_BYTES = 512 * 2**20
+# How often a waiting thread looks at the cancel flag and the deadline
+# (a reply wakes it at once).
+_FIRST_POLL_SECONDS = 0.005
+_MAX_POLL_SECONDS = 0.05
+_LENGTH = struct.Struct(">Q")
+
+
+class WorkerDied(Exception):
+    """The worker process ended (killed, crashed or out of memory) before it replied."""
+
+
+# ---------------------------------------------------------------- framing
+def _send(sock: socket.socket, header: dict, payload: bytes = b"") -> None:
+    data = json.dumps(header, separators=(",", ":"), allow_nan=False, default=str).encode()
+    sock.sendall(_LENGTH.pack(len(data)) + data + _LENGTH.pack(len(payload)))
+    if payload:
+        sock.sendall(payload)
+
+
+def _receive_exactly(sock: socket.socket, size: int) -> bytes:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    received = 0
+    while received < size:
+        n = sock.recv_into(view[received:])
+        if n == 0:
+            raise WorkerDied("the other end closed the connection")
+        received += n
+    return bytes(buffer)
+
+
+def _receive(sock: socket.socket) -> tuple[dict, bytes]:
+    (size,) = _LENGTH.unpack(_receive_exactly(sock, _LENGTH.size))
+    header = json.loads(_receive_exactly(sock, size))
+    (size,) = _LENGTH.unpack(_receive_exactly(sock, _LENGTH.size))
+    return header, _receive_exactly(sock, size) if size else b""
+
+
+def _catalog_to_json(catalog: Mapping[str, Dataset]) -> dict:
+    # Differentially private datasets never reach a worker: their plans run in the main process.
+    return {name: {"path": str(d.path), "format": d.format, "policy": d.policy.to_dict()}
+            for name, d in catalog.items() if d.dp is None}
+
+
+def _catalog_from_json(data: dict) -> dict[str, Dataset]:
+    return {name: Dataset(name=name, path=Path(d["path"]), format=d["format"], policy=Policy.from_dict(d["policy"]))
+            for name, d in data.items()}
+
+
+def _decision_to_json(decision: Decision) -> dict:
+    return {"action": decision.action, "reason": decision.reason, "sources": list(decision.sources),
+            "details": decision.details}
+
+
+def _decision_from_json(data: dict) -> Decision:
+    return Decision(action=data["action"], reason=data["reason"], sources=tuple(data["sources"]),
+                    details=data["details"])
+
+
+# ---------------------------------------------------------------- the worker process
+def _evaluate(request: dict, cache: engine.DatasetCache) -> tuple[dict, bytes]:
+    outcome = executor.evaluate(request["plan"], _catalog_from_json(request["catalog"]), request["scientist"],
+                                cache)
+    kind = "released" if isinstance(outcome, Released) else "held"
+    return ({"outcome": kind, "decision": _decision_to_json(outcome.decision), "notes": list(outcome.notes)},
+            executor.table_to_ipc(outcome.table))
+
+
+def _prepare_save(request: dict, cache: engine.DatasetCache) -> tuple[dict, bytes]:
+    table, inherited = executor.prepare_save(request["plan"], _catalog_from_json(request["catalog"]), cache,
+                                             scientist=request["scientist"])
+    return {"policy": inherited.to_dict()}, executor.table_to_ipc(table)
+
+
+_OPERATIONS = {"evaluate": _evaluate, "prepare_save": _prepare_save}
+
+
+def serve_worker(sock: socket.socket, shared_dir: Path) -> None:
+    """The worker process's loop: one request at a time until the executor closes the pipe."""
+    cache = engine.DatasetCache(shared_dir)
+    while True:
+        try:
+            request, _ = _receive(sock)
+        except WorkerDied:
+            return
+        try:
+            header, payload = _OPERATIONS[request["op"]](request, cache)
+        except BastionError as exc:
+            header, payload = {"error": exc.body()}, b""
+        except MemoryError:
+            header, payload = {"error": BastionError(
+                "LimitExceeded", "the query needs more memory than the executor has").body()}, b""
+        except Exception:  # noqa: BLE001 - reported to the main process, which logs it for the owner
+            header, payload = {"internal": traceback.format_exc()}, b""
+        _send(sock, header, payload)
+
+
+def _die_with_parent() -> None:
+    # If the executor dies (even by SIGKILL), its workers must not run on with the data.
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the worker still ends when the executor closes its end of the pipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    _die_with_parent()
+    sock = socket.socket(fileno=int(args[0]))
+    serve_worker(sock, Path(args[1]))
+    return 0
+
+
+# ---------------------------------------------------------------- the executor's side
+class _Worker:
+    """One worker process and the executor's end of its pipe."""
+
+    def __init__(self, shared_dir: Path):
+        ours, theirs = socket.socketpair()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "owner_console.workers", str(theirs.fileno()), str(shared_dir)],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.background = False
+
+    def call(self, header: dict, cancel: threading.Event | None, deadline: float | None,
+             timeout: float | None) -> tuple[dict, bytes]:
+        """Send one request and wait for its reply, killing the process on cancel or at the deadline."""
+        _send(self.sock, header)
+        started = time.monotonic()
+        pause = _FIRST_POLL_SECONDS
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.sock, selectors.EVENT_READ)
+            while True:
+                step = pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic()))
+                if selector.select(step):
+                    return _receive(self.sock)
+                if cancel is not None and cancel.is_set():
+                    self.kill()
+                    raise BastionError("ExecutionError", "the query was cancelled at your request", cancelled=True)
+                if deadline is not None and time.monotonic() >= deadline:
+                    self.kill()
+                    raise BastionError("LimitExceeded", f"the query ran longer than {timeout:g} s and was cancelled",
+                                       limit="query_timeout_seconds", seconds=timeout)
+                if not self.background and time.monotonic() - started >= BACKGROUND_AFTER_SECONDS:
+                    self._renice(BACKGROUND_NICE)
+                    self.background = True
+                pause = min(pause * 2, _MAX_POLL_SECONDS)
+
+    def _renice(self, nice: int) -> bool:
+        """Set every thread of the worker (polars' pool included) to ``nice``; False where not allowed."""
+        ok = True
+        try:
+            threads = os.listdir(f"/proc/{self.process.pid}/task")
+        except OSError:
+            return False
+        for tid in threads:
+            try:
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+            except (OSError, ValueError):
+                ok = False
+        return ok
+
+    def reusable(self) -> bool:
+        """True when the worker can take another query: alive, back at normal priority, memory given back."""
+        if self.process.poll() is not None:
+            return False
+        if self.background:
+            if not self._renice(0):  # lowering the nice value needs privileges the executor may not have
+                return False
+            self.background = False
+        return _private_bytes(self.process.pid) <= RECYCLE_PRIVATE_BYTES
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.sock.close()
+
+
+def _private_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class QueryWorkers:
+    """The executor's query processes, with the interface of :mod:`owner_console.executor`.
+
+    Parameters
+    ----------
+    shared_dir : Path
+        The workspace's directory of memory-mapped dataset copies (see
+        :class:`owner_console.engine.DatasetCache`).
+    size : int
+        Idle workers kept for reuse; a query that finds none idle starts one
+        (the executor's query threads bound how many run at once).
+
+    Quick requests (``schema``, ``datasets``) and differentially private
+    plans run in the calling process, on :attr:`cache`.
+    """
+
+    def __init__(self, shared_dir: Path, size: int = 4):
+        self.shared_dir = Path(shared_dir)
+        self.cache = engine.DatasetCache(self.shared_dir)
+        self._size = size
+        self._idle: list[_Worker] = []
+        self._busy: set[_Worker] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- the executor module's interface --------------------------------
+    for_scientist = staticmethod(executor.for_scientist)
+    table_to_ipc = staticmethod(executor.table_to_ipc)
+
+    def schema_of(self, plan: Any, catalog: Mapping[str, Dataset]) -> list[tuple[str, str]]:
+        return executor.schema_of(plan, catalog, self.cache)
+
+    def evaluate(self, plan: Any, catalog: Mapping[str, Dataset], scientist: str, *,
+                 cancel: threading.Event | None = None, timeout: float | None = None) -> Released | Held:
+        """:func:`owner_console.executor.evaluate` in a worker process (DP plans in this one)."""
+        if dp.touches_dp(plan, catalog):
+            return executor.evaluate(plan, catalog, scientist, self.cache, cancel=cancel, timeout=timeout)
+        header, payload = self._call("evaluate", plan, catalog, scientist, cancel, timeout)
+        kind = Released if header["outcome"] == "released" else Held
+        return kind(table=_read_ipc(payload), decision=_decision_from_json(header["decision"]),
+                    notes=list(header["notes"]), ipc=payload)
+
+    def prepare_save(self, plan: Any, catalog: Mapping[str, Dataset], *, cancel: threading.Event | None = None,
+                     timeout: float | None = None, scientist: str | None = None) -> tuple[Any, Policy]:
+        """:func:`owner_console.executor.prepare_save` in a worker process."""
+        if dp.touches_dp(plan, catalog):  # refused there, with its own message
+            return executor.prepare_save(plan, catalog, self.cache, cancel=cancel, timeout=timeout,
+                                         scientist=scientist)
+        header, payload = self._call("prepare_save", plan, catalog, scientist, cancel, timeout)
+        return _read_ipc(payload), Policy.from_dict(header["policy"])
+
+    def close(self) -> None:
+        """Stop every worker (running queries included)."""
+        with self._lock:
+            self._closed = True
+            workers = self._idle + list(self._busy)
+            self._idle = []
+        for worker in workers:
+            worker.kill()
+
+    # -- dispatch -------------------------------------------------------
+    def _call(self, op: str, plan: Any, catalog: Mapping[str, Dataset], scientist: str | None,
+              cancel: threading.Event | None, timeout: float | None) -> tuple[dict, bytes]:
+        if cancel is not None and cancel.is_set():
+            raise BastionError("ExecutionError", "the query was cancelled at your request", cancelled=True)
+        timeout = _query_timeout(plan, catalog, scientist, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        worker = self._acquire()
+        reusable = False
+        try:
+            header, payload = worker.call({"op": op, "plan": plan, "catalog": _catalog_to_json(catalog),
+                                           "scientist": scientist}, cancel, deadline, timeout)
+            reusable = True
+        except WorkerDied:
+            raise BastionError("LimitExceeded", "the query stopped the worker process that ran it, most likely "
+                                                "by needing more memory than the executor may use; other "
+                                                "sessions were not affected. Filter or aggregate earlier, or "
+                                                "ask the owner.", limit="worker_memory") from None
+        finally:
+            self._release(worker, reusable)
+        if "error" in header:
+            raise BastionError.from_body(header["error"])
+        if "internal" in header:
+            raise RuntimeError(f"the query worker failed:\n{header['internal']}")
+        return header, payload
+
+    def _acquire(self) -> _Worker:
+        with self._lock:
+            if self._closed:
+                raise BastionError("ExecutionError", "the executor is shutting down")
+            worker = self._idle.pop() if self._idle else None
+        if worker is None:
+            worker = _Worker(self.shared_dir)
+        with self._lock:
+            self._busy.add(worker)
+        return worker
+
+    def _release(self, worker: _Worker, reusable: bool) -> None:
+        keep = reusable and worker.reusable()
+        with self._lock:
+            self._busy.discard(worker)
+            if keep and not self._closed and len(self._idle) < self._size:
+                self._idle.append(worker)
+                return
+        worker.kill()
+
+
+def _query_timeout(plan: Any, catalog: Mapping[str, Dataset], scientist: str | None,
+                   workspace_limit: float | None) -> float | None:
+    """As :func:`executor.query_timeout`, over the datasets the plan names (the worker validates the plan)."""
+    names = engine.source_names(plan)
+    read = executor.for_scientist({name: d for name, d in catalog.items() if name in names}, scientist)
+    return executor.query_timeout(read.values(), workspace_limit)
+
+
+def _read_ipc(payload: bytes) -> Any:
+    import polars as pl
+    return pl.read_ipc(io.BytesIO(payload))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

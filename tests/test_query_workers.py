@@ -1,0 +1,225 @@
+"""Query worker processes (:mod:`owner_console.workers`), against a real executor process.
+
+Every ``fetch`` and ``save`` runs in a worker process of the executor.  These
+tests look at the processes themselves through ``/proc``: a cancel or a time
+limit kills the worker that ran the query (the computation really stops), a
+long query is moved to a lower CPU priority, a worker that dies mid-query
+(as under the kernel's out-of-memory killer) costs its scientist a typed
+error and nobody else anything, and the workers share one memory-mapped copy
+of a dataset.
+"""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from bastion_kernel.plan import alias, col, fn, frame_op, scan
+from bastion_kernel.protocol import BastionError
+from owner_console import executor as core
+from owner_console import workers
+from owner_console.model import Dataset, Held, Policy, Released
+
+from conftest import make_keys, make_workspace, start_executor
+from test_cancel_and_limits import QUICK, SLOW, _audit, _fetch, _replies, _still_serving, config
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads processes from /proc (Linux)")
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory, patients_csv):
+    owner = make_workspace(tmp_path_factory.mktemp("owner") / "workspace", patients_csv)
+    keys_dir = tmp_path_factory.mktemp("keys")
+    keys = {name: make_keys(keys_dir / name, name) for name in ("alice", "bob")}
+    for pair in keys.values():
+        owner.workspace.add_scientist(pair.name, pair.public_file)
+    process = start_executor(owner.path, keys)
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def worker_pids(executor_pid: int) -> set[int]:
+    """The executor's live query worker processes."""
+    pids = set()
+    for task in Path(f"/proc/{executor_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                command = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"owner_console.workers" in command:
+                pids.add(int(child))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def nice_values(pid: int) -> set[int]:
+    """The nice value of every thread of a process (field 19 of ``/proc/PID/task/TID/stat``)."""
+    values = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        values.add(int(fields[16]))
+    return values
+
+
+def wait_for(condition, seconds=30.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return -1
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def busy_worker(running) -> int:
+    """The one worker process that is computing (its CPU time grows)."""
+    def find():
+        pids = worker_pids(running.process.pid)
+        first = {pid: cpu_ticks(pid) for pid in pids}
+        time.sleep(0.3)
+        busy = [pid for pid in pids if cpu_ticks(pid) > first[pid]]
+        return busy if len(busy) == 1 else None
+    return wait_for(find)[0]
+
+
+def test_a_cancel_kills_the_worker_that_runs_the_query(running):
+    alice = running.client("alice")
+    target = _fetch(alice, SLOW)
+    busy = busy_worker(running)
+    cancel = alice.send("cancel", {"target": target})
+    replies = _replies(alice, target, cancel)
+    assert replies[target][1]["details"] == {"cancelled": True}
+    # polars is not left computing a result nobody wants: its process is gone.
+    assert not alive(busy) and busy not in worker_pids(running.process.pid)
+    _still_serving(running)
+
+
+def test_the_time_limit_kills_the_worker_that_runs_the_query(running):
+    alice = running.client("alice")
+    with config(running, query_timeout_seconds=2):
+        target = _fetch(alice, SLOW)
+        busy = busy_worker(running)
+        kind, body = _replies(alice, target)[target]
+    assert kind == "error" and body["ename"] == "LimitExceeded", body
+    assert body["details"]["limit"] == "query_timeout_seconds"
+    assert not alive(busy)
+    _still_serving(running)
+
+
+def test_a_long_query_moves_to_a_lower_cpu_priority(running):
+    alice = running.client("alice")
+    target = _fetch(alice, SLOW)
+    busy = busy_worker(running)
+    wait_for(lambda: nice_values(busy) == {workers.BACKGROUND_NICE}, seconds=20)
+    # Short queries from another scientist run at normal priority meanwhile.
+    _still_serving(running)
+    others = worker_pids(running.process.pid) - {busy}
+    assert others and all(nice_values(pid) == {0} for pid in others)
+    cancel = alice.send("cancel", {"target": target})
+    assert _replies(alice, target, cancel)[target][1]["details"] == {"cancelled": True}
+
+
+def test_a_worker_that_dies_mid_query_is_a_typed_error_and_the_executor_serves_on(running):
+    alice = running.client("alice")
+    target = _fetch(alice, SLOW, "killed-mid-query")
+    busy = busy_worker(running)
+    os.kill(busy, signal.SIGKILL)  # as the kernel's out-of-memory killer would: no chance to answer
+    kind, body = _replies(alice, target)[target]
+    assert kind == "error" and body["ename"] == "LimitExceeded" and body["details"]["limit"] == "worker_memory"
+    assert "other sessions were not affected" in body["evalue"]
+    [refusal] = _audit(running, "refusal", request=target)
+    assert refusal["ename"] == "LimitExceeded"
+    assert running.process.poll() is None
+    _still_serving(running)
+    kind, body, _ = alice.request("fetch", {"plan": QUICK, "text": "after the crash"}, timeout=120)
+    assert kind == "result", body
+
+
+def test_workers_share_one_memory_mapped_copy_of_a_dataset(running):
+    alice, bob = running.client("alice"), running.client("bob")
+    target = _fetch(alice, SLOW)
+    busy = busy_worker(running)  # keeps one worker busy, so bob's query needs another
+    kind, body, _ = bob.request("fetch", {"plan": QUICK, "text": "beside a long one"}, timeout=120)
+    assert kind == "result", body
+    copies = list((running.workspace / "cache" / "datasets").glob("*.arrow"))
+    assert len(copies) == 1  # patients and patients_open are the same file
+    mapping = {pid for pid in worker_pids(running.process.pid)
+               if str(copies[0]) in Path(f"/proc/{pid}/maps").read_text()}
+    assert busy in mapping and len(mapping) >= 2
+    cancel = alice.send("cancel", {"target": target})
+    _replies(alice, target, cancel)
+
+
+# ---------------------------------------------------------------- in-process, no server
+@pytest.fixture
+def pool(tmp_path):
+    queries = workers.QueryWorkers(tmp_path / "shared", size=2)
+    yield queries
+    queries.close()
+
+
+def test_a_worker_gives_the_same_outcome_as_the_executor_in_process(pool, patients_csv):
+    catalog = {"patients": Dataset("patients", patients_csv, "csv", Policy(min_group_size=10)),
+               "patients_open": Dataset("patients_open", patients_csv, "csv", Policy(unsafe="log"))}
+    by_sex = frame_op("sort", input=QUICK, by=[col("sex")], descending=[False], nulls_last=False)
+    for plan in (by_sex, frame_op("select", input=scan("patients"), exprs=[col("age")])):
+        here = core.evaluate(plan, catalog, "alice")
+        there = pool.evaluate(plan, catalog, "alice")
+        assert type(there) is type(here) and isinstance(there, (Released, Held))
+        assert there.table.equals(here.table) and there.decision == here.decision and there.notes == here.notes
+        assert pl.read_ipc(io.BytesIO(there.ipc)).equals(here.table)
+    saved, policy = pool.prepare_save(by_sex, catalog, scientist="alice")
+    here, inherited = core.prepare_save(by_sex, catalog, scientist="alice")
+    assert saved.equals(here) and policy == inherited
+
+
+def test_errors_cross_the_pipe_typed(pool, patients_csv):
+    catalog = {"patients": Dataset("patients", patients_csv, "csv", Policy())}
+    hostile = {"op": "scan", "dataset": "patients", "__class__": "os.system"}
+    with pytest.raises(BastionError) as raised:
+        pool.evaluate(hostile, catalog, "alice")
+    with pytest.raises(BastionError) as direct:
+        core.evaluate(hostile, catalog, "alice")
+    assert raised.value.body() == direct.value.body()
+    with pytest.raises(BastionError) as raised:
+        pool.evaluate(frame_op("select", input=scan("nowhere"), exprs=[col("a")]), catalog, "alice")
+    assert raised.value.ename == "SchemaError"
+    # A worker that answered an error is reused for the next query.
+    assert pool.evaluate(frame_op("select", input=scan("patients"),
+                                  exprs=[alias(fn("mean", col("age")), "m")]), catalog, "alice").table.height == 1
+
+
+def test_a_cancel_before_the_query_starts_never_reaches_a_worker(pool, patients_csv):
+    catalog = {"patients": Dataset("patients", patients_csv, "csv", Policy())}
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(BastionError) as raised:
+        pool.evaluate(QUICK, catalog, "alice", cancel=cancel)
+    assert raised.value.details == {"cancelled": True}
