@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from ipykernel.kernelbase import Kernel
+from traitlets import Float
 
 from . import display
 from .client import ConfiguredSession
@@ -68,6 +69,10 @@ class BastionKernel(Kernel):
         "codemirror_mode": {"name": "ipython", "version": 3},
     }
     help_links = [{"text": "polars expressions", "url": "https://docs.pola.rs/api/python/stable/reference/"}]
+    # ipykernel sleeps this long (0.5 ms by default) after every cell, before the reply, so that
+    # output a Python cell printed reaches IOPub first.  A Bastion cell prints nothing and the
+    # streams are still flushed before the reply, so the sleep only delays the cell's end.
+    _execute_sleep = Float(0.0).tag(config=True)
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

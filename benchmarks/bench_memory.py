@@ -25,7 +25,7 @@ import polars as pl
 
 from bastion_kernel import plan as P
 from harness import (PeakSampler, RawClient, machine, make_table, proc_status_bytes, process_tree, served,
-                     tree_memory_bytes)
+                     tree_breakdown, tree_memory_bytes)
 
 SESSIONS = 8
 MB = 1_000_000
@@ -80,6 +80,7 @@ def main() -> None:
             now, _ = tree_memory_bytes(pid)
             main_peak = proc_status_bytes(pid, "VmHWM")
             workers = len(process_tree(pid)) - 1
+            breakdown = tree_breakdown(pid)
             if errors:
                 raise SystemExit("\n".join(errors[:5]))
     target = 1.2 * size + 200 * MB
@@ -88,6 +89,7 @@ def main() -> None:
     print(f"executor after {args.sessions} sessions x {args.rounds} concurrent aggregates: peak PSS of the process tree "
           f"{peak / MB:.0f} MB (peak sum of RSS {peak_rss / MB:.0f} MB; main process VmHWM {main_peak / MB:.0f} MB); "
           f"PSS now {now / MB:.0f} MB with {workers} idle worker process(es)")
+    print(f"  per process now (executor first): {breakdown}")
     print(f"peak / dataset = {peak / size:.2f}; target <= 1.2 x {size / MB:.0f} + 200 = {target / MB:.0f} MB: "
           f"{'met' if peak <= target else 'NOT met'}")
 

@@ -96,6 +96,20 @@ def tree_memory_bytes(pid: int) -> tuple[int, int]:
     return pss, rss
 
 
+def tree_breakdown(pid: int) -> str:
+    """One ``pid: PSS / private`` entry per process of the tree, in MB."""
+    parts = []
+    for member in process_tree(pid):
+        try:
+            fields = {line.split(":")[0]: int(line.split()[1]) for line in
+                      Path(f"/proc/{member}/smaps_rollup").read_text().splitlines()[1:]}
+        except (OSError, ValueError, IndexError):
+            continue
+        private = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+        parts.append(f"{member}: PSS {fields.get('Pss', 0) // 1000} MB, private {private // 1000} MB")
+    return "; ".join(parts)
+
+
 class PeakSampler:
     """Samples :func:`tree_memory_bytes` every ``interval`` seconds on a thread; keeps the peaks."""
 

@@ -6,12 +6,16 @@ the workspace (re-read on every handshake) and names each connection after
 its scientist; every request is attributed to that name, read from the
 message's ``User-Id`` property, never to anything in the message itself.
 
-Threads.  ZeroMQ sockets are not thread-safe, so only the loop thread touches
-the ROUTER.  Requests run on two thread pools (quick ones: ``hello``,
-``datasets``, ``schema``, ``request_status``, ``dp_preview``, ``budget``; queries: ``fetch``, ``save``),
-so that a small request never waits behind a long query (polars releases the
-GIL).  A worker hands its reply back through its own inproc PUSH socket to a
-PULL socket that the loop polls next to the ROUTER.
+Threads and processes.  ZeroMQ sockets are not thread-safe, so only the loop
+thread touches the ROUTER.  Requests run on two thread pools (quick ones:
+``hello``, ``datasets``, ``schema``, ``request_status``, ``dp_preview``,
+``budget``; queries: ``fetch``, ``save``), so that a small request never waits
+behind a long query.  A query thread hands the query itself to a worker
+process (:mod:`owner_console.workers`): polars has one thread pool per
+process, and only separate processes let the operating system share the CPU
+fairly, stop a query for real, and survive a query that exhausts memory.
+A thread hands its reply back through its own inproc PUSH socket to a PULL
+socket that the loop polls next to the ROUTER.
 
 Every request gets exactly one reply: an ``ok``/``result``/``pending``, or the
 one error shape.  A handler that fails in an unexpected way answers
@@ -25,10 +29,11 @@ large envelope still gets a typed error); a scientist may have at most
 
 Cancellation.  A ``fetch`` or ``save`` is registered under (scientist,
 envelope id) from the moment it is accepted; a ``cancel`` from the same
-scientist sets its event, and the worker stops waiting for polars at once
-(:func:`owner_console.engine.run`).  Queries also stop at the workspace's
-``query_timeout_seconds`` (:mod:`owner_console.limits`), and a result over
-``max_rows_released`` rows is neither sent nor held.
+scientist sets its event, and the worker process running the query is
+killed at once (:class:`owner_console.workers.QueryWorkers`).  Queries also
+stop that way at the workspace's ``query_timeout_seconds``
+(:mod:`owner_console.limits`), and a result over ``max_rows_released`` rows
+is neither sent nor held.
 
 Saved results.  ``save`` keeps a table per scientist
 (:mod:`owner_console.saved`); each request's catalog is the owner's datasets
@@ -170,7 +175,8 @@ class ExecutorServer:
         ZeroMQ endpoint; defaults to the workspace's ``config.toml``.  A
         ``tcp://127.0.0.1:*`` endpoint picks a free port (see :attr:`endpoint`).
     query_workers, quick_workers : int
-        Threads for ``fetch`` queries and for everything else.
+        Threads (and so at most as many worker processes at once) for
+        ``fetch``/``save`` queries, and threads for everything else.
     """
 
     def __init__(self, workspace: Workspace, bind: str | None = None, query_workers: int = 4,

@@ -54,12 +54,12 @@ log = logging.getLogger("bastion.executor")
 # A query still running after this long is moved to a lower CPU priority
 # (nice value BACKGROUND_NICE), so that the short queries of other sessions
 # are scheduled ahead of it.
-BACKGROUND_AFTER_SECONDS = 0.5
+BACKGROUND_AFTER_SECONDS = 0.2
 BACKGROUND_NICE = 15
 # A worker whose private (anonymous) memory stays above this after a query
 # is replaced: polars' allocator keeps freed memory, so one large query would
 # otherwise pin its peak for the life of the process.
-RECYCLE_PRIVATE_BYTES = 512 * 2**20
+RECYCLE_PRIVATE_BYTES = 256 * 2**20
 # How often a waiting thread looks at the cancel flag and the deadline
 # (a reply wakes it at once).
 _FIRST_POLL_SECONDS = 0.005
@@ -215,16 +215,13 @@ class _Worker:
                 pause = min(pause * 2, _MAX_POLL_SECONDS)
 
     def _renice(self, nice: int) -> bool:
-        """Set every thread of the worker (polars' pool included) to ``nice``; False where not allowed."""
+        """Set every thread of the worker (polars' pool included) and of its children (a dataset copy being
+        written) to ``nice``; False where not allowed."""
         ok = True
-        try:
-            threads = os.listdir(f"/proc/{self.process.pid}/task")
-        except OSError:
-            return False
-        for tid in threads:
+        for tid in _threads_of_tree(self.process.pid):
             try:
-                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
-            except (OSError, ValueError):
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+            except OSError:
                 ok = False
         return ok
 
@@ -243,6 +240,26 @@ class _Worker:
             self.process.kill()
         self.process.wait()
         self.sock.close()
+
+
+def _threads_of_tree(pid: int) -> list[int]:
+    """The thread ids of a process and of its descendants (Linux ``/proc``; empty elsewhere)."""
+    found: list[int] = []
+    processes = [pid]
+    while processes:
+        current = processes.pop()
+        try:
+            tids = [int(tid) for tid in os.listdir(f"/proc/{current}/task")]
+        except (OSError, ValueError):
+            continue
+        found.extend(tids)
+        for tid in tids:
+            try:
+                with open(f"/proc/{current}/task/{tid}/children") as children:
+                    processes.extend(int(child) for child in children.read().split())
+            except (OSError, ValueError):
+                pass
+    return found
 
 
 def _private_bytes(pid: int) -> int:

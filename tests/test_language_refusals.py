@@ -38,6 +38,11 @@ REFUSALS = [
     ("col('a') in [1, 2]", "UnsupportedOperation", (1, 0), "is_in"),
     ("col('a') is None", "UnsupportedOperation", (1, 0), "is_null"),
     ("(y := 3)", "UnsupportedOperation", (1, 1), "walrus"),
+    # Arguments are bound against the handler's signature, after the whitelist lookup.
+    ("df.sort('age', descendin=True)", "UnsupportedOperation", (1, 3), "did you mean 'descending'?"),
+    ("col('a').mean(x=1)", "UnsupportedOperation", (1, 9), "Expr.mean() has no parameter 'x'; it takes no keyword"),
+    ("col('a', bogus=1)", "UnsupportedOperation", (1, 0), "col() has no parameter 'bogus'; its parameters are name"),
+    ("df.head(1, 2, 3)", "UnsupportedOperation", (1, 3), "positional arguments; expected RemoteFrame.head(n=5)"),
     ("df.select(*cols)", "UnsupportedOperation", (1, 10), "star-arguments"),
     ("df.select(**named)", "UnsupportedOperation", (1, 12), "**kwargs"),
     ("[*cols]", "UnsupportedOperation", (1, 1), "star"),

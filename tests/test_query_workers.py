@@ -22,7 +22,7 @@ import pytest
 
 from bastion_kernel.plan import alias, col, fn, frame_op, scan
 from bastion_kernel.protocol import BastionError
-from owner_console import executor as core
+from owner_console import engine, executor as core
 from owner_console import workers
 from owner_console.model import Dataset, Held, Policy, Released
 
@@ -223,3 +223,31 @@ def test_a_cancel_before_the_query_starts_never_reaches_a_worker(pool, patients_
     with pytest.raises(BastionError) as raised:
         pool.evaluate(QUICK, catalog, "alice", cancel=cancel)
     assert raised.value.details == {"cancelled": True}
+
+
+def test_a_shared_copy_follows_the_source_file_and_old_copies_go(tmp_path):
+    source = tmp_path / "table.parquet"
+    pl.DataFrame({"x": [1, 2, 3]}).write_parquet(source)
+    dataset = Dataset("t", source, "parquet", Policy())
+    shared = tmp_path / "shared"
+    first = engine.DatasetCache(shared).frame(dataset)
+    assert first["x"].to_list() == [1, 2, 3]
+    [copy] = shared.glob("*.arrow")
+    assert shared.stat().st_mode & 0o777 == 0o700  # the copies are the owner's data
+    pl.DataFrame({"x": [7, 8]}).write_parquet(source)
+    os.utime(source, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new version even within one mtime tick
+    second = engine.DatasetCache(shared).frame(dataset)
+    assert second["x"].to_list() == [7, 8]
+    assert [p.name for p in shared.glob("*.arrow")] != [copy.name] and len(list(shared.glob("*.arrow"))) == 1
+    assert first["x"].to_list() == [1, 2, 3]  # a process still mapping the old copy keeps its pages
+
+
+def test_an_unreadable_dataset_is_a_typed_error_with_no_copy_left(tmp_path):
+    source = tmp_path / "broken.parquet"
+    source.write_bytes(b"PAR1 this is not parquet")
+    dataset = Dataset("broken", source, "parquet", Policy())
+    with pytest.raises(BastionError) as raised:
+        engine.DatasetCache(tmp_path / "shared").frame(dataset)
+    assert raised.value.ename == "ExecutionError" and "'broken' cannot be read" in raised.value.evalue
+    assert "PAR1" not in raised.value.evalue
+    assert not list((tmp_path / "shared").glob("*.arrow")) and not list((tmp_path / "shared").glob(".*.arrow.*"))

@@ -14,6 +14,7 @@ them).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -84,9 +85,18 @@ class Operation:
             return self.name
         return f"{type_name(self.receiver)}.{self.name}"
 
-    @property
+    # Cached: every call of the operation binds against it, and building a
+    # Signature costs more than the rest of a call (the handler never changes).
+    @functools.cached_property
     def signature(self) -> inspect.Signature:
         return inspect.signature(self.handler)
+
+    @functools.cached_property
+    def _keywords(self) -> tuple[frozenset[str], bool]:
+        # (names accepted as keywords, whether **kwargs takes any other)
+        params = self.visible_parameters()
+        named = frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        return named, any(p.kind is p.VAR_KEYWORD for p in params)
 
     def visible_parameters(self) -> list[inspect.Parameter]:
         """Parameters the scientist passes (without the context and receiver)."""
@@ -112,20 +122,17 @@ class Operation:
 
     def call(self, ctx: Context, receiver: Any, args: list, kwargs: dict) -> Any:
         """Bind the scientist's arguments to the handler and run it."""
-        params = self.visible_parameters()
-        named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        takes_any_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
-        label = f"{self.qualified_name}()"
+        named, takes_any_keyword = self._keywords
         for key in kwargs:
             if key not in named and not takes_any_keyword:
                 hint = suggest(key, named) or (f"; its parameters are {', '.join(sorted(named))}" if named
                                                else "; it takes no keyword arguments")
-                raise UnsupportedOperation(f"{label} has no parameter {key!r}{hint}")
+                raise UnsupportedOperation(f"{self.qualified_name}() has no parameter {key!r}{hint}")
         leading = (ctx,) if self.receiver is None else (ctx, receiver)
         try:
             bound = self.signature.bind(*leading, *args, **kwargs)
         except TypeError as exc:
-            raise UnsupportedOperation(f"{label}: {exc}; expected {self.display_signature()}") from None
+            raise UnsupportedOperation(f"{self.qualified_name}(): {exc}; expected {self.display_signature()}") from None
         bound.apply_defaults()
         return self.handler(*bound.args, **bound.kwargs)
 
