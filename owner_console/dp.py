@@ -708,8 +708,9 @@ def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str, cache: A
 
     The budget is charged before the query runs (a refused charge runs
     nothing); a query that fails after the charge keeps it spent, as DP
-    accounting requires.  DP queries are small aggregations and are not
-    cancellable; the executor's time limit does not apply to them.
+    accounting requires.  In the executor a DP query runs in a worker process
+    (:mod:`owner_console.workers`) like any other: a cancel or the time limit
+    kills it, and a charge already made stays spent.
 
     Raises
     ------

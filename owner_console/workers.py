@@ -24,8 +24,7 @@ are shared through the operating system's page cache.
 
 The pipe between the processes carries JSON headers and Arrow IPC tables
 only (nothing is pickled), framed as ``[8-byte length][JSON][8-byte
-length][bytes]``.  Differentially private plans run in the main process,
-where the privacy budget ledger lives (:mod:`owner_console.dp`).
+length][bytes]``.
 """
 from __future__ import annotations
 
@@ -99,14 +98,25 @@ def _receive(sock: socket.socket) -> tuple[dict, bytes]:
 
 
 def _catalog_to_json(catalog: Mapping[str, Dataset]) -> dict:
-    # Differentially private datasets never reach a worker: their plans run in the main process.
-    return {name: {"path": str(d.path), "format": d.format, "policy": d.policy.to_dict()}
-            for name, d in catalog.items() if d.dp is None}
+    data = {}
+    for name, d in catalog.items():
+        entry = {"path": str(d.path), "format": d.format, "policy": d.policy.to_dict()}
+        if d.dp is not None:
+            entry["dp"] = d.dp.to_dict()
+            entry["ledger"] = None if d.dp.ledger is None else str(d.dp.ledger)
+        data[name] = entry
+    return data
 
 
 def _catalog_from_json(data: dict) -> dict[str, Dataset]:
-    return {name: Dataset(name=name, path=Path(d["path"]), format=d["format"], policy=Policy.from_dict(d["policy"]))
-            for name, d in data.items()}
+    catalog = {}
+    for name, d in data.items():
+        dp_policy = None
+        if "dp" in d:
+            dp_policy = dp.DPPolicy.from_dict(d["dp"], ledger=None if d["ledger"] is None else Path(d["ledger"]))
+        catalog[name] = Dataset(name=name, path=Path(d["path"]), format=d["format"],
+                                policy=Policy.from_dict(d["policy"]), dp=dp_policy)
+    return catalog
 
 
 def _decision_to_json(decision: Decision) -> dict:
@@ -285,8 +295,10 @@ class QueryWorkers:
         Idle workers kept for reuse; a query that finds none idle starts one
         (the executor's query threads bound how many run at once).
 
-    Quick requests (``schema``, ``datasets``) and differentially private
-    plans run in the calling process, on :attr:`cache`.
+    Quick requests (``schema``, ``datasets``) run in the calling process, on
+    :attr:`cache` (they read schemas, not rows).  Differentially private plans
+    run in workers too: the privacy budget ledger is SQLite, charged in one
+    ``BEGIN IMMEDIATE`` transaction, safe across processes.
     """
 
     def __init__(self, shared_dir: Path, size: int = 4):
@@ -307,9 +319,7 @@ class QueryWorkers:
 
     def evaluate(self, plan: Any, catalog: Mapping[str, Dataset], scientist: str, *,
                  cancel: threading.Event | None = None, timeout: float | None = None) -> Released | Held:
-        """:func:`owner_console.executor.evaluate` in a worker process (DP plans in this one)."""
-        if dp.touches_dp(plan, catalog):
-            return executor.evaluate(plan, catalog, scientist, self.cache, cancel=cancel, timeout=timeout)
+        """:func:`owner_console.executor.evaluate` in a worker process."""
         header, payload = self._call("evaluate", plan, catalog, scientist, cancel, timeout)
         kind = Released if header["outcome"] == "released" else Held
         return kind(table=_read_ipc(payload), decision=_decision_from_json(header["decision"]),
@@ -318,9 +328,6 @@ class QueryWorkers:
     def prepare_save(self, plan: Any, catalog: Mapping[str, Dataset], *, cancel: threading.Event | None = None,
                      timeout: float | None = None, scientist: str | None = None) -> tuple[Any, Policy]:
         """:func:`owner_console.executor.prepare_save` in a worker process."""
-        if dp.touches_dp(plan, catalog):  # refused there, with its own message
-            return executor.prepare_save(plan, catalog, self.cache, cancel=cancel, timeout=timeout,
-                                         scientist=scientist)
         header, payload = self._call("prepare_save", plan, catalog, scientist, cancel, timeout)
         return _read_ipc(payload), Policy.from_dict(header["policy"])
 

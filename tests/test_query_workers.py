@@ -11,6 +11,7 @@ of a dataset.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import threading
@@ -22,7 +23,7 @@ import pytest
 
 from bastion_kernel.plan import alias, col, fn, frame_op, scan
 from bastion_kernel.protocol import BastionError
-from owner_console import engine, executor as core
+from owner_console import dp, engine, executor as core
 from owner_console import workers
 from owner_console.model import Dataset, Held, Policy, Released
 
@@ -251,3 +252,18 @@ def test_an_unreadable_dataset_is_a_typed_error_with_no_copy_left(tmp_path):
     assert raised.value.ename == "ExecutionError" and "'broken' cannot be read" in raised.value.evalue
     assert "PAR1" not in raised.value.evalue
     assert not list((tmp_path / "shared").glob("*.arrow")) and not list((tmp_path / "shared").glob(".*.arrow.*"))
+
+
+def test_a_catalog_crosses_the_pipe_unchanged(tmp_path):
+    dp_policy = dp.DPPolicy(epsilon=1.0, max_rows=100, privacy_unit_column="patient_id",
+                            bounds={"age": (0, 120)}, public_keys={"sex": ("F", "M")}, ledger=tmp_path / "ledger")
+    # As the workspace reads it from datasets/NAME.toml.
+    policy = Policy.from_dict({"min_group_size": 7, "hidden": ["name"], "unsafe": "reject", "allow_save": True,
+                               "query_timeout_seconds": 9.5,
+                               "scientists": {"alice": {"min_group_size": 3, "hidden": ["zip"]}}})
+    catalog = {"plain": Dataset("plain", tmp_path / "a.csv", "csv", policy),
+               "private": Dataset("private", tmp_path / "b.parquet", "parquet", Policy(), dp=dp_policy)}
+    crossed = workers._catalog_from_json(json.loads(json.dumps(workers._catalog_to_json(catalog))))
+    assert crossed == catalog
+    assert crossed["private"].dp.ledger == dp_policy.ledger  # not compared by ==, needed to charge the budget
+    assert crossed["plain"].policy.for_scientist("alice") == catalog["plain"].policy.for_scientist("alice")
