@@ -1034,16 +1034,18 @@ def _check_contributions(accounted: AccountedPlan, table: pl.DataFrame) -> _Cont
             source = accounted.sources[value]
             k = source.policy.min_group_size
             result.checked = True
-            if k <= 1 or values.drop_nulls().len() == 0:
+            present = values.drop_nulls()
+            if k <= 1 or present.len() == 0:
                 continue
-            smallest = int(values.drop_nulls().min())
+            smallest = int(present.min())
             result.smallest[source.dataset] = min(result.smallest.get(source.dataset, smallest), smallest)
-            bad = (values.is_not_null() & (values < k)).fill_null(False)
+            # Kleene logic: where a value is null, False & null is False, so the mask has no nulls.
+            bad = values.is_not_null() & (values < k)
             if bad.any():
                 result.failing[column] = bad
                 few[source.dataset] = min(few.get(source.dataset, smallest), smallest)
         else:
-            bad = (values.is_not_null() & (values > value)).fill_null(False)
+            bad = values.is_not_null() & (values > value)
             if bad.any():
                 result.failing[column] = bad
                 dominated = max(dominated, int(bad.sum()))
@@ -1074,7 +1076,7 @@ def _failing_rows(accounted: AccountedPlan, table: pl.DataFrame, checks: list["_
         values = table.get_column(check.rep.column)
         if check.rep.kind == "rid":
             values = values.clip(upper_bound=1)
-        failing = failing | (values.is_not_null() & (values < k)).fill_null(False)
+        failing = failing | (values.is_not_null() & (values < k))
     for bad in contributions.failing.values():
         failing = failing | bad
     return failing

@@ -575,12 +575,14 @@ class ExecutorServer:
         plan = request.body["plan"]
         text = request.body.get("text", "")
         digest = plan_hash(plan)
-        self.audit.append("query", request.scientist, request=request.msg_id, plan=plan,
-                          plan_hash=digest, text=text)
         try:
-            outcome = self._executor.evaluate(plan, self._catalog(request.scientist), request.scientist,
-                                              cancel=request.cancel,
-                                              timeout=self._limits().query_timeout_seconds)
+            # The fsynced ``query`` entry is written while the worker computes; it is on disk before any
+            # refusal, decision or release of this request is written, and before anything is sent.
+            outcome = self._executor.evaluate(
+                plan, self._catalog(request.scientist), request.scientist, cancel=request.cancel,
+                timeout=self._limits().query_timeout_seconds,
+                on_started=lambda: self.audit.append("query", request.scientist, request=request.msg_id, plan=plan,
+                                                     plan_hash=digest, text=text))
             _check_rows_released(outcome.table.height, self._limits().max_rows_released)
         except BastionError as exc:
             self.audit.append("refusal", request.scientist, request=request.msg_id, plan_hash=digest,

@@ -41,7 +41,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from bastion_kernel.protocol import BastionError
 
@@ -201,9 +201,14 @@ class _Worker:
         self.background = False
 
     def call(self, header: dict, cancel: threading.Event | None, deadline: float | None,
-             timeout: float | None) -> tuple[dict, bytes]:
-        """Send one request and wait for its reply, killing the process on cancel or at the deadline."""
-        _send(self.sock, header)
+             timeout: float | None, while_running: Callable[[], None]) -> tuple[dict, bytes]:
+        """Send one request, call ``while_running``, and wait for the reply, killing the process on cancel or at
+        the deadline."""
+        try:
+            _send(self.sock, header)
+        except OSError as exc:  # the worker ended before it took the request
+            raise WorkerDied(str(exc)) from None
+        while_running()
         started = time.monotonic()
         pause = _FIRST_POLL_SECONDS
         with selectors.DefaultSelector() as selector:
@@ -226,10 +231,18 @@ class _Worker:
 
     def _renice(self, nice: int) -> bool:
         """Set every thread of the worker (polars' pool included) and of its children (a dataset copy being
-        written) to ``nice``; False where not allowed."""
+        written) to ``nice``; False where not allowed.
+
+        Background threads are also put under ``SCHED_IDLE`` where the system has it: they then run only
+        when no normal thread wants the CPU, which a nice value alone does not ensure (a nice 15 thread still
+        gets a slice whenever the scheduler balances).
+        """
+        policy = getattr(os, "SCHED_IDLE", None) if nice > 0 else getattr(os, "SCHED_OTHER", None)
         ok = True
         for tid in _threads_of_tree(self.process.pid):
             try:
+                if policy is not None:
+                    os.sched_setscheduler(tid, policy, os.sched_param(0))
                 os.setpriority(os.PRIO_PROCESS, tid, nice)
             except OSError:
                 ok = False
@@ -318,17 +331,24 @@ class QueryWorkers:
         return executor.schema_of(plan, catalog, self.cache)
 
     def evaluate(self, plan: Any, catalog: Mapping[str, Dataset], scientist: str, *,
-                 cancel: threading.Event | None = None, timeout: float | None = None) -> Released | Held:
-        """:func:`owner_console.executor.evaluate` in a worker process."""
-        header, payload = self._call("evaluate", plan, catalog, scientist, cancel, timeout)
+                 cancel: threading.Event | None = None, timeout: float | None = None,
+                 on_started: Callable[[], None] | None = None) -> Released | Held:
+        """:func:`owner_console.executor.evaluate` in a worker process.
+
+        ``on_started`` is called exactly once, before this returns or raises: as soon as the worker has the
+        request, so that the caller's own work (the executor's fsynced ``query`` audit entry) overlaps the
+        query's; a query cannot bring the executor down, so nothing is lost by not writing it first.
+        """
+        header, payload = self._call("evaluate", plan, catalog, scientist, cancel, timeout, on_started)
         kind = Released if header["outcome"] == "released" else Held
         return kind(table=_read_ipc(payload), decision=_decision_from_json(header["decision"]),
                     notes=list(header["notes"]), ipc=payload)
 
     def prepare_save(self, plan: Any, catalog: Mapping[str, Dataset], *, cancel: threading.Event | None = None,
-                     timeout: float | None = None, scientist: str | None = None) -> tuple[Any, Policy]:
-        """:func:`owner_console.executor.prepare_save` in a worker process."""
-        header, payload = self._call("prepare_save", plan, catalog, scientist, cancel, timeout)
+                     timeout: float | None = None, scientist: str | None = None,
+                     on_started: Callable[[], None] | None = None) -> tuple[Any, Policy]:
+        """:func:`owner_console.executor.prepare_save` in a worker process (``on_started``: see :meth:`evaluate`)."""
+        header, payload = self._call("prepare_save", plan, catalog, scientist, cancel, timeout, on_started)
         return _read_ipc(payload), Policy.from_dict(header["policy"])
 
     def close(self) -> None:
@@ -342,24 +362,37 @@ class QueryWorkers:
 
     # -- dispatch -------------------------------------------------------
     def _call(self, op: str, plan: Any, catalog: Mapping[str, Dataset], scientist: str | None,
-              cancel: threading.Event | None, timeout: float | None) -> tuple[dict, bytes]:
-        if cancel is not None and cancel.is_set():
-            raise BastionError("ExecutionError", "the query was cancelled at your request", cancelled=True)
-        timeout = _query_timeout(plan, catalog, scientist, timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        worker = self._acquire()
-        reusable = False
+              cancel: threading.Event | None, timeout: float | None,
+              on_started: Callable[[], None] | None) -> tuple[dict, bytes]:
+        announced = False
+
+        def announce() -> None:
+            nonlocal announced
+            if not announced:
+                announced = True
+                if on_started is not None:
+                    on_started()
+
         try:
-            header, payload = worker.call({"op": op, "plan": plan, "catalog": _catalog_to_json(catalog),
-                                           "scientist": scientist}, cancel, deadline, timeout)
-            reusable = True
-        except WorkerDied:
-            raise BastionError("LimitExceeded", "the query stopped the worker process that ran it, most likely "
-                                                "by needing more memory than the executor may use; other "
-                                                "sessions were not affected. Filter or aggregate earlier, or "
-                                                "ask the owner.", limit="worker_memory") from None
+            if cancel is not None and cancel.is_set():
+                raise BastionError("ExecutionError", "the query was cancelled at your request", cancelled=True)
+            timeout = _query_timeout(plan, catalog, scientist, timeout)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            worker = self._acquire()
+            reusable = False
+            try:
+                header, payload = worker.call({"op": op, "plan": plan, "catalog": _catalog_to_json(catalog),
+                                               "scientist": scientist}, cancel, deadline, timeout, announce)
+                reusable = True
+            except WorkerDied:
+                raise BastionError("LimitExceeded", "the query stopped the worker process that ran it, most "
+                                                    "likely by needing more memory than the executor may use; "
+                                                    "other sessions were not affected. Filter or aggregate "
+                                                    "earlier, or ask the owner.", limit="worker_memory") from None
+            finally:
+                self._release(worker, reusable)
         finally:
-            self._release(worker, reusable)
+            announce()
         if "error" in header:
             raise BastionError.from_body(header["error"])
         if "internal" in header:

@@ -69,16 +69,26 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def nice_values(pid: int) -> set[int]:
-    """The nice value of every thread of a process (field 19 of ``/proc/PID/task/TID/stat``)."""
+def _thread_stat_fields(pid: int, index: int) -> set[int]:
+    # Field N (1-based, man 5 proc) of /proc/PID/task/TID/stat is item N-3 after the command's ")".
     values = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        values.add(int(fields[16]))
+        values.add(int(fields[index]))
     return values
+
+
+def nice_values(pid: int) -> set[int]:
+    """The nice value of every thread of a process (field 19)."""
+    return _thread_stat_fields(pid, 19 - 3)
+
+
+def scheduling_policies(pid: int) -> set[int]:
+    """The scheduling policy of every thread of a process (field 41)."""
+    return _thread_stat_fields(pid, 41 - 3)
 
 
 def wait_for(condition, seconds=30.0):
@@ -139,10 +149,13 @@ def test_a_long_query_moves_to_a_lower_cpu_priority(running):
     target = _fetch(alice, SLOW)
     busy = busy_worker(running)
     wait_for(lambda: nice_values(busy) == {workers.BACKGROUND_NICE}, seconds=20)
+    if hasattr(os, "SCHED_IDLE"):  # runs only when no normal thread wants the CPU
+        assert scheduling_policies(busy) == {os.SCHED_IDLE}
     # Short queries from another scientist run at normal priority meanwhile.
     _still_serving(running)
     others = worker_pids(running.process.pid) - {busy}
-    assert others and all(nice_values(pid) == {0} for pid in others)
+    assert others and all(nice_values(pid) == {0} and scheduling_policies(pid) == {os.SCHED_OTHER}
+                          for pid in others)
     cancel = alice.send("cancel", {"target": target})
     assert _replies(alice, target, cancel)[target][1]["details"] == {"cancelled": True}
 
@@ -267,3 +280,23 @@ def test_a_catalog_crosses_the_pipe_unchanged(tmp_path):
     assert crossed == catalog
     assert crossed["private"].dp.ledger == dp_policy.ledger  # not compared by ==, needed to charge the budget
     assert crossed["plain"].policy.for_scientist("alice") == catalog["plain"].policy.for_scientist("alice")
+
+
+def test_on_started_is_called_exactly_once_whatever_the_outcome(pool, patients_csv):
+    catalog = {"patients": Dataset("patients", patients_csv, "csv", Policy())}
+    calls = []
+    pool.evaluate(QUICK, catalog, "alice", on_started=lambda: calls.append("ok"))
+    with pytest.raises(BastionError):
+        pool.evaluate({"op": "nope"}, catalog, "alice", on_started=lambda: calls.append("refused"))
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(BastionError):
+        pool.evaluate(QUICK, catalog, "alice", cancel=cancel, on_started=lambda: calls.append("cancelled"))
+    assert calls == ["ok", "refused", "cancelled"]
+
+    # The caller's own failure (an audit write that fails) stops the query: its worker is not reused.
+    def failing() -> None:
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        pool.evaluate(QUICK, catalog, "alice", on_started=failing)
+    assert pool.evaluate(QUICK, catalog, "alice").table.height == 2
