@@ -69,7 +69,7 @@ def main() -> None:
         scientists = [f"s{i}" for i in range(args.sessions)]
         with served({"big": (path, {"min_group_size": 10})}, scientists, tmp) as running:
             pid = running.process.pid
-            before, _ = tree_memory_bytes(pid)
+            before, _, _ = tree_memory_bytes(pid)
             errors: list[str] = []
             # First use: one query, which also writes the dataset's shared copy (once per file version).
             with PeakSampler(pid) as first_use:
@@ -82,7 +82,7 @@ def main() -> None:
                 for thread in threads:
                     thread.join()
             peak, peak_rss = sampler.peak_pss, sampler.peak_rss
-            now, _ = tree_memory_bytes(pid)
+            now, _, _ = tree_memory_bytes(pid)
             main_peak = proc_status_bytes(pid, "VmHWM")
             workers = len(process_tree(pid)) - 1
             breakdown = tree_breakdown(pid)

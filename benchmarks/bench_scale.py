@@ -1,35 +1,47 @@
-"""Scale: a Parquet dataset larger than the executor's memory limit, answering aggregates.
+"""Scale: a dataset (Parquet or CSV) larger than the executor's memory limit, answering aggregates.
 
 A generated table (``--rows``; its in-memory size is printed, estimated from
 a 1M-row sample) is written as one Parquet file and registered.  The executor
-is a real ``bastion-owner serve`` on 127.0.0.1 whose address space is then
-capped with ``prlimit --pid PID --as=LIMIT`` (``--limit-mb``, below the
-table's in-memory size).  Two aggregates are sent to the executor as it is:
+is a real ``bastion-owner serve`` on 127.0.0.1, then put under a memory limit
+(``--limit-mb``, below the table's in-memory size): a cgroup memory limit
+(``memory.limit_in_bytes``, cgroup v1, as a container or systemd's
+``MemoryMax`` would set; the default when it can be written, as root), or with
+``--limit-kind as`` an address-space limit (``prlimit --pid PID --as=LIMIT``,
+which also counts file mappings: polars maps a Parquet file whole to read it).  Two aggregates are sent to the executor as it is:
 since issue 7's engine change, a Parquet file larger than
 ``engine.streaming_threshold()`` (one eighth of the memory the executor may
 use, address-space limit included) is scanned lazily and run on polars'
 streaming engine.  (Before that change the executor read the file whole and
 the process aborted.)
 
-Prints each run's outcome (result, typed error, or a dead process), its time,
-the executor's peak RSS (``VmHWM``), and checks each result against plain
-polars (streaming engine, same file, no limit) in this process.
+Since queries run in worker processes (:mod:`owner_console.workers`), which
+inherit the limit, the memory figures are the peak PSS of the executor's whole
+process tree (sampled every 20 ms) and the largest ``VmHWM`` of any of its
+processes.  ``--format csv`` writes the table as CSV instead (large CSV files
+are streamed too).
 
-Run: ``python benchmarks/bench_scale.py [--rows 80000000] [--limit-mb 3072]``
+Prints each run's outcome (result, typed error, or a dead process), its time,
+the memory figures, and checks each result against plain polars (streaming
+engine, same file, no limit) in this process.
+
+Run: ``python benchmarks/bench_scale.py [--rows 80000000] [--limit-mb 3072] [--format parquet|csv]``
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import os
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import polars as pl
 
 from bastion_kernel import plan as P
-from harness import RawClient, machine, make_table, proc_status_bytes, served
+from harness import PeakSampler, RawClient, machine, make_table, proc_status_bytes, process_tree, served
 
 MB = 1_000_000
 AGGREGATES = {
@@ -73,22 +85,67 @@ def wait_reply(client: RawClient, msg_id: str, process, timeout: float = 900) ->
     return "no reply", {}, []
 
 
-def run(mode: str, path: Path, limit: int, tmp: Path) -> None:
-    with served({"huge": (path, {"min_group_size": 10})}, ["alice"], tmp / mode) as running:
-        pid = running.process.pid
+def scan(path: Path) -> pl.LazyFrame:
+    return pl.scan_csv(path, try_parse_dates=True) if path.suffix == ".csv" else pl.scan_parquet(path)
+
+
+def largest_hwm(pid: int) -> int:
+    peaks = []
+    for member in process_tree(pid):
+        try:
+            peaks.append(proc_status_bytes(member, "VmHWM"))
+        except (OSError, KeyError):
+            pass
+    return max(peaks, default=0)
+
+
+def cgroup_v1_memory_root() -> Path | None:
+    """Where this machine's cgroup v1 memory controller can be written (as root), else None."""
+    root = Path("/sys/fs/cgroup/memory")
+    return root if (root / "cgroup.procs").exists() and os.access(root, os.W_OK) else None
+
+
+@contextlib.contextmanager
+def memory_limited(pid: int, limit: int, kind: str) -> Iterator[str]:
+    """Limit the executor ``pid`` (and the workers it starts from now on) to ``limit`` bytes."""
+    if kind == "as":
         subprocess.run(["prlimit", "--pid", str(pid), f"--as={limit}:{limit}"], check=True)
+        yield f"address-space limit (prlimit --as) {limit / MB:.0f} MB"
+        return
+    group = cgroup_v1_memory_root() / f"bastion-bench-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        (group / "cgroup.procs").write_text(str(pid))
+        yield f"cgroup memory limit (memory.limit_in_bytes) {limit / MB:.0f} MB"
+    finally:
+        parent = group.parent / "cgroup.procs"
+        for member in (group / "cgroup.procs").read_text().split():
+            try:
+                parent.write_text(member)
+            except OSError:
+                pass  # ended meanwhile
+        group.rmdir()
+
+
+def run(mode: str, path: Path, limit: int, tmp: Path, kind: str) -> None:
+    with served({"huge": (path, {"min_group_size": 10})}, ["alice"], tmp / mode) as running, \
+            memory_limited(running.process.pid, limit, kind) as described:
+        print(f"  [{mode}] executor under a {described}", flush=True)
+        pid = running.process.pid
         keys = running.keys["alice"]
         with RawClient(running.endpoint, running.server_public_key, keys.public, keys.secret) as client:
             for name, (plan, plain) in AGGREGATES.items():
                 start = time.perf_counter()
-                kind, body, frames = wait_reply(client, client.send("fetch", {"plan": plan, "text": name}),
-                                                running.process)
-                elapsed = time.perf_counter() - start
-                alive = running.process.poll() is None
-                peak = proc_status_bytes(pid, "VmHWM") if alive else 0
+                with PeakSampler(pid) as sampler:
+                    kind, body, frames = wait_reply(client, client.send("fetch", {"plan": plan, "text": name}),
+                                                    running.process)
+                    elapsed = time.perf_counter() - start
+                    alive = running.process.poll() is None
+                    hwm = largest_hwm(pid) if alive else 0
                 if kind == "result":
                     started = time.perf_counter()
-                    expected = plain(pl.scan_parquet(path)).collect(engine="streaming")
+                    expected = plain(scan(path)).collect(engine="streaming")
                     plain_seconds = time.perf_counter() - started
                     correct = same(pl.read_ipc(io.BytesIO(frames[0])), expected)
                     outcome = (f"result in {elapsed:.1f} s (plain polars streaming {plain_seconds:.1f} s, "
@@ -96,9 +153,12 @@ def run(mode: str, path: Path, limit: int, tmp: Path) -> None:
                                f"plain polars")
                 elif kind == "error":
                     outcome = f"error {body['ename']} after {elapsed:.1f} s: {body['evalue'][:160]}"
+                    print(f"  [{mode}] executor log tail: {running.log()[-1500:]}")
                 else:
                     outcome = f"{kind} after {elapsed:.1f} s"
-                state = f"peak RSS {peak / MB:.0f} MB" if alive else "the executor process DIED"
+                state = (f"executor's processes: peak anonymous memory {sampler.peak_anonymous / MB:.0f} MB, "
+                         f"peak PSS {sampler.peak_pss / MB:.0f} MB (with mapped file pages), largest VmHWM of one "
+                         f"process {hwm / MB:.0f} MB" if alive else "the executor process DIED")
                 print(f"  [{mode}] {name}: {outcome}; {state}", flush=True)
                 if not alive:
                     print(f"  [{mode}] exit status {running.process.returncode}; executor log tail: "
@@ -110,21 +170,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=80_000_000)
     parser.add_argument("--limit-mb", type=int, default=3072)
-    parser.add_argument("--data", type=Path, help="reuse this Parquet file (made with harness.make_table)")
+    parser.add_argument("--format", choices=("parquet", "csv"), default="parquet")
+    parser.add_argument("--limit-kind", choices=("cgroup", "as"), default=None,
+                        help="a cgroup memory limit (default when writable, as root) or an address-space limit")
+    parser.add_argument("--data", type=Path, help="reuse this Parquet or CSV file (made with harness.make_table)")
     args = parser.parse_args()
     print(machine())
     limit = args.limit_mb * 2**20
     with tempfile.TemporaryDirectory(prefix="bastion-bench-") as tmp:
         tmp = Path(tmp)
-        path = args.data or tmp / "huge.parquet"
+        path = args.data or tmp / f"huge.{args.format}"
         if args.data is None:
-            make_table(args.rows).write_parquet(path)
-        rows = pl.scan_parquet(path).select(pl.len()).collect().item()
+            table = make_table(args.rows)
+            table.write_parquet(path) if args.format == "parquet" else table.write_csv(path)
+            del table
+        rows = scan(path).select(pl.len()).collect(engine="streaming").item()
         in_memory = make_table(1_000_000).estimated_size() * rows / 1_000_000
-        print(f"dataset: {rows:,} rows, Parquet file {path.stat().st_size / MB:.0f} MB, in memory about "
-              f"{in_memory / MB:.0f} MB; executor address-space limit {limit / MB:.0f} MB "
+        print(f"dataset: {rows:,} rows, {path.suffix[1:]} file {path.stat().st_size / MB:.0f} MB, in memory about "
+              f"{in_memory / MB:.0f} MB; executor memory limit {limit / MB:.0f} MB "
               f"({'below' if limit < in_memory else 'NOT below'} the in-memory size)")
-        run("engine", path, limit, tmp)
+        kind = args.limit_kind or ("cgroup" if cgroup_v1_memory_root() else "as")
+        run("engine", path, limit, tmp, kind)
 
 
 if __name__ == "__main__":

@@ -76,24 +76,25 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
-def tree_memory_bytes(pid: int) -> tuple[int, int]:
-    """``(sum of PSS, sum of RSS)`` over a process tree.
+def tree_memory_bytes(pid: int) -> tuple[int, int, int]:
+    """``(sum of PSS, sum of RSS, sum of anonymous memory)`` over a process tree.
 
     PSS (proportional set size) charges each shared page to the processes that
     map it in equal parts, so a dataset memory-mapped by several worker
     processes counts once in the sum; the sum of RSS counts it once per process.
+    Anonymous memory leaves out file pages (a mapped file's pages are page
+    cache, which the kernel can drop under a memory limit).
     """
-    pss = rss = 0
+    totals = {"Pss:": 0, "Rss:": 0, "Anonymous:": 0}
     for member in process_tree(pid):
         try:
             for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    pss += int(line.split()[1]) * 1024
-                elif line.startswith("Rss:"):
-                    rss += int(line.split()[1]) * 1024
+                field = line.split(None, 1)[0] if line else ""
+                if field in totals:
+                    totals[field] += int(line.split()[1]) * 1024
         except OSError:
             continue  # a worker that just ended
-    return pss, rss
+    return totals["Pss:"], totals["Rss:"], totals["Anonymous:"]
 
 
 def tree_breakdown(pid: int) -> str:
@@ -116,14 +117,15 @@ class PeakSampler:
     def __init__(self, pid: int, interval: float = 0.02):
         import threading
         self.pid, self.interval = pid, interval
-        self.peak_pss = self.peak_rss = 0
+        self.peak_pss = self.peak_rss = self.peak_anonymous = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            pss, rss = tree_memory_bytes(self.pid)
+            pss, rss, anonymous = tree_memory_bytes(self.pid)
             self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
+            self.peak_anonymous = max(self.peak_anonymous, anonymous)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakSampler":

@@ -10,7 +10,7 @@ They live in tables of their own and are only reachable from a plan the policy
 built: the validator refuses any name outside the public tables.
 
 Datasets are read once by :class:`DatasetCache`, shared by every session and
-thread, except large Parquet files (:func:`is_streamed`), which are scanned
+thread, except large files (:func:`is_streamed`), which are scanned
 lazily and run on polars' streaming engine.  Given a cache directory, the
 cache keeps each dataset as an uncompressed Arrow IPC file there and memory-maps
 it, so that the executor's query worker processes (:mod:`owner_console.workers`)
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import fcntl
-import functools
 import hashlib
 import logging
 import operator
@@ -176,9 +175,9 @@ class DatasetCache:
         return unique
 
     def lazy(self, dataset: Dataset) -> pl.LazyFrame:
-        """A query's input: a lazy scan of a large Parquet file (see :func:`is_streamed`), else the cached table."""
+        """A query's input: a lazy scan of a large file (see :func:`is_streamed`), else the cached table."""
         if is_streamed(dataset):
-            return pl.scan_parquet(dataset.path)
+            return _source(dataset, str(dataset.path))
         return self.frame(dataset).lazy()
 
     def columns(self, dataset: Dataset) -> tuple[str, ...]:
@@ -193,7 +192,7 @@ class DatasetCache:
         if not is_streamed(dataset):
             return self.frame(dataset).schema
         try:  # the file's footer only: a streamed dataset is never read whole
-            return pl.scan_parquet(dataset.path).collect_schema()
+            return _source(dataset, str(dataset.path)).collect_schema()
         except Exception as exc:  # noqa: BLE001 - any reader failure becomes one typed, value-free error
             raise BastionError("ExecutionError", f"dataset {dataset.name!r} cannot be read "
                                                  f"({type(exc).__name__})") from None
@@ -229,19 +228,45 @@ def streaming_threshold() -> int:
     return max(_STREAMING_FLOOR_BYTES, min(limits) // 8)
 
 
-@functools.lru_cache(maxsize=1)
-def _cgroup_memory_limit() -> int | None:
+def _cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """The memory limit of this process's own cgroup (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``).
+
+    Read at each call: the owner may move the executor into a cgroup while it
+    runs, and its query workers are started inside it.
+    """
     try:
-        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        lines = Path(proc_cgroup).read_text().splitlines()
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    candidates = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        relative = path.lstrip("/")
+        if controllers == "":  # cgroup v2: one unified hierarchy
+            candidates.append(Path(root, relative, "memory.max"))
+        elif "memory" in controllers.split(","):
+            candidates.append(Path(root, "memory", relative, "memory.limit_in_bytes"))
+    limits = []
+    for candidate in candidates:
+        try:
+            text = candidate.read_text().strip()
+        except OSError:
+            continue
+        # "max" (v2) or a huge page-rounded number (v1) means no limit.
+        if text.isdigit() and int(text) < 2**62:
+            limits.append(int(text))
+    return min(limits) if limits else None
 
 
 def is_streamed(dataset: Dataset) -> bool:
-    """True for a Parquet dataset whose file is at least :func:`streaming_threshold` bytes."""
+    """True for a dataset whose file is at least :func:`streaming_threshold` bytes (Parquet or CSV).
+
+    A CSV file is typically larger than its table in memory, so the same
+    threshold is conservative for it; it is scanned with the same options as
+    a CSV read whole (:data:`_SOURCES`), so its columns and types are the same.
+    """
     try:
-        return dataset.format == "parquet" and Path(dataset.path).stat().st_size >= streaming_threshold()
+        return dataset.format in _SOURCES and Path(dataset.path).stat().st_size >= streaming_threshold()
     except OSError:
         return False  # the in-memory path reports the unreadable file
 
@@ -349,7 +374,9 @@ def run(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache | None =
         raise
     except MemoryError:
         raise BastionError("LimitExceeded", "the query needs more memory than the executor has") from None
-    except Exception as exc:  # noqa: BLE001 - polars messages can quote data values: keep only the class
+    except BaseException as exc:  # noqa: BLE001 - polars messages can quote data values: keep only the class
+        if not isinstance(exc, Exception) and not is_polars_panic(exc):
+            raise  # KeyboardInterrupt, SystemExit
         raise BastionError("ExecutionError",
                            f"the query failed while running ({type(exc).__name__}); for example a strict cast or "
                            "date parse that does not fit every value, or an operation on a type that does not "
@@ -404,13 +431,18 @@ def _has_cross_join(plan: Any) -> bool:
     return False
 
 
+def is_polars_panic(exc: BaseException) -> bool:
+    """True for a Rust panic inside polars, which pyo3 raises as ``PanicException`` (a ``BaseException``)."""
+    return type(exc).__name__ == "PanicException"
+
+
 def _collect(query: pl.LazyFrame, streaming: bool) -> pl.DataFrame:
     if not streaming:
         return query.collect()
     try:
         return query.collect(engine="streaming")
     except BaseException as exc:  # noqa: BLE001 - pyo3's PanicException derives from BaseException
-        if type(exc).__name__ != "PanicException":
+        if not is_polars_panic(exc):
             raise
         # A panic inside polars' streaming engine is a polars bug, not the query's fault: the in-memory engine
         # is the reference, so the query is answered there (a streamed dataset's query may then need more memory,

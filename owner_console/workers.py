@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import os
+import resource
 import selectors
 import socket
 import struct
@@ -162,7 +163,9 @@ def serve_worker(sock: socket.socket, shared_dir: Path) -> None:
         except MemoryError:
             header, payload = {"error": BastionError(
                 "LimitExceeded", "the query needs more memory than the executor has").body()}, b""
-        except Exception:  # noqa: BLE001 - reported to the main process, which logs it for the owner
+        except BaseException as exc:  # noqa: BLE001 - reported to the main process, which logs it for the owner
+            if not isinstance(exc, Exception) and not engine.is_polars_panic(exc):
+                raise  # KeyboardInterrupt, SystemExit: the worker ends
             header, payload = {"internal": traceback.format_exc()}, b""
         _send(sock, header, payload)
 
@@ -256,7 +259,13 @@ class _Worker:
             if not self._renice(0):  # lowering the nice value needs privileges the executor may not have
                 return False
             self.background = False
-        return _private_bytes(self.process.pid) <= RECYCLE_PRIVATE_BYTES
+        if _status_bytes(self.process.pid, "RssAnon") > RECYCLE_PRIVATE_BYTES:
+            return False
+        # Under an address-space limit (inherited from the executor), polars' streaming engine keeps large
+        # virtual reservations after a query; a worker past half the limit would fail its next query's
+        # allocations (ENOMEM), so a fresh worker takes it instead.
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        return soft == resource.RLIM_INFINITY or _status_bytes(self.process.pid, "VmSize") <= soft // 2
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -285,11 +294,12 @@ def _threads_of_tree(pid: int) -> list[int]:
     return found
 
 
-def _private_bytes(pid: int) -> int:
+def _status_bytes(pid: int, field: str) -> int:
+    """A ``kB`` field of ``/proc/PID/status`` in bytes (0 where unknown)."""
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
-                if line.startswith("RssAnon:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
