@@ -11,11 +11,11 @@ to the table that leaves the owner's side::
 from __future__ import annotations
 
 import dataclasses
+import io
 import threading
 from typing import Any, Iterable, Mapping
 
 import polars as pl
-import pyarrow as pa
 
 from bastion_kernel.protocol import BastionError
 
@@ -170,15 +170,13 @@ def query_timeout(datasets: Iterable[Dataset], workspace_limit: float | None) ->
 def table_to_ipc(table: pl.DataFrame) -> bytes:
     """Arrow IPC (file format) bytes of a released table.
 
-    Written by pyarrow from polars' Arrow buffers: polars 1.36's ``write_ipc``
-    runs its streaming sink and costs about 0.25 ms even for a two-row table
-    (pyarrow: 0.02 ms), on the path of every ``fetch``.
+    Sunk on polars' in-memory engine: ``DataFrame.write_ipc`` in polars 1.36
+    runs the streaming engine and costs about 0.24 ms even for a two-row table
+    (0.02 ms this way), on the path of every ``fetch``.
     """
-    arrow = table.to_arrow()
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, arrow.schema) as writer:
-        writer.write_table(arrow)
-    return sink.getvalue().to_pybytes()
+    buffer = io.BytesIO()
+    table.lazy().sink_ipc(buffer, engine="in-memory")
+    return buffer.getvalue()
 
 
 def _check_columns(produced: list[str], expected: tuple[str, ...]) -> None:
