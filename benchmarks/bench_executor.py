@@ -29,6 +29,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import polars as pl
 
@@ -135,15 +136,17 @@ def main() -> None:
             return big.group_by("group").agg(pl.col("a").mean().alias("mean_a"), pl.col("c").sum().alias("sum_c"),
                                              pl.len().alias("n")).collect(engine=engine_name)
 
-        outcome = evaluate(group_plan, catalog, "bench", cache=cache)
-        assert outcome.decision.action == "allow", outcome.decision
-        assert pool.evaluate(group_plan, catalog, "bench").decision.action == "allow"
-        compare(f"group-by over {args.rows:,} rows",
-                {"bastion in process": timed(lambda: evaluate(group_plan, catalog, "bench", cache=cache), args.repeat),
-                 "bastion worker process": timed(lambda: pool.evaluate(group_plan, catalog, "bench"), args.repeat)},
-                {"plain polars (in-memory engine)": timed(plain_group, args.repeat),
-                 "plain polars (streaming engine)": timed(lambda: plain_group("streaming"), args.repeat)})
-        stages("group-by", group_plan, catalog, cache, args.repeat)
+        def measure(name: str, short: str, plan: dict, plain: Callable[[str], pl.DataFrame]) -> None:
+            for outcome in (evaluate(plan, catalog, "bench", cache=cache), pool.evaluate(plan, catalog, "bench")):
+                assert outcome.decision.action == "allow", outcome.decision
+            compare(name,
+                    {"bastion in process": timed(lambda: evaluate(plan, catalog, "bench", cache=cache), args.repeat),
+                     "bastion worker process": timed(lambda: pool.evaluate(plan, catalog, "bench"), args.repeat)},
+                    {f"plain polars ({engine_name} engine)": timed(lambda: plain(engine_name), args.repeat)
+                     for engine_name in ("in-memory", "streaming")})
+            stages(short, plan, catalog, cache, args.repeat)
+
+        measure(f"group-by over {args.rows:,} rows", "group-by", group_plan, plain_group)
 
         join_plan = P.frame_op(
             "group_by",
@@ -159,15 +162,7 @@ def main() -> None:
                                             pl.col("w2").sum().alias("sum_w2"), pl.len().alias("n"))
                     .collect(engine=engine_name))
 
-        outcome = evaluate(join_plan, catalog, "bench", cache=cache)
-        assert outcome.decision.action == "allow", outcome.decision
-        assert pool.evaluate(join_plan, catalog, "bench").decision.action == "allow"
-        compare(f"{args.rows:,} x 7 join 100 x 5, then aggregate",
-                {"bastion in process": timed(lambda: evaluate(join_plan, catalog, "bench", cache=cache), args.repeat),
-                 "bastion worker process": timed(lambda: pool.evaluate(join_plan, catalog, "bench"), args.repeat)},
-                {"plain polars (in-memory engine)": timed(plain_join, args.repeat),
-                 "plain polars (streaming engine)": timed(lambda: plain_join("streaming"), args.repeat)})
-        stages("join", join_plan, catalog, cache, args.repeat)
+        measure(f"{args.rows:,} x 7 join 100 x 5, then aggregate", "join", join_plan, plain_join)
         pool.close()
 
 

@@ -573,18 +573,40 @@ def _collect_cancellable(query: pl.LazyFrame, cancel: threading.Event | None,
         raise BastionError("ExecutionError", "the query was cancelled at your request", cancelled=True)
     running = _Running(query, streaming)
     deadline = None if timeout is None else time.monotonic() + timeout
+    wait_or_stop(running.wait, running.abandon, cancel, deadline, timeout)
+    return running.outcome()
+
+
+def wait_or_stop(wait: Callable[[float], bool], stop: Callable[[], None], cancel: threading.Event | None,
+                 deadline: float | None, timeout: float | None,
+                 on_tick: Callable[[float], None] | None = None) -> None:
+    """Wait for a running query until ``wait(seconds)`` says it ended; ``stop()`` it on cancel or at the deadline.
+
+    ``wait`` returns at once when the query ends; between waits (5 ms at
+    first, then up to 50 ms) the cancel flag and the deadline are looked at,
+    and ``on_tick(seconds running)`` is called.
+
+    Raises
+    ------
+    BastionError
+        ``ExecutionError`` with ``details["cancelled"]`` after ``cancel`` was
+        set; ``LimitExceeded`` at ``deadline`` (``timeout`` seconds after the start).
+    """
+    started = time.monotonic()
     pause = _FIRST_POLL_SECONDS
     while True:
         step = pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic()))
-        if running.wait(step):
-            return running.outcome()
+        if wait(step):
+            return
         if cancel is not None and cancel.is_set():
-            running.abandon()
+            stop()
             raise BastionError("ExecutionError", "the query was cancelled at your request", cancelled=True)
         if deadline is not None and time.monotonic() >= deadline:
-            running.abandon()
+            stop()
             raise BastionError("LimitExceeded", f"the query ran longer than {timeout:g} s and was cancelled",
                                limit="query_timeout_seconds", seconds=timeout)
+        if on_tick is not None:
+            on_tick(time.monotonic() - started)
         pause = min(pause * 2, _MAX_POLL_SECONDS)
 
 

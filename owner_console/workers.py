@@ -66,10 +66,6 @@ WORKER_ALLOCATOR_CONF = "background_thread:true,dirty_decay_ms:3000,muzzy_decay_
 # A worker whose private (anonymous) memory is above this just after a query is
 # replaced rather than kept (a backstop: the allocator returns memory by itself).
 RECYCLE_PRIVATE_BYTES = 2 * 2**30
-# How often a waiting thread looks at the cancel flag and the deadline
-# (a reply wakes it at once).
-_FIRST_POLL_SECONDS = 0.005
-_MAX_POLL_SECONDS = 0.05
 _LENGTH = struct.Struct(">Q")
 
 
@@ -219,25 +215,16 @@ class _Worker:
         except OSError as exc:  # the worker ended before it took the request
             raise WorkerDied(str(exc)) from None
         while_running()
-        started = time.monotonic()
-        pause = _FIRST_POLL_SECONDS
         with selectors.DefaultSelector() as selector:
             selector.register(self.sock, selectors.EVENT_READ)
-            while True:
-                step = pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic()))
-                if selector.select(step):
-                    return _receive(self.sock)
-                if cancel is not None and cancel.is_set():
-                    self.kill()
-                    raise BastionError("ExecutionError", "the query was cancelled at your request", cancelled=True)
-                if deadline is not None and time.monotonic() >= deadline:
-                    self.kill()
-                    raise BastionError("LimitExceeded", f"the query ran longer than {timeout:g} s and was cancelled",
-                                       limit="query_timeout_seconds", seconds=timeout)
-                if not self.background and time.monotonic() - started >= BACKGROUND_AFTER_SECONDS:
-                    self._renice(BACKGROUND_NICE)
-                    self.background = True
-                pause = min(pause * 2, _MAX_POLL_SECONDS)
+            engine.wait_or_stop(lambda seconds: bool(selector.select(seconds)), self.kill, cancel, deadline, timeout,
+                                on_tick=self._to_background_when_long)
+        return _receive(self.sock)
+
+    def _to_background_when_long(self, seconds_running: float) -> None:
+        if not self.background and seconds_running >= BACKGROUND_AFTER_SECONDS:
+            self._renice(BACKGROUND_NICE)
+            self.background = True
 
     def _renice(self, nice: int) -> bool:
         """Set every thread of the worker (polars' pool included) and of its children (a dataset copy being

@@ -23,12 +23,14 @@ Fixtures
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import zmq.auth
@@ -175,6 +177,22 @@ def start_executor(workspace: Path, keys: dict[str, KeyPair], ready_as: str | No
         process.kill()
         process.wait(10)
         raise
+
+
+@contextlib.contextmanager
+def serving(tmp_path_factory, data_file: Path, scientists: tuple[str, ...] = ("alice", "bob")
+            ) -> Iterator[ExecutorProcess]:
+    """A new workspace over ``data_file`` with ``scientists`` registered, served by a real executor."""
+    owner = make_workspace(tmp_path_factory.mktemp("owner") / "workspace", data_file)
+    keys_dir = tmp_path_factory.mktemp("keys")
+    keys = {name: make_keys(keys_dir / name, name) for name in scientists}
+    for pair in keys.values():
+        owner.workspace.add_scientist(pair.name, pair.public_file)
+    process = start_executor(owner.path, keys, ready_as=scientists[0])
+    try:
+        yield process
+    finally:
+        process.stop()
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from owner_console.model import Dataset, Policy
 from owner_console.server import MAX_TEXT_CHARS
 from owner_console.workspace import atomic_write
 
-from conftest import make_keys, make_workspace, start_executor
+from conftest import serving
 from test_kernel import bastion_kernel, connect_scientist
 
 SLOW = frame_op("group_by",
@@ -49,16 +49,8 @@ QUICK = frame_op("group_by", input=scan("patients"), keys=[col("sex")], aggs=[al
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory, patients_csv):
-    owner = make_workspace(tmp_path_factory.mktemp("owner") / "workspace", patients_csv)
-    keys_dir = tmp_path_factory.mktemp("keys")
-    keys = {name: make_keys(keys_dir / name, name) for name in ("alice", "bob")}
-    for pair in keys.values():
-        owner.workspace.add_scientist(pair.name, pair.public_file)
-    process = start_executor(owner.path, keys)
-    try:
+    with serving(tmp_path_factory, patients_csv) as process:
         yield process
-    finally:
-        process.stop()
 
 
 @contextlib.contextmanager

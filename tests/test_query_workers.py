@@ -27,7 +27,7 @@ from owner_console import dp, engine, executor as core
 from owner_console import workers
 from owner_console.model import Dataset, Held, Policy, Released
 
-from conftest import make_keys, make_workspace, start_executor
+from conftest import serving
 from test_cancel_and_limits import QUICK, SLOW, _audit, _fetch, _replies, _still_serving, config
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads processes from /proc (Linux)")
@@ -35,16 +35,8 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="re
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory, patients_csv):
-    owner = make_workspace(tmp_path_factory.mktemp("owner") / "workspace", patients_csv)
-    keys_dir = tmp_path_factory.mktemp("keys")
-    keys = {name: make_keys(keys_dir / name, name) for name in ("alice", "bob")}
-    for pair in keys.values():
-        owner.workspace.add_scientist(pair.name, pair.public_file)
-    process = start_executor(owner.path, keys)
-    try:
+    with serving(tmp_path_factory, patients_csv) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def worker_pids(executor_pid: int) -> set[int]:
