@@ -271,16 +271,27 @@ def is_streamed(dataset: Dataset) -> bool:
         return False  # the in-memory path reports the unreadable file
 
 
-def _write_shared_copy(dataset: Dataset, path: str, destination: Path) -> str | None:
-    """Write a dataset's uncompressed Arrow IPC copy in a short-lived process; the failure's class name, or None.
+# A source file smaller than this is copied inside the process that needs it (a new process would cost more
+# than the copy); a larger one by a short-lived process of its own (see _write_shared_copy).
+COPY_IN_PROCESS_MAX_BYTES = 64 * 2**20
 
-    The copy is streamed from the source file (never whole in memory), in a
-    process of its own so that the memory the conversion used (polars'
-    allocator keeps what it freed: about 450 MB for a 10M-row Parquet file)
-    is returned to the system as soon as it ends.
+
+def _write_shared_copy(dataset: Dataset, path: str, destination: Path) -> str | None:
+    """Write a dataset's uncompressed Arrow IPC copy; the failure's class name, or None.
+
+    The copy is streamed from the source file (never whole in memory).  A
+    large file is copied by a short-lived process of its own, so that the
+    memory the conversion used (polars' allocator keeps what it freed: about
+    450 MB for a 10M-row Parquet file) is returned as soon as it ends.
     """
     if dataset.format not in _SOURCES:
         return "unsupported format"
+    try:
+        small = Path(path).stat().st_size < COPY_IN_PROCESS_MAX_BYTES
+    except OSError as exc:
+        return type(exc).__name__
+    if small:
+        return _sink_copy(dataset.format, path, str(destination))
     done = subprocess.run([sys.executable, "-m", "owner_console.engine", dataset.format, path, str(destination)],
                           stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if done.returncode == 0:
@@ -288,13 +299,19 @@ def _write_shared_copy(dataset: Dataset, path: str, destination: Path) -> str | 
     return done.stdout.strip()[:64] or f"the copy ended with status {done.returncode}"
 
 
-def _copy_main(argv: list[str]) -> int:
-    """``python -m owner_console.engine FORMAT SOURCE DESTINATION``: see :func:`_write_shared_copy`."""
-    file_format, source, destination = argv
+def _sink_copy(file_format: str, source: str, destination: str) -> str | None:
     try:
         _SOURCES[file_format](source).sink_ipc(destination, compression="uncompressed")
     except Exception as exc:  # noqa: BLE001 - the class only: polars' message can quote the file's values
-        print(type(exc).__name__)
+        return type(exc).__name__
+    return None
+
+
+def _copy_main(argv: list[str]) -> int:
+    """``python -m owner_console.engine FORMAT SOURCE DESTINATION``: see :func:`_write_shared_copy`."""
+    failure = _sink_copy(*argv)
+    if failure is not None:
+        print(failure)
         return 1
     return 0
 

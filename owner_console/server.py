@@ -254,6 +254,7 @@ class ExecutorServer:
         self._replies = replies
         self._pools = (ThreadPoolExecutor(self._query_workers, thread_name_prefix="bastion-query"),
                        ThreadPoolExecutor(self._quick_workers, thread_name_prefix="bastion-quick"))
+        self._executor.warm()
         return self.endpoint
 
     def stop(self) -> None:

@@ -355,6 +355,17 @@ class QueryWorkers:
         header, payload = self._call("prepare_save", plan, catalog, scientist, cancel, timeout, on_started)
         return _read_ipc(payload), Policy.from_dict(header["policy"])
 
+    def warm(self) -> None:
+        """Start one worker in the background, so that the first query does not wait for a process to start."""
+        def start() -> None:
+            worker = _Worker(self.shared_dir)
+            with self._lock:
+                if not self._closed and len(self._idle) < self._size:
+                    self._idle.append(worker)
+                    return
+            worker.kill()
+        threading.Thread(target=start, name="bastion-warm-worker", daemon=True).start()
+
     def close(self) -> None:
         """Stop every worker (running queries included)."""
         with self._lock:
