@@ -42,6 +42,14 @@ from .model import Dataset
 log = logging.getLogger("bastion.executor")
 
 RESERVED_PREFIX = "__bastion"
+# Row ids given to at most this many source rows are also written as bit words (id i: bit i % 64 of word
+# i // 64), so that distinct ids per group are counted by OR-ing words instead of hashing ids (n_unique):
+# see _Compiler._acct_row_id and _Compiler._distinct_ids.
+BITSET_MAX_ROWS = 256
+_BITS = pl.Series("bits", [1 << i for i in range(64)], dtype=pl.UInt64)
+# Frame operations that never add rows (the row-count bound of _Compiler._row_bound passes through them).
+_ROW_KEEPING_OPS = frozenset({"filter", "sort", "head", "slice", "drop_nulls", "unique", "drop", "rename",
+                              "with_columns", "fill_null", "acct_unique"})
 MAX_REPEAT = 1_000  # largest count repeat_by honours (explode sizes are not pre-checked like joins)
 ACCOUNT_DTYPE = pl.Int64  # every accounting column has this dtype, so frames line up in concat
 
@@ -840,6 +848,12 @@ class _Compiler:
         self.cache = cache
         self.scope: pl.LazyFrame | None = None  # the input of the expressions being compiled
         self.tables: dict[str, pl.DataFrame] = {}  # dataset -> the table its latest scan reads
+        # Row-id column -> its bit-word columns (see BITSET_MAX_ROWS).
+        self.row_words: dict[str, list[str]] = {}
+        # While an aggregation is compiled: extra aggregations, and expressions evaluated on its output.
+        self.extra_aggs: list[pl.Expr] | None = None
+        self.post_aggs: list[pl.Expr] = []
+        self.helper_columns: list[str] = []
         # Functions whose arguments are checked against the input's type while compiling.
         self.probed: dict[str, _Fn] = {"dt.strftime": self._strftime}
         self.ops: dict[str, Callable[[dict], pl.LazyFrame]] = {
@@ -867,6 +881,7 @@ class _Compiler:
                 self.expr(n["input"]), n["args"], self._exponent if n["name"] == "pow" else self.expr),
             "when": self._when,
             **_ACCOUNT_EXPRS,
+            "acct_distinct": self._acct_distinct,
             "acct_contrib": self._acct_contrib, "acct_share": self._acct_share,
             "acct_min": lambda n: pl.col(n["column"]).min().alias(n["name"]),
             "acct_max": lambda n: pl.col(n["column"]).max().alias(n["name"]),
@@ -943,7 +958,7 @@ class _Compiler:
 
     def _select(self, node: dict) -> pl.LazyFrame:
         frame = self.frame(node["input"])
-        return _cast_accounting(frame.select(self._on(frame)._exprs(node["exprs"])), node["exprs"])
+        return self._aggregate(frame, lambda exprs: frame.select(exprs), node["exprs"])
 
     def _with_columns(self, node: dict) -> pl.LazyFrame:
         frame = self.frame(node["input"])
@@ -952,8 +967,30 @@ class _Compiler:
     def _group_by(self, node: dict) -> pl.LazyFrame:
         frame = self.frame(node["input"])
         self._on(frame)
-        return _cast_accounting(frame.group_by(self._exprs(node["keys"])).agg(self._exprs(node["aggs"])),
-                                node["aggs"])
+        keys = self._exprs(node["keys"])
+        return self._aggregate(frame, lambda aggs: frame.group_by(keys).agg(aggs), node["aggs"])
+
+    def _aggregate(self, frame: pl.LazyFrame, apply: Callable[[list[pl.Expr]], pl.LazyFrame],
+                   nodes: list[dict]) -> pl.LazyFrame:
+        """``apply`` the compiled expressions (a select or a group_by's agg), then finish the accounting.
+
+        Distinct row ids counted in bit words (:meth:`_distinct_ids`) add
+        aggregations of their own and are combined after the aggregation:
+        elementwise work inside ``agg`` takes polars off its fast path.
+        """
+        self._on(frame)
+        self.extra_aggs, self.post_aggs, self.helper_columns = [], [], []
+        try:
+            result = apply(self._exprs(nodes) + self.extra_aggs)
+            if self.post_aggs:
+                # Each count takes its placeholder's place, so the columns keep the order of the plan.
+                order = [c.removesuffix("__placeholder") if c.endswith("__placeholder") else c
+                         for c in result.collect_schema().names()
+                         if c.endswith("__placeholder") or c not in self.helper_columns]
+                result = result.with_columns(self.post_aggs).select(order)
+        finally:
+            self.extra_aggs = None
+        return _cast_accounting(result, nodes)
 
     def _sort(self, node: dict) -> pl.LazyFrame:
         frame = self.frame(node["input"])
@@ -1011,7 +1048,9 @@ class _Compiler:
 
     def _concat(self, node: dict) -> pl.LazyFrame:
         frames = [self.frame(f) for f in node["inputs"]]
-        order = frames[0].collect_schema().names()
+        # Bit words may exist in one input and not another: below a concat, ids are counted by hashing.
+        words = {w for names in self.row_words.values() for w in names}
+        order = [c for c in frames[0].collect_schema().names() if c not in words]
         return pl.concat([f.select(order) for f in frames], how="vertical")
 
     def _with_row_index(self, node: dict) -> pl.LazyFrame:
@@ -1021,7 +1060,94 @@ class _Compiler:
     def _acct_row_id(self, node: dict) -> pl.LazyFrame:
         # Row ids start at 1: 0 marks "no partner in an outer join", null "not from this source".
         frame = self.frame(node["input"])
-        return frame.with_columns(pl.int_range(1, pl.len() + 1, dtype=ACCOUNT_DTYPE).alias(node["name"]))
+        name = node["name"]
+        frame = frame.with_columns(pl.int_range(1, pl.len() + 1, dtype=ACCOUNT_DTYPE).alias(name))
+        bound = self._row_bound(node["input"])
+        if bound is None or bound > BITSET_MAX_ROWS or name in self.row_words:
+            self.row_words[name] = []  # unknown, too many, or a second branch: ids are counted by hashing
+            return frame
+        # At most BITSET_MAX_ROWS rows here: the words cost nothing to make, and then travel with the ids.
+        ids = pl.col(name)
+        words = [f"{name}__bits{w}" for w in range(bound // 64 + 1)]
+        self.row_words[name] = words
+        return frame.with_columns(
+            pl.when(ids // 64 == w).then(pl.lit(_BITS).gather(ids % 64)).otherwise(pl.lit(0, dtype=pl.UInt64))
+            .alias(word) for w, word in enumerate(words))
+
+    def _row_bound(self, node: dict) -> int | None:
+        """An upper bound of a frame's row count known without running it, or None.
+
+        Only a dataset's table as the scan read it and operations that never
+        add rows are followed; anything else (a join, explode, concat, select,
+        group_by, a streamed or saved source) is unknown.
+        """
+        op = node["op"]
+        if op == "scan":
+            table = self.tables.get(node["dataset"])
+            return None if table is None else table.height
+        if op not in _ROW_KEEPING_OPS:
+            return None
+        bound = self._row_bound(node["input"])
+        if bound is not None and op == "head":
+            bound = min(bound, max(node["n"], 0))
+        elif bound is not None and op == "slice" and node["length"] is not None:
+            bound = min(bound, max(node["length"], 0))
+        return bound
+
+    def _distinct_ids(self, node: dict, mask: pl.Expr | None) -> pl.Expr | None:
+        """The number of distinct row ids of ``node["column"]`` in a group (where ``mask``), from bit words.
+
+        Registers one ``bitwise_or`` aggregation per word and returns the
+        expression that counts their bits after the aggregation; None (hash
+        the ids) outside an aggregation or when the words are not in its
+        input (a select, concat or saved result in between dropped them).
+        Exact: distinct ids >= 1 set distinct bits, rows of other sources
+        (null ids) have null words, and 0 ids (no partner) are never set.
+        """
+        words = self.row_words.get(node["column"], [])
+        if self.extra_aggs is None or not words or \
+                not set(words) <= set(self.scope.collect_schema().names()):
+            return None
+        zero = pl.lit(0, dtype=pl.UInt64)
+        parts = []
+        for index, word in enumerate(words):
+            part = f"{node['name']}__or{index}"
+            value = pl.col(word) if mask is None else pl.when(mask).then(pl.col(word)).otherwise(zero)
+            self.extra_aggs.append(value.bitwise_or().alias(part))
+            self.helper_columns.append(part)
+            parts.append(pl.col(part).bitwise_count_ones().fill_null(0).cast(ACCOUNT_DTYPE))
+        return pl.sum_horizontal(parts)
+
+    def _helper_agg(self, node: dict, label: str, expr: pl.Expr) -> pl.Expr:
+        """Compute ``expr`` in the aggregation as a helper column; the column, for an expression after it."""
+        name = f"{node['name']}__{label}"
+        self.extra_aggs.append(expr.alias(name))
+        self.helper_columns.append(name)
+        return pl.col(name)
+
+    def _acct_distinct(self, node: dict) -> pl.Expr:
+        count = self._distinct_ids(node, None)
+        if count is None:
+            return _account_distinct(node)
+        c = pl.col(node["column"])
+        if node["taintable"] or node["nullable"] or node["global"]:
+            # _guarded's conditions, aggregated apart and combined after the aggregation.
+            expr = pl.when(self._helper_agg(node, "len", pl.len()) == 0).then(pl.lit(0, dtype=ACCOUNT_DTYPE))
+            if node["nullable"]:
+                expr = expr.when(self._helper_agg(node, "unfed", c.is_null().all())).then(
+                    pl.lit(None, dtype=ACCOUNT_DTYPE))
+            if node["taintable"]:
+                expr = expr.when(self._helper_agg(node, "tainted", (c == 0).any())).then(
+                    pl.lit(0, dtype=ACCOUNT_DTYPE))
+            count = expr.otherwise(count)
+        self.post_aggs.append(count.alias(node["name"]))
+        return self._placeholder(node)
+
+    def _placeholder(self, node: dict) -> pl.Expr:
+        # Stands in the aggregation for a count computed after it (dropped then).
+        name = f"{node['name']}__placeholder"
+        self.helper_columns.append(name)
+        return pl.lit(0, dtype=pl.UInt32).alias(name)
 
     def _acct_columns(self, node: dict) -> pl.LazyFrame:
         frame = self.frame(node["input"])
@@ -1074,6 +1200,11 @@ class _Compiler:
         if node["kind"] == "implicit":
             count = mask.sum()
         elif node["kind"] == "rid":
+            counted = self._distinct_ids(node, mask)
+            if counted is not None:
+                fed = self._helper_agg(node, "fed", pl.col(column).is_not_null().any())
+                self.post_aggs.append(pl.when(fed).then(counted).alias(node["name"]))
+                return self._placeholder(node)
             rid = pl.col(column)
             count = rid.filter(mask & (rid > 0)).n_unique()
         else:

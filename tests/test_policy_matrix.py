@@ -11,6 +11,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from bastion_kernel import plan as P
@@ -525,3 +527,106 @@ def test_the_unique_key_check_follows_the_file_version(tmp_path):
     assert not cache.unique_keys(lookup, ("k",))
     assert not cache.unique_keys(lookup, ("v",), table=old)  # a claim about a stale table is not honoured
     assert cache.unique_keys(lookup, ("k", "v"))
+
+
+# ---------------------------------------------------------------- distinct row ids counted in bit words
+_small_patients = op("head", input=scan, n=200)  # a bound of 200 rows: four 64-bit words
+_BITSET_PLANS = {
+    "inner, keys from the right": op("group_by", input=op("join", left=_small_patients, right=zips_scan, how="inner",
+                                                          left_on=[col("zip")], right_on=[col("zip")], suffix="_z"),
+                                     keys=[col("region")], aggs=[fn("mean", col("cost")), fn("sum", col("population")),
+                                                                 length()]),
+    "left, repeated right key": op("group_by", input=op("join", left=zips_scan, right=_small_patients, how="left",
+                                                        left_on=[col("zip")], right_on=[col("zip")], suffix="_p"),
+                                   keys=[col("region"), col("sex")],
+                                   aggs=[fn("sum", col("cost")), alias(fn("sum", P.when(
+                                       [(binary("gt", col("age"), lit(60)), lit(1))], lit(0))), "old")]),
+    "full": op("group_by", input=op("join", left=op("filter", input=_small_patients,
+                                                    predicate=binary("lt", col("age"), lit(40))),
+                                    right=zips_scan, how="full", left_on=[col("zip")], right_on=[col("zip")],
+                                    suffix="_z"),
+               keys=[col("region")], aggs=[fn("max", col("age")), fn("sum", col("population"))]),
+    # Row ids are given to source rows before an explode repeats them: the bound still holds.
+    "explode": op("group_by", input=op("join", left=zips_scan, right=op("explode", input=op(
+        "with_columns", input=_small_patients, exprs=[alias(fn("repeat_by", col("age"), by=lit(2)), "ages")]),
+        columns=["ages"]), how="inner", left_on=[col("zip")], right_on=[col("zip")], suffix="_p"),
+        keys=[col("region")], aggs=[fn("sum", col("ages")), length()]),
+    "global": op("select", input=op("join", left=_small_patients, right=zips_scan, how="inner",
+                                    left_on=[col("zip")], right_on=[col("zip")], suffix="_z"),
+                 exprs=[fn("sum", col("population")), length()]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BITSET_PLANS))
+def test_row_ids_counted_in_bit_words_give_the_same_counts_as_hash_sets(name, catalog, monkeypatch):
+    from owner_console import engine
+
+    plan = _BITSET_PLANS[name]
+    cat = catalog(patients=Policy(min_group_size=3), zips=Policy(min_group_size=2))
+    accounted = policy.account(validate.validate(plan, cat))
+    compiler = engine._Compiler(cat, engine.DatasetCache())
+    compiled = compiler.frame(accounted.plan)
+    assert compiler.row_words and all(compiler.row_words.values())  # every side's ids counted in words
+    assert "n_unique" not in compiled.explain()
+    keys = [c for c in accounted.columns if c in ("region", "sex")]
+
+    def counts():
+        table = engine.run(accounted.plan, cat, engine.DatasetCache())
+        return table.sort(keys, nulls_last=True) if keys else table
+
+    in_words = counts()
+    monkeypatch.setattr(engine, "BITSET_MAX_ROWS", 0)  # every row id through n_unique
+    assert_frame_equal(in_words, counts())
+
+
+def test_row_ids_of_a_large_side_are_counted_in_hash_sets(catalog):
+    from owner_console import engine
+
+    cat = catalog(patients=Policy(min_group_size=3), zips=Policy(min_group_size=2))
+    joined = op("join", left=zips_scan, right=scan, how="left", left_on=[col("zip")], right_on=[col("zip")],
+                suffix="_p")
+    compiler = engine._Compiler(cat, engine.DatasetCache())
+    compiler.frame(policy.account(validate.validate(op("group_by", input=joined, keys=[col("region")],
+                                                       aggs=[length()]), cat)).plan)
+    # zips (20 rows): one word; patients (2000 rows): hashed.
+    assert {name: len(words) for name, words in compiler.row_words.items()} == {"__bastion_r0": 1,
+                                                                               "__bastion_r1": 0}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(left_rows=st.integers(0, 150), right_rows=st.integers(1, 140), how=st.sampled_from(["inner", "left", "full"]),
+       seed=st.integers(0, 10_000), group_side=st.sampled_from(["left", "right"]))
+def test_bit_word_counts_equal_hash_set_counts_on_random_tables(tmp_path, monkeypatch, left_rows, right_rows, how,
+                                                                 seed, group_side):
+    from owner_console import engine
+
+    def values(n, salt, zeros=True):
+        return [None if (i * 7 + seed + salt) % 11 == 0 else ((i * 13 + seed + salt) % 5 if zeros else i + 1)
+                for i in range(n)]
+
+    left = pl.DataFrame({"k": [(i * 3 + seed) % 17 for i in range(left_rows)], "g": [i % 3 for i in range(left_rows)],
+                         "x": values(left_rows, 1)}, schema={"k": pl.Int64, "g": pl.Int64, "x": pl.Int64})
+    right = pl.DataFrame({"k": [(i * 5 + seed) % 23 for i in range(right_rows)],
+                          "h": [f"h{i % 4}" for i in range(right_rows)], "y": values(right_rows, 2)},
+                         schema={"k": pl.Int64, "h": pl.String, "y": pl.Int64})
+    left.write_parquet(tmp_path / "left.parquet")
+    right.write_parquet(tmp_path / "right.parquet")
+    cat = {name: Dataset(name, tmp_path / f"{name}.parquet", "parquet", Policy(min_group_size=2))
+           for name in ("left", "right")}
+    joined = op("join", left=P.scan("left"), right=P.scan("right"), how=how, left_on=[col("k")], right_on=[col("k")],
+                suffix="_r")
+    key = "g" if group_side == "left" else "h"
+    plan = op("group_by", input=joined, keys=[col(key)],
+              aggs=[fn("sum", col("x")), fn("sum", col("y")), alias(fn("count", col("y")), "n_y"), length()])
+    accounted = policy.account(validate.validate(plan, cat))
+
+    def counts():
+        return engine.run(accounted.plan, cat, engine.DatasetCache()).sort(key, nulls_last=True)
+
+    compiler = engine._Compiler(cat, engine.DatasetCache())
+    assert "n_unique" not in compiler.frame(accounted.plan).explain()  # both sides counted in words
+    assert len(compiler.row_words) == 2 and all(compiler.row_words.values())
+    in_words = counts()
+    with monkeypatch.context() as patched:
+        patched.setattr(engine, "BITSET_MAX_ROWS", 0)
+        assert_frame_equal(in_words, counts())
