@@ -52,8 +52,8 @@ from .model import Dataset, Decision, Held, Policy, Released
 log = logging.getLogger("bastion.executor")
 
 # A query still running after this long is moved to a lower CPU priority
-# (nice value BACKGROUND_NICE), so that the short queries of other sessions
-# are scheduled ahead of it.
+# (nice value BACKGROUND_NICE, under SCHED_IDLE), so that the short queries of
+# other sessions are scheduled ahead of it.
 BACKGROUND_AFTER_SECONDS = 0.2
 BACKGROUND_NICE = 15
 # polars' allocator (jemalloc) keeps freed memory for reuse; in a worker it is
@@ -400,6 +400,10 @@ class QueryWorkers:
                                                "scientist": scientist}, cancel, deadline, timeout, announce)
                 reusable = True
             except WorkerDied:
+                worker.kill()  # (it is gone already, or it closed its end: either way it serves no more)
+                log.warning("a query worker ended before it answered (exit status %s; -9 is SIGKILL, as the "
+                            "out-of-memory killer sends); %s from %s refused", worker.process.returncode, op,
+                            scientist)
                 raise BastionError("LimitExceeded", "the query stopped the worker process that ran it, most "
                                                     "likely by needing more memory than the executor may use; "
                                                     "other sessions were not affected. Filter or aggregate "
