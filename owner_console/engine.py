@@ -230,17 +230,33 @@ def streaming_threshold() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
         limits.append(soft)
-    cgroup = _cgroup_memory_limit()
+    cgroup = _current_cgroup_memory_limit()
     if cgroup is not None:
         limits.append(cgroup)
     return max(_STREAMING_FLOOR_BYTES, min(limits) // 8)
 
 
+_CGROUP_LIMIT_TTL_SECONDS = 1.0
+_cgroup_limit_read: tuple[float, int | None] = (float("-inf"), None)
+
+
+def _current_cgroup_memory_limit() -> int | None:
+    """:func:`_cgroup_memory_limit`, read at most once a second (a query asks several times; each read is
+    about 33 us of file reads)."""
+    global _cgroup_limit_read
+    at, limit = _cgroup_limit_read
+    now = time.monotonic()
+    if now - at > _CGROUP_LIMIT_TTL_SECONDS:
+        limit = _cgroup_memory_limit()
+        _cgroup_limit_read = (now, limit)
+    return limit
+
+
 def _cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
     """The memory limit of this process's own cgroup (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``).
 
-    Read at each call: the owner may move the executor into a cgroup while it
-    runs, and its query workers are started inside it.
+    Read again (at most once a second, :func:`_current_cgroup_memory_limit`): the
+    owner may move the executor into a cgroup while it runs.
     """
     try:
         lines = Path(proc_cgroup).read_text().splitlines()
