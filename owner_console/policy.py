@@ -1034,18 +1034,17 @@ def _check_contributions(accounted: AccountedPlan, table: pl.DataFrame) -> _Cont
             source = accounted.sources[value]
             k = source.policy.min_group_size
             result.checked = True
-            present = values.drop_nulls()
+            present = _present(values)
             if k <= 1 or present.len() == 0:
                 continue
             smallest = int(present.min())
             result.smallest[source.dataset] = min(result.smallest.get(source.dataset, smallest), smallest)
-            # Kleene logic: where a value is null, False & null is False, so the mask has no nulls.
-            bad = values.is_not_null() & (values < k)
+            bad = _where_present(values, values < k)
             if bad.any():
                 result.failing[column] = bad
                 few[source.dataset] = min(few.get(source.dataset, smallest), smallest)
         else:
-            bad = values.is_not_null() & (values > value)
+            bad = _where_present(values, values > value)
             if bad.any():
                 result.failing[column] = bad
                 dominated = max(dominated, int(bad.sum()))
@@ -1075,8 +1074,8 @@ def _failing_rows(accounted: AccountedPlan, table: pl.DataFrame, checks: list["_
             return pl.Series("failing", [True] * table.height, dtype=pl.Boolean)
         values = table.get_column(check.rep.column)
         if check.rep.kind == "rid":
-            values = values.clip(upper_bound=1)
-        failing = failing | (values.is_not_null() & (values < k))
+            values = _one_per_row_id(values)
+        failing = failing | _where_present(values, values < k)
     for bad in contributions.failing.values():
         failing = failing | bad
     return failing
@@ -1094,8 +1093,8 @@ def _check_source(source: Source, rep: _Rep, table: pl.DataFrame, aggregated: bo
     else:
         values = table.get_column(rep.column)
         if rep.kind == "rid":
-            values = values.clip(upper_bound=1)  # a row id stands for one source row
-        fed = values.drop_nulls()
+            values = _one_per_row_id(values)  # a row id stands for one source row
+        fed = _present(values)
         check.fed_rows = fed.len()
         counted = fed
         if rep.taintable:  # 0 marks a row with no partner in an outer or anti join
@@ -1132,6 +1131,27 @@ def _pass_message(check: _SourceCheck, aggregated: bool) -> str:
         return f"no row of {name!r} fed the result"
     unit = "group" if aggregated else "row"
     return f"every {unit} was computed from at least {k} rows of {name!r} (smallest: {check.smallest})"
+
+
+# The helpers below avoid polars' Series methods that run a lazy query (drop_nulls, clip, fill_null: about
+# 0.02-0.1 ms each) when a cheaper native operation gives the same answer: the decision is on the path of
+# every fetch.
+def _present(values: pl.Series) -> pl.Series:
+    """The non-null values."""
+    return values if values.null_count() == 0 else values.filter(values.is_not_null())
+
+
+def _where_present(values: pl.Series, condition: pl.Series) -> pl.Series:
+    """``condition`` where ``values`` is not null, else False (never null)."""
+    if values.null_count() == 0:
+        return condition
+    # Kleene logic: False & null is False, so the mask has no nulls.
+    return values.is_not_null() & condition
+
+
+def _one_per_row_id(values: pl.Series) -> pl.Series:
+    """Row ids (>= 1, 0 for no partner, null) as counts: 1, 0 or null."""
+    return (values > 0).cast(values.dtype)
 
 
 def _wipe(table: pl.DataFrame, hidden: Mapping[str, Iterable]) -> pl.DataFrame:
