@@ -61,7 +61,7 @@ BACKGROUND_NICE = 15
 # idle worker returns to its baseline (about 25 MB private) soon after a large
 # query.  Measured on a 10M-row join: a decay of 3 s costs nothing for back to
 # back queries (362 ms against 379 ms); 1 s or less re-faults the memory at every
-# query (530 ms).  An owner's own _RJEM_MALLOC_CONF wins.
+# query (530 ms).
 WORKER_ALLOCATOR_CONF = "background_thread:true,dirty_decay_ms:3000,muzzy_decay_ms:0"
 # A worker whose private (anonymous) memory is above this just after a query is
 # replaced rather than kept (a backstop: the allocator returns memory by itself).
@@ -200,7 +200,8 @@ class _Worker:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "owner_console.workers", str(theirs.fileno()), str(shared_dir)],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                env={"_RJEM_MALLOC_CONF": WORKER_ALLOCATOR_CONF, **os.environ})
+                # polars appends this to its own defaults at import, so these settings win.
+                env={**os.environ, "_RJEM_MALLOC_CONF": WORKER_ALLOCATOR_CONF})
         finally:
             theirs.close()
         self.sock = ours

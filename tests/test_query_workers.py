@@ -301,3 +301,13 @@ def test_a_large_source_is_copied_by_a_process_of_its_own(tmp_path, monkeypatch)
     table = engine.DatasetCache(tmp_path / "shared").frame(Dataset("t", source, "csv", Policy()))
     assert table.equals(engine._read(Dataset("t", source, "csv", Policy()), str(source)))
     assert table.schema["d"] == pl.Date and len(list((tmp_path / "shared").glob("*.arrow"))) == 1
+
+
+def test_workers_run_with_the_allocator_settings_that_give_memory_back(running):
+    alice = running.client("alice")
+    assert alice.request("fetch", {"plan": QUICK, "text": "any query"}, timeout=120)[0] == "result"
+    for pid in worker_pids(running.process.pid):
+        environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        [conf] = [e for e in environment if e.startswith(b"_RJEM_MALLOC_CONF=")]
+        # polars puts its defaults first; the last setting of a key is the one jemalloc keeps.
+        assert conf.decode().endswith(workers.WORKER_ALLOCATOR_CONF)
