@@ -101,10 +101,14 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
+def is_small_worker(pid: int) -> bool:
+    return b"POLARS_MAX_THREADS=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+
+
 def busy_worker(running) -> int:
-    """The one worker process that is computing (its CPU time grows)."""
+    """The one regular worker process that is computing (its CPU time grows); the slow query is a join."""
     def find():
-        pids = worker_pids(running.process.pid)
+        pids = [pid for pid in worker_pids(running.process.pid) if not is_small_worker(pid)]
         first = {pid: cpu_ticks(pid) for pid in pids}
         time.sleep(0.3)
         busy = [pid for pid in pids if cpu_ticks(pid) > first[pid]]
@@ -311,3 +315,27 @@ def test_workers_run_with_the_allocator_settings_that_give_memory_back(running):
         [conf] = [e for e in environment if e.startswith(b"_RJEM_MALLOC_CONF=")]
         # polars puts its defaults first; the last setting of a key is the one jemalloc keeps.
         assert conf.decode().endswith(workers.WORKER_ALLOCATOR_CONF)
+
+
+def test_small_queries_go_to_one_thread_workers_and_others_to_regular_ones(pool, patients_csv, tmp_path):
+    catalog = {"patients": Dataset("patients", patients_csv, "csv", Policy(unsafe="log")),
+               "patients_open": Dataset("patients_open", patients_csv, "csv", Policy(unsafe="log"))}
+    assert workers.is_small_query(QUICK, catalog)
+    assert not workers.is_small_query(SLOW, catalog)  # a join
+    big = tmp_path / "big.csv"
+    big.write_bytes(b"x\n" + b"1\n" * (workers.SMALL_QUERY_MAX_BYTES // 2 + 1))
+    assert not workers.is_small_query(frame_op("select", input=scan("big"), exprs=[col("x")]),
+                                      {"big": Dataset("big", big, "csv", Policy())})
+    for hostile in ({"op": "scan", "dataset": ["a"]}, {"op": "nope"}, [1, {"op": "scan"}], "text"):
+        workers.is_small_query(hostile, catalog)  # any JSON: an answer, never an exception
+
+    pool.evaluate(QUICK, catalog, "alice")
+    [small] = pool._idle["small"]
+    assert is_small_worker(small.process.pid) and not pool._idle["regular"]
+    joined = frame_op("group_by", input=frame_op("join", left=scan("patients"), right=scan("patients_open"),
+                                                 how="inner", left_on=[col("patient_id")],
+                                                 right_on=[col("patient_id")], suffix="_o"),
+                      keys=[col("sex")], aggs=[alias(fn("mean", col("age")), "m")])
+    pool.evaluate(joined, catalog, "alice")
+    [regular] = pool._idle["regular"]
+    assert not is_small_worker(regular.process.pid)  # polars' whole pool for anything that may grow
