@@ -317,7 +317,7 @@ class QueryWorkers:
         starts one (the executor's query threads bound how many run at once).
 
     Queries over small datasets only (:func:`is_small_query`) go to workers
-    whose polars runs one thread (:data:`SMALL_WORKERS` kept): for a query
+    whose polars runs one thread (up to ``size`` kept idle too): for a query
     that takes a millisecond, waking a thread pool costs more than it gives
     (measured on the whole-path benchmark's aggregate: 1.91 ms in a
     one-thread worker, 2.22 ms in a two-thread one).
@@ -331,7 +331,8 @@ class QueryWorkers:
     def __init__(self, shared_dir: Path, size: int = 4):
         self.shared_dir = Path(shared_dir)
         self.cache = engine.DatasetCache(self.shared_dir)
-        self._sizes = {"regular": size, "small": min(size, SMALL_WORKERS)}
+        # As many of each kind as query threads: all the queries running at once may be small ones.
+        self._sizes = {"regular": size, "small": size}
         self._idle: dict[str, list[_Worker]] = {"regular": [], "small": []}
         self._busy: set[_Worker] = set()
         self._lock = threading.Lock()
@@ -455,7 +456,6 @@ class QueryWorkers:
 # A query over datasets whose files are all at most this large, through operations that never multiply rows,
 # runs in a one-thread "small" worker (QueryWorkers).
 SMALL_QUERY_MAX_BYTES = 16 * 2**20
-SMALL_WORKERS = 2
 _SMALL_QUERY_OPS = frozenset({"scan", "saved", "filter", "select", "with_columns", "group_by", "sort", "head",
                               "slice", "drop", "rename", "drop_nulls", "fill_null", "unique", "with_row_index"})
 
