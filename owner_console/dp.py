@@ -317,20 +317,9 @@ def dp_datasets(plan: Any, catalog: Mapping[str, Dataset]) -> list[str]:
     Walks every JSON object of the plan, not only the fields the validator
     knows, so that no shape of plan can reach a DP dataset past this check.
     """
-    found: set[str] = set()
-    stack = [plan]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if node.get("op") in ("scan", "saved"):
-                name = node.get("dataset") if node.get("op") == "scan" else node.get("name")
-                dataset = catalog.get(name) if isinstance(name, str) else None
-                if dataset is not None and getattr(dataset, "dp", None) is not None:
-                    found.add(name)
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return sorted(found)
+    from .engine import source_names  # imported late, as elsewhere here: a workspace CLI needs no engine
+    return sorted(name for name in source_names(plan)
+                  if name in catalog and getattr(catalog[name], "dp", None) is not None)
 
 
 def touches_dp(plan: Any, catalog: Mapping[str, Dataset]) -> bool:

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import polars as pl
 
@@ -425,21 +425,27 @@ def run(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache | None =
                            error_class=type(exc).__name__) from None
 
 
-def source_names(plan: Any) -> set[str]:
-    """The dataset and saved-result names a plan's ``scan`` and ``saved`` nodes read (any JSON, unchecked)."""
-    names: set[str] = set()
+def plan_nodes(plan: Any) -> Iterator[dict]:
+    """Every JSON object in a plan, frame nodes and expressions alike (any JSON, unchecked; iterative)."""
     stack: list[Any] = [plan]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
-            name = item.get("dataset") if item.get("op") == "scan" else \
-                item.get("name") if item.get("op") == "saved" else None
-            if isinstance(name, str):
-                names.add(name)
+            yield item
             stack.extend(v for v in item.values() if isinstance(v, (dict, list)))
         elif isinstance(item, list):
             stack.extend(item)
-    return names
+
+
+def source_name(node: dict) -> str | None:
+    """The dataset or saved-result name a ``scan`` or ``saved`` node reads, else None."""
+    name = node.get("dataset") if node.get("op") == "scan" else node.get("name") if node.get("op") == "saved" else None
+    return name if isinstance(name, str) else None
+
+
+def source_names(plan: Any) -> set[str]:
+    """The dataset and saved-result names a plan's ``scan`` and ``saved`` nodes read (any JSON, unchecked)."""
+    return {name for node in plan_nodes(plan) if (name := source_name(node)) is not None}
 
 
 # Run queries on polars' streaming engine, not only those over streamed datasets.  Measured on a filtered group-by
@@ -460,16 +466,7 @@ def _streams(plan: dict, catalog: Mapping[str, Dataset]) -> bool:
 
 
 def _has_cross_join(plan: Any) -> bool:
-    stack: list[Any] = [plan]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            if item.get("op") == "join" and item.get("how") == "cross":
-                return True
-            stack.extend(v for v in item.values() if isinstance(v, (dict, list)))
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
+    return any(node.get("op") == "join" and node.get("how") == "cross" for node in plan_nodes(plan))
 
 
 def is_polars_panic(exc: BaseException) -> bool:

@@ -463,27 +463,20 @@ _SMALL_QUERY_OPS = frozenset({"scan", "saved", "filter", "select", "with_columns
 def is_small_query(plan: Any, catalog: Mapping[str, Dataset]) -> bool:
     """True when a plan (unchecked JSON: the worker validates it) reads only small files and never joins,
     concatenates or explodes.  Only chooses the kind of worker, never what the plan may do."""
-    stack: list[Any] = [plan]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-            continue
-        if not isinstance(item, dict):
-            continue
-        op = item.get("op")
-        if op is not None:
-            if op not in _SMALL_QUERY_OPS:
-                return False
-            if op in ("scan", "saved"):
-                name = item.get("dataset") if op == "scan" else item.get("name")
-                dataset = catalog.get(name) if isinstance(name, str) else None
-                try:
-                    if dataset is None or Path(dataset.path).stat().st_size > SMALL_QUERY_MAX_BYTES:
-                        return False
-                except OSError:
+    for node in engine.plan_nodes(plan):
+        op = node.get("op")
+        if op is None:
+            continue  # an expression
+        if not isinstance(op, str) or op not in _SMALL_QUERY_OPS:
+            return False
+        if op in ("scan", "saved"):
+            name = engine.source_name(node)
+            dataset = catalog.get(name) if name is not None else None
+            try:
+                if dataset is None or Path(dataset.path).stat().st_size > SMALL_QUERY_MAX_BYTES:
                     return False
-        stack.extend(v for v in item.values() if isinstance(v, (dict, list)))
+            except OSError:
+                return False
     return True
 
 

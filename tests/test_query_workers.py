@@ -326,7 +326,7 @@ def test_small_queries_go_to_one_thread_workers_and_others_to_regular_ones(pool,
     big.write_bytes(b"x\n" + b"1\n" * (workers.SMALL_QUERY_MAX_BYTES // 2 + 1))
     assert not workers.is_small_query(frame_op("select", input=scan("big"), exprs=[col("x")]),
                                       {"big": Dataset("big", big, "csv", Policy())})
-    for hostile in ({"op": "scan", "dataset": ["a"]}, {"op": "nope"}, [1, {"op": "scan"}], "text"):
+    for hostile in ({"op": "scan", "dataset": ["a"]}, {"op": "nope"}, {"op": ["scan"]}, [1, {"op": "scan"}], "text"):
         workers.is_small_query(hostile, catalog)  # any JSON: an answer, never an exception
 
     pool.evaluate(QUICK, catalog, "alice")
