@@ -34,7 +34,7 @@ from typing import Callable
 import polars as pl
 
 from bastion_kernel import plan as P
-from owner_console import engine, policy, validate
+from owner_console import decide, engine, policy, validate
 from owner_console.executor import evaluate
 from owner_console.model import Dataset, Policy
 from owner_console.workers import QueryWorkers
@@ -106,7 +106,7 @@ def stages(name: str, plan: dict, catalog: dict, cache: engine.DatasetCache, rep
     medians = {label: statistics.median(timed(fn, repeat)) * 1000 for label, fn in (
         ("validate+account", checks),
         ("engine.run (accounted query)", lambda: engine.run(accounted.plan, catalog, cache)),
-        ("decide", lambda: policy.decide(accounted, table, "bench")))}
+        ("decide", lambda: decide.decide(accounted, table, "bench")))}
     print(f"  {name} stages: " + ", ".join(f"{label} {ms:.1f} ms" for label, ms in medians.items()))
     print(f"  {name} accounting columns: {[c for c in table.columns if c not in accounted.columns]}")
 

@@ -6,7 +6,7 @@ to the table that leaves the owner's side::
     checked   = validate.validate(plan, catalog)      # whitelist, schema
     accounted = policy.account(checked)               # per-source counts, lineage
     table     = engine.run(accounted.plan, catalog)   # polars
-    outcome   = policy.decide(accounted, table)       # Released | Held | PolicyViolation
+    outcome   = decide.decide(accounted, table)       # Released | Held | PolicyViolation
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import polars as pl
 
 from bastion_kernel.protocol import BastionError
 
-from . import dp, engine, policy, validate
+from . import decide, dp, engine, policy, validate
 from .model import Dataset, Held, Policy, Released
 from .validate import RESERVED_PREFIX
 
@@ -72,9 +72,9 @@ def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str,
         if error.ename != "ExecutionError" or error.details.get("cancelled"):
             raise
         # A data-dependent failure must look like the refusal it would have been.
-        return policy.decide_failed(accounted, error, scientist)
+        return decide.decide_failed(accounted, error, scientist)
     _check_columns(table.columns, accounted.columns)
-    return policy.decide(accounted, table, scientist)
+    return decide.decide(accounted, table, scientist)
 
 
 def _check_join_rows(checked: validate.CheckedPlan, catalog: Mapping[str, Dataset],

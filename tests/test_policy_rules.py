@@ -15,7 +15,7 @@ from polars.testing import assert_frame_equal
 
 from bastion_kernel import plan as P
 from bastion_kernel.protocol import BastionError
-from owner_console import executor, policy, validate
+from owner_console import decide, executor, policy, validate
 from owner_console.model import Dataset, Held, Policy, Released
 from owner_console.sample_data import write_patients
 from owner_console.workspace import Workspace, WorkspaceError
@@ -188,7 +188,7 @@ def test_a_failed_row_level_query_gets_the_static_refusal(files):
     plan = op("select", input=P.scan("patients"), exprs=[col("age")])
     error = BastionError("ExecutionError", "the query failed while running")
     with pytest.raises(BastionError) as caught:
-        policy.decide_failed(_accounted(files, plan, Policy(10, "reject")), error)
+        decide.decide_failed(_accounted(files, plan, Policy(10, "reject")), error)
     with pytest.raises(BastionError) as refusal:
         executor.evaluate(op("head", input=plan, n=3), catalog(files, patients=Policy(10, "reject")), "alice")
     assert caught.value.ename == refusal.value.ename == "PolicyViolation"
@@ -198,13 +198,13 @@ def test_a_failed_row_level_query_gets_the_static_refusal(files):
 def test_a_failed_aggregate_is_held_or_refused_without_values(files):
     plan = op("group_by", input=P.scan("patients"), keys=[col("sex")], aggs=[fn("mean", col("cost"))])
     error = BastionError("ExecutionError", "the query failed while running")
-    held = policy.decide_failed(_accounted(files, plan, Policy(10, "review")), error)
+    held = decide.decide_failed(_accounted(files, plan, Policy(10, "review")), error)
     assert isinstance(held, Held) and held.table.height == 0 and held.decision.action == "review"
     with pytest.raises(BastionError) as caught:
-        policy.decide_failed(_accounted(files, plan, Policy(10, "log")), error)
+        decide.decide_failed(_accounted(files, plan, Policy(10, "log")), error)
     assert caught.value is error
     with pytest.raises(BastionError) as caught:
-        policy.decide_failed(_accounted(files, plan, Policy(10, "reject")), error)
+        decide.decide_failed(_accounted(files, plan, Policy(10, "reject")), error)
     assert caught.value.ename == "PolicyViolation"
 
 
