@@ -256,16 +256,19 @@ class ExecutorClient:
             raise BastionError("ProtocolError", "the executor's schema reply is malformed")
         return schema
 
-    def fetch(self, plan: dict, text: str) -> FetchedTable:
+    def fetch(self, plan: dict, text: str, wait: bool = True) -> FetchedTable | RequestStatus:
         """Run ``plan`` through the policy and return the released table.
 
         While the owner reviews it, calls :attr:`on_wait` and polls
         ``request_status`` every :attr:`poll_interval` seconds.  A
         ``KeyboardInterrupt`` ends the wait; the request stays pending on the
-        executor and ``request(id)`` fetches it later.
+        executor and ``request(id)`` fetches it later.  With ``wait=False`` a
+        held result is not waited for: its :class:`RequestStatus` comes back.
         """
         started = time.monotonic()
         kind, body, frames = self._call("fetch", {"plan": plan, "text": text})
+        if kind == "pending" and not wait:
+            return RequestStatus(*_pending_fields(body))
         while kind == "pending":
             request_id, status, reason = _pending_fields(body)
             if self.on_wait is not None:
@@ -388,8 +391,8 @@ class ConfiguredSession:
     def schema(self, plan: dict) -> list[list[str]]:
         return self.client.schema(plan)
 
-    def fetch(self, plan: dict, text: str) -> FetchedTable:
-        return self.client.fetch(plan, text)
+    def fetch(self, plan: dict, text: str, wait: bool = True) -> FetchedTable | RequestStatus:
+        return self.client.fetch(plan, text, wait)
 
     def dp_preview(self, plan: dict) -> FetchedTable:
         return self.client.dp_preview(plan)

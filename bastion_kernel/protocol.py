@@ -71,7 +71,22 @@ class ProtocolError(ValueError):
 
 
 class BastionError(Exception):
-    """An error with one of the documented names; travels as :func:`error_body`."""
+    """An error with one of the documented names; travels as :func:`error_body`.
+
+    ``BastionError(ename, evalue, **details)`` makes an instance of the typed
+    class for ``ename`` (:class:`PolicyViolation`, ...).  Each class declares
+    the detail fields a scientist may see (``PUBLIC_FIELDS``): facts of the
+    plan, the request and the owner's policy.  Any other detail (a row count,
+    which check failed, a polars error class) is the owner's: it stays in
+    :attr:`details` for the audit log and never reaches :meth:`body`.
+    """
+
+    ename: str = ""
+    PUBLIC_FIELDS: frozenset[str] = frozenset()
+
+    def __new__(cls, ename: str = "", evalue: str = "", **details: Any):
+        typed = ERROR_CLASSES.get(ename, cls) if cls is BastionError else cls
+        return super().__new__(typed)
 
     def __init__(self, ename: str, evalue: str, **details: Any):
         if ename not in ERROR_NAMES:
@@ -81,7 +96,23 @@ class BastionError(Exception):
         self.evalue = evalue
         self.details = details
 
+    def __reduce__(self):
+        return _rebuild_error, (self.ename, self.evalue, self.details)
+
+    def public_details(self) -> dict:
+        """The details the scientist may see: only this class's declared public fields."""
+        return {k: v for k, v in self.details.items() if k in self.PUBLIC_FIELDS}
+
+    def owner_details(self) -> dict:
+        """The details for the owner only (audit, executor log)."""
+        return {k: v for k, v in self.details.items() if k not in self.PUBLIC_FIELDS}
+
     def body(self) -> dict:
+        """The error as it goes on the wire to the scientist: public details only."""
+        return error_body(self.ename, self.evalue, **self.public_details())
+
+    def internal_body(self) -> dict:
+        """The error with every detail, for the owner's side (a query worker's pipe to the executor)."""
         return error_body(self.ename, self.evalue, **self.details)
 
     @classmethod
@@ -89,9 +120,49 @@ class BastionError(Exception):
         ename = body.get("ename") if isinstance(body, dict) else None
         evalue = body.get("evalue") if isinstance(body, dict) else None
         if ename not in ERROR_NAMES or not isinstance(evalue, str):
-            return cls("ProtocolError", f"malformed error reply: {body!r:.200}")
+            return BastionError("ProtocolError", f"malformed error reply: {body!r:.200}")
         details = body.get("details") if isinstance(body.get("details"), dict) else {}
-        return cls(ename, evalue, **details)
+        return BastionError(ename, evalue, **details)
+
+
+def _rebuild_error(ename: str, evalue: str, details: dict) -> BastionError:
+    return BastionError(ename, evalue, **details)
+
+
+def _error_class(name: str, public: tuple[str, ...]) -> type[BastionError]:
+    return type(name, (BastionError,), {"ename": name, "PUBLIC_FIELDS": frozenset(public),
+                                        "__doc__": f"{ERROR_NAMES[name]} (public details: "
+                                                   f"{', '.join(public) or 'none'})."})
+
+
+# The public detail fields of each error: names of plan, request and policy
+# facts only.  A count or value computed from rows has no field here.  (The
+# ``ProtocolError`` exception above is the envelope check; its reply is of the
+# class ``ERROR_CLASSES["ProtocolError"]``.)
+ERROR_CLASSES: dict[str, type[BastionError]] = {}
+for _name, _public in {
+    "ProtocolError": ("frame", "request_id"),
+    "AuthenticationError": (),
+    "UnsupportedOperation": ("at", "function", "op", "construct", "frame", "how", "name", "column"),
+    "SchemaError": ("at", "op", "column", "columns", "dataset", "bounds", "quantile", "candidates", "schema"),
+    "PolicyViolation": ("sources", "dataset", "column", "function", "op", "at", "min_group_size", "action",
+                        "bounds", "epsilon", "epsilon_cost", "limit"),
+    "ReviewRejected": ("request_id", "reason"),
+    "NotFound": ("request_id", "status", "target", "name"),
+    "LimitExceeded": ("limit", "max_rows", "seconds", "timeout", "max_bytes"),
+    "ExecutionError": ("cancelled", "reference", "changed", "failed"),
+    "ParseError": ("line", "col", "end_line", "end_col"),
+}.items():
+    ERROR_CLASSES[_name] = _error_class(_name, _public)
+PolicyViolation = ERROR_CLASSES["PolicyViolation"]
+ReviewRejected = ERROR_CLASSES["ReviewRejected"]
+UnsupportedOperation = ERROR_CLASSES["UnsupportedOperation"]
+SchemaError = ERROR_CLASSES["SchemaError"]
+NotFound = ERROR_CLASSES["NotFound"]
+LimitExceeded = ERROR_CLASSES["LimitExceeded"]
+ExecutionError = ERROR_CLASSES["ExecutionError"]
+ParseError = ERROR_CLASSES["ParseError"]
+AuthenticationError = ERROR_CLASSES["AuthenticationError"]
 
 
 def error_body(ename: str, evalue: str, **details: Any) -> dict:

@@ -29,7 +29,7 @@ from typing import Any, Callable
 from bastion_kernel.plan import canonical_json, plan_hash as compute_plan_hash
 
 STATUSES = ("pending", "approved", "rejected", "released", "expired")
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 # Columns every schema version has, in the order of schema 1 (copied by the migration).
 _V1_COLUMNS = ("id, scientist, status, plan_json, plan_hash, plan_text, plan_tree, query_text, reason,"
                " columns_json, rows, notes_json, result_sha256, asked_at, decided_at, decided_by,"
@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS requests (
     decided_by      TEXT,
     decision_reason TEXT,
     released_at     TEXT,
-    expired_at      TEXT
+    expired_at      TEXT,
+    detail          TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS requests_status ON requests (status);
 """
@@ -73,7 +74,9 @@ class Request:
     is what the scientist typed; ``columns`` is ``[[name, dtype], ...]`` and
     ``rows`` the row count of the held table; ``result_sha256`` is the SHA-256
     of the held table's Arrow IPC bytes, so what is released is what was
-    reviewed.
+    reviewed.  ``reason`` is what the scientist was told (a function of the
+    plan and the policy); ``detail`` says what failed, with its counts, for
+    the owner only.
     """
 
     id: int
@@ -95,6 +98,7 @@ class Request:
     decision_reason: str | None
     released_at: str | None
     expired_at: str | None = None
+    detail: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
@@ -128,6 +132,7 @@ class ApprovalStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             _migrate_schema_1(conn)
+            _migrate_schema_2(conn)
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
@@ -157,7 +162,7 @@ class ApprovalStore:
     # -- writing -----------------------------------------------------------
     def create(self, *, scientist: str, plan: Any, plan_text: str, plan_tree: Any, query_text: str,
                reason: str, columns: list, rows: int, notes: list[str],
-               write_result: Callable[[int], str]) -> int:
+               write_result: Callable[[int], str], detail: str = "") -> int:
         """Store a new pending request and return its id.
 
         ``write_result(id)`` is called inside the transaction, with the new
@@ -170,10 +175,10 @@ class ApprovalStore:
         try:
             cursor = conn.execute(
                 "INSERT INTO requests (scientist, status, plan_json, plan_hash, plan_text, plan_tree,"
-                " query_text, reason, columns_json, rows, notes_json, result_sha256, asked_at)"
-                " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, '', ?)",
+                " query_text, reason, detail, columns_json, rows, notes_json, result_sha256, asked_at)"
+                " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '', ?)",
                 (scientist, canonical_json(plan).decode("utf-8"), compute_plan_hash(plan),
-                 str(plan_text), json.dumps(plan_tree), str(query_text), str(reason),
+                 str(plan_text), json.dumps(plan_tree), str(query_text), str(reason), str(detail),
                  json.dumps([list(c) for c in columns]), int(rows), json.dumps(list(notes)), utc_now()))
             request_id = int(cursor.lastrowid)
             digest = write_result(request_id)
@@ -374,6 +379,13 @@ def _migrate_schema_1(conn: sqlite3.Connection) -> None:
     conn.execute("DROP TABLE requests_schema_1")
 
 
+def _migrate_schema_2(conn: sqlite3.Connection) -> None:
+    """Give a schema-2 ``requests`` table the owner-only ``detail`` column (empty for older requests)."""
+    columns = {row["name"] for row in conn.execute("PRAGMA table_info(requests)")}
+    if columns and "detail" not in columns:
+        conn.execute("ALTER TABLE requests ADD COLUMN detail TEXT NOT NULL DEFAULT ''")
+
+
 def _check_id(request_id: Any) -> int:
     if isinstance(request_id, bool) or not isinstance(request_id, int) or not 0 < request_id < 2**63:
         raise ApprovalError(f"invalid request id {request_id!r}")
@@ -388,4 +400,5 @@ def _to_request(row: sqlite3.Row) -> Request:
         columns=json.loads(row["columns_json"]), rows=row["rows"], notes=json.loads(row["notes_json"]),
         result_sha256=row["result_sha256"], asked_at=row["asked_at"], decided_at=row["decided_at"],
         decided_by=row["decided_by"], decision_reason=row["decision_reason"],
-        released_at=row["released_at"], expired_at=row["expired_at"] if "expired_at" in row.keys() else None)
+        released_at=row["released_at"], expired_at=row["expired_at"] if "expired_at" in row.keys() else None,
+        detail=row["detail"] if "detail" in row.keys() else "")

@@ -46,6 +46,8 @@ def cmd_dataset_add(args: argparse.Namespace) -> int:
     settings = {"person_id": args.person_id, "max_share": args.max_share,
                 "suppress_small_groups": args.suppress_small_groups}
     dp_policy = _dp_policy(args)
+    if dp_policy is None and args.bounds:
+        settings["bounds"] = _public_bounds(args.bounds)
     dataset = workspace.add_dataset(args.name, args.file, min_group_size=args.min_group_size,
                                     hidden=args.hide, unsafe=args.unsafe, allow_save=not args.no_save,
                                     dp=dp_policy,
@@ -60,10 +62,10 @@ def cmd_dataset_add(args: argparse.Namespace) -> int:
 def _dp_policy(args: argparse.Namespace):
     """The ``--privacy dp`` options as a DPPolicy (None for the default privacy mode)."""
     dp_options = (args.epsilon, args.epsilon_per_query, args.delta, args.privacy_unit_column,
-                  args.max_contributions, args.max_rows, args.bounds or None, args.public_keys or None)
+                  args.max_contributions, args.max_rows, args.public_keys or None)
     if args.privacy != "dp":
         if any(option is not None for option in dp_options):
-            raise UsageError("--epsilon, --delta, --bounds, --public-keys and the other DP options need --privacy dp")
+            raise UsageError("--epsilon, --delta, --public-keys and the other DP options need --privacy dp")
         return None
     from owner_console.dp import policy_from_options
     if not Path(args.file).is_file():
@@ -76,6 +78,15 @@ def _dp_policy(args: argparse.Namespace):
                                    public_keys=args.public_keys)
     except Exception as exc:  # a bad option or an unreadable file: say which
         raise UsageError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+
+def _public_bounds(items: list[str]) -> dict:
+    """``--bounds COL=LO:HI`` options of a non-DP dataset as the policy's public bounds."""
+    from owner_console.dp import parse_bounds
+    try:
+        return parse_bounds(items)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_dataset_show(args: argparse.Namespace) -> int:
@@ -152,7 +163,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_requests(args: argparse.Namespace) -> int:
     pending = _workspace(args).approvals().list("pending")
     if args.json:
-        print(json.dumps([{"id": r.id, "scientist": r.scientist, "reason": r.reason, "asked_at": r.asked_at,
+        print(json.dumps([{"id": r.id, "scientist": r.scientist, "reason": r.reason, "detail": r.detail,
+                           "asked_at": r.asked_at,
                            "status": r.status, "columns": r.columns, "rows": r.rows,
                            "plan_text": r.plan_text, "plan_tree": r.plan_tree, "plan_hash": r.plan_hash, "query_text": r.query_text}
                           for r in pending], indent=2))
@@ -162,7 +174,8 @@ def cmd_requests(args: argparse.Namespace) -> int:
     for r in pending:
         columns = ", ".join(name for name, _ in r.columns)
         print(f"#{r.id}  {r.asked_at}  {r.scientist}  {r.rows} rows [{columns}]\n"
-              f"    why held: {r.reason}\n"
+              f"    why held: {r.detail or r.reason}\n"
+              f"    the scientist was told: {r.reason}\n"
               + "".join(f"    {line}\n" for line in r.plan_text.splitlines()))
     return 0
 
@@ -314,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=_positive_int, default=None, metavar="N",
                    help="with --privacy dp: a public upper bound on the row count (default: loose, from the file)")
     p.add_argument("--bounds", action="append", default=[], metavar="COL=LO:HI",
-                   help="with --privacy dp: clipping bounds of a numeric column")
+                   help="public bounds of a numeric column (charts take their ranges from them; "
+                        "with --privacy dp also the clipping bounds)")
     p.add_argument("--public-keys", action="append", default=[], metavar="COL=v1,v2,...",
                    help="with --privacy dp: a column scientists may group by, and its public values")
     p = command(dataset, "show", cmd_dataset_show, "print a dataset's policy file")

@@ -279,7 +279,8 @@ class OwnerConsole:
         details = widgets.HTML(
             f"<p><b>scientist:</b> {html.escape(request.scientist)} &nbsp; "
             f"<b>asked at:</b> {html.escape(request.asked_at)}</p>"
-            f"<p><b>why it needs review:</b> {html.escape(request.reason)}</p>"
+            f"<p><b>why it needs review:</b> {html.escape(request.detail or request.reason)}</p>"
+            f"<p><b>the scientist was told:</b> {html.escape(request.reason)}</p>"
             f"<p><b>result:</b> {request.rows} rows &times; {len(request.columns)} columns: "
             f"{html.escape(columns)}</p>"
             + (f"<ul>{notes}</ul>" if notes else "")

@@ -18,27 +18,233 @@ from .model import Decision, Held, Released, strictest_unsafe
 from .policy import AccountedPlan, Source, _Rep
 
 
-@dataclass
-class _SourceCheck:
-    source: Source
-    rep: _Rep
-    fed_rows: int = 0
-    failing: int = 0
-    unmatched: int = 0
-    smallest: int | None = None
-    messages: list[str] = field(default_factory=list)
+# ---------------------------------------------------------------------------
+# What the scientist may be told.  Every sentence of a decision's public reason
+# comes from this table.  Its placeholders hold only facts of the plan and the
+# owner's policy: ``sources`` (the names of the datasets the plan reads),
+# ``k`` (the owner's minimum group sizes) and ``limit`` (the owner's row
+# limit).  Which check failed, counts, sizes and "empty" are the owner's
+# (``Decision.detail`` and ``Decision.details``).
+PUBLIC_TEXTS: Mapping[str, str] = {
+    "row_level": "the result is row-level: each of its rows comes from one row of {sources}",
+    "individual": "the result holds individual values of {sources} (a list of values, first, last, mode, "
+                  "sort_by, a window value from over, or a value computed with the row order), each from one row",
+    "group_size": "every row of an aggregate must come from at least {k} rows (people) of {sources}",
+    "contributions": "every aggregate needs at least {k} contributors from {sources}, none of whom dominates "
+                     "it, and an order statistic (min, max, median, quantile, n_unique) needs at least {k} of "
+                     "them holding the value it releases",
+    "empty": "an empty result is not released (that nobody matched is information about {sources})",
+    "aggregates_only": "the owner releases only aggregates of {sources} to you",
+    "rows_limit": "at most {limit} rows are released per request",
+    "allowed": "what is released at once: non-empty aggregates over groups of at least {k} rows (people) of "
+               "{sources}",
+    "reject": "this result is not released",
+    "review": "this result waits for the owner's review",
+    "log": "this result is released and logged",
+    "allow": "the result meets the owner's release rule for {sources}",
+    "no_rule": "no source of this result sets a minimum group size",
+    "suppressed": "groups that do not meet the owner's release rule are left out (small-group suppression)",
+}
+PUBLIC_PLACEHOLDERS = frozenset({"sources", "k", "limit"})
+
+
+def _text(key: str, accounted: AccountedPlan, sources: Iterable[Source] | None = None) -> str:
+    """A public sentence, filled in from the plan and the policy only (never from a result)."""
+    chosen = list(sources) if sources is not None else _fed(accounted)
+    names = list(dict.fromkeys(s.dataset for s in chosen)) or list(dict.fromkeys(s.dataset for s in _fed(accounted)))
+    ks = sorted({s.policy.min_group_size for s in chosen})
+    k = (str(ks[0]) if len(ks) == 1 else
+         " / ".join(f"{s.policy.min_group_size} of {s.dataset!r}" for s in chosen)) if ks else "1"
+    limits = [s.policy.max_rows_released for s in _fed(accounted) if s.policy.max_rows_released is not None]
+    return PUBLIC_TEXTS[key].format(sources=", ".join(repr(n) for n in names), k=k,
+                                    limit=min(limits) if limits else "")
+
+
+def _fed(accounted: AccountedPlan) -> list[Source]:
+    """The sources that fed the result, in plan order."""
+    return [accounted.sources[s] for s in sorted(accounted.reps)]
+
+
+def _protected(accounted: AccountedPlan) -> list[tuple[Source, _Rep]]:
+    """The sources with a minimum group size (K > 1) and how the result counts them."""
+    return [(accounted.sources[s], rep) for s, rep in sorted(accounted.reps.items())
+            if accounted.sources[s].policy.min_group_size > 1]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One failed step of the decision order.
+
+    ``step`` names the step (a key of :data:`PUBLIC_TEXTS`); ``detail`` is
+    for the owner only and may hold counts; ``failing`` marks the result rows
+    that fail (None: the whole result fails, whatever rows it has).
+    """
+
+    step: str
+    detail: str
+    failing: pl.Series | None = None
+
+
+# ---------------------------------------------------------------------------
+# The decision order (docs/policy.md), one function a step.  Each step has a
+# ``*_rule`` function that gives, from the plan and the policy alone, the
+# public sentences of the rule it enforces (none when it cannot fail this
+# plan), and a ``check_*`` function that reads the result and returns a
+# Finding when the step fails.  decide() calls the checks in order.
+
+def group_size_rule(accounted: AccountedPlan) -> list[str]:
+    """Rule 1: each released row comes from at least K rows (people) of each protected source."""
+    row_level = [s for s, rep in _protected(accounted) if rep.kind in ("implicit", "rid")]
+    individual = [s for s, rep in _protected(accounted) if rep.kind == "count" and rep.individual]
+    grouped = [s for s, rep in _protected(accounted) if rep.kind == "count" and not rep.individual]
+    sentences = []
+    if row_level:
+        sentences.append(_text("row_level", accounted, row_level))
+    if individual:
+        sentences.append(_text("individual", accounted, individual))
+    if grouped:
+        sentences.append(_text("group_size", accounted, grouped))
+    return sentences
+
+
+def check_group_size(accounted: AccountedPlan, table: pl.DataFrame,
+                     checks: list["_SourceCheck"]) -> Finding | None:
+    """Step 3: rows fed by fewer than K rows (people) of a protected source (``checks``: :func:`source_checks`)."""
+    messages = [m for c in checks for m in c.messages]
+    if not messages:
+        return None
+    return Finding("group_size", "; ".join(messages), _failing_rows(accounted, table, checks))
+
+
+def source_checks(accounted: AccountedPlan, table: pl.DataFrame) -> list["_SourceCheck"]:
+    """How each source fed the result's rows (counts for the owner), read once per decision."""
+    return [_check_source(accounted.sources[s], rep, table, accounted.aggregated)
+            for s, rep in sorted(accounted.reps.items())]
+
+
+def contributions_rule(accounted: AccountedPlan) -> list[str]:
+    """Rules 2-3: contributors, dominance and order statistics of every aggregate."""
+    protected = [s for s, _ in _protected(accounted)]
+    return [_text("contributions", accounted, protected)] if accounted.contribs and protected else []
+
+
+def check_contributions(accounted: AccountedPlan, table: pl.DataFrame,
+                        contributions: "_ContributionCheck") -> Finding | None:
+    """Step 4: aggregates with too few contributors, a dominant contribution or an unshared order statistic.
+
+    ``contributions`` is :func:`_check_contributions` of the same result.
+    """
+    if not contributions.messages and not contributions.failing:
+        return None
+    failing = pl.Series("failing", [False] * table.height, dtype=pl.Boolean)
+    for bad in contributions.failing.values():
+        failing = failing | bad
+    return Finding("contributions", "; ".join(contributions.messages) or "an aggregate failed the contribution "
+                                                                        "rule", failing)
+
+
+def empty_rule(accounted: AccountedPlan) -> list[str]:
+    """Rule: an empty result is information about every protected source."""
+    protected = [s for s, _ in _protected(accounted)]
+    return [_text("empty", accounted, protected)] if protected and accounted.aggregated else []
+
+
+def check_empty(accounted: AccountedPlan, table: pl.DataFrame) -> Finding | None:
+    """Step 6: the result is empty while a source sets K > 1."""
+    if table.height == 0 and _protected(accounted):
+        return Finding("empty", "the result is empty")
+    return None
+
+
+def aggregates_only_rule(accounted: AccountedPlan) -> list[str]:
+    """Rule: a source whose policy says ``aggregates_only`` releases no row-level result."""
+    limited = [s for s in _fed(accounted) if s.policy.aggregates_only]
+    return [_text("aggregates_only", accounted, limited)] if limited and not accounted.aggregated else []
+
+
+def check_aggregates_only(accounted: AccountedPlan, table: pl.DataFrame) -> Finding | None:
+    """Step 7: a row-level result for a scientist limited to aggregates."""
+    if aggregates_only_rule(accounted):
+        return Finding("aggregates_only", "the result is row-level and the owner releases only aggregates")
+    return None
+
+
+def rows_limit_rule(accounted: AccountedPlan) -> list[str]:
+    """Rule: no result longer than the smallest ``max_rows_released`` of its sources."""
+    return [_text("rows_limit", accounted)] if _rows_limit(accounted) is not None else []
+
+
+def check_rows_limit(accounted: AccountedPlan, table: pl.DataFrame) -> Finding | None:
+    """Step 8: a result longer than the owner's row limit."""
+    limit = _rows_limit(accounted)
+    if limit is not None and table.height > limit:
+        return Finding("rows_limit", f"the result has {table.height} rows, more than the {limit} the owner "
+                                     "releases per request")
+    return None
+
+
+def _rows_limit(accounted: AccountedPlan) -> int | None:
+    limits = [s.policy.max_rows_released for s in _fed(accounted) if s.policy.max_rows_released is not None]
+    return min(limits) if limits else None
+
+
+def action_of(accounted: AccountedPlan) -> str:
+    """Step 10: what happens to a result that fails: the strictest unsafe handling of its sources.
+
+    ``aggregates_only`` turns any failure into ``reject``.
+    """
+    fed = _fed(accounted)
+    if any(s.policy.aggregates_only for s in fed):
+        return "reject"
+    return strictest_unsafe([s.policy.unsafe for s in fed])
+
+
+def suppression_applies(accounted: AccountedPlan) -> bool:
+    """Step 5's precondition: an aggregate whose every source asks for small-cell suppression."""
+    fed = _fed(accounted)
+    return (bool(fed) and all(s.policy.suppress_small_groups for s in fed) and accounted.aggregated
+            and not any(rep.individual for rep in accounted.reps.values()))
+
+
+# The public sentences of the rules a plan can fail, in the decision order.
+RULES = (group_size_rule, contributions_rule, empty_rule, aggregates_only_rule, rows_limit_rule)
+
+
+def public_reason(accounted: AccountedPlan, action: str) -> str:
+    """What the scientist is told about a decision: a function of the plan and the policy only.
+
+    A refusal, a hold and a logged release of a plan say every rule the plan
+    could fail and the action, whichever rule failed and whatever the rows:
+    twin queries that differ by one person read the same.
+    """
+    if action == "allow":
+        return _text("allow", accounted) if _protected(accounted) else PUBLIC_TEXTS["no_rule"]
+    sentences = [sentence for rule in RULES for sentence in rule(accounted)]
+    protected = [s for s, _ in _protected(accounted)]
+    if protected:
+        sentences.append(_text("allowed", accounted, protected))
+    return "; ".join(dict.fromkeys(sentences + [PUBLIC_TEXTS[action]]))
+
+
+def public_notes(accounted: AccountedPlan) -> list[str]:
+    """Notes for the scientist: hidden columns and suppression, from the plan and the policy only."""
+    notes = _hidden_notes(accounted.hidden)
+    if suppression_applies(accounted):
+        notes.append(PUBLIC_TEXTS["suppressed"])
+    return notes
 
 
 def decide(accounted: AccountedPlan, table: pl.DataFrame, scientist: str | None = None) -> Released | Held:
-    """Apply the release rule to an engine result.
+    """Apply the release rule to an engine result, in the decision order of ``docs/policy.md``.
 
-    The decision order (``docs/policy.md``): per row, every source that fed
-    it must have fed it with at least its K rows (people); every aggregate in
-    it must have at least K real contributors per source and no dominant row;
-    small groups are then dropped if every source asks for suppression; the
-    result must not be empty, must be an aggregate for a scientist limited to
-    aggregates, and must not exceed the rows limit.  Anything that fails goes
-    to the strictest unsafe handling among the sources.
+    Per row, every protected source must have fed it with at least its K
+    rows (people), and every aggregate in it must have at least K real
+    contributors per source, no dominant contribution and, for an order
+    statistic, K contributors holding the released value; small groups are
+    then dropped if every source asks for suppression; the result must not be
+    empty, must be an aggregate for a scientist limited to aggregates, and
+    must not exceed the rows limit.  Anything that fails goes to the
+    strictest unsafe handling among the sources.
 
     Parameters
     ----------
@@ -52,100 +258,84 @@ def decide(accounted: AccountedPlan, table: pl.DataFrame, scientist: str | None 
     Returns
     -------
     Released or Held
-        With the accounting columns removed and hidden values replaced by ``*``.
+        With the accounting columns removed and hidden values replaced by
+        ``*``.  ``Decision.reason`` is :func:`public_reason`; what failed and
+        the counts are in ``Decision.detail`` and ``Decision.details``, for
+        the owner.
 
     Raises
     ------
     BastionError
         ``PolicyViolation`` when the result fails the rule and a source's
-        policy says ``reject`` (or ``aggregates_only`` applies).
+        policy says ``reject`` (or ``aggregates_only`` applies); its public
+        text and fields are those of :func:`public_reason`.
+
+    Examples
+    --------
+    >>> outcome = decide(accounted, table, "alice")          # doctest: +SKIP
+    >>> outcome.decision.reason                              # doctest: +SKIP
+    "the result meets the owner's release rule for 'patients'"
     """
-    rows = table.height
-    checks = [_check_source(accounted.sources[s], rep, table, accounted.aggregated)
-              for s, rep in sorted(accounted.reps.items())]
-    contributions = _check_contributions(accounted, table)
-    failing_mask = _failing_rows(accounted, table, checks, contributions)
-    datasets = tuple(dict.fromkeys(c.source.dataset for c in checks))
-    fed_by = [c.source.policy for c in checks]
-    details: dict[str, Any] = {
-        "rows": rows,
-        "sources": list(datasets),
-        "min_group_size": {c.source.dataset: c.source.policy.min_group_size for c in checks},
-        "aggregated": accounted.aggregated,
-    }
+    datasets = tuple(dict.fromkeys(s.dataset for s in _fed(accounted)))
+    details: dict[str, Any] = {"rows": table.height, "sources": list(datasets),
+                               "min_group_size": {s.dataset: s.policy.min_group_size for s in _fed(accounted)},
+                               "aggregated": accounted.aggregated}
     if scientist is not None:
         details["scientist"] = scientist
+    checks = source_checks(accounted, table)
     counted = [c.smallest for c in checks if c.smallest is not None]
     if counted:
         details["smallest_count"] = min(counted)
-    details["failing_rows"] = int(failing_mask.sum())
-
-    notes = _hidden_notes(accounted.hidden)
-    problems = [m for c in checks for m in c.messages] + contributions.messages
-    # Small-cell suppression: only when every source asks for it, and only for aggregates.
-    suppress = (bool(fed_by) and all(p.suppress_small_groups for p in fed_by) and accounted.aggregated
-                and not any(c.rep.individual for c in checks) and bool(problems))
-    if suppress:
-        dropped = int(failing_mask.sum())
-        table = table.filter(~failing_mask)
-        rows = table.height
-        details["suppressed_groups"] = dropped
-        notes.append(f"{dropped} group(s) computed from too few rows (or with too few contributors) were "
-                     f"left out by the owner's small-group suppression")
-        problems = []
+    contributions = _check_contributions(accounted, table)
+    findings = [f for f in (check_group_size(accounted, table, checks),
+                            check_contributions(accounted, table, contributions)) if f is not None]
+    mask = pl.Series("failing", [False] * table.height, dtype=pl.Boolean)
+    for finding in findings:
+        mask = mask | finding.failing
+    details["failing_rows"] = int(mask.sum())
+    if findings and suppression_applies(accounted):
+        table = table.filter(~mask)
+        details["suppressed_groups"] = int(mask.sum())
+        details["suppressed"] = "; ".join(f.detail for f in findings)
+        findings = []
+    findings += [f for f in (check_empty(accounted, table), check_aggregates_only(accounted, table),
+                             check_rows_limit(accounted, table)) if f is not None]
     released = _wipe(table.select(accounted.columns), accounted.hidden)
-
-    # An empty result says "nobody matched": information about every source,
-    # unless no source asks for a minimum group size (K = 1 releases rows anyway).
-    if rows == 0 and any(c.source.policy.min_group_size > 1 for c in checks):
-        names = ", ".join(repr(d) for d in datasets)
-        problems.insert(0, f"the result is empty: that no row matched is itself information about {names}")
-    only_aggregates = sorted({c.source.dataset for c in checks if c.source.policy.aggregates_only})
-    if only_aggregates and not accounted.aggregated:
-        problems.append(f"the owner releases only aggregates of {', '.join(repr(d) for d in only_aggregates)} "
-                        "to you, and this result is row-level")
-    limits = [p.max_rows_released for p in fed_by if p.max_rows_released is not None]
-    if limits and rows > min(limits):
-        problems.append(f"the result has {rows} rows, more than the {min(limits)} the owner releases per request")
-
-    if not problems:
-        reason = "; ".join(dict.fromkeys(_pass_message(c, accounted.aggregated) for c in checks))
+    notes = public_notes(accounted)
+    if not findings:
+        detail = "; ".join(dict.fromkeys(_pass_message(c, accounted.aggregated) for c in checks))
         for dataset, smallest in contributions.smallest.items():
-            reason += (f"; every aggregate had at least {details['min_group_size'][dataset]} contributing rows "
+            detail += (f"; every aggregate had at least {details['min_group_size'][dataset]} contributing rows "
                        f"of {dataset!r} (smallest: {smallest})")
-        if suppress:
-            reason += f"; {details['suppressed_groups']} small group(s) suppressed"
-        return Released(released, Decision("allow", reason or "no protected source fed this result",
-                                           datasets, details), notes)
-
-    action = "reject" if only_aggregates else strictest_unsafe([p.unsafe for p in fed_by])
-    smallest_k = min((p.min_group_size for p in fed_by), default=1)
-    largest_k = max((p.min_group_size for p in fed_by), default=1)
-    allowed = (f"only non-empty aggregates over groups of at least {largest_k} rows of each source"
-               if smallest_k != largest_k else
-               f"only non-empty aggregates over groups of at least {largest_k} rows")
-    tail = {"reject": f"{allowed} are released",
-            "review": f"{allowed} are released without review",
-            "log": f"{allowed} are released without review; this result is released and logged"}[action]
-    reason = "; ".join(dict.fromkeys(problems)) + "; " + tail
-    decision = Decision(action, reason, datasets, details)
+        if "suppressed_groups" in details:
+            detail += f"; {details['suppressed_groups']} group(s) suppressed ({details['suppressed']})"
+        return Released(released, Decision("allow", public_reason(accounted, "allow"), datasets, details,
+                                           detail or "no protected source fed this result"), notes)
+    action = action_of(accounted)
+    decision = Decision(action, public_reason(accounted, action), datasets, details,
+                        "; ".join(dict.fromkeys(f.detail for f in findings)))
     if action == "reject":
-        raise BastionError("PolicyViolation", reason, **details)
+        raise _refusal(decision)
     if action == "review":
         return Held(released, decision, notes)
     return Released(released, decision, notes)
+
+
+def _refusal(decision: Decision) -> BastionError:
+    """The ``PolicyViolation`` of a rejected decision: public fields from the plan and policy, the rest the owner's."""
+    return BastionError("PolicyViolation", decision.reason, action="reject", detail=decision.detail,
+                        **decision.details)
 
 
 def decide_failed(accounted: AccountedPlan, error: BastionError, scientist: str | None = None) -> Held:
     """The decision for a query that failed while running (a runtime error is an oracle).
 
     Whether a query fails can depend on rows that would never be released
-    (a format that fails only for some values, an operation on an empty
-    selection), so a failure is answered like a result that fails the rule:
-    with the reason the plan alone gives (a row-level result is refused
-    whatever its rows), else a reason that names no value, and the sources'
-    unsafe handling.  Under ``log`` the value-free ``ExecutionError`` itself
-    is raised again: such a result would have been released anyway.
+    (a value that does not convert, an operation on an empty selection), so
+    a failure is answered exactly as a result of this plan that fails the
+    rule: the same :func:`public_reason`, the same action.  Only when nothing
+    would be withheld (no source sets K > 1 nor limits the scientist to
+    aggregates) or the action is ``log`` is the value-free error raised again.
 
     Returns
     -------
@@ -155,45 +345,25 @@ def decide_failed(accounted: AccountedPlan, error: BastionError, scientist: str 
     Raises
     ------
     BastionError
-        ``PolicyViolation`` under ``reject`` (or ``aggregates_only``), the
-        original error under ``log``.
+        ``PolicyViolation`` under ``reject``, the original error under ``log``.
     """
-    fed = [accounted.sources[s] for s in sorted(accounted.reps)]
-    datasets = tuple(dict.fromkeys(s.dataset for s in fed))
-    problems = []
-    for s, rep in sorted(accounted.reps.items()):
-        source = accounted.sources[s]
-        if source.policy.min_group_size <= 1:
-            continue
-        if rep.kind in ("implicit", "rid"):
-            problems.append(f"the result is row-level (each row comes from one row of {source.dataset!r})")
-        elif rep.individual:
-            problems.append(f"the result holds individual values of {source.dataset!r} (a list of values, first, "
-                            f"last, mode, sort_by or a window value from over), each from one row")
-    only_aggregates = any(s.policy.aggregates_only for s in fed)
-    if all(s.policy.min_group_size <= 1 for s in fed) and not only_aggregates:
+    fed = _fed(accounted)
+    action = action_of(accounted)
+    if action == "log" or (not _protected(accounted) and not any(s.policy.aggregates_only for s in fed)):
         raise error  # nothing is withheld from this scientist: the error tells nothing new
-    if not problems:
-        problems.append("the query failed while running, so its result could not be checked against the policy "
-                        "(what made it fail may depend on rows that are not released)")
-    action = "reject" if only_aggregates else strictest_unsafe([s.policy.unsafe for s in fed])
-    if action == "log" and not only_aggregates:
-        raise error
-    ks = [s.policy.min_group_size for s in fed] or [1]
-    allowed = (f"only non-empty aggregates over groups of at least {max(ks)} rows of each source"
-               if min(ks) != max(ks) else f"only non-empty aggregates over groups of at least {max(ks)} rows")
-    tail = {"reject": f"{allowed} are released", "review": f"{allowed} are released without review"}[action]
-    reason = "; ".join(dict.fromkeys(problems)) + "; " + tail
+    datasets = tuple(dict.fromkeys(s.dataset for s in fed))
     details: dict[str, Any] = {"rows": 0, "sources": list(datasets),
                                "min_group_size": {s.dataset: s.policy.min_group_size for s in fed},
-                               "aggregated": accounted.aggregated, "failed": True}
+                               "aggregated": accounted.aggregated, "failed": True,
+                               "error": error.evalue, **error.owner_details()}
     if scientist is not None:
         details["scientist"] = scientist
+    decision = Decision(action, public_reason(accounted, action), datasets, details,
+                        f"the query failed while running: {error.evalue}")
     if action == "reject":
-        raise BastionError("PolicyViolation", reason, **{k: v for k, v in details.items() if k != "failed"})
+        raise _refusal(decision)
     empty = pl.DataFrame({c: [] for c in accounted.columns}, schema={c: pl.String for c in accounted.columns})
-    return Held(empty, Decision("review", reason, datasets, details),
-                ["the query failed while running; approving it releases an empty table"])
+    return Held(empty, decision, ["the query failed while running; approving it releases an empty table"])
 
 
 @dataclass
@@ -246,9 +416,8 @@ def _check_contributions(accounted: AccountedPlan, table: pl.DataFrame) -> _Cont
     return result
 
 
-def _failing_rows(accounted: AccountedPlan, table: pl.DataFrame, checks: list["_SourceCheck"],
-                  contributions: _ContributionCheck) -> pl.Series:
-    """Which rows of the result fail the group size, contribution or dominance rule."""
+def _failing_rows(accounted: AccountedPlan, table: pl.DataFrame, checks: list["_SourceCheck"]) -> pl.Series:
+    """Which rows of the result fail the group size rule."""
     failing = pl.Series("failing", [False] * table.height, dtype=pl.Boolean)
     for check in checks:
         k = check.source.policy.min_group_size
@@ -260,12 +429,22 @@ def _failing_rows(accounted: AccountedPlan, table: pl.DataFrame, checks: list["_
         if check.rep.kind == "rid":
             values = _one_per_row_id(values)
         failing = failing | _where_present(values, values < k)
-    for bad in contributions.failing.values():
-        failing = failing | bad
     return failing
 
 
+@dataclass
+class _SourceCheck:
+    source: Source
+    rep: _Rep
+    fed_rows: int = 0
+    failing: int = 0
+    unmatched: int = 0
+    smallest: int | None = None
+    messages: list[str] = field(default_factory=list)
+
+
 def _check_source(source: Source, rep: _Rep, table: pl.DataFrame, aggregated: bool) -> _SourceCheck:
+    """The group size rule for one source; ``messages`` are for the owner (they hold counts)."""
     check = _SourceCheck(source, rep)
     k = source.policy.min_group_size
     name = source.dataset
@@ -293,10 +472,9 @@ def _check_source(source: Source, rep: _Rep, table: pl.DataFrame, aggregated: bo
             f"{check.unmatched} of {rows} rows depend on rows of {name!r} that had no match in a join "
             f"(what is missing from {name!r} is information too)")
     if rep.kind in ("implicit", "rid"):
-        check.messages.append(f"the result is row-level (each row comes from one row of {name!r})")
+        check.messages.append(f"the result is row-level ({rows} rows, each from one row of {name!r})")
     elif rep.individual:
-        check.messages.append(f"the result holds individual values of {name!r} (a list of values, first, last, "
-                              f"mode, sort_by or a window value from over), each from one row")
+        check.messages.append(f"the result holds individual values of {name!r} ({rows} rows)")
     else:
         below = check.failing - check.unmatched
         if below:
@@ -307,6 +485,7 @@ def _check_source(source: Source, rep: _Rep, table: pl.DataFrame, aggregated: bo
 
 
 def _pass_message(check: _SourceCheck, aggregated: bool) -> str:
+    """The owner's account of a source that passed the group size rule (with its smallest count)."""
     k = check.source.policy.min_group_size
     name = check.source.dataset
     if k <= 1:

@@ -10,8 +10,9 @@ comes here instead of the K-anonymity path (``executor.evaluate`` routes it)::
 
 What the owner writes (all in ``[dp]``)::
 
-    epsilon = 1.0                 # total budget of each scientist on this dataset
+    epsilon = 1.0                 # total budget of each scientist on this data
     epsilon_per_query = 0.1       # what one released query costs (default epsilon / 10)
+    epsilon_total = 3.0           # optional: what all scientists together may spend on this data
     delta = 0.0                   # total delta (0: pure DP); delta_per_query likewise
     max_rows = 100000             # a public upper bound on the number of rows
     privacy_unit_column = "patient_id"   # optional: rows of one person share this id
@@ -28,14 +29,20 @@ are accepted only inside the owner's bounds for that column (OpenDP
 calibrates the noise to whichever bounds are used, so they cannot weaken the
 guarantee, but the owner decides how much a single row may move a sum).
 
-The odometer (:class:`BudgetLedger`) is a SQLite (WAL) table in the
-workspace, one row per charged query; nothing on the wire can delete rows,
-so a scientist cannot reset it, and it survives restarts.
+The odometer (:class:`BudgetLedger`) is a SQLite (WAL, synchronous) file in
+the workspace, one row per charged query.  Spending is charged to the data,
+not to the dataset's name: an account is identified by the SHA-256 of the
+source file's content, and later versions of a file at the same path stay on
+the same account (see docs/dp.md for why).  Nothing on the wire can delete or
+reset spending; only the owner can (``bastion-owner dp reset``, audited), and
+it survives restarts.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import math
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass, field
@@ -69,6 +76,7 @@ class DPPolicy:
     epsilon: float
     max_rows: int
     epsilon_per_query: float | None = None
+    epsilon_total: float | None = None
     delta: float = 0.0
     delta_per_query: float | None = None
     privacy_unit_column: str | None = None
@@ -85,6 +93,11 @@ class DPPolicy:
             raise ValueError(f"dp.epsilon_per_query must be a number in (0, epsilon], got {per_query!r}")
         object.__setattr__(self, "epsilon_per_query", float(per_query))
         object.__setattr__(self, "epsilon", float(self.epsilon))
+        if self.epsilon_total is not None:
+            if not _is_finite(self.epsilon_total) or not self.epsilon_total >= per_query:
+                raise ValueError(f"dp.epsilon_total must be a number >= epsilon_per_query ({per_query:g}), "
+                                 f"got {self.epsilon_total!r}")
+            object.__setattr__(self, "epsilon_total", float(self.epsilon_total))
         if not _is_number(self.delta) or not 0 <= self.delta < 1:
             raise ValueError(f"dp.delta must be a number in [0, 1), got {self.delta!r}")
         delta_per_query = self.delta / 10 if self.delta_per_query is None else self.delta_per_query
@@ -134,6 +147,8 @@ class DPPolicy:
         data: dict[str, Any] = {"epsilon": self.epsilon, "epsilon_per_query": self.epsilon_per_query,
                                 "delta": self.delta, "delta_per_query": self.delta_per_query,
                                 "max_rows": self.max_rows, "max_contributions": self.max_contributions}
+        if self.epsilon_total is not None:
+            data["epsilon_total"] = self.epsilon_total
         if self.privacy_unit_column:
             data["privacy_unit_column"] = self.privacy_unit_column
         if self.bounds:
@@ -153,8 +168,8 @@ class DPPolicy:
         """Parse a ``[dp]`` table; raises ValueError naming the key (``dp.KEY: ...``)."""
         if not isinstance(data, Mapping):
             raise ValueError("[dp] must be a table")
-        known = {"epsilon", "epsilon_per_query", "delta", "delta_per_query", "max_rows", "privacy_unit_column",
-                 "max_contributions", "bounds", "public_keys"}
+        known = {"epsilon", "epsilon_per_query", "epsilon_total", "delta", "delta_per_query", "max_rows",
+                 "privacy_unit_column", "max_contributions", "bounds", "public_keys"}
         extra = set(data) - known
         if extra:
             raise ValueError(f"dp.{sorted(extra)[0]}: unknown setting; known: {', '.join(sorted(known))}")
@@ -779,16 +794,7 @@ def policy_from_options(file: str | Path, *, epsilon: float | None, epsilon_per_
     if max_rows is None:
         rows = frame.select(pl.len()).collect().item()
         max_rows = 10 ** max(1, math.ceil(math.log10(max(rows, 1) * 10)))
-    parsed_bounds = {}
-    for item in bounds:
-        column, sep, rest = str(item).partition("=")
-        low, colon, high = rest.rpartition(":") if rest.count(":") == 1 else ("", "", "")
-        try:
-            parsed_bounds[column] = [_number(low), _number(high)]
-        except ValueError:
-            raise ValueError(f"--bounds {item!r}: expected COL=LO:HI, for example age=0:100") from None
-        if not sep or not colon or not column:
-            raise ValueError(f"--bounds {item!r}: expected COL=LO:HI, for example age=0:100")
+    parsed_bounds = parse_bounds(bounds)
     keys = {}
     for item in public_keys:
         column, sep, rest = str(item).partition("=")
@@ -801,6 +807,27 @@ def policy_from_options(file: str | Path, *, epsilon: float | None, epsilon_per_
                     delta_per_query=delta / 10 if delta else 0.0, max_rows=max_rows,
                     privacy_unit_column=privacy_unit_column, max_contributions=max_contributions,
                     bounds=parsed_bounds, public_keys=keys)
+
+
+def parse_bounds(items: Iterable[str]) -> dict[str, list[int | float]]:
+    """``--bounds COL=LO:HI`` options as ``{column: [low, high]}``.
+
+    Raises
+    ------
+    ValueError
+        Naming the option that is not ``COL=LO:HI`` with finite numbers.
+    """
+    parsed = {}
+    for item in items:
+        column, sep, rest = str(item).partition("=")
+        low, colon, high = rest.rpartition(":") if rest.count(":") == 1 else ("", "", "")
+        try:
+            parsed[column] = [_number(low), _number(high)]
+        except ValueError:
+            raise ValueError(f"--bounds {item!r}: expected COL=LO:HI, for example age=0:100") from None
+        if not sep or not colon or not column:
+            raise ValueError(f"--bounds {item!r}: expected COL=LO:HI, for example age=0:100")
+    return parsed
 
 
 def _number(text: str) -> int | float:

@@ -419,9 +419,9 @@ def run(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache | None =
         if not isinstance(exc, Exception) and not is_polars_panic(exc):
             raise  # KeyboardInterrupt, SystemExit
         raise BastionError("ExecutionError",
-                           f"the query failed while running ({type(exc).__name__}); for example a strict cast or "
-                           "date parse that does not fit every value, or an operation on a type that does not "
-                           "support it. The message is generic because polars' own message can contain data values.",
+                           "the query failed while running, for example on an operation whose types do not fit; "
+                           "the message is the same for every failure because what failed can depend on rows "
+                           "that are not released",
                            error_class=type(exc).__name__) from None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import threading
 from typing import Any, Iterable, Mapping
 
@@ -22,6 +23,8 @@ from bastion_kernel.protocol import BastionError
 from . import decide, dp, engine, policy, validate
 from .model import Dataset, Held, Policy, Released
 from .validate import RESERVED_PREFIX
+
+log = logging.getLogger("bastion.executor")
 
 
 def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str,
@@ -150,8 +153,20 @@ def prepare_save(plan: Any, catalog: Mapping[str, Dataset],
     checked = validate.validate(plan, catalog, dataset_columns=cache.columns)
     accounted = policy.account(checked)
     inherited = policy.inherited_policy(accounted)  # refuse before running anything
-    table = engine.run(accounted.plan, catalog, cache, cancel=cancel,
-                       timeout=query_timeout(checked.datasets.values(), timeout))
+    try:
+        table = engine.run(accounted.plan, catalog, cache, cancel=cancel,
+                           timeout=query_timeout(checked.datasets.values(), timeout))
+    except BastionError as error:
+        if error.ename != "ExecutionError" or error.details.get("cancelled") or inherited.min_group_size <= 1:
+            raise
+        # Whether a query fails can depend on rows that are never released: a
+        # save answers the same either way.  What is kept is an empty table
+        # of the plan's columns (any later query of it is refused as empty);
+        # the failure is the owner's to read, in the save's audit entry.
+        log.warning("a save failed while running and keeps an empty table: %s %s", error.evalue,
+                    error.owner_details())
+        empty = pl.DataFrame(schema=engine.compile_plan(checked.root, catalog, cache).collect_schema())
+        return empty.select(accounted.columns), inherited
     _check_columns(table.columns, accounted.columns)
     return table.select(accounted.columns), inherited
 

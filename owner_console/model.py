@@ -5,6 +5,7 @@ exchange only these, so each can be read and tested on its own.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,6 +35,10 @@ class Policy:
         Never release a result that fails the rule, not even after review.
     ``max_rows_released``, ``max_join_rows``, ``query_timeout_seconds``
         Limits (None: no limit).
+    ``bounds``
+        Public bounds of numeric columns, ``{column: (low, high)}``: facts the
+        owner declares (not read from the data), which charts use for their
+        ranges and bins.
     ``scientists``
         Per-scientist overrides: ``{name: {setting: value}}``, applied by
         :meth:`for_scientist`.
@@ -50,6 +55,7 @@ class Policy:
     max_rows_released: int | None = None
     max_join_rows: int | None = None
     query_timeout_seconds: float | None = None
+    bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict, hash=False)
     scientists: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +84,7 @@ class Policy:
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not timeout > 0):
             raise ValueError(f"query_timeout_seconds must be a number > 0, got {timeout!r}")
+        object.__setattr__(self, "bounds", checked_bounds(self.bounds))
         checked = {}
         if not isinstance(self.scientists, Mapping):
             raise ValueError("scientists must be a table of per-scientist overrides")
@@ -112,6 +119,8 @@ class Policy:
             value = getattr(self, name)
             if value != _OPTIONAL_DEFAULTS[name]:
                 data[name] = value
+        if self.bounds:
+            data["bounds"] = {column: list(pair) for column, pair in self.bounds.items()}
         if self.scientists:
             data["scientists"] = {n: {k: (sorted(v) if k == "hidden" else v) for k, v in o.items()}
                                   for n, o in self.scientists.items()}
@@ -137,7 +146,7 @@ class Policy:
 
 _OPTIONAL_DEFAULTS: dict[str, Any] = {
     "person_id": None, "max_share": None, "suppress_small_groups": False, "aggregates_only": False,
-    "max_rows_released": None, "max_join_rows": None, "query_timeout_seconds": None,
+    "max_rows_released": None, "max_join_rows": None, "query_timeout_seconds": None, "bounds": {},
 }
 # Settings a per-scientist override may change (person_id describes the data, not the reader).
 OVERRIDABLE = ("min_group_size", "unsafe", "hidden", "allow_save", "max_share", "suppress_small_groups",
@@ -152,6 +161,28 @@ def _override_values(overrides: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError("hidden must be a list of column names")
         values["hidden"] = frozenset(hidden)
     return values
+
+
+def checked_bounds(bounds: Any) -> dict[str, tuple[float, float]]:
+    """Public column bounds as ``{column: (low, high)}``, validated.
+
+    Raises
+    ------
+    ValueError
+        Naming the entry that is not a column name with two finite numbers, low < high.
+    """
+    if not isinstance(bounds, Mapping):
+        raise ValueError("bounds must be a table of column = [low, high]")
+    checked = {}
+    for column, pair in bounds.items():
+        if not isinstance(column, str) or not column:
+            raise ValueError(f"bounds: {column!r} is not a column name")
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pair)
+                or not pair[0] < pair[1]):
+            raise ValueError(f"bounds.{column} must be [low, high] with finite numbers, low < high")
+        checked[column] = (pair[0], pair[1])
+    return checked
 
 
 def strictest_unsafe(modes: list[str]) -> str:
@@ -177,14 +208,18 @@ class Decision:
 
     ``action`` is ``"allow"`` (every released row fed by >= K rows of each
     protected source), or the unsafe handling that applied: ``"review"``,
-    ``"reject"`` or ``"log"``.  ``reason`` is a sentence for the scientist,
-    the owner's console and the audit log alike.
+    ``"reject"`` or ``"log"``.  ``reason`` is what the scientist is told: a
+    function of the plan and the policy only
+    (:func:`owner_console.decide.public_reason`).  ``detail`` (which checks
+    failed, with their counts) and ``details`` are for the owner only: the
+    console, ``bastion-owner requests`` and the audit log.
     """
 
     action: str
     reason: str
     sources: tuple[str, ...] = ()
     details: dict[str, Any] = field(default_factory=dict)
+    detail: str = ""
 
 
 @dataclass

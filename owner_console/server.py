@@ -533,7 +533,7 @@ class ExecutorServer:
                                                            scientist=request.scientist)
         except BastionError as exc:
             self.audit.append("refusal", request.scientist, request=request.msg_id, plan_hash=digest,
-                              ename=exc.ename, evalue=exc.evalue)
+                              ename=exc.ename, evalue=exc.evalue, **_owner_details(exc))
             raise
         except Exception:
             return [protocol.encode("error", self._internal_error(request, plan_hash=digest), request.msg_id)]
@@ -587,14 +587,14 @@ class ExecutorServer:
             _check_rows_released(outcome.table.height, self._limits().max_rows_released)
         except BastionError as exc:
             self.audit.append("refusal", request.scientist, request=request.msg_id, plan_hash=digest,
-                              ename=exc.ename, evalue=exc.evalue)
+                              ename=exc.ename, evalue=exc.evalue, **_owner_details(exc))
             raise
         except Exception:
             return [protocol.encode("error", self._internal_error(request, plan_hash=digest), request.msg_id)]
         decision = outcome.decision
         decided = ("decision", request.scientist, {"request": request.msg_id, "plan_hash": digest,
                                                    "action": decision.action, "reason": decision.reason,
-                                                   "sources": list(decision.sources)})
+                                                   "detail": decision.detail, "sources": list(decision.sources)})
         if not isinstance(outcome, Released):
             self.audit.append_many([decided])
         ipc = outcome.ipc if outcome.ipc is not None else self._executor.table_to_ipc(outcome.table)
@@ -628,7 +628,8 @@ class ExecutorServer:
 
         return self.store.create(scientist=request.scientist, plan=plan,
                                  plan_text=plan_to_polars_text(plan), plan_tree=plan_tree(plan),
-                                 query_text=text, reason=outcome.decision.reason, columns=columns,
+                                 query_text=text, reason=outcome.decision.reason,
+                                 detail=outcome.decision.detail, columns=columns,
                                  rows=outcome.table.height, notes=list(outcome.notes),
                                  write_result=write_result)
 
@@ -692,6 +693,12 @@ def _check_rows_released(rows: int, limit: int) -> None:
         raise BastionError("LimitExceeded", f"the result has more than {limit:,} rows, the most the executor "
                                             "releases in one request; aggregate it, filter it or take head(n)",
                            limit="max_rows_released", max_rows=limit)
+
+
+def _owner_details(exc: BastionError) -> dict:
+    """A refusal's owner-only details for its audit entry (the scientist's reply carries only the public ones)."""
+    owner = exc.owner_details()
+    return {"details": owner} if owner else {}
 
 
 def _ok(request: _Request, body: dict) -> bytes:

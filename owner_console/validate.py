@@ -446,6 +446,11 @@ class _Validator:
     def _cols_explode(self, node: dict, inputs: Any, at: str) -> tuple[str, ...]:
         if not node["columns"]:
             raise _refuse("SchemaError", "explode needs at least one column", at)
+        if len(node["columns"]) > 1:
+            # polars fails when the lists of one row differ in length: whether the query
+            # fails would depend on rows that are never released.
+            raise _refuse("UnsupportedOperation", "explode takes one column at a time (exploding several at once "
+                                                  "fails on rows whose lists differ in length)", at)
         self._no_duplicates(node["columns"], at, "explode")
         return tuple(inputs)
 

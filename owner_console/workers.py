@@ -124,12 +124,12 @@ def _catalog_from_json(data: dict) -> dict[str, Dataset]:
 
 def _decision_to_json(decision: Decision) -> dict:
     return {"action": decision.action, "reason": decision.reason, "sources": list(decision.sources),
-            "details": decision.details}
+            "details": decision.details, "detail": decision.detail}
 
 
 def _decision_from_json(data: dict) -> Decision:
     return Decision(action=data["action"], reason=data["reason"], sources=tuple(data["sources"]),
-                    details=data["details"])
+                    details=data["details"], detail=data.get("detail", ""))
 
 
 # ---------------------------------------------------------------- the worker process
@@ -161,7 +161,7 @@ def serve_worker(sock: socket.socket, shared_dir: Path) -> None:
         try:
             header, payload = _OPERATIONS[request["op"]](request, cache)
         except BastionError as exc:
-            header, payload = {"error": exc.body()}, b""
+            header, payload = {"error": exc.internal_body()}, b""
         except MemoryError:
             header, payload = {"error": BastionError(
                 "LimitExceeded", "the query needs more memory than the executor has").body()}, b""

@@ -269,7 +269,7 @@ class Workspace:
         **settings
             Optional policy settings: ``person_id``, ``max_share``,
             ``suppress_small_groups``, ``aggregates_only``, ``max_rows_released``,
-            ``max_join_rows``, ``query_timeout_seconds``, ``scientists``.
+            ``max_join_rows``, ``query_timeout_seconds``, ``bounds``, ``scientists``.
         replace : bool
             Overwrite an existing registration of ``name``.
         dp : DPPolicy or dict, optional
@@ -303,6 +303,10 @@ class Workspace:
         missing = sorted(policy.hidden - set(columns))
         if missing:
             raise WorkspaceError(f"hidden column {missing[0]!r} is not in {path.name} "
+                                 f"(columns: {', '.join(columns)})")
+        unknown_bounds = sorted(set(policy.bounds) - set(columns))
+        if unknown_bounds:
+            raise WorkspaceError(f"bounds column {unknown_bounds[0]!r} is not in {path.name} "
                                  f"(columns: {', '.join(columns)})")
         if policy.person_id is not None and policy.person_id not in columns:
             raise WorkspaceError(f"person id column {policy.person_id!r} is not in {path.name} "

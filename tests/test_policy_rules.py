@@ -55,13 +55,13 @@ def catalog(files, **policies: Policy) -> dict[str, Dataset]:
 
 
 def decision(plan, cat, scientist="alice"):
-    """(action, reason, result or None)."""
+    """(action, the owner's detail of the decision, result or None)."""
     try:
         result = executor.evaluate(plan, cat, scientist)
     except BastionError as error:
         assert error.ename == "PolicyViolation", error.evalue
-        return "reject", error.evalue, None
-    return result.decision.action, result.decision.reason, result
+        return "reject", error.details["detail"], None
+    return result.decision.action, result.decision.detail, result
 
 
 # ------------------------------------------------------------------ person id
@@ -142,7 +142,10 @@ def test_suppression_drops_small_groups_and_counts_them(files, raw):
     assert action == "allow" and isinstance(result, Released)
     assert result.table.height == sizes.height - small and result.table["n"].min() >= 10
     assert result.decision.details["suppressed_groups"] == small
-    assert any(f"{small} group(s)" in note for note in result.notes)
+    assert f"{small} group(s) suppressed" in result.decision.detail  # the count is the owner's
+    # The scientist's note is the same whether any group was dropped or not.
+    assert decide.PUBLIC_TEXTS["suppressed"] in result.notes
+    assert not any(str(small) in note for note in result.notes)
 
 
 def test_suppression_needs_every_source_to_ask_for_it(files):

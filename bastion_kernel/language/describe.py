@@ -1,26 +1,40 @@
-"""``frame.describe()``: summary statistics per column, as one aggregate on the owner's side.
+"""``frame.describe()``: summary statistics per column, as two aggregates on the owner's side.
 
-The statistics of every column are computed by the executor as ONE plan (a
-global ``select`` of aggregates), so they go through the policy like any
-aggregate: a frame with fewer rows than the owner's K is held for review, and
-statistics of hidden columns come back as ``*``.  The one released row is then
-laid out here the way ``polars.DataFrame.describe`` does: a ``statistic``
-column and one column per input column (``Float64`` for numbers and booleans,
-text otherwise).
+The statistics are computed by the executor as two plans (global ``select``s
+of aggregates), each going through the policy like any aggregate:
+
+1. the moments: ``count``, ``null_count``, ``mean``, ``std`` of every column,
+   fetched as any query (a frame with fewer rows than the owner's K waits for
+   review);
+2. the order statistics: ``min``, the 25/50/75% percentiles and ``max``.  Each
+   is one person's value unless at least K people share it, so the executor
+   releases them only then; otherwise they are held for the owner's review or
+   refused.  This request is not waited for: when it is held or refused, the
+   moments are shown at once with these rows empty and a note saying why (and
+   which request to fetch later with ``request(N)``), next to the owner's
+   public bounds of the columns when the owner declared any.
+
+Columns that a source's policy hides get no order statistics asked (shown as
+``*``).  The released rows are then laid out here the way
+``polars.DataFrame.describe`` does: a ``statistic`` column and one column per
+input column (``Float64`` for numbers and booleans, text otherwise).
 """
 from __future__ import annotations
 
 from bastion_kernel import plan as P
 
-from .errors import SchemaError
+from .errors import BastionError, SchemaError
 from .expr import is_number
 from .frame import RemoteFrame
+from .plot import hidden_columns, public_bounds
 from .registry import Context, method
-from .values import FetchedTable
+from .values import FetchedTable, RequestStatus
 
 # polars' describe rows, and how each is computed (None: not for this kind of column).
 STATISTICS = ("count", "null_count", "mean", "std", "min", "25%", "50%", "75%", "max")
 _QUANTILES = {"25%": 0.25, "50%": 0.5, "75%": 0.75}
+# Statistics that are one row's value: asked for in a request of their own (see the module's text).
+ORDER_STATISTICS = ("min", "25%", "50%", "75%", "max")
 _NUMERIC = ("Int8", "Int16", "Int32", "Int64", "Int128", "UInt8", "UInt16", "UInt32", "UInt64",
             "Float32", "Float64", "Decimal")
 _TEMPORAL = ("Date", "Datetime", "Duration", "Time")
@@ -63,11 +77,21 @@ def statistic_name(stat: str, column: str) -> str:
     return f"{stat}({column})"
 
 
-def describe_plan(frame_plan: dict, schema: list[list[str]]) -> dict:
-    """The one aggregate plan computing every statistic of every column."""
-    exprs = [P.alias(_statistic(stat, column), statistic_name(stat, column))
-             for column, dtype in schema for stat in _BY_KIND[column_kind(dtype)]]
-    return P.frame_op("select", input=frame_plan, exprs=exprs)
+def describe_plans(frame_plan: dict, schema: list[list[str]],
+                   hidden: frozenset[str] | set[str] = frozenset()) -> tuple[dict, dict | None]:
+    """The plan of the moments and the plan of the order statistics (None when no column has any).
+
+    Columns in ``hidden`` get no order statistics: their values are never released.
+    """
+    moments, order = [], []
+    for column, dtype in schema:
+        for stat in _BY_KIND[column_kind(dtype)]:
+            if stat not in ORDER_STATISTICS:
+                moments.append(P.alias(_statistic(stat, column), statistic_name(stat, column)))
+            elif column not in hidden:
+                order.append(P.alias(_statistic(stat, column), statistic_name(stat, column)))
+    return (P.frame_op("select", input=frame_plan, exprs=moments),
+            P.frame_op("select", input=frame_plan, exprs=order) if order else None)
 
 
 def describe_layout(row: dict, schema: list[list[str]]) -> dict[str, list]:
@@ -88,9 +112,15 @@ def frame_describe(ctx: Context, frame: RemoteFrame) -> FetchedTable:
     """Summary statistics of every column, computed by the owner's executor.
 
     count, null_count, mean, std, min, 25%, 50%, 75% and max per column, as
-    ``polars.DataFrame.describe`` lays them out.  They are one aggregate over
-    the whole frame: released when it has enough rows for the owner's policy
-    (else held for review), with hidden columns' statistics shown as ``*``.
+    ``polars.DataFrame.describe`` lays them out.  They are two aggregates
+    over the whole frame.  count, null_count, mean and std are released when
+    the frame has enough rows for the owner's policy (else held for review).
+    min, the percentiles and max are order statistics, each one person's
+    value unless at least K people share it: they are asked for separately
+    and released only where the owner's policy allows; when they are held for
+    review or refused, their rows stay empty and a note says why (a held
+    request is fetched later with ``request(N)``) and gives the owner's public
+    bounds of the columns, if declared.  Hidden columns' statistics show ``*``.
 
     Returns
     -------
@@ -106,11 +136,47 @@ def frame_describe(ctx: Context, frame: RemoteFrame) -> FetchedTable:
     schema = ctx.schema(frame.plan)
     if not schema:
         raise SchemaError("describe(): the frame has no columns")
-    fetched = ctx.session.fetch(describe_plan(frame.plan, schema), ctx.cell_text)
-    rows = [] if fetched.frame is None else list(fetched.frame.iter_rows(named=True))
-    layout = describe_layout(rows[0] if rows else {}, schema)
+    hidden = hidden_columns(ctx, frame) & {column for column, _ in schema}
+    moments_plan, order_plan = describe_plans(frame.plan, schema, hidden)
+    fetched = ctx.session.fetch(moments_plan, ctx.cell_text)
+    row = _released_row(fetched)
+    notes = list(fetched.notes)
+    for column, dtype in schema:
+        if column in hidden:
+            row.update({statistic_name(stat, column): "*" for stat in _BY_KIND[column_kind(dtype)]
+                        if stat in ORDER_STATISTICS})
+    if order_plan is not None:
+        withheld = None
+        try:
+            ordered = ctx.session.fetch(order_plan, ctx.cell_text, wait=False)
+        except BastionError as exc:
+            if exc.ename != "PolicyViolation":
+                raise
+            withheld = f"the owner's policy refused them: {exc.evalue}"
+        else:
+            if isinstance(ordered, RequestStatus):
+                withheld = (f"they wait for the owner's review as request #{ordered.request_id}; "
+                            f"request({ordered.request_id}) fetches them")
+            else:
+                row.update(_released_row(ordered))
+                notes += [note for note in ordered.notes if note not in notes]
+        if withheld is not None:
+            notes.append(f"min, 25%, 50%, 75% and max are not shown: {withheld}. They are order statistics, "
+                         "one person's value unless at least K people share it")
+            declared = [(column, public_bounds(ctx, frame, column)) for column, _ in schema]
+            declared = [f"{column} {low:g} to {high:g}" for column, pair in declared if pair is not None
+                        for low, high in [pair]]
+            if declared:
+                notes.append(f"the owner's public bounds (declared, not computed from the data): {', '.join(declared)}")
+    layout = describe_layout(row, schema)
     import polars  # lays out released values only, as the client decodes them; not needed to import the language
     table = polars.DataFrame(layout, schema={
         name: polars.Float64 if name != "statistic" and all(v is None or isinstance(v, float) for v in values)
         else polars.String for name, values in layout.items()})
-    return FetchedTable(frame=table, notes=list(fetched.notes), request_id=fetched.request_id)
+    return FetchedTable(frame=table, notes=notes, request_id=fetched.request_id)
+
+
+def _released_row(fetched: FetchedTable) -> dict:
+    """The one row of a released global aggregate ({} when nothing came back)."""
+    rows = [] if fetched.frame is None else list(fetched.frame.iter_rows(named=True))
+    return dict(rows[0]) if rows else {}

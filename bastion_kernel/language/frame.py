@@ -377,7 +377,7 @@ def frame_explode(ctx: Context, frame: RemoteFrame, columns: Any, *more_columns:
     Parameters
     ----------
     columns : str or list of str
-        The list column(s) to explode.
+        The list column to explode (one: several at once would fail on rows whose lists differ in length).
     *more_columns : str
         More list columns.
 
@@ -393,6 +393,9 @@ def frame_explode(ctx: Context, frame: RemoteFrame, columns: Any, *more_columns:
     names = _names([columns, *more_columns], "explode()")
     if not names:
         raise SchemaError("explode() needs at least one column name")
+    if len(names) > 1:
+        raise UnsupportedOperation("explode() takes one column at a time: exploding several at once fails on "
+                                   "rows whose lists differ in length, which would tell about those rows")
     return RemoteFrame(P.frame_op("explode", input=frame.plan, columns=names))
 
 

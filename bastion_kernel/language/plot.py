@@ -4,10 +4,16 @@ Each chart method builds ordinary aggregate plans (a ``group_by`` over bin or
 category keys) and fetches them through the session: the same validation,
 policy and audit path as any ``.fetch()``, so a chart draws only what the
 owner's policy releases.  Histograms and heatmaps place their bin edges from
-the column's min and max, fetched first as a global aggregate (released under
-the policy too), unless ``range=`` gives them.  Bins are computed with plan
-arithmetic the executor already knows: ``(x - low) // width``, clipped to the
-last bin and cast to an integer bin index.
+public facts only: the ``range=`` the scientist gives, else the owner's
+declared public bounds of the column (``--bounds COL=LO:HI``, read from the
+``datasets`` reply); never from the data's min and max, which are one
+person's values.  Without either the chart is refused here.  Bins are
+computed with plan arithmetic the executor already knows: ``(x - low) //
+width``, clipped to the last bin and cast to an integer bin index.
+
+Box plots and ``agg="min"/"max"/"median"`` release order statistics: the
+executor releases one only where at least K people share its value, else
+holds the chart for review or refuses it; the chart says so.
 
 A method returns a :class:`~bastion_kernel.language.values.Chart`: a Vega-Lite
 v5 spec without data and the released rows; :mod:`bastion_kernel.display`
@@ -26,7 +32,7 @@ from .errors import SchemaError, UnsupportedOperation, suggest
 from .expr import describe_value, is_number, to_node
 from .frame import RemoteFrame
 from .registry import Context, method, prop
-from .values import Chart
+from .values import Chart, RequestStatus
 
 MAX_BINS = 200
 VEGA_LITE_SCHEMA = "https://vega.github.io/schema/vega-lite/v5.json"
@@ -35,6 +41,10 @@ AGGREGATIONS = ("mean", "sum", "median", "min", "max", "std", "var", "count", "n
 BOX_STATS = (("min", "min", None), ("q1", "quantile", 0.25), ("median", "quantile", 0.5),
              ("q3", "quantile", 0.75), ("max", "max", None))
 BOX_INTERPOLATION = "linear"
+# agg= names whose value is one row's value (the executor's order-statistic rule applies).
+ORDER_AGGREGATIONS = ("median", "min", "max")
+ORDER_STATISTICS_RULE = ("order statistics: the owner's executor releases one at once only where at least K "
+                         "people share its value; otherwise the policy holds it for review or refuses it")
 _NUMERIC = ("Int8", "Int16", "Int32", "Int64", "Int128", "UInt8", "UInt16", "UInt32", "UInt64",
             "Float32", "Float64", "Decimal")
 _TEMPORAL = ("Date", "Datetime")

@@ -18,8 +18,12 @@ class Session(Protocol):
     def schema(self, plan: dict) -> list[list[str]]:
         """The output schema of a plan, ``[[column, dtype], ...]``, computed by the executor."""
 
-    def fetch(self, plan: dict, text: str) -> FetchedTable:
+    def fetch(self, plan: dict, text: str, wait: bool = True) -> FetchedTable | RequestStatus:
         """Run a plan through the policy; block while the owner reviews it.
+
+        With ``wait=False`` a result held for review is not waited for: its
+        :class:`RequestStatus` (``pending``) is returned at once, and
+        ``request(id)`` fetches it later.
 
         Raises ``BastionError`` (``PolicyViolation``, ``ReviewRejected``, ...)
         or ``KeyboardInterrupt`` when the wait is interrupted (the request
