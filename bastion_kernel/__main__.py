@@ -1,7 +1,5 @@
 """Launch the Bastion kernel: ``python -m bastion_kernel -f CONNECTION_FILE``."""
-from ipykernel.kernelapp import IPKernelApp
-
-from .kernel import BastionKernel
+from .kernel import BastionKernel, BastionKernelApp
 
 if __name__ == "__main__":
-    IPKernelApp.launch_instance(kernel_class=BastionKernel)
+    BastionKernelApp.launch_instance(kernel_class=BastionKernel)

@@ -318,6 +318,9 @@ class ExecutorClient:
             raise BastionError("ProtocolError", "the executor's budget reply is malformed")
         names = ["name", "epsilon_total", "epsilon_spent", "epsilon_remaining", "epsilon_per_query",
                  "queries_left"]
+        if any(d.get("shared_epsilon_total") is not None for d in datasets):
+            # The owner's bound on all scientists together, and what all of them have left of it.
+            names[-1:-1] = ["shared_epsilon_total", "shared_epsilon_remaining"]
         notes = [] if datasets else ["no dataset of this executor is differentially private"]
         return FetchedTable(frame=_json_table([{n: d.get(n) for n in names} for d in datasets], names),
                             notes=notes)

@@ -136,9 +136,18 @@ def load_config(path: str | os.PathLike | None = None) -> ScientistConfig:
     ConfigError
         With a message that names the problem and how to fix it.
     """
-    path = Path(path).expanduser() if path is not None else config_path()
+    from_environment = path is None and bool(os.environ.get(ENV_VAR))
+    given = Path(path).expanduser() if path is not None else config_path()
+    # Every message names the absolute path looked in: a relative $BASTION_CONFIG is read from the
+    # kernel's working directory (the notebook's folder), which is rarely where it was written.
+    path = given.absolute()
     if not path.is_file():
-        raise ConfigError(f"no Bastion connection is configured: {path} does not exist; {CONNECT_HINT}")
+        origin = ""
+        if not given.is_absolute():
+            source = f"${ENV_VAR}={os.environ[ENV_VAR]!r}" if from_environment else repr(str(given))
+            origin = (f" ({source} is a relative path, read from the kernel's working directory {Path.cwd()}; "
+                      "give an absolute path)")
+        raise ConfigError(f"no Bastion connection is configured: {path} does not exist{origin}; {CONNECT_HINT}")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:

@@ -13,7 +13,7 @@ import html
 import math
 from typing import Any
 
-from .language.values import Chart, DatasetList, FetchedTable, RequestStatus
+from .language.values import Chart, DatasetList, FetchedTable, HelpText, Printed, RequestStatus
 
 HTML_MAX_ROWS = 50           # rows shown in the HTML table
 RESOURCE_MAX_ROWS = 10_000   # rows carried in the data resource
@@ -55,7 +55,15 @@ def mime_bundle(value: Any) -> dict[str, Any]:
         return dataset_list_bundle(value)
     if isinstance(value, RequestStatus):
         return {"text/plain": request_status_text(value)}
+    if isinstance(value, HelpText):
+        return {"text/plain": value.text}
     return {"text/plain": repr(value)}
+
+
+def printed_text(printed: Printed) -> str:
+    """What ``print(...)`` writes: strings as they are, other values as their plain-text display."""
+    parts = [value if isinstance(value, str) else mime_bundle(value)["text/plain"] for value in printed.values]
+    return printed.sep.join(parts) + printed.end
 
 
 # -- tables -----------------------------------------------------------------

@@ -9,11 +9,14 @@ Python, registers no comm targets and offers no debugger or subshells.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
+import logging
 import traceback
 import uuid
 from dataclasses import dataclass
 from importlib import metadata
 
+from ipykernel.kernelapp import IPKernelApp
 from ipykernel.kernelbase import Kernel
 from traitlets import Float
 
@@ -21,6 +24,7 @@ from . import display
 from .client import ConfiguredSession
 from .config import ConfigError
 from .language.interpreter import Interpreter
+from .language.values import HelpText
 from .protocol import BastionError
 
 HISTORY_SESSION = 1  # one in-memory history session per kernel process
@@ -80,6 +84,7 @@ class BastionKernel(Kernel):
         self.executor_session.on_wait = self._on_wait
         self.executor_session.on_progress = self._on_progress
         self.interpreter = Interpreter(self.executor_session)
+        self.interpreter.ctx.on_output = self._on_output
         self._history: list[list] = []  # [line, input, output text or None]
         self._silent = False
         self._wait: _Wait | None = None
@@ -122,7 +127,10 @@ class BastionKernel(Kernel):
             return self._error_reply("InternalError", f"{type(exc).__name__}: {exc}",
                                      ["".join(lines).rstrip(), f"InternalError: {type(exc).__name__}: {exc}"])
         self._end_wait("approved by the owner")
-        if bundle is not None:
+        if isinstance(value, HelpText):
+            # Help is shown as IPython shows x?: an output of the cell, not its value (no Out[n]).
+            self._on_output("display", value)
+        elif bundle is not None:
             entry[2] = bundle.get("text/plain")
             if not silent:
                 self.send_response(self.iopub_socket, "execute_result", {
@@ -145,6 +153,17 @@ class BastionKernel(Kernel):
                       f"on the executor: request({wait.request_id}) fetches it later")
             self._end_wait(f"still pending; request({wait.request_id}) fetches it later")
         return self._error_reply("KeyboardInterrupt", evalue, [f"KeyboardInterrupt: {evalue}"])
+
+    def _on_output(self, kind: str, value: object) -> None:
+        """What ``print`` (``"stream"``) and ``display`` (``"display"``) show while the cell runs."""
+        if self._silent:
+            return
+        if kind == "stream":
+            self.send_response(self.iopub_socket, "stream",
+                               {"name": "stdout", "text": display.printed_text(value)})
+        else:
+            self.send_response(self.iopub_socket, "display_data",
+                               {"data": display.mime_bundle(value), "metadata": {}})
 
     # -- waiting for the owner -----------------------------------------------------
 
@@ -268,3 +287,46 @@ class BastionKernel(Kernel):
     async def do_shutdown(self, restart):
         self.executor_session.close()
         return {"status": "ok", "restart": restart}
+
+
+_UNENCRYPTED_WARNING = "Kernel is running over TCP without encryption"
+
+
+class _DropUnencryptedWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_UNENCRYPTED_WARNING)
+
+
+class BastionKernelApp(IPKernelApp):
+    """ipykernel's application, with its warning about unencrypted TCP explained where it does not apply.
+
+    The warning concerns the sockets between Jupyter and this kernel.  When
+    they listen on a loopback address (the usual set-up: JupyterLab starts
+    the kernel on the same machine) nothing leaves the machine, and the
+    scientist's queries to the owner's executor travel on a separate
+    connection that is always CURVE-encrypted and authenticated.  The kernel
+    then logs that fact instead; on any other address ipykernel's warning
+    stays, because it is true there.
+    """
+
+    def init_sockets(self) -> None:
+        if self.transport != "tcp" or self.curve_secretkey is not None or not _is_loopback(self.ip):
+            super().init_sockets()
+            return
+        quiet = _DropUnencryptedWarning()
+        self.log.addFilter(quiet)
+        try:
+            super().init_sockets()
+        finally:
+            self.log.removeFilter(quiet)
+        self.log.info("Jupyter talks to this kernel over local TCP on %s (loopback: nothing leaves this machine); "
+                      "queries to the data owner's executor use their own CURVE-encrypted connection", self.ip)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -63,6 +63,9 @@ PLAN_VERSION = 1
 MAX_PLAN_DEPTH = 64
 MAX_PLAN_NODES = 2000
 MAX_NAME_LENGTH = 256
+# The largest plan the executor takes, in bytes of its canonical JSON (:func:`canonical_json`): the
+# audit log keeps every distinct plan once, whole, so this bounds its largest entry.
+MAX_PLAN_BYTES = 256 * 1024
 
 JOIN_HOWS = ("inner", "left", "full", "semi", "anti", "cross")
 
@@ -102,9 +105,10 @@ class FunctionSpec:
       ``dp.mean``, ``dp.quantile``), computed by OpenDP on a dataset with a DP
       policy only (``owner_console.dp``); the K-anonymity path refuses it.
 
-    ``counts_only`` marks aggregations whose value does not reveal the values
-    of their input column (``count``, ``null_count``, ``n_unique``): a hidden
-    column may feed them.
+    ``counts_only`` marks aggregations whose value does not carry the values
+    of their input column (``count``, ``null_count``, ``n_unique``): their
+    result has no lineage.  They still read the column, so a hidden column
+    may not feed them (it is usable only as a join key).
     """
 
     kind: str

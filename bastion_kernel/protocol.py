@@ -26,7 +26,10 @@ Request kinds (scientist -> executor)
                     differentially private query would cost and its expected error; spends nothing
 ``budget``          ``{}`` -> ``ok`` ``{"datasets": [{"name", "epsilon_total", "epsilon_spent",
                     "epsilon_remaining", "epsilon_per_query", "delta_total", "delta_spent",
-                    "queries_left"}]}``: the scientist's privacy budget on each DP dataset
+                    "shared_epsilon_total", "shared_epsilon_remaining", "queries_left"}]}``: the
+                    scientist's privacy budget on each DP dataset (``epsilon_total``: the
+                    per-scientist bound; ``shared_*``: the bound on all scientists together, null
+                    when the owner set none)
 
 Reply kinds (executor -> scientist)
 -----------------------------------

@@ -29,7 +29,7 @@ from typing import Any, Callable
 from bastion_kernel.plan import canonical_json, plan_hash as compute_plan_hash
 
 STATUSES = ("pending", "approved", "rejected", "released", "expired")
-_SCHEMA_VERSION = 3
+_SCHEMA_VERSION = 4
 # Columns every schema version has, in the order of schema 1 (copied by the migration).
 _V1_COLUMNS = ("id, scientist, status, plan_json, plan_hash, plan_text, plan_tree, query_text, reason,"
                " columns_json, rows, notes_json, result_sha256, asked_at, decided_at, decided_by,"
@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS requests (
     decision_reason TEXT,
     released_at     TEXT,
     expired_at      TEXT,
-    detail          TEXT NOT NULL DEFAULT ''
+    detail          TEXT NOT NULL DEFAULT '',
+    scientist_key   TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS requests_status ON requests (status);
 """
@@ -76,7 +77,10 @@ class Request:
     of the held table's Arrow IPC bytes, so what is released is what was
     reviewed.  ``reason`` is what the scientist was told (a function of the
     plan and the policy); ``detail`` says what failed, with its counts, for
-    the owner only.
+    the owner only.  ``scientist_key`` is the Z85 CURVE key that asked (empty
+    for requests stored before keys were recorded): only that key is ever
+    served the request, so a removed or rotated key's requests are served to
+    no one.
     """
 
     id: int
@@ -99,6 +103,7 @@ class Request:
     released_at: str | None
     expired_at: str | None = None
     detail: str = ""
+    scientist_key: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
@@ -133,6 +138,7 @@ class ApprovalStore:
         try:
             _migrate_schema_1(conn)
             _migrate_schema_2(conn)
+            _migrate_schema_3(conn)
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
@@ -162,7 +168,7 @@ class ApprovalStore:
     # -- writing -----------------------------------------------------------
     def create(self, *, scientist: str, plan: Any, plan_text: str, plan_tree: Any, query_text: str,
                reason: str, columns: list, rows: int, notes: list[str],
-               write_result: Callable[[int], str], detail: str = "") -> int:
+               write_result: Callable[[int], str], detail: str = "", scientist_key: str = "") -> int:
         """Store a new pending request and return its id.
 
         ``write_result(id)`` is called inside the transaction, with the new
@@ -175,11 +181,12 @@ class ApprovalStore:
         try:
             cursor = conn.execute(
                 "INSERT INTO requests (scientist, status, plan_json, plan_hash, plan_text, plan_tree,"
-                " query_text, reason, detail, columns_json, rows, notes_json, result_sha256, asked_at)"
-                " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '', ?)",
+                " query_text, reason, detail, columns_json, rows, notes_json, result_sha256, asked_at,"
+                " scientist_key) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '', ?, ?)",
                 (scientist, canonical_json(plan).decode("utf-8"), compute_plan_hash(plan),
                  str(plan_text), json.dumps(plan_tree), str(query_text), str(reason), str(detail),
-                 json.dumps([list(c) for c in columns]), int(rows), json.dumps(list(notes)), utc_now()))
+                 json.dumps([list(c) for c in columns]), int(rows), json.dumps(list(notes)), utc_now(),
+                 str(scientist_key)))
             request_id = int(cursor.lastrowid)
             digest = write_result(request_id)
             conn.execute("UPDATE requests SET result_sha256 = ? WHERE id = ?", (str(digest), request_id))
@@ -205,9 +212,12 @@ class ApprovalStore:
         """Record that an approved request's table was sent; a request is released once."""
         return self._transition(request_id, "approved", "released", "released_at = ?", (utc_now(),))
 
-    def expire(self, request_id: int) -> Request:
-        """Mark an approved, not yet released request as expired; it can no longer be released."""
-        return self._transition(request_id, "approved", "expired", "expired_at = ?", (utc_now(),))
+    def expire(self, request_id: int, before_commit: Callable[[Request], Any] | None = None) -> Request:
+        """Mark an approved, not yet released request as expired; it can no longer be released.
+
+        ``before_commit``: as in :meth:`decide`.
+        """
+        return self._transition(request_id, "approved", "expired", "expired_at = ?", (utc_now(),), before_commit)
 
     def expire_approved(self, ttl_seconds: float, now: _dt.datetime | None = None) -> list[Request]:
         """Expire every approval older than ``ttl_seconds``; returns the requests expired now.
@@ -337,6 +347,45 @@ def sweep_expired(store: ApprovalStore, audit: Any, ttl_seconds: float,
     return expired
 
 
+def withdraw_requests(store: ApprovalStore, audit: Any, scientist: str, reason: str, by: str,
+                      result_path: Callable[[int], Path], keep_key: str | None = None) -> list[Request]:
+    """Withdraw a scientist's open requests when their key is removed or replaced.
+
+    Every pending request of ``scientist`` is rejected (``rejection``) and
+    every approved, not yet released one expired (``expiry``), each with
+    ``reason`` and audited inside its transaction; held tables of expired
+    requests are deleted.  Requests asked with ``keep_key`` (the new key of
+    a rotation) are left alone.  The executor serves a request only to the
+    key that asked it, so this is for the owner's queue: nothing withdrawn
+    stays waiting for a decision that can no longer reach anyone.
+
+    Returns
+    -------
+    list of Request
+        The requests withdrawn, after the change.
+    """
+    withdrawn = []
+    for request in store.list():
+        if request.scientist != scientist or request.status not in ("pending", "approved"):
+            continue
+        if keep_key is not None and request.scientist_key == keep_key:
+            continue
+
+        def audited(changed: Request) -> None:
+            audit.append("expiry", changed.scientist, request_id=changed.id, plan_hash=changed.plan_hash,
+                         decided_at=changed.decided_at, reason=reason, by=by)
+
+        try:
+            if request.status == "pending":
+                withdrawn.append(record_decision(store, audit, request.id, False, reason, by=by))
+            else:
+                withdrawn.append(store.expire(request.id, before_commit=audited))
+                Path(result_path(request.id)).unlink(missing_ok=True)
+        except ApprovalError:  # decided, released or expired meanwhile
+            continue
+    return withdrawn
+
+
 def describe_seconds(seconds: float) -> str:
     """``604800`` -> ``"7 days"``: a duration in the largest whole unit."""
     seconds = int(seconds)
@@ -386,6 +435,13 @@ def _migrate_schema_2(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE requests ADD COLUMN detail TEXT NOT NULL DEFAULT ''")
 
 
+def _migrate_schema_3(conn: sqlite3.Connection) -> None:
+    """Give a schema-3 ``requests`` table the ``scientist_key`` column (empty for older requests)."""
+    columns = {row["name"] for row in conn.execute("PRAGMA table_info(requests)")}
+    if columns and "scientist_key" not in columns:
+        conn.execute("ALTER TABLE requests ADD COLUMN scientist_key TEXT NOT NULL DEFAULT ''")
+
+
 def _check_id(request_id: Any) -> int:
     if isinstance(request_id, bool) or not isinstance(request_id, int) or not 0 < request_id < 2**63:
         raise ApprovalError(f"invalid request id {request_id!r}")
@@ -401,4 +457,5 @@ def _to_request(row: sqlite3.Row) -> Request:
         result_sha256=row["result_sha256"], asked_at=row["asked_at"], decided_at=row["decided_at"],
         decided_by=row["decided_by"], decision_reason=row["decision_reason"],
         released_at=row["released_at"], expired_at=row["expired_at"] if "expired_at" in row.keys() else None,
-        detail=row["detail"] if "detail" in row.keys() else "")
+        detail=row["detail"] if "detail" in row.keys() else "",
+        scientist_key=row["scientist_key"] if "scientist_key" in row.keys() else "")

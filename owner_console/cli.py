@@ -10,15 +10,16 @@ import argparse
 import datetime as _dt
 import json
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from owner_console.approvals import ApprovalError, record_decision
+from owner_console.approvals import ApprovalError, record_decision, withdraw_requests
 from owner_console.audit import read_entries, verify
 from owner_console.model import UNSAFE_MODES
-from owner_console.workspace import Workspace, WorkspaceError, check_name
+from owner_console.workspace import Workspace, WorkspaceError, check_name, read_public_key
 
 READY_LINE = "bastion executor listening on {endpoint}"
 
@@ -50,19 +51,38 @@ def cmd_dataset_add(args: argparse.Namespace) -> int:
         settings["bounds"] = _public_bounds(args.bounds)
     dataset = workspace.add_dataset(args.name, args.file, min_group_size=args.min_group_size,
                                     hidden=args.hide, unsafe=args.unsafe, allow_save=not args.no_save,
-                                    dp=dp_policy,
+                                    dp=dp_policy, dominance=not args.no_dominance,
                                     **{k: v for k, v in settings.items() if v not in (None, False)})
     print(f"registered dataset {dataset.name!r} ({dataset.format}, {dataset.path}): {_policy_text(dataset.policy)}")
     if dataset.dp is not None:
-        print(f"differential privacy: epsilon {dataset.dp.epsilon:g} per scientist, "
+        total = "" if dataset.dp.epsilon_total is None else \
+            f", {dataset.dp.epsilon_total:g} for all scientists together"
+        print(f"differential privacy: epsilon {dataset.dp.epsilon:g} per scientist{total}, "
               f"{dataset.dp.epsilon_per_query:g} per query; only DP aggregates are released")
+        # Hash the file now, so that no query has to; a file already known shares its spending.
+        from owner_console.dp import BudgetLedger
+        ledger = BudgetLedger(workspace.dp_ledger_path)
+        version = ledger.version(dataset.path)
+        print(f"privacy spending is charged to the data (SHA-256 {version.content_hash[:16]}...), "
+              "under every name it is registered with")
+        bounds = ("epsilon", "epsilon_per_query", "epsilon_total", "delta")
+        sharing = {name: other for name, other in workspace.catalog_with_errors()[0].items()
+                   if name != dataset.name and other.dp is not None
+                   and _account_or_none(ledger, other) == version.account}
+        if sharing:
+            print(f"the same data is registered as: {', '.join(sorted(sharing))} (one budget for all)")
+        differing = sorted(name for name, other in sharing.items()
+                           if any(getattr(other.dp, b) != getattr(dataset.dp, b) for b in bounds))
+        if differing:
+            print(f"warning: {', '.join(differing)} over the same data has other budget settings; a query is "
+                  "checked against the bounds of the name it uses", file=sys.stderr)
     return 0
 
 
 def _dp_policy(args: argparse.Namespace):
     """The ``--privacy dp`` options as a DPPolicy (None for the default privacy mode)."""
-    dp_options = (args.epsilon, args.epsilon_per_query, args.delta, args.privacy_unit_column,
-                  args.max_contributions, args.max_rows, args.public_keys or None)
+    dp_options = (args.epsilon, args.epsilon_per_query, args.epsilon_total, args.delta,
+                  args.privacy_unit_column, args.max_contributions, args.max_rows, args.public_keys or None)
     if args.privacy != "dp":
         if any(option is not None for option in dp_options):
             raise UsageError("--epsilon, --delta, --public-keys and the other DP options need --privacy dp")
@@ -72,6 +92,7 @@ def _dp_policy(args: argparse.Namespace):
         raise UsageError(f"{args.file}: no such file")
     try:
         return policy_from_options(args.file, epsilon=args.epsilon, epsilon_per_query=args.epsilon_per_query,
+                                   epsilon_total=args.epsilon_total,
                                    delta=args.delta or 0.0, max_rows=args.max_rows,
                                    privacy_unit_column=args.privacy_unit_column,
                                    max_contributions=args.max_contributions or 1, bounds=args.bounds,
@@ -126,9 +147,54 @@ def _policy_text(policy) -> str:
 
 def cmd_scientist_add(args: argparse.Namespace) -> int:
     workspace = _workspace(args)
-    key = workspace.add_scientist(args.name, args.public_key_file)
-    print(f"allowed scientist {args.name!r} with CURVE key {key.decode('ascii')}")
+    key = read_public_key(args.public_key_file)
+    other = workspace.scientists().get(key)
+    if other is not None and other != args.name:
+        raise UsageError(f"this key is already registered for scientist {other!r}")
+    if other == args.name:
+        print(f"scientist {args.name!r} is already allowed with CURVE key {key.decode('ascii')}")
+        return 0
+    registered = (workspace.scientists_dir / f"{args.name}.toml").is_file()
+    previous = workspace.scientist_key(args.name)
+    # Audited before the key is allowed: a grant the log cannot record does not happen.
+    workspace.audit_log().append("access", args.name, action="rotated" if registered else "granted",
+                                 key=key.decode("ascii"),
+                                 **({"previous_key": previous.decode("ascii")} if previous else {}))
+    workspace.add_scientist(args.name, args.public_key_file, replace=True)
+    if not registered:
+        print(f"allowed scientist {args.name!r} with CURVE key {key.decode('ascii')}")
+        return 0
+    withdrawn = _withdraw(workspace, args.name, "the scientist's key was replaced", "scientist add (rotation)",
+                          keep_key=key.decode("ascii"))
+    print(f"replaced the CURVE key of scientist {args.name!r} with {key.decode('ascii')}; the old key is refused "
+          f"from its next message on{withdrawn}")
     return 0
+
+
+def cmd_scientist_remove(args: argparse.Namespace) -> int:
+    workspace = _workspace(args)
+    # Removed first, audited after: a revocation must not wait on the log.
+    key = workspace.remove_scientist(args.name)
+    workspace.audit_log().append("access", args.name, action="revoked",
+                                 **({"key": key.decode("ascii")} if key else {}))
+    withdrawn = _withdraw(workspace, args.name, "the scientist's key was removed", "scientist remove")
+    print(f"removed scientist {args.name!r}: their key is refused from its next message on, open connections "
+          f"included{withdrawn}")
+    return 0
+
+
+def _withdraw(workspace: Workspace, name: str, reason: str, by: str, keep_key: str | None = None) -> str:
+    """Withdraw a scientist's open requests (see approvals.withdraw_requests); a note for the owner."""
+    store = workspace.approvals()
+    try:
+        withdrawn = withdraw_requests(store, workspace.audit_log(), name, reason, by, workspace.result_path,
+                                      keep_key=keep_key)
+    finally:
+        store.close()
+    if not withdrawn:
+        return ""
+    return f"; withdrew their open request{'s' if len(withdrawn) > 1 else ''} " + \
+        ", ".join(f"#{r.id} ({r.status})" for r in withdrawn)
 
 
 def cmd_scientist_list(args: argparse.Namespace) -> int:
@@ -195,6 +261,78 @@ def cmd_reject(args: argparse.Namespace) -> int:
     if not args.reason.strip():
         raise UsageError("--reason must say why (the scientist sees it)")
     return _decide(args, False, args.reason)
+
+
+def _dp_dataset(workspace: Workspace, name: str):
+    toml_path = workspace.datasets_dir / f"{name}.toml"
+    if not toml_path.is_file():
+        raise UsageError(f"no dataset {name!r} in {workspace.path}")
+    dataset = workspace.load_dataset(toml_path)
+    if dataset.dp is None:
+        raise UsageError(f"dataset {name!r} is not differentially private: it has no privacy budget")
+    return dataset
+
+
+def _dp_ledger(workspace: Workspace, catalog: dict):
+    """The workspace's privacy odometer, with spends recorded by dataset name moved onto their data."""
+    from bastion_kernel.protocol import BastionError
+    from owner_console import dp
+
+    ledger = dp.BudgetLedger(workspace.dp_ledger_path)
+    try:
+        dp.adopt_legacy_spends(ledger, catalog)
+    except BastionError as exc:  # a registered file that cannot be read
+        raise UsageError(exc.evalue) from None
+    return ledger
+
+
+def cmd_dp_show(args: argparse.Namespace) -> int:
+    workspace = _workspace(args)
+    catalog, _ = workspace.catalog_with_errors()
+    names = [args.name] if args.name else sorted(n for n, d in catalog.items() if d.dp is not None)
+    ledger = _dp_ledger(workspace, catalog)
+    for name in names:
+        dataset = _dp_dataset(workspace, name)
+        version = ledger.version(dataset.path)
+        spending = ledger.spending(version)
+        total = math.fsum(e for e, _ in spending.values())
+        bound = "no total" if dataset.dp.epsilon_total is None else f"total {dataset.dp.epsilon_total:g}"
+        print(f"{name}\tdata {version.account[:16]}\tepsilon {total:g} spent by all scientists "
+              f"({bound}; {dataset.dp.epsilon:g} per scientist)")
+        for scientist, (epsilon, delta) in spending.items():
+            print(f"    {scientist}\tepsilon {epsilon:g}\tdelta {delta:g}")
+    return 0
+
+
+def cmd_dp_reset(args: argparse.Namespace) -> int:
+    workspace = _workspace(args)
+    dataset = _dp_dataset(workspace, args.name)
+    catalog = workspace.catalog_with_errors()[0]
+    ledger = _dp_ledger(workspace, catalog)
+    version = ledger.version(dataset.path)
+    sharing = sorted(name for name, other in catalog.items()
+                     if other.dp is not None and _account_or_none(ledger, other) == version.account)
+    audit = workspace.audit_log()
+
+    def record(summary: dict) -> None:
+        audit.append("budget_reset", args.scientist, dataset=dataset.name, datasets=sharing or [dataset.name],
+                     data=summary["account"], content_hash=version.content_hash, path=version.path,
+                     queries=summary["queries"], cleared=summary["epsilon"], reason=args.reason)
+
+    summary = ledger.reset(version, args.scientist, record=record)
+    whose = f"scientist {args.scientist!r}" if args.scientist else "every scientist"
+    print(f"reset the privacy budget of {whose} on the data of {dataset.name!r} "
+          f"({summary['queries']} charged queries cleared; recorded in the audit log)")
+    if len(sharing) > 1:
+        print(f"the same data is registered as: {', '.join(sharing)}; their spending was reset too")
+    return 0
+
+
+def _account_or_none(ledger, dataset) -> str | None:
+    try:
+        return ledger.version(dataset.path).account
+    except OSError:  # an unreadable file shares no account that can be named here
+        return None
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -310,14 +448,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a column identifying a person (one person may have many rows): K counts people")
     p.add_argument("--suppress-small-groups", action="store_true",
                    help="drop groups under K from aggregates (and say how many) instead of holding the result")
+    p.add_argument("--no-dominance", action="store_true",
+                   help="turn off the dominance rule (on by default: in a sum, mean, std or var, the two "
+                        "contributions farthest from the group's median may make up at most 90%% of the total "
+                        "distance; recorded as dominance = false)")
     p.add_argument("--max-share", type=_share, default=None, metavar="SHARE",
-                   help="dominance rule: no single row may make up more than SHARE (0-1] of a sum or mean")
+                   help="a stricter dominance rule: no single contribution's distance from the group's median "
+                        "may make up more than SHARE (0-1] of the total distance")
     p.add_argument("--privacy", choices=("min-group-size", "dp"), default="min-group-size",
                    help="dp: release only differentially private aggregates (OpenDP), with a budget per scientist")
     p.add_argument("--epsilon", type=_positive_float, default=None, metavar="E",
                    help="with --privacy dp: each scientist's total privacy budget")
     p.add_argument("--epsilon-per-query", type=_positive_float, default=None, metavar="E",
                    help="with --privacy dp: what one released query costs (default epsilon/10)")
+    p.add_argument("--epsilon-total", type=_positive_float, default=None, metavar="E",
+                   help="with --privacy dp: what all scientists together may spend on this data "
+                        "(bounds collusion; default: no total)")
     p.add_argument("--delta", type=_positive_float, default=None, metavar="D",
                    help="with --privacy dp: total delta (default 0, pure DP)")
     p.add_argument("--privacy-unit-column", default=None, metavar="COL",
@@ -337,9 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     scientist = commands.add_parser("scientist", help="allow-list scientists").add_subparsers(
         dest="scientist_command", required=True, metavar="ACTION")
-    p = command(scientist, "add", cmd_scientist_add, "allow a scientist's CURVE public key under NAME")
+    p = command(scientist, "add", cmd_scientist_add, "allow a scientist's CURVE public key under NAME "
+                "(again with a new key: rotation, the old key is refused from then on)")
     p.add_argument("name", type=_name("scientist"), metavar="NAME")
     p.add_argument("public_key_file", type=Path, metavar="PUBLIC_KEY_FILE")
+    p = command(scientist, "remove", cmd_scientist_remove, "take NAME off the allow-list (open connections "
+                "included) and withdraw their open requests")
+    p.add_argument("name", type=_name("scientist"), metavar="NAME")
     command(scientist, "list", cmd_scientist_list, "list allowed scientists")
 
     p = command(commands, "serve", cmd_serve, "run the executor until SIGINT or SIGTERM")
@@ -356,6 +506,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(commands, "reject", cmd_reject, "refuse a held request")
     p.add_argument("id", type=_positive_int, metavar="ID")
     p.add_argument("--reason", required=True, metavar="TEXT", help="why (the scientist sees it)")
+
+    dp_commands = commands.add_parser("dp", help="differential privacy budgets").add_subparsers(
+        dest="dp_command", required=True, metavar="ACTION")
+    p = command(dp_commands, "show", cmd_dp_show, "print what each scientist spent on each DP dataset's data")
+    p.add_argument("name", type=_name("dataset"), metavar="DATASET", nargs="?", default=None)
+    p = command(dp_commands, "reset", cmd_dp_reset,
+                "clear the privacy spending on a DP dataset's data (of one scientist, or all); audited")
+    p.add_argument("name", type=_name("dataset"), metavar="DATASET")
+    p.add_argument("--scientist", type=_name("scientist"), default=None, metavar="NAME",
+                   help="reset only this scientist's spending (default: every scientist's)")
+    p.add_argument("--reason", default=None, metavar="TEXT", help="why (kept in the audit entry)")
 
     audit = commands.add_parser("audit", help="check and read the audit log").add_subparsers(
         dest="audit_command", required=True, metavar="ACTION")

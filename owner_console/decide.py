@@ -368,51 +368,89 @@ def decide_failed(accounted: AccountedPlan, error: BastionError, scientist: str 
 
 @dataclass
 class _ContributionCheck:
+    """The per-aggregate rules' outcome; ``messages`` and ``smallest`` are for the owner (they hold counts)."""
+
     checked: bool = False
     smallest: dict[str, int] = field(default_factory=dict)  # dataset -> fewest contributors to an aggregate
-    failing: dict[str, pl.Series] = field(default_factory=dict)
+    failing: dict[str, pl.Series] = field(default_factory=dict)  # accounting column -> its failing rows
     messages: list[str] = field(default_factory=list)
 
 
+# How each kind of accounting column (policy.AccountedPlan.contribs) fails, given
+# the column's values and the kind's bound: fewer than K contributors
+# ("contrib") or holders of the released value ("held"), a share above the
+# allowed one ("share": the largest distance from the median; "top2": the two
+# largest), a p-ratio below the allowed one ("pratio"), or a non-finite
+# aggregate ("finite" is 0).
+_FAILS: Mapping[str, Any] = {
+    "contrib": lambda values, k: values < k,
+    "held": lambda values, k: values < k,
+    "share": lambda values, allowed: values > allowed,
+    "top2": lambda values, allowed: values > allowed,
+    "pratio": lambda values, allowed: values < allowed,
+    "finite": lambda values, smallest: values < smallest,
+}
+
+
 def _check_contributions(accounted: AccountedPlan, table: pl.DataFrame) -> _ContributionCheck:
-    """The contribution rule (at least K real contributors) and the dominance rule, per aggregate."""
+    """The per-aggregate rules: contributors, holders of an order statistic, dominance and finiteness.
+
+    Each accounting column of ``accounted.contribs`` marks the result rows
+    whose aggregates fail its rule; a null (an aggregate a row does not
+    carry, or a source that did not feed it) never fails.
+    """
     result = _ContributionCheck()
     rows = table.height
-    few: dict[str, int] = {}
-    dominated, share = 0, 1.0
-    for column, (kind, value) in accounted.contribs.items():
+    fewest: dict[tuple[str, str], int] = {}  # (kind, dataset) -> fewest contributors or holders in a failing row
+    failing_rows: dict[tuple[str, int], int] = {}  # (kind, bound) -> most rows one column fails
+    for column, (kind, bound) in accounted.contribs.items():
         if column not in table.columns:
             continue
         values = table.get_column(column)
-        if kind == "contrib":
-            source = accounted.sources[value]
-            k = source.policy.min_group_size
+        present = _present(values)
+        if kind in ("contrib", "held"):
+            source = accounted.sources[bound]
+            bound = source.policy.min_group_size
             result.checked = True
-            present = _present(values)
-            if k <= 1 or present.len() == 0:
+            if bound <= 1 or present.len() == 0:
                 continue
             smallest = int(present.min())
-            result.smallest[source.dataset] = min(result.smallest.get(source.dataset, smallest), smallest)
-            bad = _where_present(values, values < k)
-            if bad.any():
-                result.failing[column] = bad
-                few[source.dataset] = min(few.get(source.dataset, smallest), smallest)
+            if kind == "contrib":
+                result.smallest[source.dataset] = min(result.smallest.get(source.dataset, smallest), smallest)
+        bad = _where_present(values, _FAILS[kind](values, bound))
+        if not bad.any():
+            continue
+        result.failing[column] = bad
+        if kind in ("contrib", "held"):
+            fewest[(kind, source.dataset)] = min(fewest.get((kind, source.dataset), smallest), smallest)
         else:
-            bad = _where_present(values, values > value)
-            if bad.any():
-                result.failing[column] = bad
-                dominated = max(dominated, int(bad.sum()))
-                share = value / 1_000_000
-    for dataset, smallest in few.items():
+            failing_rows[(kind, bound)] = max(failing_rows.get((kind, bound), 0), int(bad.sum()))
+    for (kind, dataset), smallest in fewest.items():
         k = next(s.policy.min_group_size for s in accounted.sources if s.dataset == dataset)
-        result.messages.append(
-            f"an aggregate had fewer than {k} rows of {dataset!r} (smallest: {smallest}) contributing a value "
-            f"other than null or zero (or, for a conditional expression, other than the value most rows share); "
-            f"one person's value could ride out inside it (for example through an indicator such as "
-            f"when(...).then(x).otherwise(0))")
-    if dominated:
-        result.messages.append(f"in {dominated} of {rows} rows a single row makes up more than {share:.0%} of a "
-                               f"sum or mean (the owner's dominance rule)")
+        if kind == "contrib":
+            result.messages.append(
+                f"an aggregate had fewer than {k} rows of {dataset!r} (smallest: {smallest}) contributing a value "
+                f"other than null or zero (or, for a conditional expression, other than the value most rows "
+                f"share); one person's value could ride out inside it (for example through an indicator such as "
+                f"when(...).then(x).otherwise(0))")
+        else:
+            result.messages.append(
+                f"an order statistic (min, max, median, quantile) released a value, or n_unique counted a value, "
+                f"held by fewer than {k} rows of {dataset!r} (smallest: {smallest}): it would be one person's value")
+    for (kind, bound), count in failing_rows.items():
+        share = bound / 1_000_000
+        result.messages.append({
+            "share": f"in {count} of {rows} rows a single contribution's distance from its group's median makes "
+                     f"up more than {share:.0%} of the total distance in a sum, mean, std or var (the owner's "
+                     f"max_share dominance rule)",
+            "top2": f"in {count} of {rows} rows the two contributions farthest from their group's median make up "
+                    f"more than {share:.0%} of the total distance in a sum, mean, std or var (dominance, N-K rule)",
+            "pratio": f"in {count} of {rows} rows the contributions but the two farthest from their group's median "
+                      f"add up to less than {share:.0%} of the farthest one's distance in a sum, mean, std or var "
+                      f"(dominance, p-ratio rule)",
+            "finite": f"in {count} of {rows} rows an aggregate is not a finite number (inf, -inf or NaN) or its "
+                      f"integer sum overflowed",
+        }[kind])
     return result
 
 

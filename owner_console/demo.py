@@ -4,7 +4,8 @@ It plays both parts on one machine, with the same commands a real owner and a
 real scientist type, so the demo shows exactly what the README says:
 
 * the owner: ``bastion-owner init``, ``dataset add`` (the synthetic patients
-  table, K=10, ``name`` hidden), ``scientist add alice``, ``serve``;
+  table, K=10, ``name`` hidden, public bounds of its numeric columns for the
+  charts), ``scientist add alice``, ``serve``;
 * the scientist: ``bastion-kernel keygen``, ``connect``, ``install``, then
   JupyterLab with ``examples/scientist.ipynb`` on the Bastion kernel.
 
@@ -43,6 +44,8 @@ DATASET = "patients"
 SCIENTIST = "alice"
 MIN_GROUP_SIZE = 10
 HIDDEN_COLUMNS = ("name",)
+# Public facts the owner declares (never read from the data): charts take their ranges and bins from them.
+PUBLIC_BOUNDS = ("--bounds", "age=0:100", "--bounds", "length_of_stay=0:60", "--bounds", "cost=0:200000")
 # The same table under differential privacy (examples/dp.ipynb): only noisy aggregates, a budget per scientist.
 DP_DATASET = "patients_dp"
 DP_OPTIONS = ("--privacy", "dp", "--epsilon", "5", "--epsilon-per-query", "0.5", "--hide", "name",
@@ -187,7 +190,7 @@ def set_up(paths: DemoPaths, executor_port: int, log: Callable[[str], None] = pr
     else:
         hide = [arg for column in HIDDEN_COLUMNS for arg in ("--hide", column)]
         run_step([owner, "dataset", "add", "--workspace", paths.workspace, DATASET, paths.data_file,
-                  "--min-group-size", str(MIN_GROUP_SIZE), *hide], "registering the dataset", log)
+                  "--min-group-size", str(MIN_GROUP_SIZE), *hide, *PUBLIC_BOUNDS], "registering the dataset", log)
     if not (workspace.datasets_dir / f"{DP_DATASET}.toml").is_file():
         run_step([owner, "dataset", "add", "--workspace", paths.workspace, DP_DATASET, paths.data_file,
                   *DP_OPTIONS], "registering the differentially private dataset", log)
@@ -339,11 +342,12 @@ def has_display() -> bool:
 
 
 def shown(path: Path) -> str:
-    """``path`` relative to the current directory when it is below it (shorter instructions)."""
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+    """``path`` as printed in the instructions: absolute, so it works from any folder.
+
+    The kernel runs in the notebook's folder (``examples/``), not where the
+    demo was started: a relative ``BASTION_CONFIG`` would point nowhere there.
+    """
+    return str(Path(path).absolute())
 
 
 def instructions(paths: DemoPaths, endpoint: str, lab: JupyterLab | None) -> str:

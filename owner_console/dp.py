@@ -39,15 +39,15 @@ it survives restarts.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import math
 import os
 import sqlite3
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from bastion_kernel import plan as P
 from bastion_kernel.protocol import BastionError
@@ -201,95 +201,332 @@ def _is_whole(value: Any) -> bool:
 
 
 # ----------------------------------------------------------------- odometer
-class BudgetLedger:
-    """The durable odometer: what each scientist spent on each DP dataset.
+@dataclass(frozen=True)
+class DataVersion:
+    """One version of a DP dataset's source file, as the odometer identifies it.
 
-    One row per charged query; rows are only ever added.  A charge checks the
-    remaining budget and records the spend in one ``BEGIN IMMEDIATE``
-    transaction, so concurrent queries (threads or processes) cannot overspend.
+    ``content_hash`` is the SHA-256 of the file's bytes.  ``account`` is what
+    spending on it is charged to: the content hash of the first version the
+    odometer saw of this data.  Every file with the same content, under any
+    dataset name, and every later version of a file at the same path share
+    that account (see :meth:`BudgetLedger.version`).
     """
 
-    _locks: dict[str, threading.Lock] = {}
-    _locks_guard = threading.Lock()
+    path: str
+    size: int
+    mtime_ns: int
+    content_hash: str
+    account: str
+
+
+@dataclass(frozen=True)
+class Spent:
+    """What was spent on one data account: by one scientist, and by all scientists together."""
+
+    epsilon: float
+    delta: float
+    epsilon_all: float
+
+
+class BudgetLedger:
+    """The durable odometer: what each scientist spent on each DP data account.
+
+    One row per charged query (table ``spends``), charged to the account of
+    the data's file version (table ``file_versions``, see :meth:`version`).
+    A charge checks both bounds (per scientist, and the total of all
+    scientists when the owner set one) and records the spend in one
+    ``BEGIN IMMEDIATE`` transaction, so concurrent queries (threads or
+    processes) cannot overspend; ``synchronous=FULL`` keeps a committed
+    charge through a crash or a power cut.  Spends are never deleted: the
+    owner's :meth:`reset` marks them reset, and :meth:`history` still shows
+    them.
+
+    Spends recorded before accounts existed carry only a dataset name;
+    :func:`adopt_legacy_spends` moves them onto the account of the data that
+    name reads.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        with self._connect() as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("CREATE TABLE IF NOT EXISTS spends (id INTEGER PRIMARY KEY AUTOINCREMENT, "
-                         "scientist TEXT NOT NULL, dataset TEXT NOT NULL, epsilon REAL NOT NULL, "
-                         "delta REAL NOT NULL, plan_hash TEXT NOT NULL, at TEXT NOT NULL)")
-            conn.execute("CREATE INDEX IF NOT EXISTS spends_by_owner ON spends (scientist, dataset)")
+        conn = self._connect()
+        try:
+            if not _schema_is_current(conn):
+                conn.execute("PRAGMA journal_mode=WAL")
+                with _transaction(conn):
+                    _create_schema(conn)
+        finally:
+            conn.close()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA synchronous=FULL")  # WAL's default (NORMAL) may lose the last commits on power loss
         return conn
 
-    def spent(self, scientist: str, dataset: str) -> tuple[float, float]:
-        """``(epsilon, delta)`` spent so far by ``scientist`` on ``dataset``."""
+    def version(self, path: str | Path) -> DataVersion:
+        """The identity of the file at ``path`` as it is now (its content is hashed once per version).
+
+        A version is known by its resolved path, size and modification time.
+        The first time the odometer sees one, it hashes the content and gives
+        the version an account: the account of any known file with the same
+        content or of any earlier version at the same path (several such
+        accounts are merged into one, so no spending is lost), else a new
+        account named after the hash.
+
+        Raises
+        ------
+        OSError
+            When the file cannot be read, or keeps changing while it is read.
+        """
+        resolved = str(Path(path).resolve())
+        for _ in range(5):
+            stat = os.stat(resolved)
+            key = (resolved, stat.st_size, stat.st_mtime_ns)
+            conn = self._connect()
+            try:
+                known = _known_version(conn, key)
+                if known is not None:
+                    return known
+                digest = _file_sha256(resolved)
+                after = os.stat(resolved)
+                if (after.st_size, after.st_mtime_ns) != key[1:]:
+                    continue  # rewritten while it was read: identify the new version
+                with _transaction(conn):
+                    known = _known_version(conn, key)
+                    if known is not None:
+                        return known
+                    accounts = sorted({row[0] for row in conn.execute(
+                        "SELECT DISTINCT account FROM file_versions WHERE content_hash = ? OR path = ?",
+                        (digest, resolved))})
+                    account = accounts[0] if accounts else digest
+                    for other in accounts[1:]:
+                        conn.execute("UPDATE file_versions SET account = ? WHERE account = ?", (account, other))
+                        conn.execute("UPDATE spends SET account = ? WHERE account = ?", (account, other))
+                    conn.execute("INSERT INTO file_versions (path, size, mtime_ns, content_hash, account, seen_at) "
+                                 "VALUES (?, ?, ?, ?, ?, ?)", (*key, digest, account, _now()))
+                return DataVersion(*key, digest, account)
+            finally:
+                conn.close()
+        raise OSError(f"{resolved}: the file kept changing while it was read")
+
+    def spent(self, scientist: str, version: DataVersion) -> Spent:
+        """What ``scientist``, and all scientists together, spent on ``version``'s account since its last reset."""
         conn = self._connect()
         try:
-            return _totals(conn, scientist, dataset)
+            return _spent(conn, _account(conn, version), scientist)
         finally:
             conn.close()
 
-    def charge(self, scientist: str, dataset: str, policy: DPPolicy, plan_hash: str) -> tuple[float, float]:
-        """Record one query's cost, or refuse it if the budget cannot pay.
+    def charge(self, scientist: str, version: DataVersion, dataset: str, policy: DPPolicy,
+               plan_hash: str) -> Spent:
+        """Record one query's cost, or refuse it if either bound cannot pay.
+
+        Parameters
+        ----------
+        scientist : str
+            Who asks.
+        version : DataVersion
+            The data the query reads (:meth:`version`).
+        dataset : str
+            The name the query used (kept with the spend, and named in a refusal).
+        policy : DPPolicy
+            The policy of that name: its cost per query and its bounds.
+        plan_hash : str
+            The plan's hash, kept with the spend.
 
         Returns
         -------
-        (float, float)
-            ``(epsilon, delta)`` spent after this charge.
+        Spent
+            Spending on the account after this charge.
 
         Raises
         ------
         BastionError
-            ``PolicyViolation`` when the query would exceed the scientist's
-            budget; nothing is recorded then.
+            ``PolicyViolation`` naming the bound (per scientist, or the total
+            of all scientists) when the query would pass it; nothing is
+            recorded then.
         """
         cost_e, cost_d = policy.epsilon_per_query, policy.delta_per_query
         conn = self._connect()
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                spent_e, spent_d = _totals(conn, scientist, dataset)
-                if spent_e + cost_e > policy.epsilon + _TOLERANCE or spent_d + cost_d > policy.delta + _TOLERANCE:
-                    raise BastionError(
-                        "PolicyViolation",
-                        f"the privacy budget of dataset {dataset!r} is exhausted: this query costs epsilon "
-                        f"{cost_e:g}, and {max(policy.epsilon - spent_e, 0.0):g} of {policy.epsilon:g} is left; "
-                        "the query was not run", dataset=dataset, epsilon_cost=cost_e,
-                        epsilon_spent=spent_e, epsilon_total=policy.epsilon)
-                conn.execute("INSERT INTO spends (scientist, dataset, epsilon, delta, plan_hash, at) "
-                             "VALUES (?, ?, ?, ?, ?, ?)",
-                             (scientist, dataset, cost_e, cost_d, plan_hash,
-                              _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            return spent_e + cost_e, spent_d + cost_d
+            with _transaction(conn):
+                account = _account(conn, version)
+                spent = _spent(conn, account, scientist)
+                _check_bounds(spent, policy, dataset)
+                conn.execute("INSERT INTO spends (scientist, dataset, epsilon, delta, plan_hash, at, account) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (scientist, dataset, cost_e, cost_d, plan_hash, _now(), account))
+            return Spent(spent.epsilon + cost_e, spent.delta + cost_d, spent.epsilon_all + cost_e)
+        finally:
+            conn.close()
+
+    def spending(self, version: DataVersion) -> dict[str, tuple[float, float]]:
+        """``{scientist: (epsilon, delta)}`` spent on ``version``'s account since its last reset (for the owner)."""
+        conn = self._connect()
+        try:
+            rows = conn.execute("SELECT scientist, epsilon, delta FROM spends WHERE account = ? AND reset_at IS NULL",
+                                (_account(conn, version),)).fetchall()
+        finally:
+            conn.close()
+        by_scientist: dict[str, list[tuple[float, float]]] = {}
+        for scientist, epsilon, delta in rows:
+            by_scientist.setdefault(scientist, []).append((epsilon, delta))
+        return {name: (math.fsum(e for e, _ in spends), math.fsum(d for _, d in spends))
+                for name, spends in sorted(by_scientist.items())}
+
+    def reset(self, version: DataVersion, scientist: str | None = None,
+              record: Callable[[dict], Any] | None = None) -> dict:
+        """Mark the spends on the account of ``version`` (of one scientist, or of all) as reset.
+
+        ``record`` is called with the summary inside the transaction, before
+        it commits: the owner's command line writes the audit entry there, so
+        when the audit write fails nothing is reset.
+
+        Returns
+        -------
+        dict
+            ``{"account", "scientist", "queries", "epsilon": {scientist: epsilon cleared}}``.
+        """
+        conn = self._connect()
+        try:
+            with _transaction(conn):
+                account = _account(conn, version)
+                where = "account = ? AND reset_at IS NULL" + ("" if scientist is None else " AND scientist = ?")
+                params = (account,) if scientist is None else (account, scientist)
+                rows = conn.execute(f"SELECT scientist, epsilon FROM spends WHERE {where}", params).fetchall()
+                cleared: dict[str, list[float]] = {}
+                for name, epsilon in rows:
+                    cleared.setdefault(name, []).append(epsilon)
+                summary = {"account": account, "scientist": scientist, "queries": len(rows),
+                           "epsilon": {name: math.fsum(v) for name, v in sorted(cleared.items())}}
+                conn.execute(f"UPDATE spends SET reset_at = ? WHERE {where}", (_now(), *params))
+                if record is not None:
+                    record(summary)
+            return summary
+        finally:
+            conn.close()
+
+    def legacy_names(self) -> set[str]:
+        """Dataset names of spends recorded before accounts existed and not yet adopted."""
+        conn = self._connect()
+        try:
+            return {row[0] for row in conn.execute("SELECT DISTINCT dataset FROM spends WHERE account IS NULL")}
+        finally:
+            conn.close()
+
+    def adopt(self, name: str, version: DataVersion) -> int:
+        """Charge the account-less spends made under dataset ``name`` to ``version``'s account; returns how many."""
+        conn = self._connect()
+        try:
+            with _transaction(conn):
+                return conn.execute("UPDATE spends SET account = ? WHERE account IS NULL AND dataset = ?",
+                                    (_account(conn, version), name)).rowcount
         finally:
             conn.close()
 
     def history(self, scientist: str | None = None) -> list[dict]:
-        """Every recorded spend (oldest first), optionally of one scientist."""
+        """Every recorded spend, reset ones included (oldest first), optionally of one scientist."""
+        keys = ("id", "scientist", "dataset", "epsilon", "delta", "plan_hash", "at", "account", "reset_at")
         conn = self._connect()
         try:
-            query = "SELECT id, scientist, dataset, epsilon, delta, plan_hash, at FROM spends"
+            query = f"SELECT {', '.join(keys)} FROM spends"
             rows = conn.execute(query + (" WHERE scientist = ? ORDER BY id" if scientist else " ORDER BY id"),
                                 (scientist,) if scientist else ()).fetchall()
         finally:
             conn.close()
-        keys = ("id", "scientist", "dataset", "epsilon", "delta", "plan_hash", "at")
         return [dict(zip(keys, row)) for row in rows]
 
 
-def _totals(conn: sqlite3.Connection, scientist: str, dataset: str) -> tuple[float, float]:
-    rows = conn.execute("SELECT epsilon, delta FROM spends WHERE scientist = ? AND dataset = ?",
-                        (scientist, dataset)).fetchall()
-    return math.fsum(r[0] for r in rows), math.fsum(r[1] for r in rows)
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _schema_is_current(conn: sqlite3.Connection) -> bool:
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(spends)")}
+    versions = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'file_versions'").fetchone()
+    return {"account", "reset_at"} <= columns and versions is not None
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    """Create the tables, or add the account columns to a ledger written before accounts existed."""
+    conn.execute("CREATE TABLE IF NOT EXISTS spends (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                 "scientist TEXT NOT NULL, dataset TEXT NOT NULL, epsilon REAL NOT NULL, "
+                 "delta REAL NOT NULL, plan_hash TEXT NOT NULL, at TEXT NOT NULL, account TEXT, reset_at TEXT)")
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(spends)")}
+    for column in ("account", "reset_at"):
+        if column not in columns:
+            conn.execute(f"ALTER TABLE spends ADD COLUMN {column} TEXT")
+    conn.execute("CREATE INDEX IF NOT EXISTS spends_by_account ON spends (account, scientist)")
+    conn.execute("CREATE TABLE IF NOT EXISTS file_versions (path TEXT NOT NULL, size INTEGER NOT NULL, "
+                 "mtime_ns INTEGER NOT NULL, content_hash TEXT NOT NULL, account TEXT NOT NULL, "
+                 "seen_at TEXT NOT NULL, PRIMARY KEY (path, size, mtime_ns))")
+    conn.execute("CREATE INDEX IF NOT EXISTS file_versions_by_hash ON file_versions (content_hash)")
+    conn.execute("CREATE INDEX IF NOT EXISTS file_versions_by_account ON file_versions (account)")
+
+
+def _known_version(conn: sqlite3.Connection, key: tuple[str, int, int]) -> DataVersion | None:
+    row = conn.execute("SELECT content_hash, account FROM file_versions WHERE path = ? AND size = ? AND mtime_ns = ?",
+                       key).fetchone()
+    return None if row is None else DataVersion(*key, row[0], row[1])
+
+
+def _account(conn: sqlite3.Connection, version: DataVersion) -> str:
+    """The version's account as the ledger has it now (a later merge may have moved it)."""
+    row = conn.execute("SELECT account FROM file_versions WHERE path = ? AND size = ? AND mtime_ns = ?",
+                       (version.path, version.size, version.mtime_ns)).fetchone()
+    return version.account if row is None else row[0]
+
+
+def _spent(conn: sqlite3.Connection, account: str, scientist: str) -> Spent:
+    rows = conn.execute("SELECT scientist, epsilon, delta FROM spends WHERE account = ? AND reset_at IS NULL",
+                        (account,)).fetchall()
+    mine = [row for row in rows if row[0] == scientist]
+    return Spent(math.fsum(r[1] for r in mine), math.fsum(r[2] for r in mine), math.fsum(r[1] for r in rows))
+
+
+def _check_bounds(spent: Spent, policy: DPPolicy, dataset: str) -> None:
+    """Refuse a charge that would pass a bound.
+
+    The text names the bound and the policy's numbers.  The per-scientist
+    refusal says what is left to the scientist who asks (their own
+    spending); the total's says only that it is spent, never how much other
+    scientists spent.
+    """
+    cost_e, cost_d = policy.epsilon_per_query, policy.delta_per_query
+    over_e = spent.epsilon + cost_e > policy.epsilon + _TOLERANCE
+    if over_e or spent.delta + cost_d > policy.delta + _TOLERANCE:
+        measure, cost, bound, left = ("epsilon", cost_e, policy.epsilon, policy.epsilon - spent.epsilon) if over_e \
+            else ("delta", cost_d, policy.delta, policy.delta - spent.delta)
+        raise BastionError(
+            "PolicyViolation",
+            f"your privacy budget on dataset {dataset!r} is exhausted (the per-scientist bound): this query costs "
+            f"{measure} {cost:g}, each scientist may spend {measure} {bound:g} on this data, and {max(left, 0.0):g} "
+            "is left to you; the query was not run",
+            dataset=dataset, limit=measure, epsilon=policy.epsilon, epsilon_cost=cost_e,
+            epsilon_spent=spent.epsilon)
+    if policy.epsilon_total is not None and spent.epsilon_all + cost_e > policy.epsilon_total + _TOLERANCE:
+        raise BastionError(
+            "PolicyViolation",
+            f"the total privacy budget of dataset {dataset!r}, shared by all scientists, is exhausted (the total "
+            f"bound): this query costs epsilon {cost_e:g} and all scientists together may spend epsilon "
+            f"{policy.epsilon_total:g} on this data; the query was not run",
+            dataset=dataset, limit="epsilon_total", epsilon=policy.epsilon_total, epsilon_cost=cost_e)
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _ledger(dataset: Dataset) -> BudgetLedger:
@@ -301,27 +538,79 @@ def _ledger(dataset: Dataset) -> BudgetLedger:
     return BudgetLedger(path)
 
 
+def data_version(ledger: BudgetLedger, dataset: Dataset) -> DataVersion:
+    """The version of ``dataset``'s data on ``ledger`` (``ExecutionError`` when the file cannot be read)."""
+    try:
+        return ledger.version(dataset.path)
+    except OSError as exc:
+        raise BastionError("ExecutionError", f"dataset {dataset.name!r} cannot be read "
+                                             f"({type(exc).__name__})") from None
+
+
+def adopt_legacy_spends(ledger: BudgetLedger, catalog: Mapping[str, Dataset]) -> int:
+    """Charge spends recorded by dataset name (before accounts existed) to the data each name reads now.
+
+    Spending is kept, never forgiven: a legacy spend goes to the account of
+    the file its name is registered on today.  Spends of a name that is not
+    a DP dataset of ``catalog`` wait until it is one again.
+
+    Returns
+    -------
+    int
+        How many spends were adopted.
+    """
+    adopted = 0
+    for name in sorted(ledger.legacy_names()):
+        dataset = catalog.get(name)
+        if dataset is not None and getattr(dataset, "dp", None) is not None:
+            adopted += ledger.adopt(name, data_version(ledger, dataset))
+    return adopted
+
+
+def _account_of(dataset: Dataset, catalog: Mapping[str, Dataset]) -> tuple[BudgetLedger, DataVersion]:
+    ledger = _ledger(dataset)
+    adopt_legacy_spends(ledger, catalog)
+    return ledger, data_version(ledger, dataset)
+
+
+def _budget_row(name: str, policy: DPPolicy, spent: Spent) -> dict:
+    remaining = max(policy.epsilon - spent.epsilon, 0.0)
+    shared = None if policy.epsilon_total is None else max(policy.epsilon_total - spent.epsilon_all, 0.0)
+    usable = remaining if shared is None else min(remaining, shared)
+    return {"name": name, "epsilon_total": policy.epsilon, "epsilon_spent": spent.epsilon,
+            "epsilon_remaining": remaining, "epsilon_per_query": policy.epsilon_per_query,
+            "delta_total": policy.delta, "delta_spent": spent.delta,
+            "shared_epsilon_total": policy.epsilon_total, "shared_epsilon_remaining": shared,
+            "queries_left": int((usable + _TOLERANCE) // policy.epsilon_per_query)}
+
+
 def budget(catalog: Mapping[str, Dataset], scientist: str) -> list[dict]:
     """What ``scientist`` has spent and has left on every DP dataset of ``catalog``.
+
+    Spending is counted on the dataset's data, under every name it has.
+    ``epsilon_total`` is the per-scientist bound; ``shared_epsilon_total``
+    the owner's bound on all scientists together (null when none is set), and
+    ``shared_epsilon_remaining`` what all scientists together have left of it.
 
     Returns
     -------
     list of dict
         ``{"name", "epsilon_total", "epsilon_spent", "epsilon_remaining",
-        "epsilon_per_query", "delta_total", "delta_spent", "queries_left"}``.
+        "epsilon_per_query", "delta_total", "delta_spent",
+        "shared_epsilon_total", "shared_epsilon_remaining", "queries_left"}``.
     """
     rows = []
+    adopted: set[Path] = set()
     for name in sorted(catalog):
         dataset = catalog[name]
         policy = getattr(dataset, "dp", None)
         if policy is None:
             continue
-        spent_e, spent_d = _ledger(dataset).spent(scientist, name)
-        remaining = max(policy.epsilon - spent_e, 0.0)
-        rows.append({"name": name, "epsilon_total": policy.epsilon, "epsilon_spent": spent_e,
-                     "epsilon_remaining": remaining, "epsilon_per_query": policy.epsilon_per_query,
-                     "delta_total": policy.delta, "delta_spent": spent_d,
-                     "queries_left": int((remaining + _TOLERANCE) // policy.epsilon_per_query)})
+        ledger = _ledger(dataset)
+        if ledger.path not in adopted:
+            adopt_legacy_spends(ledger, catalog)
+            adopted.add(ledger.path)
+        rows.append(_budget_row(name, policy, ledger.spent(scientist, data_version(ledger, dataset))))
     return rows
 
 
@@ -702,7 +991,8 @@ def preview(plan: Any, catalog: Mapping[str, Dataset], scientist: str, cache: An
     columns = [{"name": row["column"], "aggregate": row["aggregate"], "distribution": row["distribution"],
                 "scale": row["scale"], "accuracy": row.get("accuracy")} for row in summary.to_dicts()]
     policy = query.dataset.dp
-    left = [b for b in budget({query.dataset.name: query.dataset}, scientist)][0]
+    ledger, version = _account_of(query.dataset, catalog)
+    left = _budget_row(query.dataset.name, policy, ledger.spent(scientist, version))
     return {"dataset": query.dataset.name, "epsilon": policy.epsilon_per_query, "delta": policy.delta_per_query,
             "alpha": ALPHA, "columns": columns, "budget": left}
 
@@ -727,20 +1017,28 @@ def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str, cache: A
     measurement = _resolve_opendp(lambda: _calibrate(opendp_query), "analyse")  # refused here costs nothing
     policy: DPPolicy = query.dataset.dp
     name = query.dataset.name
-    spent_e, spent_d = _ledger(query.dataset).charge(scientist, name, policy, P.plan_hash(plan))
+    ledger, version = _account_of(query.dataset, catalog)
+    spent = ledger.charge(scientist, version, name, policy, P.plan_hash(plan))
     table = _resolve_opendp(lambda: _release(opendp_query, measurement), "release")
     table = table.select(query.keys + [a.name for a in query.aggregates])
     if query.keys:
         table = table.sort(query.keys)  # post-processing: a stable order for the public keys
-    remaining = max(policy.epsilon - spent_e, 0.0)
+    left = _budget_row(name, policy, spent)
+    remaining, shared = left["epsilon_remaining"], left["shared_epsilon_remaining"]
+    shared_text = "" if shared is None else \
+        f"; {shared:g} of the total {policy.epsilon_total:g} of all scientists left"
     reason = (f"differentially private release of {name!r}: epsilon {policy.epsilon_per_query:g} spent "
-              f"({spent_e:g} of {policy.epsilon:g} used, {remaining:g} left)")
+              f"({spent.epsilon:g} of {policy.epsilon:g} used, {remaining:g} left{shared_text})")
+    # Owner-only: which data account was charged, and what all scientists together spent on it.
     decision = Decision("allow", reason, (name,), {"dp": {"dataset": name, "epsilon": policy.epsilon_per_query,
                                                          "delta": policy.delta_per_query,
-                                                         "epsilon_spent": spent_e, "delta_spent": spent_d,
-                                                         "epsilon_remaining": remaining}})
+                                                         "epsilon_spent": spent.epsilon,
+                                                         "delta_spent": spent.delta,
+                                                         "epsilon_remaining": remaining,
+                                                         "data": version.account,
+                                                         "epsilon_spent_all": spent.epsilon_all}})
     notes = [f"differentially private: epsilon {policy.epsilon_per_query:g} spent on {name!r}, "
-             f"{remaining:g} of {policy.epsilon:g} left"]
+             f"{remaining:g} of {policy.epsilon:g} left{shared_text}"]
     return Released(table, decision, notes)
 
 
@@ -769,7 +1067,8 @@ def is_dp_aggregation(plan: Any) -> bool:
 
 # ----------------------------------------------------------------- the owner's command line
 def policy_from_options(file: str | Path, *, epsilon: float | None, epsilon_per_query: float | None = None,
-                        delta: float = 0.0, max_rows: int | None = None, privacy_unit_column: str | None = None,
+                        epsilon_total: float | None = None, delta: float = 0.0, max_rows: int | None = None,
+                        privacy_unit_column: str | None = None,
                         max_contributions: int = 1, bounds: Iterable[str] = (),
                         public_keys: Iterable[str] = ()) -> DPPolicy:
     """A :class:`DPPolicy` from ``bastion-owner dataset add --privacy dp`` options.
@@ -803,7 +1102,7 @@ def policy_from_options(file: str | Path, *, epsilon: float | None, epsilon_per_
         if column not in schema:
             raise ValueError(f"--public-keys {item!r}: no column {column!r} in {path.name}")
         keys[column] = [_key_value(v, schema[column], item) for v in rest.split(",")]
-    return DPPolicy(epsilon=epsilon, epsilon_per_query=epsilon_per_query, delta=delta,
+    return DPPolicy(epsilon=epsilon, epsilon_per_query=epsilon_per_query, epsilon_total=epsilon_total, delta=delta,
                     delta_per_query=delta / 10 if delta else 0.0, max_rows=max_rows,
                     privacy_unit_column=privacy_unit_column, max_contributions=max_contributions,
                     bounds=parsed_bounds, public_keys=keys)

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import polars as pl
 
+from bastion_kernel import plan as P
 from bastion_kernel.protocol import BastionError
 
 from .model import Dataset
@@ -835,7 +836,8 @@ def _account_unmatched(node: dict) -> pl.Expr:
 # for a share): the compiler casts their columns to ACCOUNT_DTYPE in a
 # with_columns after the operation, because a cast inside ``agg`` takes
 # polars off its fast group-by path (3.4x slower, benchmarks/RESULTS.md).
-_UNCAST_ACCOUNTING = frozenset({"acct_len", "acct_distinct", "acct_sum", "acct_contrib", "acct_share"})
+_UNCAST_ACCOUNTING = frozenset({"acct_len", "acct_distinct", "acct_sum", "acct_contrib", "acct_share",
+                                "acct_held", "acct_pratio"})
 
 
 def _cast_accounting(frame: pl.LazyFrame, exprs: list[dict]) -> pl.LazyFrame:
@@ -852,6 +854,11 @@ _ACCOUNT_EXPRS: dict[str, Callable[[dict], pl.Expr]] = {
     "acct_one_row": _account_one_row,
     "acct_unmatched": _account_unmatched,
 }
+
+
+def _fewest_holders(values: pl.Expr) -> pl.Expr:
+    """The fewest times one distinct value (null included) occurs in ``values`` (null when empty)."""
+    return values.value_counts(name="count").struct.field("count").min()
 
 
 # ---------------------------------------------------------------- compiler
@@ -890,12 +897,12 @@ class _Compiler:
                                                  self.expr(n["right"])),
             "unary": lambda n: _UNARY[n["op"]](self.expr(n["operand"])),
             "alias": lambda n: self.expr(n["input"]).alias(n["name"]),
-            "fn": lambda n: self.probed.get(n["name"], _FUNCTIONS[n["name"]])(
-                self.expr(n["input"]), n["args"], self._exponent if n["name"] == "pow" else self.expr),
+            "fn": self._fn,
             "when": self._when,
             **_ACCOUNT_EXPRS,
             "acct_distinct": self._acct_distinct,
             "acct_contrib": self._acct_contrib, "acct_share": self._acct_share,
+            "acct_held": self._acct_held, "acct_pratio": self._acct_pratio, "acct_finite": self._acct_finite,
             "acct_min": lambda n: pl.col(n["column"]).min().alias(n["name"]),
             "acct_max": lambda n: pl.col(n["column"]).max().alias(n["name"]),
         }
@@ -928,6 +935,15 @@ class _Compiler:
                                               "(for example %H on a Date)", op="dt.strftime",
                                error_class=type(exc).__name__) from None
         return e.dt.strftime(args["format"])
+
+    def _fn(self, node: dict) -> pl.Expr:
+        operand = self.expr(node["input"])
+        if node["name"] in _AGGREGATIONS and _is_scalar(node["input"]):
+            # polars 1.36 crashes the process (a segfault) aggregating a one-value input (a literal, len(), an
+            # aggregate) inside group_by; head(1) keeps that one value and takes polars off the crashing path.
+            operand = operand.head(1)
+        handler = self.probed.get(node["name"], _FUNCTIONS[node["name"]])
+        return handler(operand, node["args"], self._exponent if node["name"] == "pow" else self.expr)
 
     def _exponent(self, node: dict) -> pl.Expr:
         # polars turns an integer exponent into UInt32 and fails on a negative
@@ -1209,10 +1225,20 @@ class _Compiler:
         if node["padded"]:
             mode = value.drop_nulls().mode().first()
             mask = mask & ((value != mode).fill_null(True) | ((value == mode).sum() <= 1))
+        return self._contributors(node, mask)
+
+    def _contributors(self, node: dict, mask: pl.Expr) -> pl.Expr:
+        """The source rows (people) of ``node["column"]`` among the rows where ``mask`` holds, per group.
+
+        ``implicit``: the rows; ``rid``: distinct row (person) ids; ``count``:
+        the summed counts of aggregated rows when they are fed by disjoint
+        source rows, else the rows.  Null when no row of the group comes from
+        the source (after a concat).
+        """
         column = node["column"]
         if node["kind"] == "implicit":
-            count = mask.sum()
-        elif node["kind"] == "rid":
+            return mask.sum().alias(node["name"])
+        if node["kind"] == "rid":
             counted = self._distinct_ids(node, mask)
             if counted is not None:
                 fed = self._helper_agg(node, "fed", pl.col(column).is_not_null().any())
@@ -1224,23 +1250,135 @@ class _Compiler:
             counts = pl.col(column)
             fed = mask & (counts > 0)
             count = counts.filter(fed).sum() if node["exact"] else fed.sum()
-        if node["kind"] != "implicit":
-            # A group with no row of this source (after a concat) was not fed by it.
-            count = pl.when(pl.col(column).is_not_null().any()).then(count)
-        return count.alias(node["name"])
+        # A group with no row of this source (after a concat) was not fed by it.
+        return pl.when(pl.col(column).is_not_null().any()).then(count).alias(node["name"])
+
+    def _acct_held(self, node: dict) -> pl.Expr:
+        """How many source rows (people) hold the value an order statistic releases, per group.
+
+        For ``min``, ``max``, ``median`` and ``quantile``: the contributors
+        whose input equals the aggregate (a median between two values is held
+        by nobody).  For ``n_unique``: the fewest rows (people) holding one of
+        the distinct values it counts (null is a value for ``n_unique``), among
+        the rows the aggregation keeps (``kept``: its inner filters); values
+        no row of this source holds are not this source's.  On aggregated
+        rows (``count``), each row's count of source rows is a lower bound of
+        the people behind its value.
+        """
+        call = node["call"]
+        value = self.expr(call["input"])
+        column = node["column"]
+        if call["name"] != "n_unique":
+            held = (value == self.expr(call)).fill_null(False)
+            return self._contributors(node, held)
+        kept = pl.lit(True) if node["kept"] is None else self.expr(node["kept"]).fill_null(False)
+        # value_counts, not unique_counts: polars' streaming engine fails on a
+        # filtered unique_counts in a select.
+        if node["kind"] == "implicit":
+            return _fewest_holders(value.alias("value").filter(kept)).alias(node["name"])
+        if node["kind"] == "rid":
+            rid = pl.col(column)
+            pairs = pl.struct(value.alias("value"), rid.alias("id")).filter(kept & (rid > 0)).unique()
+            fewest = _fewest_holders(pairs.struct.field("value"))
+        else:
+            counts = pl.col(column)
+            fewest = counts.filter(kept & (counts > 0)).min()
+        return pl.when(pl.col(column).is_not_null().any()).then(fewest).alias(node["name"])
+
+    def _deviations(self, node: dict) -> pl.Expr:
+        # Each finite contribution's distance from the group's median: adding a
+        # constant to every row changes none of them (non-finite values are the
+        # finiteness rule's).
+        value = self.expr(node["input"]).cast(pl.Float64, strict=False)
+        value = pl.when(value.is_finite()).then(value)
+        return (value - value.median()).abs()
 
     def _acct_share(self, node: dict) -> pl.Expr:
-        """The largest single row's share of an aggregate's absolute total, in millionths (dominance)."""
-        value = self.expr(node["input"]).cast(pl.Float64, strict=False).abs()
-        total = value.sum()
-        share = pl.when(total > 0).then(value.max() / total * 1_000_000).otherwise(0)
-        return share.round(0).alias(node["name"])
+        """The ``top`` largest deviations' share of the group's total deviation, in millionths (dominance).
+
+        A group whose deviations are all zero is not dominated (0).
+        """
+        deviation = self._deviations(node)
+        total = deviation.sum()
+        top = deviation.max() if node["top"] == 1 else deviation.top_k(node["top"]).sum()
+        share = pl.when(total > 0).then(top / total * 1_000_000).otherwise(0)
+        # A total too large for a float is dominated by what made it so.
+        return share.fill_nan(1_000_000).fill_null(0).round(0).alias(node["name"])
+
+    def _acct_pratio(self, node: dict) -> pl.Expr:
+        """The p-ratio of dominance: (total - the two largest deviations) / the largest, in millionths.
+
+        The more the rest of the group hides the largest contribution, the
+        larger; capped at 1,000,000,000 (a group with no deviation gets the cap).
+        """
+        deviation = self._deviations(node)
+        largest = deviation.max()
+        rest = deviation.sum() - deviation.top_k(2).sum()
+        ratio = pl.when(largest > 0).then(rest / largest * 1_000_000).otherwise(_PRATIO_CAP)
+        return ratio.fill_nan(0).fill_null(_PRATIO_CAP).clip(0, _PRATIO_CAP).round(0).alias(node["name"])
+
+    def _acct_finite(self, node: dict) -> pl.Expr:
+        """1 when an aggregate is finite and did not overflow, else 0 (inf, -inf, NaN, a wrapped integer sum)."""
+        call = node["call"]
+        aggregate = self.expr(call)
+        dtype = _resolve(self.scope.select(aggregate.alias("value")), "aggregation")["value"]
+        if dtype.is_float():
+            finite = aggregate.is_finite().fill_null(True)
+        elif dtype.is_integer() and call["name"] == "sum":
+            # polars wraps an integer sum around on overflow: the same sum in
+            # floating point says whether it left the type's range (with a
+            # margin for the float's rounding).
+            low, high = _INTEGER_RANGE[str(dtype)]
+            approximate = self.expr(call["input"]).cast(pl.Float64, strict=False).sum()
+            finite = approximate.is_between(low * _RANGE_MARGIN, high * _RANGE_MARGIN).fill_null(True)
+        else:
+            finite = pl.lit(True)
+        return finite.cast(ACCOUNT_DTYPE).alias(node["name"])
 
     def _acct_select(self, node: dict) -> pl.LazyFrame:
         return self.frame(node["input"]).select([pl.col(c) for c in node["columns"]])
 
 
 _MAX_EXPONENT = (1 << 32) - 1
+# Expression functions that reduce their input to one value per group, and those that keep a one-value input
+# one value (so an expression built of them over literals, len() and these aggregates is one value).
+_AGGREGATIONS = frozenset(name for name, spec in P.EXPR_FUNCTIONS.items()
+                          if spec.kind in ("aggregate", "row_aggregate"))
+_ONE_VALUE_AGGREGATIONS = frozenset({"sum", "mean", "median", "min", "max", "std", "var", "quantile", "count",
+                                     "len", "n_unique", "null_count", "first", "last"})
+
+
+def _is_scalar(node: dict) -> bool:
+    """True when an expression is one value whatever its input rows: built of literals, ``len()`` and
+    one-value aggregations only (so ``head(1)`` of it is itself)."""
+    kind = node.get("expr")
+    if kind in ("lit", "len"):
+        return True
+    if kind == "alias":
+        return _is_scalar(node["input"])
+    if kind == "unary":
+        return _is_scalar(node["operand"])
+    if kind == "binary":
+        return _is_scalar(node["left"]) and _is_scalar(node["right"])
+    if kind == "fn":
+        if node["name"] in _ONE_VALUE_AGGREGATIONS:
+            return True
+        spec = P.EXPR_FUNCTIONS.get(node["name"])
+        if spec is None or spec.kind != "elementwise" or node["name"] == "over":
+            return False
+        arguments = [node["args"].get(param) for param, ptype in spec.params if ptype == "expr"]
+        return _is_scalar(node["input"]) and all(isinstance(a, dict) and _is_scalar(a) for a in arguments)
+    if kind == "when":
+        parts = [b[part] for b in node["branches"] for part in ("when", "then")]
+        parts += [node["otherwise"]] if node["otherwise"] is not None else []
+        return all(_is_scalar(part) for part in parts)
+    return False
+_PRATIO_CAP = 1_000_000_000
+# The range of each integer type an integer sum can have, and the share of it
+# within which a sum computed in floating point is surely not wrapped around.
+_INTEGER_RANGE = {f"{sign}Int{bits}": (-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1) if sign == "" else
+                  (0.0, 2.0 ** bits - 1) for sign in ("", "U") for bits in (8, 16, 32, 64, 128)}
+_RANGE_MARGIN = 0.999_999
 _SAMPLE_MOMENT = datetime.datetime(2000, 1, 2, 3, 4, 5)
 
 _INTEGER_DTYPES = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64,

@@ -100,18 +100,21 @@ def for_scientist(catalog: Mapping[str, Dataset], scientist: str | None) -> dict
 
 
 def schema_of(plan: Any, catalog: Mapping[str, Dataset],
-              cache: engine.DatasetCache | None = None) -> list[tuple[str, str]]:
+              cache: engine.DatasetCache | None = None, *, scientist: str | None = None) -> list[tuple[str, str]]:
     """The ``[(column, dtype), ...]`` a plan's released table would have, without running it.
 
-    Columns derived from hidden columns are reported as ``String``: they are
-    released as ``*``.
+    Columns that carry hidden columns are reported as ``String``: they are
+    released as ``*``.  ``scientist``, when given, applies that scientist's
+    policy overrides first (their own hidden columns), as :func:`evaluate` does.
 
     Raises
     ------
     BastionError
-        ``UnsupportedOperation``, ``SchemaError`` or ``LimitExceeded``.
+        ``UnsupportedOperation``, ``SchemaError``, ``LimitExceeded`` or
+        ``PolicyViolation`` (a hidden column used other than as a join key).
     """
     cache = cache or engine.DEFAULT_CACHE
+    catalog = for_scientist(catalog, scientist)
     if dp.touches_dp(plan, catalog) and dp.is_dp_aggregation(plan):
         return dp.schema_of(plan, catalog, cache)
     checked = validate.validate(plan, catalog, dataset_columns=cache.columns)

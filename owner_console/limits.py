@@ -4,10 +4,22 @@
 
     query_timeout_seconds = 300      # a query running longer is cancelled (LimitExceeded)
     max_rows_released = 1000000      # a result with more rows is not sent (LimitExceeded)
+    max_refusals_per_minute = 600    # refused requests one key may make (see below)
 
 (top-level keys, next to ``approval_ttl_seconds``).
 
-Both are optional; the defaults are above.  A dataset's policy may set its
+All are optional; the defaults are above.
+
+``max_refusals_per_minute`` bounds what a key can make the executor do, and
+the audit log grow, with requests it refuses (malformed messages, refused
+plans, a revoked key's messages, requests over the in-flight limit): each
+refusal takes one from the key's allowance, which refills at that many a
+minute up to that many.  A key with none left gets one ``LimitExceeded``
+answer (audited), then its messages are dropped unanswered and unprocessed
+until the allowance refills; one ``throttled`` audit entry then says how
+many were dropped.  So one key adds at most about that many entries (of at
+most :data:`owner_console.audit.MAX_ENTRY_BYTES` each, a few hundred bytes in
+practice) to the audit log a minute.  A dataset's policy may set its
 own, smaller ``query_timeout_seconds`` (see
 :func:`owner_console.executor.query_timeout`).  The other limits are fixed:
 the envelope size (:data:`bastion_kernel.protocol.MAX_ENVELOPE_BYTES`), the
@@ -21,6 +33,7 @@ from typing import Any
 
 DEFAULT_QUERY_TIMEOUT_SECONDS = 300.0
 DEFAULT_MAX_ROWS_RELEASED = 1_000_000
+DEFAULT_MAX_REFUSALS_PER_MINUTE = 600
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,7 @@ class Limits:
 
     query_timeout_seconds: float = DEFAULT_QUERY_TIMEOUT_SECONDS
     max_rows_released: int = DEFAULT_MAX_ROWS_RELEASED
+    max_refusals_per_minute: int = DEFAULT_MAX_REFUSALS_PER_MINUTE
 
 
 def limits_from_config(config: dict[str, Any]) -> Limits:
@@ -45,4 +59,7 @@ def limits_from_config(config: dict[str, Any]) -> Limits:
     rows = config.get("max_rows_released", DEFAULT_MAX_ROWS_RELEASED)
     if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
         raise ValueError("max_rows_released must be a whole number >= 1")
-    return Limits(query_timeout_seconds=float(timeout), max_rows_released=rows)
+    refusals = config.get("max_refusals_per_minute", DEFAULT_MAX_REFUSALS_PER_MINUTE)
+    if not isinstance(refusals, int) or isinstance(refusals, bool) or refusals < 1:
+        raise ValueError("max_refusals_per_minute must be a whole number >= 1")
+    return Limits(query_timeout_seconds=float(timeout), max_rows_released=rows, max_refusals_per_minute=refusals)

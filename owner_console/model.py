@@ -19,15 +19,22 @@ _STRICTNESS = {"reject": 0, "review": 1, "log": 2}
 class Policy:
     """A dataset's privacy policy, as the owner wrote it (``datasets/NAME.toml``).
 
-    The first four fields are the core rule; the others are optional and off
-    by default (see ``docs/policy.md``):
+    The first four fields are the core rule; the others are optional and,
+    but for ``dominance``, off by default (see ``docs/policy.md``):
 
     ``person_id``
         A column identifying a person (one person may have many rows): K then
         counts distinct people, not rows.
+    ``dominance``
+        The dominance rule, on unless the owner turns it off: in a released
+        sum, mean, std or var, the two largest distances of contributions from
+        their group's median make up at most 90% of the total distance, and
+        the total minus those two is at least 10% of the largest (ACRO's N-K
+        and p-ratio rules).
     ``max_share``
-        The dominance rule: no single row (person) may make up more than this
-        share (0 < max_share <= 1) of a released sum or mean's absolute total.
+        A stricter dominance rule the owner may add: no single row's distance
+        from the group's median makes up more than this share
+        (0 < max_share <= 1) of the total distance.
     ``suppress_small_groups``
         Drop the groups under K from an aggregate (and say how many) instead
         of holding the whole result.
@@ -55,6 +62,7 @@ class Policy:
     max_rows_released: int | None = None
     max_join_rows: int | None = None
     query_timeout_seconds: float | None = None
+    dominance: bool = True
     bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict, hash=False)
     scientists: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
 
@@ -73,7 +81,7 @@ class Policy:
                                            or not isinstance(self.max_share, (int, float))
                                            or not 0 < self.max_share <= 1):
             raise ValueError(f"max_share must be a number in (0, 1], got {self.max_share!r}")
-        for flag in ("suppress_small_groups", "aggregates_only"):
+        for flag in ("suppress_small_groups", "aggregates_only", "dominance"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be true or false")
         for limit in ("max_rows_released", "max_join_rows"):
@@ -147,9 +155,10 @@ class Policy:
 _OPTIONAL_DEFAULTS: dict[str, Any] = {
     "person_id": None, "max_share": None, "suppress_small_groups": False, "aggregates_only": False,
     "max_rows_released": None, "max_join_rows": None, "query_timeout_seconds": None, "bounds": {},
+    "dominance": True,
 }
 # Settings a per-scientist override may change (person_id describes the data, not the reader).
-OVERRIDABLE = ("min_group_size", "unsafe", "hidden", "allow_save", "max_share", "suppress_small_groups",
+OVERRIDABLE = ("min_group_size", "unsafe", "hidden", "allow_save", "dominance", "max_share", "suppress_small_groups",
                "aggregates_only", "max_rows_released", "max_join_rows", "query_timeout_seconds")
 
 

@@ -6,7 +6,10 @@ Two steps of the executor's one-way path live here:
 the scientist's columns, how many rows of every *source* fed each output row
 (a source is one ``scan`` occurrence, so a self-join has two).  It also
 follows each output column back to the source columns it was computed from
-(its *lineage*), for hidden columns.
+(its *lineage*), for hidden columns, and refuses any use of a hidden column
+other than an equality join key or an unchanged pass-through (the rule of
+``docs/policy.md``).  A row index is a value of its own in the lineage
+(``ROW_ORDER``): an aggregate that mixes it with data is row-level.
 
 :func:`decide` reads those counts from the engine's result and applies the
 rule of the design: a released row must be computed from at least ``K`` rows
@@ -34,11 +37,12 @@ With ``person_id`` a scan is counted as ``rid`` over a person number, so
 groups count people, not rows.
 
 Next to the counts, every aggregation of row-level values gets, per source,
-the number of rows (people) that made a real contribution to it, and for
-sums and means under a ``max_share`` policy the largest row's share
+the number of rows (people) that made a real contribution to it, for an
+order statistic how many hold the value it releases, whether it is finite,
+and for sums, means, std and var the dominance measures
 (``_Frame.contribs``); these columns travel with the rows to the result and
-are checked by :func:`decide` (the contribution and dominance rules of
-``docs/policy.md``).
+are checked by :func:`decide` (the contribution, order-statistic, dominance
+and finiteness rules of ``docs/policy.md``).
 
 Nothing here depends on polars' internals: the accounting is expressed as
 plan nodes that :mod:`owner_console.engine` compiles.
@@ -86,8 +90,9 @@ class _Frame:
     lineage: dict[str, frozenset]
     reps: dict[int, _Rep]
     aggregated: bool
-    # accounting column -> ("contrib", source index) or ("share", millionths allowed):
-    # the contribution and dominance checks of aggregates computed so far.
+    # accounting column -> ("contrib" | "held", source index), ("share" | "top2", largest
+    # millionths allowed), ("pratio", smallest millionths allowed) or ("finite", 1): the
+    # checks of aggregates computed so far (see decide._check_contributions).
     contribs: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
@@ -127,11 +132,19 @@ class AccountedPlan:
 # ---------------------------------------------------------------------------
 # Expression analysis: lineage and aggregation level.
 
+# The "source index" of lineage pairs that stand for a row's position, not a
+# source column: ``(ROW_ORDER, index column)``.  A row index numbers each row,
+# so it is one person's value; weights built from it (``x * 2.0 ** index``)
+# pack many people's values into one aggregate.
+ROW_ORDER = -1
+
+
 def expr_lineage(expr: dict, lineage: Mapping[str, frozenset]) -> frozenset:
     """The source columns an expression's values are computed from.
 
     Aggregations marked ``counts_only`` (count, len, n_unique, null_count) do
-    not carry their input's values, so they drop its lineage.
+    not carry their input's values, so they drop its lineage.  Pairs whose
+    source index is :data:`ROW_ORDER` stand for a row index.
     """
     kind = expr["expr"]
     if kind == "col":
@@ -241,13 +254,19 @@ def account(checked: CheckedPlan,
     sources = tuple(accountant.sources)
     hidden: dict[str, tuple[tuple[str, str], ...]] = {}
     for column in top.columns:
-        touched = sorted({(sources[s].dataset, c) for s, c in top.lineage[column]
-                          if c in sources[s].policy.hidden})
+        touched = hidden_sources(top.lineage[column], sources)
         if touched:
             hidden[column] = tuple(touched)
     return AccountedPlan(plan=top.node, columns=top.columns, sources=sources, reps=dict(top.reps),
                          lineage=dict(top.lineage), hidden=hidden, aggregated=top.aggregated,
                          contribs=dict(top.contribs))
+
+
+def hidden_sources(pairs: Iterable[tuple[int, str]], sources: list[Source] | tuple[Source, ...]
+                   ) -> tuple[tuple[str, str], ...]:
+    """The ``(dataset, column)`` hidden columns among lineage ``pairs``, sorted."""
+    return tuple(sorted({(sources[s].dataset, c) for s, c in pairs
+                         if s != ROW_ORDER and c in sources[s].policy.hidden}))
 
 
 def _rid(s: int) -> str:
@@ -262,8 +281,49 @@ def _count(s: int) -> str:
 # contribution rule applies to them (``len`` carries nothing but the group size).
 _CONTRIBUTION_FUNCTIONS = ("sum", "mean", "median", "min", "max", "std", "var", "quantile", "count", "n_unique",
                            "null_count")
-# Aggregations a single large value can dominate: the dominance rule applies to them.
-_DOMINANCE_FUNCTIONS = ("sum", "mean")
+# Aggregations that release one row's value: at least K contributors must hold it.
+_ORDER_STATISTICS = ("min", "max", "median", "quantile")
+# Aggregations of values that can be inf or NaN, or overflow: such a value is not released.
+_FINITE_FUNCTIONS = ("sum", "mean", "median", "min", "max", "std", "var", "quantile")
+# Aggregations one amplified contribution can carry a value out of: the dominance rule applies to them.
+_DOMINANCE_FUNCTIONS = ("sum", "mean", "std", "var")
+# The default dominance rule (ACRO's defaults), on each contribution's distance
+# from its group's median: the two largest distances make up at most
+# DOMINANCE_TOP_TWO of the total distance (the N-K rule with n=2), and the
+# total minus the two largest is at least DOMINANCE_P_RATIO of the largest
+# (the p-ratio rule).
+DOMINANCE_TOP_TWO = 0.9
+DOMINANCE_P_RATIO = 0.1
+# Accounting kinds that fail when too large (the others fail when too small):
+# carried through a later aggregation as their largest value.
+_LARGEST_FAILS = ("share", "top2")
+
+
+def _millionths(share: float) -> int:
+    return int(round(share * 1_000_000))
+
+
+def _kept(expr: dict) -> dict | None:
+    """The rows an aggregation's input keeps: the conjunction of its ``filter`` predicates (None: every row).
+
+    Filters inside an inner aggregation choose that aggregation's rows, not these.
+    """
+    predicates: list[dict] = []
+
+    def walk(node: dict) -> None:
+        if node["expr"] == "fn":
+            if node["name"] == "filter":
+                predicates.append(_as_masked(node["args"]["predicate"]))
+            elif P.EXPR_FUNCTIONS[node["name"]].kind in ("aggregate", "row_aggregate"):
+                return
+        for child in _children(node):
+            walk(child)
+
+    walk(expr)
+    kept = predicates[0] if predicates else None
+    for predicate in predicates[1:]:
+        kept = {"expr": "binary", "op": "and", "left": kept, "right": predicate}
+    return kept
 
 
 _PLAIN_FUNCTIONS = ("abs", "round", "sqrt", "log", "exp", "cast")
@@ -392,17 +452,38 @@ def _as_masked(expr: dict) -> dict:
     return expr
 
 
-def _tainting(exprs: Iterable[dict]) -> bool:
+def _tainting(exprs: Iterable[dict], lineage: Mapping[str, frozenset] | None = None) -> bool:
     """True when an expression has a part that carries individual values (over, first, sort_by, implode...).
 
     Such a part may sit inside a row-level expression (``cost == cost.max().over("zip")``),
-    whose level alone does not show it.
+    whose level alone does not show it.  Given the lineage of the expressions'
+    input, an aggregation of values computed from both a row index and data
+    (``(survived * 2.0 ** index).sum()``, :func:`_packs_row_order`) counts too:
+    each row's weight is its own, so the aggregate may hold each row's value.
     """
-    return any(expr_level(e) == "individual" or _tainting(_children(e)) for e in exprs)
+    exprs = list(exprs)
+    if any(expr_level(e) == "individual" or _tainting(_children(e)) for e in exprs):
+        return True
+    return lineage is not None and any(_packs_row_order(e, lineage) for e in exprs)
 
 
-def _tainted(reps: Mapping[int, _Rep], exprs: Iterable[dict]) -> dict[int, _Rep]:
-    if not _tainting(exprs):
+def _packs_row_order(expr: dict, lineage: Mapping[str, frozenset]) -> bool:
+    """True when an aggregation in ``expr`` reduces values computed from both a row index and data.
+
+    An aggregation of the index alone (``index.mean()``), or of data alone, is
+    accounted as any other; a filter or group key on the index is a frame
+    operation, not a value inside the aggregation.
+    """
+    if expr["expr"] == "fn" and P.EXPR_FUNCTIONS[expr["name"]].kind == "aggregate":
+        reduced = frozenset().union(*(expr_lineage(child, lineage) for child in _children(expr)))
+        if any(s == ROW_ORDER for s, _ in reduced) and any(s != ROW_ORDER for s, _ in reduced):
+            return True
+    return any(_packs_row_order(child, lineage) for child in _children(expr))
+
+
+def _tainted(reps: Mapping[int, _Rep], exprs: Iterable[dict],
+             lineage: Mapping[str, frozenset] | None = None) -> dict[int, _Rep]:
+    if not _tainting(exprs, lineage):
         return dict(reps)
     return {s: replace(rep, tainted=True) for s, rep in reps.items()}
 
@@ -441,12 +522,69 @@ def _row_aggregations(expr: dict) -> list[dict]:
     return found
 
 
+# ---------------------------------------------------------------------------
+# Hidden columns: equality join keys and unchanged pass-through only.
+
+_HIDDEN_RULE = ("hidden columns can only be equality join keys (a plain column in a join's keys) or be passed "
+                "through unchanged, and are released as *")
+
+
+def _plain_column(expr: dict) -> str | None:
+    """The column an expression passes through unchanged (a ``col`` under any aliases), else None."""
+    while expr["expr"] == "alias":
+        expr = expr["input"]
+    return expr["name"] if expr["expr"] == "col" else None
+
+
+def _hidden_use(expr: dict, is_hidden: Callable[[str], bool],
+                around: dict | None = None) -> tuple[str, dict | None] | None:
+    """The first hidden column ``expr`` reads, and the smallest expression (not an alias) that reads it.
+
+    Every reference counts, counting ones included (``name.count()``,
+    ``name.is_null()``): how many values a hidden column has, or which are
+    null, is something learned from it.
+    """
+    if expr["expr"] == "col":
+        return (expr["name"], around) if is_hidden(expr["name"]) else None
+    inner = around if expr["expr"] == "alias" else expr
+    for child in _children(expr):
+        found = _hidden_use(child, is_hidden, inner)
+        if found is not None:
+            return found
+    return None
+
+
+def _operation_label(expr: dict | None) -> str:
+    """A short name for the expression that uses a hidden column, from the plan only (never a literal)."""
+    if expr is None:
+        return ""
+    kind = expr["expr"]
+    if kind == "fn":
+        return f"{expr['name']}() in "
+    if kind in ("binary", "unary"):
+        return f"{expr['op']}() in "
+    return "when/then in " if kind == "when" else ""
+
+
+def _hidden_violation(column: str, origins: tuple[tuple[str, str], ...], where: str, op: str) -> BastionError:
+    """The refusal of a use of a hidden column: names the column, its dataset and the use (plan facts only)."""
+    dataset, source_column = origins[0]
+    if column == source_column and len(origins) == 1:
+        what = f"column {column!r} of {dataset!r} is hidden by the owner's policy"
+    else:
+        what = (f"column {column!r} carries the hidden column {source_column!r} of {dataset!r} "
+                f"(hidden by the owner's policy)")
+    return BastionError("PolicyViolation", f"{what}, so it cannot be used in {where}; {_HIDDEN_RULE}",
+                        column=column, dataset=dataset, op=op, sources=sorted({d for d, _ in origins}))
+
+
 class _Accountant:
     def __init__(self, checked: CheckedPlan, unique_keys: Callable[[str, tuple[str, ...]], bool] | None = None):
         self.checked = checked
         self.unique_keys = unique_keys
         self.sources: list[Source] = []
         self.serial = 0  # numbers contribution columns, unique in the whole plan
+        self.row_indexed = False  # a with_row_index was seen: lineages may hold ROW_ORDER pairs
         self.rules = {
             "scan": self._scan, "saved": self._scan, "filter": self._keep_rows, "sort": self._keep_rows,
             "head": self._keep_rows, "slice": self._keep_rows, "explode": self._explode,
@@ -500,43 +638,117 @@ class _Accountant:
         columns = [rep.column for rep in reps.values() if rep.column is not None] + list(contribs)
         return [{"expr": "acct_col", "name": c} for c in columns]
 
-    def _contributions(self, exprs: list[dict], reps: Mapping[int, _Rep]) -> tuple[list[dict], dict]:
-        """Accounting expressions for the contribution and dominance rules of ``exprs``' aggregations.
+    def _contributions(self, exprs: list[dict], reps: Mapping[int, _Rep],
+                       lineage: Mapping[str, frozenset] | None = None) -> tuple[list[dict], dict]:
+        """Accounting expressions for the contribution, order-statistic, dominance and finiteness rules.
 
-        For every aggregation of row-level values and every source feeding it:
-        how many of that source's rows (people) made a real contribution; and
-        for sums and means, when a source sets ``max_share``, the largest
-        row's share of the absolute total.
+        For every aggregation of row-level values and every protected source
+        (K > 1) feeding it: how many of that source's rows (people) made a
+        real contribution; for an order statistic (min, max, median,
+        quantile), how many hold the released value, and for ``n_unique``,
+        the fewest holding one of the values it counts.  Per aggregation:
+        whether it is finite, and for sums, means, std and var over rows of
+        the sources, the dominance measures the sources' policies ask for.
+        ``lineage`` (the input frame's) lets ``n_unique`` of a source's own
+        person column count people without the holders' check.
         """
         accounting: list[dict] = []
         contribs: dict[str, tuple[str, int]] = {}
+        protected = [s for s in reps if self.sources[s].policy.min_group_size > 1]
         shares = [self.sources[s].policy.max_share for s in reps if self.sources[s].policy.max_share is not None]
+        # Dominance is about single people: over rows that are already aggregates
+        # it would weigh groups, whose own contributions were checked when made.
+        over_rows = any(rep.kind != "count" for rep in reps.values())
+        dominance = over_rows and any(self.sources[s].policy.dominance for s in protected)
         for expr in exprs:
             for call in _row_aggregations(expr):
                 self.serial += 1
                 j = self.serial
-                call = {**call, "input": _as_masked(call["input"])}
-                for s, rep in reps.items():
-                    if self.sources[s].policy.min_group_size <= 1:
-                        continue  # decide() applies the contribution rule only under K > 1: no column to compute
-                    name = f"{RESERVED_PREFIX}_k{j}_{s}"
-                    accounting.append({"expr": "acct_contrib", "input": call["input"], "function": call["name"],
-                                       "kind": rep.kind, "column": rep.column, "exact": rep.disjoint,
-                                       "padded": not is_plain(call["input"]), "name": name})
-                    contribs[name] = ("contrib", s)
-                if shares and call["name"] in _DOMINANCE_FUNCTIONS:
-                    name = f"{RESERVED_PREFIX}_d{j}"
-                    accounting.append({"expr": "acct_share", "input": call["input"], "name": name})
-                    contribs[name] = ("share", int(round(min(shares) * 1_000_000)))
+                masked = {**call, "input": _as_masked(call["input"])}
+                name = call["name"]
+                for s in protected:  # decide() applies these rules only under K > 1: no column to compute
+                    rep = reps[s]
+                    counted = {"kind": rep.kind, "column": rep.column, "exact": rep.disjoint}
+                    column = f"{RESERVED_PREFIX}_k{j}_{s}"
+                    accounting.append({"expr": "acct_contrib", "input": masked["input"], "function": name,
+                                       **counted, "padded": not is_plain(call["input"]), "name": column})
+                    contribs[column] = ("contrib", s)
+                    if name in _ORDER_STATISTICS or (name == "n_unique"
+                                                     and not self._counts_people(call["input"], s, lineage)):
+                        column = f"{RESERVED_PREFIX}_h{j}_{s}"
+                        kept = _kept(call["input"]) if name == "n_unique" else None
+                        accounting.append({"expr": "acct_held", "call": masked, "kept": kept, **counted,
+                                           "name": column})
+                        contribs[column] = ("held", s)
+                if not protected and not shares:
+                    continue
+                if protected and name in _FINITE_FUNCTIONS:
+                    column = f"{RESERVED_PREFIX}_f{j}"
+                    accounting.append({"expr": "acct_finite", "call": masked, "name": column})
+                    contribs[column] = ("finite", 1)
+                if name not in _DOMINANCE_FUNCTIONS or not over_rows:
+                    continue
+                if dominance:
+                    column = f"{RESERVED_PREFIX}_d{j}"
+                    accounting.append({"expr": "acct_share", "input": masked["input"], "top": 2, "name": column})
+                    contribs[column] = ("top2", _millionths(DOMINANCE_TOP_TWO))
+                    column = f"{RESERVED_PREFIX}_p{j}"
+                    accounting.append({"expr": "acct_pratio", "input": masked["input"], "name": column})
+                    contribs[column] = ("pratio", _millionths(DOMINANCE_P_RATIO))
+                if shares:
+                    column = f"{RESERVED_PREFIX}_s{j}"
+                    accounting.append({"expr": "acct_share", "input": masked["input"], "top": 1, "name": column})
+                    contribs[column] = ("share", _millionths(min(shares)))
         return accounting, contribs
+
+    def _counts_people(self, expr: dict, s: int, lineage: Mapping[str, frozenset] | None) -> bool:
+        """True when ``expr`` is source ``s``'s own person column, unchanged: each of its values is one person."""
+        person = self.sources[s].policy.person_id
+        while expr["expr"] == "alias":
+            expr = expr["input"]
+        return (person is not None and lineage is not None and expr["expr"] == "col"
+                and lineage.get(expr["name"]) == frozenset({(s, person)}))
 
     @staticmethod
     def _carried(contribs: Mapping[str, tuple[str, int]]) -> list[dict]:
-        """Aggregating rows keeps the weakest contribution (largest share) among them."""
-        return [{"expr": "acct_min", "column": c, "name": c} if kind == "contrib" else
-                {"expr": "acct_max", "column": c, "name": c} for c, (kind, _) in contribs.items()]
+        """Aggregating rows keeps the weakest measure among them (fewest contributors, largest share)."""
+        return [{"expr": "acct_max", "column": c, "name": c} if kind in _LARGEST_FAILS else
+                {"expr": "acct_min", "column": c, "name": c} for c, (kind, _) in contribs.items()]
 
     # operations --------------------------------------------------------------
+    def _carries_hidden(self, frame: _Frame) -> Callable[[str], bool]:
+        """``column -> True`` when the frame's column carries a hidden column of a source."""
+        sources = self.sources
+        return lambda column: any(s != ROW_ORDER and c in sources[s].policy.hidden for s, c in frame.lineage[column])
+
+    def _refuse_hidden(self, frame: _Frame, exprs: Iterable[dict], where: str, op: str,
+                       passthrough: bool = False) -> None:
+        """Refuse expressions over ``frame`` that read a hidden column (``passthrough``: a plain column may)."""
+        if not any(source.policy.hidden for source in self.sources):
+            return
+        is_hidden = self._carries_hidden(frame)
+        for expr in exprs:
+            if passthrough and _plain_column(expr) is not None:
+                continue
+            found = _hidden_use(expr, is_hidden)
+            if found is not None:
+                column, around = found
+                raise _hidden_violation(column, hidden_sources(frame.lineage[column], self.sources),
+                                        _operation_label(around) + where, op)
+
+    def _refuse_hidden_names(self, frame: _Frame, names: Iterable[str], where: str, op: str) -> None:
+        """Refuse a frame operation whose column list (a subset, explode's columns) names a hidden column."""
+        if not any(source.policy.hidden for source in self.sources):
+            return
+        is_hidden = self._carries_hidden(frame)
+        for name in names:
+            if is_hidden(name):
+                raise _hidden_violation(name, hidden_sources(frame.lineage[name], self.sources), where, op)
+
+    def _row_order(self, frame: _Frame) -> Mapping[str, frozenset] | None:
+        """The lineage to look for packing through the row index in (None: no index in the plan so far)."""
+        return frame.lineage if self.row_indexed else None
+
     def _scan(self, node: dict) -> _Frame:
         name = node["dataset"] if node["op"] == "scan" else node["name"]
         s = len(self.sources)
@@ -560,8 +772,18 @@ class _Accountant:
         inner = self.frame(node["input"])
         row_exprs = {"filter": [node.get("predicate")], "fill_null": [node.get("value")],
                      "sort": node.get("by")}.get(node["op"]) or []
+        if row_exprs:
+            where = {"filter": "a filter predicate", "fill_null": "a fill_null value", "sort": "a sort key"}
+            self._refuse_hidden(inner, row_exprs, where[node["op"]], node["op"])
+        if node["op"] in ("unique", "drop_nulls"):
+            # Without a subset every column is compared (unique) or tested for nulls (drop_nulls).
+            subset = node["subset"]
+            self._refuse_hidden_names(inner, inner.columns if subset is None else subset,
+                                      f"{node['op']}() without a subset, which reads every column (drop the "
+                                      "column first, or name a subset)" if subset is None
+                                      else f"the subset of {node['op']}()", node["op"])
         _refuse_reshaping(row_exprs, node["op"])
-        inner = replace(inner, reps=_tainted(inner.reps, row_exprs))
+        inner = replace(inner, reps=_tainted(inner.reps, row_exprs, self._row_order(inner)))
         if node["op"] in ("filter", "fill_null"):
             # A predicate that compares with an aggregate (keep the rows if the
             # sum of an indicator is large...), or a fill value computed by one,
@@ -591,45 +813,54 @@ class _Accountant:
                        lineage={mapping.get(c, c): l for c, l in inner.lineage.items()})
 
     def _with_row_index(self, node: dict) -> _Frame:
+        # The index is the row's position: a value of its own (ROW_ORDER), so
+        # that an aggregate weighting data by it is seen (_packs_row_order).
+        # The order it numbers never comes from a hidden column: sort keys,
+        # group keys and unique subsets refuse them.
         inner = self.frame(node["input"])
+        self.row_indexed = True
         return replace(inner, node={**node, "input": inner.node}, columns=self.checked.columns_of(node),
-                       lineage={node["name"]: _EMPTY, **inner.lineage})
+                       lineage={node["name"]: frozenset({(ROW_ORDER, node["name"])}), **inner.lineage})
 
     def _explode(self, node: dict) -> _Frame:
         # Each exploded row is still fed by the source rows of the row it came
         # from: ids are repeated, never multiplied, so counts do not grow.
-        inner = self._materialize(self.frame(node["input"]))
+        inner = self.frame(node["input"])
+        self._refuse_hidden_names(inner, node["columns"], "explode()", "explode")
+        inner = self._materialize(inner)
         reps = {s: replace(rep, disjoint=False, repeated=True) for s, rep in inner.reps.items()}
         return replace(inner, node={**node, "input": inner.node}, reps=reps)
 
     def _with_columns(self, node: dict) -> _Frame:
         inner = self.frame(node["input"])
+        self._refuse_hidden(inner, node["exprs"], "a with_columns() expression", "with_columns", passthrough=True)
         _refuse_reshaping(node["exprs"], "with_columns")
-        inner = replace(inner, reps=_tainted(inner.reps, node["exprs"]))
+        inner = replace(inner, reps=_tainted(inner.reps, node["exprs"], self._row_order(inner)))
         lineage = dict(inner.lineage)
         for expr in node["exprs"]:
             lineage[P.output_name(expr)] = expr_lineage(expr, inner.lineage)
         # Aggregates broadcast to every row (a total next to each row) are checked like released ones.
-        accounting, contribs = self._contributions(node["exprs"], inner.reps)
+        accounting, contribs = self._contributions(node["exprs"], inner.reps, inner.lineage)
         return replace(inner, node={**node, "input": inner.node, "exprs": node["exprs"] + accounting},
                        columns=self.checked.columns_of(node), lineage=lineage,
                        contribs={**inner.contribs, **contribs})
 
     def _select(self, node: dict) -> _Frame:
         inner = self.frame(node["input"])
+        self._refuse_hidden(inner, node["exprs"], "a select() expression", "select", passthrough=True)
         columns = self.checked.columns_of(node)
         lineage = {P.output_name(e): expr_lineage(e, inner.lineage) for e in node["exprs"]}
         levels = {expr_level(e) for e in node["exprs"]}
-        accounting, contribs = self._contributions(node["exprs"], inner.reps)
+        accounting, contribs = self._contributions(node["exprs"], inner.reps, inner.lineage)
         if "row" in levels:
             # One output row per input row (aggregates, if any, are broadcast).
             _refuse_reshaping(node["exprs"], "a row-level select")
             out = {**node, "input": inner.node,
                    "exprs": node["exprs"] + self._passthrough(inner.reps, inner.contribs) + accounting}
-            return _Frame(out, columns, lineage, _tainted(inner.reps, node["exprs"]), inner.aggregated,
-                          {**inner.contribs, **contribs})
+            return _Frame(out, columns, lineage, _tainted(inner.reps, node["exprs"], self._row_order(inner)),
+                          inner.aggregated, {**inner.contribs, **contribs})
         # A global aggregate: one row computed from all input rows.
-        individual = ("individual" in levels or _tainting(node["exprs"])
+        individual = ("individual" in levels or _tainting(node["exprs"], self._row_order(inner))
                       or any(rep.tainted for rep in inner.reps.values()))
         out = {**node, "input": inner.node, "exprs": node["exprs"] + self._group_counts(inner.reps, True)
                + accounting + self._carried(inner.contribs)}
@@ -640,14 +871,17 @@ class _Accountant:
 
     def _group_by(self, node: dict) -> _Frame:
         inner = self.frame(node["input"])
+        self._refuse_hidden(inner, node["keys"], "a group_by key", "group_by")
+        self._refuse_hidden(inner, node["aggs"], "an aggregation", "group_by")
         columns = self.checked.columns_of(node)
         lineage = {P.output_name(e): expr_lineage(e, inner.lineage) for e in node["keys"] + node["aggs"]}
         # An aggregation that is not a reduction (an implicit list of values,
         # first/last/mode) puts individual values in the result.
         individual = (any(expr_level(e) in ("row", "individual") for e in node["aggs"])
-                      or _tainting(node["keys"] + node["aggs"]) or any(rep.tainted for rep in inner.reps.values()))
+                      or _tainting(node["keys"] + node["aggs"], self._row_order(inner))
+                      or any(rep.tainted for rep in inner.reps.values()))
         _refuse_reshaping(node["keys"], "group_by keys")
-        accounting, contribs = self._contributions(node["aggs"], inner.reps)
+        accounting, contribs = self._contributions(node["aggs"], inner.reps, inner.lineage)
         out = {**node, "input": inner.node, "aggs": node["aggs"] + self._group_counts(inner.reps, False)
                + accounting + self._carried(inner.contribs)}
         reps = self._grouped_reps(inner.reps, individual)
@@ -777,8 +1011,9 @@ def inherited_policy(accounted: AccountedPlan) -> Policy:
     person column in the result, which becomes the result's ``person_id``.
     Columns derived from hidden columns stay hidden under their new names; K
     is the largest of the sources', the unsafe handling the strictest, the
-    dominance share the smallest, the limits the smallest; suppression applies
-    only if every source allows it, ``aggregates_only`` if any source asks.
+    dominance rule on if any source has it, the share the smallest, the limits
+    the smallest; suppression applies only if every source allows it,
+    ``aggregates_only`` if any source asks.
 
     Raises
     ------
@@ -823,6 +1058,7 @@ def inherited_policy(accounted: AccountedPlan) -> Policy:
                   unsafe=strictest_unsafe([p.unsafe for p in policies]),
                   hidden=frozenset(accounted.hidden), allow_save=True, person_id=person_id,
                   max_share=smallest(p.max_share for p in policies),
+                  dominance=not policies or any(p.dominance for p in policies),
                   suppress_small_groups=bool(policies) and all(p.suppress_small_groups for p in policies),
                   aggregates_only=any(p.aggregates_only for p in policies),
                   max_rows_released=smallest(p.max_rows_released for p in policies),

@@ -2,9 +2,38 @@
 
 One ROUTER socket, CURVE server, bound on the owner's side.  A ZAP handler
 (:class:`AllowListAuthenticator`) admits only the public keys registered in
-the workspace (re-read on every handshake) and names each connection after
-its scientist; every request is attributed to that name, read from the
-message's ``User-Id`` property, never to anything in the message itself.
+the workspace and gives each connection its key as ``User-Id``.  Every
+message's key is checked again against the allow-list
+(:class:`owner_console.workspace.AllowList`, one ``stat`` when nothing
+changed): a key that ``bastion-owner scientist remove`` or a rotation took
+off the list is refused (``AuthenticationError``) on its next message, on a
+connection that is already open too, and a reply computed for it while it
+was being revoked is withheld.  Every request is attributed to the name the
+allow-list gives that key, never to anything in the message itself; a held
+request is served only to the key that asked it.
+
+The edge.  Before anything reaches a handler, a store or a log: the envelope
+(one frame, :func:`bastion_kernel.protocol.decode`), its id (1 to 128
+printable ASCII characters: it is logged and audited), the body's fields
+(:data:`BODY_FIELDS`), every string in it (no lone UTF-16 surrogate: valid
+JSON, not Unicode text), every number in a plan (finite: JSON's ``1e400`` is
+no 64-bit float) and the plan's size (at most
+:data:`bastion_kernel.plan.MAX_PLAN_BYTES` of canonical JSON).  Each failure
+is a typed error naming where it is, answered and audited like any refusal.
+
+Nothing answered without its audit entry.  A refusal, an internal error, a
+release and the first message of a connection are answered only after their
+entry is on disk (the log fsyncs); if the entry cannot be written, the
+request gets no answer at all and the owner's log says why.  Refused requests
+are rate-limited per key (``max_refusals_per_minute``, see
+:mod:`owner_console.limits`), so a key cannot make the audit log grow faster
+than that.
+
+Releasing an approved result.  The ``release`` entry is written first, then
+the rows are handed to the socket, then the approval is marked released: a
+crash between any two steps leaves the approval in place (the scientist asks
+again and gets the rows, with a second entry), never an approval consumed
+without rows, nor rows without an entry.
 
 Threads and processes.  ZeroMQ sockets are not thread-safe, so only the loop
 thread touches the ROUTER.  Requests run on two thread pools (quick ones:
@@ -42,21 +71,27 @@ exactly like names that do not exist.
 
 Audit.  Each scientist's first message on a connection (``connection``),
 each ``fetch`` (``query`` with the plan and the cell text), its ``decision``,
-``release`` (SHA-256 of the Arrow bytes sent) or ``held``, each refusal
-(typed errors, malformed messages), each ``save`` (name, rows, columns,
-SHA-256 of the Parquet file, inherited policy, source datasets), each
-``cancel`` (its target and whether it was found) and each unexpected ``error``.  ``hello``,
-``datasets`` and ``schema`` reveal no data and are not audited; nor are
-``dp_preview`` (the noise of a DP query depends on the owner's policy and the
-query only) and ``budget`` (the scientist's own spending, which the DP
-releases' ``decision`` entries already record).
+``release`` (SHA-256 of the Arrow bytes sent) or ``held``, each refusal of
+any request (typed errors, malformed messages, a revoked key, a rate limit),
+each ``save`` (name, rows, columns, SHA-256 of the Parquet file, inherited
+policy, source datasets), each ``cancel`` (its target and whether it was
+found) and each unexpected ``error``.  Plans are kept once each, by their
+hash (:mod:`owner_console.audit`).  ``hello``, ``datasets`` and ``schema``
+that succeed reveal no data and are not audited; nor are ``dp_preview`` (the
+noise of a DP query depends on the owner's policy and the query only) and
+``budget`` (the scientist's own spending, which the DP releases'
+``decision`` entries already record).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
+import os
+import re
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
@@ -67,13 +102,14 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from bastion_kernel import protocol
-from bastion_kernel.plan import PLAN_VERSION, frame_op, plan_hash, scan
+from bastion_kernel.plan import MAX_PLAN_BYTES, PLAN_VERSION, canonical_json, frame_op, plan_hash, scan
 from bastion_kernel.protocol import BastionError, ProtocolError
-from owner_console.approvals import ApprovalError, Request, describe_seconds, expires_at, is_expired, sweep_expired
+from owner_console.approvals import (ApprovalError, Request, describe_seconds, expires_at, is_expired, sweep_expired,
+                                     utc_now)
 from owner_console.limits import Limits, limits_from_config
 from owner_console.model import Held, Released
 from owner_console.saved import SavedResults, check_saved_name
-from owner_console.workspace import Workspace, atomic_write
+from owner_console.workspace import AllowList, Workspace, atomic_write
 
 log = logging.getLogger("bastion.executor")
 
@@ -85,6 +121,8 @@ MAX_MESSAGE_BYTES = protocol.MAX_ENVELOPE_BYTES + 64 * 1024
 MAX_TEXT_CHARS = 100_000
 # The reply id for a request whose own id cannot be read (an envelope needs one).
 UNREADABLE_ID = "?"
+# An envelope id the executor takes: it goes to the log and the audit as it is.
+ID_PATTERN = re.compile(r"[\x20-\x7e]{1,128}")
 POLL_MS = 100
 # Back-pressure: requests waiting or running, per scientist and in all; one
 # scientist flooding the executor gets LimitExceeded instead of its memory.
@@ -121,21 +159,27 @@ def server_version() -> str:
 class AllowListAuthenticator(ThreadAuthenticator):
     """ZAP handler: a CURVE key is admitted iff the workspace allow-list has it.
 
-    The allow-list (``scientists/*.toml``) is re-read at every handshake, so
-    ``bastion-owner scientist add`` takes effect without a restart.  The
-    connection's ``User-Id`` is the scientist's name.
+    The allow-list (``scientists/*.toml``, through :class:`AllowList`) is
+    checked at every handshake, so ``bastion-owner scientist add`` takes
+    effect without a restart.  The connection's ``User-Id`` is the Z85 public
+    key, which the executor looks up again on every message.
     """
 
-    def __init__(self, context: zmq.Context, workspace: Workspace):
+    def __init__(self, context: zmq.Context, workspace: Workspace, allow_list: AllowList | None = None):
         super().__init__(context, log=logging.getLogger("bastion.zap"))
         self.workspace = workspace
+        self.allow_list = allow_list or AllowList(workspace)
         self._names: dict[bytes, str] = {}
         self._refused: set[bytes] = set()
+
+    def admitted_name(self, key: str) -> str | None:
+        """The name a key had when it was last admitted (for the audit of a revoked key's messages)."""
+        return self._names.get(key.encode("ascii", "replace"))
 
     def callback(self, domain: str, key: bytes) -> bool:
         """The credentials-provider hook: is this Z85 public key allowed?"""
         try:
-            name = self.workspace.scientists().get(bytes(key))
+            name = self.allow_list.name_of(bytes(key))
         except Exception:  # a broken workspace admits no one, and must not kill the ZAP thread
             log.exception("cannot read the scientist allow-list; refusing %s", bytes(key)[:8])
             return False
@@ -145,23 +189,102 @@ class AllowListAuthenticator(ThreadAuthenticator):
                 self._refused.add(bytes(key))
                 log.warning("refused an unknown CURVE key %s", bytes(key).decode("ascii", "replace"))
             return False
-        # Remembered so that curve_user_id names the key exactly as it was admitted.
+        if len(self._names) > 10_000:
+            self._names.clear()
         self._names[bytes(key)] = name
         return True
 
     def curve_user_id(self, client_public_key: bytes) -> str:
-        return self._names[z85.encode(client_public_key)]
+        return z85.encode(client_public_key).decode("ascii")
 
 
 class _Request:
-    """One decoded request and who sent it."""
+    """One decoded request, who sent it (``key``, and the ``scientist`` the allow-list names), and what the
+    edge already knows: ``first`` message of its connection, a ``refusal`` decided there, messages of its key
+    ``throttled`` (dropped) before it, whether it ``holds_slot`` of the in-flight limit, audit ``notes``."""
 
-    __slots__ = ("identity", "scientist", "kind", "msg_id", "body", "cancel")
+    __slots__ = ("identity", "key", "scientist", "kind", "msg_id", "body", "cancel", "first", "refusal",
+                 "throttled", "holds_slot", "notes", "plan_checked")
 
-    def __init__(self, identity: bytes, scientist: str, kind: str, msg_id: str, body: dict):
-        self.identity, self.scientist, self.kind, self.msg_id, self.body = identity, scientist, kind, msg_id, body
+    def __init__(self, identity: bytes, key: str, scientist: str, kind: str, msg_id: str, body: dict, *,
+                 first: bool = False, refusal: BastionError | None = None, throttled: dict | None = None,
+                 holds_slot: bool = True, notes: dict | None = None):
+        self.identity, self.key, self.scientist = identity, key, scientist
+        self.kind, self.msg_id, self.body = kind, msg_id, body
         # Set by the scientist's ``cancel``; the query's worker stops waiting for polars.
         self.cancel = threading.Event()
+        self.first, self.refusal, self.throttled = first, refusal, throttled
+        self.holds_slot, self.notes = holds_slot, notes or {}
+        # True once the body passed _check_content: its plan can be hashed, stored and audited.
+        self.plan_checked = False
+
+
+class _Unanswered(Exception):
+    """A request whose audit entry could not be written: it gets no answer (the owner's log says why)."""
+
+
+class RefusalBudget:
+    """Each key's allowance of refused requests: a token bucket of ``limit`` tokens, refilled at
+    ``limit`` a minute (``max_refusals_per_minute``, :mod:`owner_console.limits`).  Thread-safe.
+
+    :meth:`check` says what to do with a key's next message: ``"serve"`` it, ``"refuse"`` it (the first
+    message after the allowance ran out: answered ``LimitExceeded``, audited) or ``"drop"`` it (unanswered,
+    unprocessed, counted).  With ``"serve"`` comes, once, the count of messages dropped before, for the
+    ``throttled`` audit entry.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # key -> [tokens, refilled at (monotonic), refused since empty, dropped, first and last drop (UTC)]
+        self._keys: dict[str, list] = {}
+
+    def _state(self, key: str, limit: int, now: float) -> list:
+        state = self._keys.get(key)
+        if state is None:
+            if len(self._keys) >= 10_000:  # forget keys that are back to a full allowance
+                self._keys = {k: s for k, s in self._keys.items() if s[0] < limit or s[3]}
+            state = self._keys[key] = [float(limit), now, False, 0, None, None]
+        state[0] = min(float(limit), state[0] + (now - state[1]) * limit / 60.0)
+        state[1] = now
+        return state
+
+    def check(self, key: str, limit: int) -> tuple[str, dict | None]:
+        with self._lock:
+            state = self._state(key, limit, time.monotonic())
+            if state[0] >= 1.0:
+                state[2] = False
+                return "serve", self._take_dropped(state, limit)
+            if not state[2]:
+                state[2] = True
+                return "refuse", None
+            moment = utc_now()
+            state[3] += 1
+            state[4] = state[4] or moment
+            state[5] = moment
+            return "drop", None
+
+    def spend(self, key: str, limit: int) -> None:
+        """One refusal of ``key``."""
+        with self._lock:
+            state = self._state(key, limit, time.monotonic())
+            state[0] = max(0.0, state[0] - 1.0)
+
+    def drain(self, limit: int) -> dict[str, dict]:
+        """Every key's count of dropped messages not yet reported (at shutdown)."""
+        with self._lock:
+            found = {key: self._take_dropped(state, limit) for key, state in self._keys.items()}
+        return {key: dropped for key, dropped in found.items() if dropped}
+
+    @staticmethod
+    def _take_dropped(state: list, limit: int) -> dict | None:
+        if not state[3]:
+            return None
+        dropped = {"dropped": state[3], "first_dropped_at": state[4], "last_dropped_at": state[5],
+                   "limit": "max_refusals_per_minute", "max_refusals_per_minute": limit}
+        state[3], state[4], state[5] = 0, None, None
+        return dropped
+
+
 
 
 class ExecutorServer:
@@ -209,6 +332,11 @@ class ExecutorServer:
         self._running: dict[tuple[str, str], list[_Request]] = {}
         self._running_lock = threading.Lock()
         self._logged_limit_error = False
+        self._allow = AllowList(self.workspace)
+        self._budget = RefusalBudget()
+        # Releases of approved results, one at a time: an approval is released once (see _release_approved).
+        self._release_lock = threading.Lock()
+        self._limits_cache: tuple[tuple[int, int, int], float, Limits] | None = None
         self._handlers: dict[str, Callable[[_Request], list[bytes]]] = {
             "hello": self._hello,
             "datasets": self._datasets,
@@ -226,7 +354,7 @@ class ExecutorServer:
         """Bind the sockets and start the authenticator; returns the bound endpoint."""
         context = zmq.Context()
         self._context = context
-        self._auth = AllowListAuthenticator(context, self.workspace)
+        self._auth = AllowListAuthenticator(context, self.workspace, self._allow)
         self._auth.start()
         self._auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self._auth)
 
@@ -288,6 +416,7 @@ class ExecutorServer:
             for pool in self._pools:
                 pool.shutdown(wait=True, cancel_futures=True)
             self._pools = None
+        self._report_throttled()
         self._executor.close()
         with self._push_lock:
             for sock in self._push_sockets:
@@ -304,6 +433,14 @@ class ExecutorServer:
             self._context.term()
             self._context = None
         self.store.close()
+
+    def _report_throttled(self) -> None:
+        """The ``throttled`` entries not yet written (keys that stayed away after being throttled)."""
+        for key, dropped in self._budget.drain(self._limits().max_refusals_per_minute).items():
+            try:
+                self.audit.append("throttled", self._name_for_audit(key), key=key, **dropped)
+            except Exception:
+                log.exception("cannot write the audit log")
 
     # -- the loop thread ---------------------------------------------------
     def _forward_replies(self) -> None:
@@ -324,37 +461,76 @@ class ExecutorServer:
 
     def _accept(self, frames: list[zmq.Frame]) -> None:
         identity, parts = frames[0].bytes, frames[1:]
-        scientist = parts[0].get("User-Id") if parts else None
-        if not scientist:
+        key = parts[0].get("User-Id") if parts else None
+        if not key:
             # CURVE plus ZAP always sets it; without it nobody can be held to account.
             log.error("dropped a message without an authenticated identity")
             return
-        if (scientist, identity) not in self._seen:
+        limit = self._limits().max_refusals_per_minute
+        verdict, dropped = self._budget.check(key, limit)
+        if verdict == "drop":
+            return  # counted; reported in one ``throttled`` entry when the key is served again
+        scientist = self._allow.name_of(key)
+        first = (key, identity) not in self._seen
+        if first:
             if len(self._seen) > 10_000:
                 self._seen.clear()
-            self._seen.add((scientist, identity))
-            self._pools[1].submit(self._audited_connection, scientist)
+            self._seen.add((key, identity))
+        salvaged = _salvage_id(parts[0].bytes) if parts else UNREADABLE_ID
+
+        def refuse(msg_id: str, error: BastionError, kind: str = "?", **notes: Any) -> None:
+            if verdict == "serve":
+                self._budget.spend(key, limit)  # now, not when audited: a burst cannot outrun the allowance
+            name = scientist or self._name_for_audit(key)
+            self._pools[1].submit(self._run, _Request(identity, key, name, kind, msg_id, {}, first=first,
+                                                      refusal=error, throttled=dropped, holds_slot=False,
+                                                      notes={"key": key, **notes} if scientist is None else notes))
+
+        if verdict == "refuse":
+            refuse(salvaged, BastionError("LimitExceeded", f"too many refused requests: this key may make at most "
+                                                           f"{limit} a minute; its messages are dropped until "
+                                                           "then", limit="max_refusals_per_minute"))
+            return
+        if scientist is None:
+            refuse(salvaged, BastionError("AuthenticationError", "this key is no longer allowed: the owner "
+                                                                 "removed or replaced it"))
+            return
         if len(parts) != 1:
-            self._reply_error(identity, scientist, _salvage_id(parts[0].bytes) if parts else UNREADABLE_ID,
-                              ProtocolError(f"a request is one frame (the envelope); got {len(parts)} frames"))
+            refuse(salvaged, BastionError("ProtocolError", f"a request is one frame (the envelope); got {len(parts)} "
+                                                           "frames"))
             return
         data = parts[0].bytes
         try:
             kind, msg_id, body = protocol.decode(data, protocol.REQUEST_KINDS)
+        except ProtocolError as exc:
+            refuse(salvaged, BastionError("ProtocolError", str(exc)))
+            return
+        if ID_PATTERN.fullmatch(msg_id) is None:
+            refuse(UNREADABLE_ID, BastionError("ProtocolError", "envelope id must be 1 to 128 printable ASCII "
+                                                                "characters"), kind, id_sent=ascii(msg_id)[:300])
+            return
+        try:
             _check_body(kind, body)
         except ProtocolError as exc:
-            self._reply_error(identity, scientist, _salvage_id(data), exc)
+            refuse(msg_id, BastionError("ProtocolError", str(exc)), kind)
             return
         if not self._admit(scientist):
-            self._router.send_multipart([identity, protocol.encode("error", protocol.error_body(
-                "LimitExceeded", "too many requests at once; wait for earlier answers and try again"), msg_id)])
+            refuse(msg_id, BastionError("LimitExceeded", "too many requests at once; wait for earlier answers and "
+                                                         "try again", limit="in_flight"), kind)
             return
-        request = _Request(identity, scientist, kind, msg_id, body)
+        request = _Request(identity, key, scientist, kind, msg_id, body, first=first, throttled=dropped)
         if kind in QUERY_KINDS:
             with self._running_lock:
                 self._running.setdefault((scientist, msg_id), []).append(request)
         pool = self._pools[0] if kind in QUERY_KINDS else self._pools[1]
         pool.submit(self._run, request)
+
+    def _name_for_audit(self, key: str) -> str | None:
+        """The scientist a key belongs to, or belonged to when it was admitted (a revoked key)."""
+        name = self._allow.name_of(key)
+        if name is None and self._auth is not None:
+            name = self._auth.admitted_name(key)
+        return name
 
     def _admit(self, scientist: str) -> bool:
         with self._in_flight_lock:
@@ -372,22 +548,6 @@ class ExecutorServer:
             else:
                 self._in_flight.pop(scientist, None)
 
-    def _reply_error(self, identity: bytes, scientist: str, msg_id: str, exc: ProtocolError) -> None:
-        body = protocol.error_body("ProtocolError", str(exc))
-        self._router.send_multipart([identity, protocol.encode("error", body, msg_id)])
-        # Audited off the loop thread, and only while the scientist is within its
-        # request budget, so a flood of garbage cannot flood the log.
-        if self._admit(scientist):
-            self._pools[1].submit(self._audited_refusal, scientist, msg_id, body["evalue"])
-
-    def _audited_refusal(self, scientist: str, msg_id: str, evalue: str) -> None:
-        try:
-            self.audit.append("refusal", scientist, request=msg_id, ename="ProtocolError", evalue=evalue[:500])
-        except Exception:
-            log.exception("cannot write the audit log")
-        finally:
-            self._release_slot(scientist)
-
     # -- worker threads ----------------------------------------------------
     def _send(self, frames: list[bytes]) -> None:
         sock = getattr(self._local, "push", None)
@@ -400,25 +560,104 @@ class ExecutorServer:
             self._local.push = sock
         sock.send_multipart(frames, copy=False)
 
-    def _audited_connection(self, scientist: str) -> None:
+    def _run(self, request: _Request) -> None:
         try:
-            self.audit.append("connection", scientist)
+            frames = self._answer(request)
+            if not frames:
+                return
+            if request.refusal is None and self._allow.name_of(request.key) != request.scientist:
+                self._withhold(request)
+                return
+            self._send([request.identity, *frames])
+        finally:
+            if request.kind in QUERY_KINDS and request.refusal is None:
+                self._forget_running(request)
+            if request.holds_slot:
+                self._release_slot(request.scientist)
+
+    def _answer(self, request: _Request) -> list[bytes] | None:
+        """The reply frames, each with its audit entry on disk; None: nothing (more) to send."""
+        try:
+            self._audit_arrival(request)
+            if request.refusal is not None:
+                raise request.refusal
+            self._check_content(request)
+            return self._handlers[request.kind](request)
+        except _Unanswered:
+            return None
+        except BastionError as exc:
+            try:
+                return self._refused(request, exc)
+            except _Unanswered:
+                return None
+        except Exception:
+            try:
+                return [protocol.encode("error", self._internal_error(request), request.msg_id)]
+            except _Unanswered:
+                return None
+
+    def _audit(self, request: _Request, entries: list[tuple[str, str | None, dict]]) -> None:
+        """Write ``entries`` (fsynced) or raise :class:`_Unanswered`: no answer goes out without them."""
+        try:
+            self.audit.append_many(entries)
+        except Exception:
+            log.exception("cannot write the audit log: request %s (%s from %s) is left unanswered",
+                          request.msg_id, request.kind, request.scientist)
+            raise _Unanswered() from None
+
+    def _audit_arrival(self, request: _Request) -> None:
+        """The ``connection`` entry of a connection's first message, and the ``throttled`` count before it."""
+        entries = []
+        if request.throttled:
+            entries.append(("throttled", request.scientist, {"key": request.key, **request.throttled}))
+        if request.first:
+            entries.append(("connection", request.scientist, {"key": request.key}))
+        if entries:
+            self._audit(request, entries)
+
+    def _refused(self, request: _Request, exc: BastionError) -> list[bytes]:
+        """Audit a refusal (unless its handler did) and count it against the key's allowance; the reply."""
+        if not getattr(exc, "audited", False):
+            fields: dict[str, Any] = {"request": request.msg_id, "kind": request.kind, "ename": exc.ename,
+                                      "evalue": exc.evalue, **request.notes, **_owner_details(exc)}
+            if request.plan_checked and "plan" in request.body:
+                fields["plan"] = request.body["plan"]  # kept once by its hash (owner_console.audit)
+            self._audit(request, [("refusal", request.scientist, fields)])
+        if request.refusal is None:  # (an edge refusal was counted when it arrived)
+            self._budget.spend(request.key, self._limits().max_refusals_per_minute)
+        return [protocol.encode("error", exc.body(), request.msg_id)]
+
+    def _withhold(self, request: _Request) -> None:
+        """A reply computed for a key revoked while it ran: not sent, and audited as refused."""
+        log.warning("withheld the reply to %s (%s): the key of %s was revoked while it ran", request.msg_id,
+                    request.kind, request.scientist)
+        try:
+            self.audit.append("refusal", request.scientist, request=request.msg_id, kind=request.kind,
+                              ename="AuthenticationError", key=request.key,
+                              evalue="the reply was withheld: the owner removed or replaced this key while the "
+                                     "request ran")
         except Exception:
             log.exception("cannot write the audit log")
 
-    def _run(self, request: _Request) -> None:
+    def _check_content(self, request: _Request) -> None:
+        """Every string in the body is Unicode text, every number in it is finite, the plan is not too large.
+
+        Raises ``ProtocolError`` (a lone UTF-16 surrogate) or ``LimitExceeded`` (a number such as ``1e400``
+        that no 64-bit float holds; a plan over :data:`MAX_PLAN_BYTES`), naming where.
+        """
         try:
-            try:
-                frames = self._handlers[request.kind](request)
-            except BastionError as exc:
-                frames = [protocol.encode("error", exc.body(), request.msg_id)]
-            except Exception:
-                frames = [protocol.encode("error", self._internal_error(request), request.msg_id)]
-            self._send([request.identity, *frames])
-        finally:
-            if request.kind in QUERY_KINDS:
-                self._forget_running(request)
-            self._release_slot(request.scientist)
+            json.dumps(request.body, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+            raise _content_error(request.body) from None
+        plan = request.body.get("plan")
+        if plan is not None:
+            size = len(canonical_json(plan))
+            if size > MAX_PLAN_BYTES:
+                request.notes["plan_bytes"] = size
+                raise BastionError("LimitExceeded", f"the plan is {size:,} bytes of JSON; the executor takes plans "
+                                                    f"of at most {MAX_PLAN_BYTES:,} bytes",
+                                   limit="max_plan_bytes", max_bytes=MAX_PLAN_BYTES)
+            request.plan_checked = True
 
     def _forget_running(self, request: _Request) -> None:
         key = (request.scientist, request.msg_id)
@@ -430,15 +669,15 @@ class ExecutorServer:
                 self._running.pop(key, None)
 
     def _internal_error(self, request: _Request, **audit_fields: Any) -> dict:
-        """Log an unexpected failure for the owner; the scientist gets a reference only."""
+        """Log an unexpected failure for the owner; the scientist gets a reference only.
+
+        Raises :class:`_Unanswered` when its ``error`` entry cannot be written.
+        """
         reference = uuid.uuid4().hex[:12]
         log.exception("request %s (%s from %s) failed; reference %s",
                       request.msg_id, request.kind, request.scientist, reference)
-        try:
-            self.audit.append("error", request.scientist, request=request.msg_id, kind=request.kind,
-                              reference=reference, **audit_fields)
-        except Exception:
-            log.exception("cannot write the audit log")
+        self._audit(request, [("error", request.scientist, {"request": request.msg_id, "kind": request.kind,
+                                                            "reference": reference, **audit_fields})])
         return protocol.error_body("ExecutionError",
                                    f"the executor could not complete this request; the owner can look "
                                    f"it up in the executor's log under reference {reference}",
@@ -461,9 +700,23 @@ class ExecutorServer:
         return {**self.saved.catalog(scientist), **catalog}
 
     def _limits(self) -> Limits:
-        """The workspace's per-request limits, re-read on use (defaults if the config is broken)."""
+        """The workspace's limits, re-read when ``config.toml`` changed (defaults if it is broken).
+
+        Checked on every message, so a ``stat`` decides; a file changed within
+        :data:`AllowList.RACY_SECONDS` of its last read is read again (a second
+        change in the same clock tick would not move its time).
+        """
         try:
-            return limits_from_config(self.workspace.config)
+            stat = os.stat(self.workspace.config_path)
+            stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            cached = self._limits_cache
+            if cached is not None and cached[0] == stamp and \
+                    cached[1] - stat.st_mtime_ns / 1e9 >= AllowList.RACY_SECONDS:
+                return cached[2]
+            read_at = time.time()
+            limits = limits_from_config(self.workspace.config)
+            self._limits_cache = (stamp, read_at, limits)
+            return limits
         except Exception as exc:  # a typo in config.toml must not stop the executor
             if not self._logged_limit_error:
                 self._logged_limit_error = True
@@ -482,7 +735,8 @@ class ExecutorServer:
         for name in sorted(catalog):
             saved = name not in owners
             try:
-                schema = self._executor.schema_of(frame_op("saved", name=name) if saved else scan(name), catalog)
+                schema = self._executor.schema_of(frame_op("saved", name=name) if saved else scan(name), catalog,
+                                                  scientist=request.scientist)
             except Exception as exc:  # an unreadable file hides that dataset, not the others
                 log.error("dataset %r is unavailable: %s", name, exc)
                 continue
@@ -512,7 +766,8 @@ class ExecutorServer:
         return [_ok(request, {"datasets": dp.budget(self._catalog(), request.scientist)})]
 
     def _schema(self, request: _Request) -> list[bytes]:
-        schema = self._executor.schema_of(request.body["plan"], self._catalog(request.scientist))
+        schema = self._executor.schema_of(request.body["plan"], self._catalog(request.scientist),
+                                          scientist=request.scientist)
         return [_ok(request, {"schema": [list(pair) for pair in schema]})]
 
     def _save(self, request: _Request) -> list[bytes]:
@@ -531,10 +786,8 @@ class ExecutorServer:
             table, inherited = self._executor.prepare_save(plan, catalog, cancel=request.cancel,
                                                            timeout=self._limits().query_timeout_seconds,
                                                            scientist=request.scientist)
-        except BastionError as exc:
-            self.audit.append("refusal", request.scientist, request=request.msg_id, plan_hash=digest,
-                              ename=exc.ename, evalue=exc.evalue, **_owner_details(exc))
-            raise
+        except BastionError:
+            raise  # audited as a refusal by _answer
         except Exception:
             return [protocol.encode("error", self._internal_error(request, plan_hash=digest), request.msg_id)]
         sources = self._lineage(plan, request.scientist, owners)
@@ -543,7 +796,8 @@ class ExecutorServer:
         self.audit.append("save", request.scientist, request=request.msg_id, plan_hash=digest, name=name,
                           rows=record["rows"], columns=[c for c, _ in record["columns"]],
                           sha256=record["sha256"], policy=record["policy"], sources=record["sources"])
-        schema = self._executor.schema_of(frame_op("saved", name=name), self._catalog(request.scientist))
+        schema = self._executor.schema_of(frame_op("saved", name=name), self._catalog(request.scientist),
+                                          scientist=request.scientist)
         return [_ok(request, {"name": name, "schema": [list(pair) for pair in schema],
                               "policy": inherited.to_dict()})]
 
@@ -569,7 +823,9 @@ class ExecutorServer:
                           found=bool(running))
         if not running:
             # The same answer for "finished", "never sent" and "someone else's".
-            raise BastionError("NotFound", f"no running request {target[:128]!r} to cancel", target=target[:128])
+            error = BastionError("NotFound", f"no running request {target[:128]!r} to cancel", target=target[:128])
+            error.audited = True  # the cancel entry above says it was not found
+            raise error
         return [_ok(request, {"target": target, "cancelled": True})]
 
     def _fetch(self, request: _Request) -> list[bytes]:
@@ -585,10 +841,8 @@ class ExecutorServer:
                 on_started=lambda: self.audit.append("query", request.scientist, request=request.msg_id, plan=plan,
                                                      plan_hash=digest, text=text))
             _check_rows_released(outcome.table.height, self._limits().max_rows_released)
-        except BastionError as exc:
-            self.audit.append("refusal", request.scientist, request=request.msg_id, plan_hash=digest,
-                              ename=exc.ename, evalue=exc.evalue, **_owner_details(exc))
-            raise
+        except BastionError:
+            raise  # audited as a refusal by _answer, after the query entry
         except Exception:
             return [protocol.encode("error", self._internal_error(request, plan_hash=digest), request.msg_id)]
         decision = outcome.decision
@@ -631,13 +885,14 @@ class ExecutorServer:
                                  query_text=text, reason=outcome.decision.reason,
                                  detail=outcome.decision.detail, columns=columns,
                                  rows=outcome.table.height, notes=list(outcome.notes),
-                                 write_result=write_result)
+                                 write_result=write_result, scientist_key=request.key)
 
     def _request_status(self, request: _Request) -> list[bytes]:
         request_id = request.body["request_id"]
         record = self.store.get(request_id) if 0 < request_id < 2**63 else None
-        if record is None or record.scientist != request.scientist:
-            # The same answer for "no such id" and "someone else's": ids reveal nothing.
+        if record is None or record.scientist != request.scientist or \
+                record.scientist_key not in ("", request.key):
+            # The same answer for "no such id", "someone else's" and "asked with a key since replaced".
             raise BastionError("NotFound", f"no request {request_id}", request_id=request_id)
         if record.status == "pending":
             return [protocol.encode("pending", {"request_id": record.id, "status": "pending",
@@ -666,24 +921,45 @@ class ExecutorServer:
         except Exception:  # a failed sweep must not fail the request; the next one retries
             log.exception("cannot expire stale approvals")
 
-    def _release_approved(self, request: _Request, record: Request) -> list[bytes]:
-        ipc = self.workspace.result_path(record.id).read_bytes()
-        sha = hashlib.sha256(ipc).hexdigest()
-        if sha != record.result_sha256:
-            # Not what the owner reviewed: never release it.
-            raise RuntimeError(f"held result {record.id} changed on disk since it was reviewed")
-        try:
-            self.store.mark_released(record.id)
-        except ApprovalError:  # another request released it first
-            raise BastionError("NotFound", f"request {record.id} was already released",
-                               request_id=record.id) from None
-        self.audit.append("release", request.scientist, request=request.msg_id, plan_hash=record.plan_hash,
-                          request_id=record.id, sha256=sha, rows=record.rows,
-                          columns=[name for name, _ in record.columns])
-        body = {"schema": record.columns, "rows": record.rows, "notes": record.notes,
-                "request_id": record.id,
-                "decision": {"action": "approved", "reason": record.decision_reason or ""}}
-        return [protocol.encode("result", body, request.msg_id), ipc]
+    def _release_approved(self, request: _Request, record: Request) -> None:
+        """Send an approved result: its ``release`` entry, then the rows, then the approval is consumed.
+
+        A crash between any two steps leaves the approval in place, so the
+        scientist who asked gets the rows by asking again (a second
+        ``release`` entry records that copy): no approval is ever consumed
+        without its rows handed to the socket, no rows leave without their
+        entry.  Sends the reply itself (returns None): the approval is marked
+        released only after the rows were handed over.
+        """
+        with self._release_lock:  # two polls of one request: the second finds it released
+            record = self.store.get(record.id)
+            if record is None or record.status != "approved":
+                raise BastionError("NotFound", f"request {request.body['request_id']} was already released",
+                                   request_id=request.body["request_id"])
+            ipc = self.workspace.result_path(record.id).read_bytes()
+            sha = hashlib.sha256(ipc).hexdigest()
+            if sha != record.result_sha256:
+                # Not what the owner reviewed: never release it.
+                raise RuntimeError(f"held result {record.id} changed on disk since it was reviewed")
+            if self._allow.name_of(request.key) != request.scientist:
+                raise BastionError("AuthenticationError", "this key is no longer allowed: the owner removed or "
+                                                          "replaced it")
+            body = {"schema": record.columns, "rows": record.rows, "notes": record.notes,
+                    "request_id": record.id,
+                    "decision": {"action": "approved", "reason": record.decision_reason or ""}}
+            frames = [protocol.encode("result", body, request.msg_id), ipc]
+            self._audit(request, [("release", request.scientist, {
+                "request": request.msg_id, "plan_hash": record.plan_hash, "request_id": record.id, "sha256": sha,
+                "rows": record.rows, "columns": [name for name, _ in record.columns]})])
+            self._send([request.identity, *frames])
+            try:
+                self.store.mark_released(record.id)
+            except ApprovalError:  # expired or withdrawn by the owner meanwhile: the rows left before that
+                log.warning("request %s was released while the owner expired or withdrew it", record.id)
+            except Exception:  # the rows left: this request gets no second answer; it stays approved
+                log.exception("request %s was released but cannot be marked so; its scientist can fetch it "
+                              "again (each copy has its release entry)", record.id)
+        return None
 
 
 def _check_rows_released(rows: int, limit: int) -> None:
@@ -727,6 +1003,41 @@ def _check_body(kind: str, body: dict) -> None:
 _JSON_TYPE_NAMES = {dict: "object", str: "string", int: "integer"}
 
 
+def _content_error(body: dict) -> BastionError:
+    """The typed error for the first string or number in ``body`` that cannot be stored (see _check_content).
+
+    Walks the body iteratively (its nesting is bounded only by the envelope's size), keys and values alike.
+    """
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if not _is_text(value):
+                return BastionError("ProtocolError", "strings must be Unicode text; this one holds a lone UTF-16 "
+                                                     f"surrogate, a \\ud800-\\udfff escape without its pair (at {where})")
+        elif isinstance(value, float) and not math.isfinite(value):
+            return BastionError("LimitExceeded", "numbers must fit in a 64-bit float (at most about 1.8e308 in "
+                                                 f"size); this one does not (at {where})", limit="number_range")
+        elif isinstance(value, dict):
+            for name, item in reversed(list(value.items())):
+                if not _is_text(name):
+                    return BastionError("ProtocolError", "field names must be Unicode text; one holds a lone "
+                                                         f"UTF-16 surrogate (at {where or 'body'})")
+                stack.append((f"{where}.{name}".lstrip(".") if len(where) < 200 else where, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]" if len(where) < 200 else where, item)
+                         for i, item in reversed(list(enumerate(value))))
+    return BastionError("LimitExceeded", "the request is nested too deeply", limit="nesting")
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _salvage_id(data: bytes) -> str:
     """The id of an envelope that failed to decode, when one can be read; else :data:`UNREADABLE_ID`."""
     if len(data) > protocol.MAX_ENVELOPE_BYTES:
@@ -736,7 +1047,7 @@ def _salvage_id(data: bytes) -> str:
     except Exception:  # whatever is wrong with it, decode() already said so
         return UNREADABLE_ID
     msg_id = message.get("id") if isinstance(message, dict) else None
-    return msg_id if isinstance(msg_id, str) and 0 < len(msg_id) <= 128 else UNREADABLE_ID
+    return msg_id if isinstance(msg_id, str) and ID_PATTERN.fullmatch(msg_id) else UNREADABLE_ID
 
 
 def _table_schema(table: Any) -> list[list[str]]:

@@ -15,7 +15,8 @@ source columns it was computed from.
 Error names used: ``UnsupportedOperation`` (outside the whitelist: unknown
 op, kind, function, field), ``SchemaError`` (unknown dataset or column, a
 JSON value of the wrong type), ``LimitExceeded`` (depth, node count, name or
-literal length, integer range).
+literal length, integer range), ``PolicyViolation`` (an exponent computed
+from data or row order, a DP aggregate outside a DP dataset).
 """
 from __future__ import annotations
 
@@ -488,9 +489,12 @@ class _Validator:
             shown = op[:64] if isinstance(op, str) else _describe(op)
             raise _refuse("UnsupportedOperation", f"unknown binary operator {shown!r}; "
                                                   f"supported: {', '.join(P.BINARY_OPS)}", at)
-        return {"expr": "binary", "op": op,
-                "left": self._expr(node["left"], columns, f"{at}.left", depth + 1),
-                "right": self._expr(node["right"], columns, f"{at}.right", depth + 1)}
+        checked = {"expr": "binary", "op": op,
+                   "left": self._expr(node["left"], columns, f"{at}.left", depth + 1),
+                   "right": self._expr(node["right"], columns, f"{at}.right", depth + 1)}
+        if op == "pow":
+            _check_exponent(checked["right"], f"{at}.right")
+        return checked
 
     def _e_unary(self, node: dict, columns: Sequence[str], at: str, depth: int) -> dict:
         op = node["op"]
@@ -516,6 +520,8 @@ class _Validator:
                                              "to a dataset with a differential privacy policy", at, function=name)
         inner = self._expr(node["input"], columns, f"{at}.input", depth + 1)
         args = self._fn_args(name, node["args"], columns, f"{at}.args", depth + 1)
+        if name == "pow":
+            _check_exponent(args["exponent"], f"{at}.args.exponent")
         return {"expr": "fn", "name": name, "input": inner, "args": args}
 
     def _e_when(self, node: dict, columns: Sequence[str], at: str, depth: int) -> dict:
@@ -656,6 +662,49 @@ class _Validator:
                 raise _refuse("LimitExceeded", f"string literals are limited to {MAX_LITERAL_LENGTH} characters", at)
             return value
         raise _refuse("SchemaError", f"a literal must be null, a boolean, a number or a string, got {_describe(value)}", at)
+
+
+def _is_constant(expr: dict) -> bool:
+    """True for a checked expression built from literals only (no column, no ``len``)."""
+    kind = expr["expr"]
+    if kind in ("col", "len"):
+        return False
+    if kind == "lit":
+        return True
+    if kind == "alias":
+        return _is_constant(expr["input"])
+    if kind == "unary":
+        return _is_constant(expr["operand"])
+    if kind == "binary":
+        return _is_constant(expr["left"]) and _is_constant(expr["right"])
+    if kind == "fn":
+        parts = [expr["input"]]
+        for param, ptype in P.EXPR_FUNCTIONS[expr["name"]].params:
+            if ptype == "expr":
+                parts.append(expr["args"][param])
+            elif ptype == "exprs":
+                parts.extend(expr["args"][param])
+        return all(_is_constant(part) for part in parts)
+    if kind == "when":
+        parts = [p for b in expr["branches"] for p in (b["when"], b["then"])]
+        if expr["otherwise"] is not None:
+            parts.append(expr["otherwise"])
+        return all(_is_constant(part) for part in parts)
+    return False
+
+
+def _check_exponent(exponent: dict, at: str) -> None:
+    """Refuse an exponent computed from data or from row order.
+
+    ``2.0 ** col("x")`` gives each row a weight of its own, so one sum can
+    pack many people's values (one per binary digit); a literal exponent
+    (``col("x") ** 2``) cannot.
+    """
+    if not _is_constant(exponent):
+        raise _refuse("PolicyViolation", "pow: the exponent must be a literal number, as in col(\"x\") ** 2; an "
+                                         "exponent computed from a column or from row order (2 ** col(\"x\")) "
+                                         "can pack many people's values into one number, so it is refused", at,
+                      function="pow")
 
 
 def _scalar_family(value: Any) -> str:

@@ -342,8 +342,9 @@ class QueryWorkers:
     for_scientist = staticmethod(executor.for_scientist)
     table_to_ipc = staticmethod(executor.table_to_ipc)
 
-    def schema_of(self, plan: Any, catalog: Mapping[str, Dataset]) -> list[tuple[str, str]]:
-        return executor.schema_of(plan, catalog, self.cache)
+    def schema_of(self, plan: Any, catalog: Mapping[str, Dataset], *,
+                  scientist: str | None = None) -> list[tuple[str, str]]:
+        return executor.schema_of(plan, catalog, self.cache, scientist=scientist)
 
     def evaluate(self, plan: Any, catalog: Mapping[str, Dataset], scientist: str, *,
                  cancel: threading.Event | None = None, timeout: float | None = None,

@@ -14,7 +14,11 @@ Layout of a workspace ``DIR``::
     DIR/results/                     held results waiting for a decision (Arrow IPC)
 
 Everything is re-read from disk on use, so ``bastion-owner dataset add`` and
-``scientist add`` take effect in a running executor without a restart.
+``scientist add`` take effect in a running executor without a restart.  The
+allow-list is read through :class:`AllowList`, which re-reads the scientists
+directory whenever it changed: a running executor checks every message's key
+against it, so ``scientist remove`` (or a rotation, ``scientist add`` with a
+new key) refuses the old key on its next message, open connection or not.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ import datetime as _dt
 import os
 import re
 import tempfile
+import threading
+import time
 import tomllib
 from pathlib import Path
 from typing import Any, Iterable
@@ -267,7 +273,7 @@ class Workspace:
         min_group_size, hidden, unsafe, allow_save
             The :class:`owner_console.model.Policy` fields.
         **settings
-            Optional policy settings: ``person_id``, ``max_share``,
+            Optional policy settings: ``person_id``, ``dominance``, ``max_share``,
             ``suppress_small_groups``, ``aggregates_only``, ``max_rows_released``,
             ``max_join_rows``, ``query_timeout_seconds``, ``bounds``, ``scientists``.
         replace : bool
@@ -397,14 +403,7 @@ class Workspace:
         target = self.scientists_dir / f"{name}.toml"
         if target.exists() and not replace:
             raise WorkspaceError(f"scientist {name!r} is already registered ({target})")
-        key_path = Path(key_file).expanduser()
-        if not key_path.is_file():
-            raise WorkspaceError(f"{key_path}: no such file")
-        try:
-            public, _secret = zmq.auth.load_certificate(key_path)
-        except Exception as exc:  # pyzmq raises ValueError/OSError/IndexError on bad files
-            raise WorkspaceError(f"{key_path}: not a CURVE certificate ({exc})") from None
-        public = _check_z85_key(public, str(key_path))
+        public = read_public_key(key_file)
         for key, other in self.scientists().items():
             if key == public and other != name:
                 raise WorkspaceError(f"this key is already registered for scientist {other!r}")
@@ -412,6 +411,33 @@ class Workspace:
                   "added_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         atomic_write(target, tomli_w.dumps(record).encode())
         return public
+
+    def scientist_key(self, name: str) -> bytes | None:
+        """The Z85 public key allowed under ``name`` (None if no valid entry has that name)."""
+        for key, other in self.scientists().items():
+            if other == name:
+                return key
+        return None
+
+    def remove_scientist(self, name: str) -> bytes | None:
+        """Take ``name`` off the allow-list; returns the key it had (None if its file held no valid key).
+
+        Raises WorkspaceError if ``name`` is not registered.  The file is
+        unlinked and the directory fsynced, so the removal survives a crash.
+        """
+        self.require()
+        check_name(name, "scientist")
+        target = self.scientists_dir / f"{name}.toml"
+        if not target.is_file():
+            raise WorkspaceError(f"no scientist {name!r} in {self.path}")
+        key = self.scientist_key(name)
+        target.unlink()
+        dir_fd = os.open(self.scientists_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return key
 
     def scientists(self) -> dict[bytes, str]:
         """The allow-list: ``{Z85 public key: scientist name}``; malformed files are skipped."""
@@ -426,6 +452,62 @@ class Workspace:
                 continue  # a broken entry grants nothing
             allowed[key] = name
         return allowed
+
+
+class AllowList:
+    """The workspace's allow-list as the executor checks it: on every message, cheaply.
+
+    The scientists directory is re-read only when it changed: its
+    modification time and inode are compared on each lookup (one ``stat``).
+    ``scientist add``, ``scientist remove`` and a rotation replace or delete a
+    file in that directory, which changes its modification time.  A time
+    within :data:`RACY_SECONDS` of the last read could hide a second change
+    in the same clock tick, so until the directory is that old it is re-read
+    on every lookup.  (An edit that rewrites a file in place leaves the
+    directory unchanged: use the command line.)  Safe to share between
+    threads.
+
+    Parameters
+    ----------
+    workspace : Workspace
+    """
+
+    RACY_SECONDS = 2.0
+
+    def __init__(self, workspace: Workspace):
+        self.workspace = workspace
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._read_at = 0.0
+        self._names: dict[bytes, str] = {}
+
+    def names(self) -> dict[bytes, str]:
+        """``{Z85 public key: scientist name}`` as the directory holds it now."""
+        directory = self.workspace.scientists_dir
+        stat = os.stat(directory)
+        stamp = (stat.st_mtime_ns, stat.st_ino)
+        with self._lock:
+            if stamp != self._stamp or self._read_at - stat.st_mtime_ns / 1e9 < self.RACY_SECONDS:
+                read_at = time.time()
+                self._names = self.workspace.scientists()
+                self._stamp, self._read_at = stamp, read_at
+            return self._names
+
+    def name_of(self, key: bytes | str) -> str | None:
+        """The scientist allowed with this Z85 public key now, or None."""
+        return self.names().get(key.encode("ascii", "replace") if isinstance(key, str) else bytes(key))
+
+
+def read_public_key(key_file: str | os.PathLike) -> bytes:
+    """The Z85 CURVE public key in a certificate file (``.key`` or ``.key_secret``); raises WorkspaceError."""
+    key_path = Path(key_file).expanduser()
+    if not key_path.is_file():
+        raise WorkspaceError(f"{key_path}: no such file")
+    try:
+        public, _secret = zmq.auth.load_certificate(key_path)
+    except Exception as exc:  # pyzmq raises ValueError/OSError/IndexError on bad files
+        raise WorkspaceError(f"{key_path}: not a CURVE certificate ({exc})") from None
+    return _check_z85_key(public, str(key_path))
 
 
 def read_columns(path: Path, fmt: str) -> list[str]:

@@ -19,7 +19,8 @@ class FakeSession:
     def __init__(self) -> None:
         self.described = [
             {"name": "patients", "schema": PATIENTS_SCHEMA,
-             "policy": {"min_group_size": 10, "unsafe": "review", "hidden": ["name"], "allow_save": True}},
+             "policy": {"min_group_size": 10, "unsafe": "review", "hidden": ["name"], "allow_save": True,
+                        "bounds": {"age": [0, 100], "length_of_stay": [0, 60], "cost": [0, 200000]}}},
             {"name": "visits", "schema": VISITS_SCHEMA,
              "policy": {"min_group_size": 5, "unsafe": "reject", "hidden": [], "allow_save": False}},
         ]
@@ -41,7 +42,7 @@ class FakeSession:
             node = node.get("input") or node.get("left") or node["inputs"][0]
         return next(d["schema"] for d in self.described if d["name"] == node["dataset"])
 
-    def fetch(self, plan: dict, text: str) -> FetchedTable:
+    def fetch(self, plan: dict, text: str, wait: bool = True) -> FetchedTable:
         self.calls.append(("fetch", plan))
         self.fetched.append((plan, text))
         return FetchedTable(frame=None, notes=["fake"], request_id=None)
@@ -61,3 +62,40 @@ class FakeSession:
     def save(self, plan: dict, name: str, text: str) -> None:
         self.calls.append(("save", plan, name))
         self.saved.append((plan, name, text))
+
+
+class LocalTablesSession(FakeSession):
+    """A FakeSession whose fetches return real tables: the plan run in the kernel on small fixed tables.
+
+    For language tests of fetched results (their operations need a table);
+    the tables are made up here, and no executor is involved.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        import datetime
+
+        import polars as pl
+
+        self.tables = {
+            "patients": pl.DataFrame({
+                "patient_id": list(range(1, 9)), "name": ["*"] * 8, "age": [34, 71, 52, 18, 45, 66, 29, 80],
+                "sex": ["F", "M", "F", "M", "F", "F", "M", "M"], "zip": ["75011", "75012", "75011", "69001",
+                                                                        "69002", "75011", "13001", "69001"],
+                "diagnosis": ["asthma", "influenza", "asthma", "fracture", "influenza", "asthma", "fracture",
+                              "influenza"],
+                "admission_date": [datetime.date(2023, month, 1) for month in range(1, 9)],
+                "length_of_stay": [2, 5, 1, 7, 3, 4, 2, 6],
+                "cost": [1200.0, 5300.0, 900.0, 7100.0, 2500.0, 3300.0, 1800.0, 6400.0],
+                "smoker": [False, True, False, False, True, False, True, True]}),
+            "visits": pl.DataFrame({"patient_id": [1, 2, 2, 5], "visit_date": [datetime.date(2023, 3, d)
+                                                                               for d in (1, 2, 3, 4)],
+                                    "ward": ["A", "B", "B", "C"]}),
+        }
+
+    def fetch(self, plan: dict, text: str, wait: bool = True) -> FetchedTable:
+        from bastion_kernel import local
+
+        self.calls.append(("fetch", plan))
+        self.fetched.append((plan, text))
+        return FetchedTable(frame=local.run(plan, self.tables), notes=[], request_id=None)

@@ -15,6 +15,7 @@ import tomli_w
 
 from bastion_kernel.plan import col, frame_op, scan
 from owner_console.approvals import ApprovalStore, is_expired, record_decision, sweep_expired
+from owner_console.approvals import _SCHEMA_VERSION as approvals_schema_version
 from owner_console.audit import read_entries, verify
 from owner_console.workspace import DEFAULT_APPROVAL_TTL_SECONDS, Workspace, WorkspaceError
 
@@ -217,7 +218,7 @@ def test_a_store_from_the_previous_version_is_migrated(tmp_path):
     assert [r.id for r in store.list("pending")] == [1, 4]
     store.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == approvals_schema_version
         assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'requests_status'").fetchone()
         assert not conn.execute("SELECT name FROM sqlite_master WHERE name LIKE '%schema_1%'").fetchone()
     assert [r.status for r in ApprovalStore(path).list()] == ["pending", "expired", "released", "pending"]

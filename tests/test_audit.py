@@ -21,7 +21,7 @@ def key():
 def _log_with(tmp_path, key, n=5):
     log = AuditLog(tmp_path / "audit.jsonl", key)
     for i in range(n):
-        log.append("query", "alice", plan={"op": "scan", "dataset": "patients"}, text=f"cell {i}", n=i)
+        log.append("query", "alice", text=f"cell {i}", n=i)
     return log
 
 
@@ -196,3 +196,106 @@ def test_cli_verify_catches_each_tampering(tmp_path):
         result = verify_cli()
         assert result.returncode == 1, what
         assert "line 2" in result.stderr or "line 3" in result.stderr, (what, result.stderr)
+
+
+# -- plans once, entries bounded, any value written safely ----------------------------------------
+
+def _big_plan(values: int = 3000) -> dict:
+    from bastion_kernel.plan import col, fn, frame_op, scan
+    return frame_op("filter", input=scan("patients"),
+                    predicate=fn("is_in", col("name"), values=[f"name-{i:08d}" for i in range(values)]))
+
+
+def test_a_plan_is_kept_once_and_every_entry_refers_to_it_by_its_hash(tmp_path, key):
+    from bastion_kernel.plan import canonical_json, plan_hash
+    plan = _big_plan()
+    log = AuditLog(tmp_path / "audit.jsonl", key)
+    written = [log.append("query", "alice", plan=plan, plan_hash=plan_hash(plan), text=f"cell {i}")
+               for i in range(20)]
+    # Another writer (another process: a new AuditLog on the same file) finds the plan already there.
+    AuditLog(log.path, key).append("refusal", "bob", plan=plan, ename="PolicyViolation", evalue="no")
+    entries = list(read_entries(log.path))
+    [stored] = [e for e in entries if e["event"] == "plan"]
+    assert stored["plan"] == plan and stored["plan_hash"] == plan_hash(plan) and stored["scientist"] == "alice"
+    assert entries[0] is not None and entries[0]["event"] == "plan"  # before the first entry that refers to it
+    assert all("plan" not in e and e["plan_hash"] == plan_hash(plan) for e in entries[1:])
+    assert [w["seq"] for w in written] == list(range(2, 22))
+    # The plan's bytes are in the log once; each entry that refers to it is small.
+    size = len(canonical_json(plan))
+    assert size > 40_000 and log.path.stat().st_size < size + 21 * 1000
+    assert verify(log.path, key.public_key()).ok
+
+
+def test_an_entry_whose_plan_the_log_does_not_hold_fails_verify(tmp_path, key):
+    log = AuditLog(tmp_path / "audit.jsonl", key)
+    log.append("query", "alice", plan={"op": "scan", "dataset": "patients"})
+    assert verify(log.path, key.public_key()).ok
+    # Correctly chained and signed, but it names a plan no entry holds (as if its plan entry were dropped
+    # by someone holding the key, and the chain rebuilt).
+    log.append("query", "alice", plan_hash="ab" * 32)
+    report = verify(log.path, key.public_key())
+    assert not report.ok and report.first_bad == 3 and "not held earlier" in report.problem
+
+
+def test_a_log_with_plans_inline_still_verifies_and_its_plans_are_checked(tmp_path, key):
+    from bastion_kernel.plan import plan_hash
+    from owner_console.audit import canonical
+    plan = {"op": "scan", "dataset": "patients"}
+    log = AuditLog(tmp_path / "audit.jsonl", key)
+    # As a log written before plans were kept once: the plan inside the query entry.
+    first = log._entry(1, GENESIS, "query", "alice", {"plan": plan, "plan_hash": plan_hash(plan)})
+    later = log._entry(2, first["hash"], "refusal", "alice", {"plan_hash": plan_hash(plan), "ename": "SchemaError"})
+    log.path.write_bytes(canonical(first) + b"\n" + canonical(later) + b"\n")
+    assert verify(log.path, key.public_key()).ok
+    log.append("query", "alice", plan=plan)  # known already: no plan entry is added
+    assert [e["event"] for e in read_entries(log.path)] == ["query", "refusal", "query"]
+    assert verify(log.path, key.public_key()).ok
+    wrong = log._entry(1, GENESIS, "query", "alice", {"plan": plan, "plan_hash": "cd" * 32})
+    log.path.write_bytes(canonical(wrong) + b"\n")
+    report = verify(log.path, key.public_key())
+    assert not report.ok and "plan does not match its hash" in report.problem
+
+
+def test_a_long_text_is_kept_once_and_a_short_one_inline(tmp_path, key):
+    from owner_console.audit import INLINE_TEXT_CHARS
+    log = AuditLog(tmp_path / "audit.jsonl", key)
+    long_text = "patients.filter(...)\n" * INLINE_TEXT_CHARS
+    first = log.append("query", "alice", text=long_text)
+    again = log.append("query", "alice", text=long_text)
+    short = log.append("query", "alice", text="patients.head(3)")
+    events = [e["event"] for e in read_entries(log.path)]
+    assert events == ["text", "query", "query", "query"]
+    assert first["text_sha256"] == again["text_sha256"] == hashlib.sha256(long_text.encode()).hexdigest()
+    assert "text" not in first and short["text"] == "patients.head(3)"
+    assert [e for e in read_entries(log.path) if e["event"] == "text"][0]["text"] == long_text
+    assert verify(log.path, key.public_key()).ok
+
+
+@pytest.mark.parametrize("value", ["\ud800", "a\udfffb", "\ud83d", float("inf"), float("-inf"), float("nan"),
+                                   10**400, -(2**64), b"\xff\xfe", object(), {"\ud800": [1e308, float("nan")]}],
+                         ids=["lone high surrogate", "lone low surrogate", "half an emoji", "inf", "-inf", "nan",
+                              "huge int", "int past 64 bits", "bytes", "an object", "nested"])
+def test_any_value_is_written_safely_and_the_log_still_verifies(tmp_path, key, value):
+    log = AuditLog(tmp_path / "audit.jsonl", key)
+    entry = log.append("refusal", "alice\ud800", request=value, detail={"v": value}, plan={"op": value})
+    [written] = [e for e in read_entries(log.path) if e["event"] == "refusal"]
+    assert written == entry
+    assert "\ud800" not in json.dumps(written, ensure_ascii=False).encode("utf-8", "surrogatepass").decode(
+        "utf-8", "replace")
+    raw = log.path.read_bytes()
+    raw.decode("utf-8")  # strict UTF-8: every line is Unicode text
+    assert b"NaN" not in raw and b"Infinity" not in raw
+    assert verify(log.path, key.public_key()).ok
+
+
+def test_every_entry_is_bounded_whatever_its_fields_hold(tmp_path, key):
+    from owner_console.audit import MAX_ENTRY_BYTES, MAX_FIELD_CHARS
+    log = AuditLog(tmp_path / "audit.jsonl", key)
+    huge = "x" * (10 * MAX_FIELD_CHARS)
+    entry = log.append("refusal", "alice", evalue=huge, columns=[f"column_{i:05d}_" + "y" * 200 for i in range(2000)],
+                       details={"nested": [huge] * 50})
+    line = log.path.read_bytes().splitlines()[-1]
+    assert len(line) <= MAX_ENTRY_BYTES
+    assert entry["evalue"].startswith("x" * 100) and hashlib.sha256(huge.encode()).hexdigest() in entry["evalue"]
+    assert "omitted_bytes" in json.dumps(entry)
+    assert verify(log.path, key.public_key()).ok

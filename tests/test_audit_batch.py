@@ -19,12 +19,13 @@ def test_a_batch_is_chained_like_single_appends_and_verifies(tmp_path, key):
         ("decision", "alice", {"action": "allow", "reason": "every group was computed from at least 5 rows"}),
         ("release", "alice", {"sha256": "ab" * 32, "rows": 3})])
     after = log.append("query", "bob", text="next")
-    assert [decision["seq"], release["seq"], after["seq"]] == [2, 3, 4]
+    # The plan went to its own entry, written just before the first entry that refers to it.
+    assert [first["seq"], decision["seq"], release["seq"], after["seq"]] == [2, 3, 4, 5]
     assert decision["prev"] == first["hash"] and release["prev"] == decision["hash"]
     assert after["prev"] == release["hash"]
-    assert [e["event"] for e in read_entries(log.path)] == ["query", "decision", "release", "query"]
+    assert [e["event"] for e in read_entries(log.path)] == ["plan", "query", "decision", "release", "query"]
     report = verify(log.path, key.public_key())
-    assert report.ok and report.entries == 4
+    assert report.ok and report.entries == 5
 
 
 def test_a_batch_after_a_torn_line_records_the_recovery_first(tmp_path, key):

@@ -206,7 +206,7 @@ def test_session_shutdown_and_audit_verify(tmp_path, patients_csv):
     intact = log_path.read_bytes()
     lines = intact.splitlines(keepends=True)
     assert len(lines) >= 6
-    edited = lines[3].replace(b'"scientist":"alice"', b'"scientist":"bob"')
+    edited = lines[3].replace(b'"scientist":"carol"', b'"scientist":"bob"')  # carol's connection
     assert edited != lines[3]
     for what, content in {"edited": lines[:3] + [edited] + lines[4:],
                           "deleted": lines[:2] + lines[3:],

@@ -156,7 +156,7 @@ CASES: list[tuple[str, Query, bool]] = [
      lambda df: df.select("sex").unique().join(df.select("zip").unique(), how="cross"), False),
     ('concat([p.head(3), p.filter(col("age") > 95)])',
      lambda df: pl.concat([df.head(3), df.filter(pl.col("age") > 95)]), True),
-    ('p.filter(col("age") > 80).collect().select("age")',
+    ('p.filter(col("age") > 80).save("older_than_80").select("age")',
      lambda df: df.filter(pl.col("age") > 80).select("age"), True),
     ('sql("SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex")',
      lambda df: df.group_by("sex").agg(n=pl.len()), False),

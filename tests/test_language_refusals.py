@@ -9,8 +9,8 @@ from language_fake_session import FakeSession
 
 # (cell, ename, (line, col), a fragment of the message)
 REFUSALS = [
-    ("import os", "UnsupportedOperation", (1, 0), "import statements"),
-    ("x = 1\nfrom os import path", "UnsupportedOperation", (2, 0), "import statements"),
+    ("import os", "UnsupportedOperation", (1, 0), "import os: Bastion cells run no Python modules"),
+    ("x = 1\nfrom os import path", "UnsupportedOperation", (2, 0), "import os: Bastion cells run no Python modules"),
     ("df.__class__", "UnsupportedOperation", (1, 3), "'__class__'"),
     ("df._plan", "UnsupportedOperation", (1, 3), "'_plan'"),
     ("col('a').__init__.__globals__", "UnsupportedOperation", (1, 9), "'__init__'"),

@@ -97,6 +97,34 @@ def test_dataset_add_refuses_bad_input(fresh, patients_csv, tmp_path):
     assert sorted(p.name for p in (fresh / "datasets").iterdir()) == ["patients.toml"]
 
 
+def test_dataset_add_public_bounds_without_dp(fresh, patients_csv):
+    result = run_owner(fresh, "dataset", "add", "patients", patients_csv, "--bounds", "age=0:100",
+                       "--bounds", "cost=-0.5:2e5")
+    assert result.returncode == 0, result.stderr
+    record = tomllib.loads((fresh / "datasets/patients.toml").read_text())
+    assert record["policy"]["bounds"] == {"age": [0, 100], "cost": [-0.5, 200000.0]}
+    assert "dp" not in record
+    policy = Workspace(fresh).catalog()["patients"].policy
+    assert policy.bounds == {"age": (0, 100), "cost": (-0.5, 200000.0)}
+    assert Policy.from_dict(policy.to_dict()) == policy
+    assert "bounds" not in Policy().to_dict()  # set only when declared: files without bounds stay as they were
+    for bounds, fragment in (("age=100:0", "low < high"), ("age=0:inf", "--bounds"), ("age", "--bounds"),
+                             ("ssn=0:1", "'ssn'")):
+        _assert_user_error(run_owner(fresh, "dataset", "add", "x", patients_csv, "--bounds", bounds), fragment)
+    assert sorted(p.name for p in (fresh / "datasets").iterdir()) == ["patients.toml"]
+
+
+@pytest.mark.parametrize("bounds,fragment", [
+    ([0, 1], "table"), ({"age": [1, 1]}, "low < high"), ({"age": [0, float("nan")]}, "finite"),
+    ({"age": [True, 2]}, "finite"), ({"age": [0, "9"]}, "finite"), ({"": [0, 1]}, "column name"),
+])
+def test_policy_bounds_are_validated(bounds, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        Policy.from_dict({"bounds": bounds})
+    with pytest.raises(ValueError, match="not overridable"):  # a public fact of the data, not of the reader
+        Policy(scientists={"bob": {"bounds": {"age": [0, 1]}}})
+
+
 def test_malformed_dataset_file_is_named_and_skipped(fresh, patients_csv):
     assert run_owner(fresh, "dataset", "add", "patients", patients_csv).returncode == 0
     (fresh / "datasets/broken.toml").write_text("name = [unclosed\n")

@@ -46,15 +46,15 @@ def raw(files) -> pl.DataFrame:
 
 
 def run(files, plan, k: int = 1, **extra):
-    """(action, reason, released table or None) under a ``reject`` policy with minimum group size ``k``."""
+    """(action, the owner's detail, released table or None) under a ``reject`` policy with minimum group size ``k``."""
     cat = {"patients": Dataset("patients", files["patients"], "csv", Policy(k, "reject", **extra)),
            "visits": Dataset("visits", files["visits"], "csv", Policy(k, "reject", person_id="patient_id"))}
     try:
         result = executor.evaluate(plan, cat, "alice")
     except BastionError as error:
         assert error.ename == "PolicyViolation", error.evalue
-        return "reject", error.evalue, None
-    return result.decision.action, result.decision.reason, result.table
+        return "reject", error.details["detail"], None
+    return result.decision.action, result.decision.detail, result.table
 
 
 def same(files, plan, expected: pl.DataFrame, sort_by: list[str] | None = None) -> None:

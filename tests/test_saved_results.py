@@ -1,4 +1,4 @@
-"""``save(name)`` and ``collect()``: results kept on the owner's side, per scientist, under the inherited policy.
+"""``save(name)``: results kept on the owner's side, per scientist, under the inherited policy; ``collect()`` only fetches.
 
 Everything runs against a real executor process on its own workspace (the
 three patients datasets of ``make_workspace`` plus ``patients_nosave``, whose
@@ -13,6 +13,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from bastion_kernel.language.interpreter import Interpreter
+from bastion_kernel.language.values import FetchedTable
 from bastion_kernel.plan import alias, binary, col, fn, frame_op, length, lit, scan
 from owner_console.audit import read_entries
 
@@ -160,12 +161,18 @@ def test_hidden_columns_stay_hidden_under_their_new_names(running, source):
     upper = frame_op("select", input=scan("patients_open"),
                      exprs=[alias(fn("str.to_uppercase", col("name")), "shouting"), col("age")])
     kind, body, _ = _save(alice, upper, "shouting")
-    assert kind == "ok" and body["policy"]["hidden"] == ["shouting"] and body["policy"]["unsafe"] == "log"
-    kind, body, frames = _fetch(alice, frame_op("head", input=frame_op("saved", name="shouting"), n=5))
+    assert kind == "error" and body["ename"] == "PolicyViolation", body  # a hidden column is never computed on
+    copied = frame_op("select", input=scan("patients_open"), exprs=[alias(col("name"), "who"), col("age")])
+    kind, body, _ = _save(alice, copied, "copied")
+    assert kind == "ok" and body["policy"]["hidden"] == ["who"] and body["policy"]["unsafe"] == "log"
+    kind, body, frames = _fetch(alice, frame_op("head", input=frame_op("saved", name="copied"), n=5))
     assert kind == "result", body  # unsafe "log": released, and logged
     table = _table(frames)
-    assert table["shouting"].to_list() == ["*"] * 5
+    assert table["who"].to_list() == ["*"] * 5
     assert table["age"].to_list() == source["age"].head(5).to_list()
+    kind, body, _ = _fetch(alice, frame_op("group_by", input=frame_op("saved", name="copied"), keys=[col("who")],
+                                           aggs=[length()]))
+    assert kind == "error" and "column 'who' of 'copied' is hidden" in body["evalue"], body
 
 
 def test_save_is_audited(running):
@@ -179,17 +186,17 @@ def test_save_is_audited(running):
     assert running.owner("audit", "verify").returncode == 0
 
 
-def test_collect_in_the_language_materializes_remotely(running, source):
+def test_collect_in_the_language_fetches_and_keeps_nothing_remotely(running, source):
     interp = Interpreter(running.kernel_client("alice"))
-    interp.run_cell('p = dataset("patients")\nolder = p.filter(col("age") >= 60).select("sex", "cost").collect()')
-    plan = interp.run_cell("older").value.plan
-    assert plan["op"] == "saved" and plan["name"].startswith("collected_")
-    names = [d["name"] for d in interp.run_cell("datasets()").value.datasets]
-    assert plan["name"] in names
-    fetched = interp.run_cell('older.group_by("sex").agg(col("cost").sum(), pl.len()).fetch()').value
+    before = [d["name"] for d in interp.run_cell("datasets()").value.datasets]
+    collected = interp.run_cell('p = dataset("patients")\n'
+                                'p.filter(col("age") >= 60).group_by("sex").agg(col("cost").sum(), pl.len())'
+                                '.collect()').value
+    assert isinstance(collected, FetchedTable)
     expected = source.filter(pl.col("age") >= 60).group_by("sex").agg(pl.col("cost").sum(), pl.len())
-    assert_frame_equal(fetched.frame.sort("sex"), expected.sort("sex"), check_dtypes=False)
-    # save() too, and SQL sees the saved name as a table.
+    assert_frame_equal(collected.frame.sort("sex"), expected.sort("sex"), check_dtypes=False)
+    assert [d["name"] for d in interp.run_cell("datasets()").value.datasets] == before
+    # save() keeps a result on the owner's side, and SQL sees the saved name as a table.
     interp.run_cell('p.filter(col("age") < 40).save("young")')
     fetched = interp.run_cell('sql("SELECT sex, COUNT(*) AS n FROM young GROUP BY sex").fetch()').value
     expected = source.filter(pl.col("age") < 40).group_by("sex").agg(n=pl.len())
@@ -209,12 +216,15 @@ def test_with_row_index_follows_the_release_rule(running, source):
                    exprs=[alias(fn("mean", col("cost")), "cost")])
     kind, body, _ = _fetch(alice, one)
     assert kind == "pending", body  # one person singled out by position: under K
+    last = frame_op("group_by", input=indexed, keys=[col("sex")], aggs=[alias(fn("max", col("row")), "last_row")])
+    kind, body, _ = _fetch(alice, last)
+    assert kind == "pending", body  # the last row's position is one row's value (an order statistic)
     summary = frame_op("group_by", input=indexed, keys=[col("sex")],
-                       aggs=[alias(fn("max", col("row")), "last_row"), alias(length(), "n")])
+                       aggs=[alias(fn("mean", col("row")), "mean_row"), alias(length(), "n")])
     kind, body, frames = _fetch(alice, summary)
     assert kind == "result", body
     expected = (source.with_row_index("row").group_by("sex")
-                .agg(pl.col("row").max().alias("last_row"), pl.len().alias("n")))
+                .agg(pl.col("row").mean().alias("mean_row"), pl.len().alias("n")))
     assert_frame_equal(_table(frames).sort("sex"), expected.sort("sex"), check_dtypes=False)
 
 

@@ -21,7 +21,9 @@ from .errors import BastionError
 from .expr import DType, Expr, render_expr
 from .frame import GroupBy, RemoteFrame
 from .namespaces import PolarsModule, polars_attribute, polars_attribute_names
+from .plot import hidden_columns
 from .registry import BoundOperation, Operation, attribute_names, methods_of, properties_of
+from .values import FetchedTable
 
 if TYPE_CHECKING:
     from .interpreter import Interpreter
@@ -33,6 +35,9 @@ COLUMN_METHODS = {"select", "with_columns", "group_by", "agg", "sort", "drop", "
                   "join", "filter", "rename", "count"}
 COLUMN_FUNCTIONS = {"col"}
 DATASET_FUNCTIONS = {"dataset"}
+# Frame methods where a hidden column may appear: as a join key, or passed
+# through unchanged.  Elsewhere the executor refuses it, so it is not offered.
+HIDDEN_COLUMN_METHODS = {"select", "with_columns", "join", "drop", "rename"}
 
 
 @dataclass
@@ -253,17 +258,18 @@ def _complete_in_string(interp: "Interpreter", before: str, state: _ScanState, c
         names = [d.get("name") for d in interp.ctx.datasets()]
         return Completion(_filter(prefix, [n for n in names if isinstance(n, str)]), start, cursor_pos)
     if name in COLUMN_FUNCTIONS and receiver in ("", "pl"):
-        frame = _enclosing_frame(interp, state.stack[:-1])
-        return Completion(_filter(prefix, _columns(interp, frame)), start, cursor_pos)
+        frame, method = _enclosing_frame(interp, state.stack[:-1])
+        return Completion(_filter(prefix, _columns(interp, frame, method)), start, cursor_pos)
     if name in COLUMN_METHODS and receiver:
         value = _resolve(interp, receiver)
         frame = value.frame if isinstance(value, GroupBy) else value
         if isinstance(frame, RemoteFrame):
-            return Completion(_filter(prefix, _columns(interp, frame)), start, cursor_pos)
+            return Completion(_filter(prefix, _columns(interp, frame, name)), start, cursor_pos)
     return empty
 
 
-def _enclosing_frame(interp: "Interpreter", stack: list[_Open]) -> RemoteFrame | None:
+def _enclosing_frame(interp: "Interpreter", stack: list[_Open]) -> tuple[RemoteFrame | None, str]:
+    """The frame whose column method encloses the cursor, and that method's name."""
     for opened in reversed(stack):
         if opened.bracket != "(":
             continue
@@ -271,16 +277,20 @@ def _enclosing_frame(interp: "Interpreter", stack: list[_Open]) -> RemoteFrame |
         if name in COLUMN_METHODS and receiver:
             value = _resolve(interp, receiver)
             if isinstance(value, GroupBy):
-                return value.frame
+                return value.frame, name
             if isinstance(value, RemoteFrame):
-                return value
-    return None
+                return value, name
+    return None, ""
 
 
-def _columns(interp: "Interpreter", frame: RemoteFrame | None) -> list[str]:
-    """Column names of a frame, or of every dataset when no frame is known."""
+def _columns(interp: "Interpreter", frame: RemoteFrame | None, method: str = "") -> list[str]:
+    """Column names of a frame (without its hidden ones where ``method`` cannot use them), or of every dataset."""
     if frame is not None:
-        return [name for name, _ in interp.ctx.schema(frame.plan)]
+        names = [name for name, _ in interp.ctx.schema(frame.plan)]
+        if method in HIDDEN_COLUMN_METHODS:
+            return names
+        hidden = hidden_columns(interp.ctx, frame)
+        return [name for name in names if name not in hidden]
     names: list[str] = []
     for description in interp.ctx.datasets():
         names.extend(str(column[0]) for column in description.get("schema", []) if column)
@@ -385,6 +395,9 @@ def describe_value(interp: "Interpreter", value: Any, detail_level: int = 0, lab
     if isinstance(value, PolarsModule):
         return ("pl: the Bastion language's polars-compatible names\n"
                 + ", ".join(polars_attribute_names()))
+    if isinstance(value, FetchedTable) and value.frame is not None:
+        return (f"{label}: a fetched result (a local DataFrame: its operations run in the kernel, never on "
+                f"the executor)\n{repr(value.frame)[:4000]}")
     return f"{label}: {type(value).__name__}\n{repr(value)[:2000]}"
 
 
@@ -392,8 +405,10 @@ def _frame_help(interp: "Interpreter", frame: RemoteFrame, detail_level: int, la
     lines = [f"{label}: {frame.summary()}", ""]
     try:
         schema = interp.ctx.schema(frame.plan)
+        hidden = hidden_columns(interp.ctx, frame)
         lines.append("Schema:")
-        lines.extend(f"  {name}: {dtype}" for name, dtype in schema)
+        lines.extend(f"  {name}: {dtype}" + ("  (hidden: a join key only, shown as *)" if name in hidden else "")
+                     for name, dtype in schema)
     except BastionError as exc:
         lines.append(f"Schema unavailable: {exc.evalue}")
     described = {d.get("name"): d for d in interp.ctx.datasets()}
@@ -414,7 +429,7 @@ def _policy_summary(policy: Any) -> str:
     parts = [f"groups need >= {policy.get('min_group_size', '?')} rows"]
     hidden = policy.get("hidden") or []
     if hidden:
-        parts.append(f"hidden columns (shown as *): {', '.join(map(str, hidden))}")
+        parts.append(f"hidden columns (usable only as join keys, shown as *): {', '.join(map(str, hidden))}")
     parts.append(f"anything else: {policy.get('unsafe', 'review')}")
     if policy.get("allow_save") is False:
         parts.append("saving derived results is not allowed")

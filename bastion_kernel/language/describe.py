@@ -14,8 +14,8 @@ of aggregates), each going through the policy like any aggregate:
    which request to fetch later with ``request(N)``), next to the owner's
    public bounds of the columns when the owner declared any.
 
-Columns that a source's policy hides get no order statistics asked (shown as
-``*``).  The released rows are then laid out here the way
+Columns that a source's policy hides are not asked about at all (the executor
+refuses any computation over them): their statistics show ``*``.  The released rows are then laid out here the way
 ``polars.DataFrame.describe`` does: a ``statistic`` column and one column per
 input column (``Float64`` for numbers and booleans, text otherwise).
 """
@@ -79,18 +79,18 @@ def statistic_name(stat: str, column: str) -> str:
 
 def describe_plans(frame_plan: dict, schema: list[list[str]],
                    hidden: frozenset[str] | set[str] = frozenset()) -> tuple[dict, dict | None]:
-    """The plan of the moments and the plan of the order statistics (None when no column has any).
+    """The plan of the moments and the plan of the order statistics (each None when it asks for nothing).
 
-    Columns in ``hidden`` get no order statistics: their values are never released.
+    Columns in ``hidden`` are left out: the executor computes nothing over a hidden column.
     """
     moments, order = [], []
     for column, dtype in schema:
+        if column in hidden:
+            continue
         for stat in _BY_KIND[column_kind(dtype)]:
-            if stat not in ORDER_STATISTICS:
-                moments.append(P.alias(_statistic(stat, column), statistic_name(stat, column)))
-            elif column not in hidden:
-                order.append(P.alias(_statistic(stat, column), statistic_name(stat, column)))
-    return (P.frame_op("select", input=frame_plan, exprs=moments),
+            (order if stat in ORDER_STATISTICS else moments).append(
+                P.alias(_statistic(stat, column), statistic_name(stat, column)))
+    return (P.frame_op("select", input=frame_plan, exprs=moments) if moments else None,
             P.frame_op("select", input=frame_plan, exprs=order) if order else None)
 
 
@@ -138,13 +138,14 @@ def frame_describe(ctx: Context, frame: RemoteFrame) -> FetchedTable:
         raise SchemaError("describe(): the frame has no columns")
     hidden = hidden_columns(ctx, frame) & {column for column, _ in schema}
     moments_plan, order_plan = describe_plans(frame.plan, schema, hidden)
-    fetched = ctx.session.fetch(moments_plan, ctx.cell_text)
+    fetched = FetchedTable(frame=None) if moments_plan is None else ctx.session.fetch(moments_plan, ctx.cell_text)
     row = _released_row(fetched)
     notes = list(fetched.notes)
     for column, dtype in schema:
         if column in hidden:
-            row.update({statistic_name(stat, column): "*" for stat in _BY_KIND[column_kind(dtype)]
-                        if stat in ORDER_STATISTICS})
+            row.update({statistic_name(stat, column): "*" for stat in _BY_KIND[column_kind(dtype)]})
+    if hidden:
+        notes.append(f"hidden by the owner's policy, not described: {', '.join(sorted(hidden))}")
     if order_plan is not None:
         withheld = None
         try:

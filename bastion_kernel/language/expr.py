@@ -348,9 +348,10 @@ FUNCTION_DOCS: dict[str, tuple[str, dict[str, str], str]] = {
     "log": ("Logarithm.", {"base": "The base (default e)."}, 'patients.select(col("cost").log(10))'),
     "exp": ("Exponential.", {}, 'patients.select(col("length_of_stay").exp())'),
     "sqrt": ("Square root.", {}, 'patients.select(col("cost").sqrt())'),
-    "pow": ("Raise to a power.", {"exponent": "A literal or an expression (a bare string is a column)."},
+    "pow": ("Raise to a power.", {"exponent": "A literal number; an exponent computed from a column or the row "
+                                              "index is refused (it could pack many people's values)."},
             'patients.select(col("age").pow(2))'),
-    "str.len_chars": ("Number of characters of each string.", {}, 'patients.select(col("name").str.len_chars())'),
+    "str.len_chars": ("Number of characters of each string.", {}, 'patients.select(col("diagnosis").str.len_chars())'),
     "str.to_lowercase": ("Lowercase each string.", {}, 'patients.select(col("sex").str.to_lowercase())'),
     "str.to_uppercase": ("Uppercase each string.", {}, 'patients.select(col("diagnosis").str.to_uppercase())'),
     "str.contains": ("True where the string matches a pattern.",
@@ -370,7 +371,7 @@ FUNCTION_DOCS: dict[str, tuple[str, dict[str, str], str]] = {
                     'patients.select(col("diagnosis").str.replace(" ", "_"))'),
     "str.strip_chars": ("Remove leading and trailing characters.",
                         {"characters": "The characters to remove (None: whitespace)."},
-                        'patients.select(col("name").str.strip_chars())'),
+                        'patients.select(col("diagnosis").str.strip_chars())'),
     "str.to_date": ("Parse strings as dates.", {"format": "A strftime format such as '%Y-%m-%d'.",
                                                 "strict": "Raise on strings that do not parse."},
                     'patients.select(col("zip").str.to_date("%Y%m", strict=False))'),
@@ -588,21 +589,46 @@ def fn_lit(ctx: Context, value: Any, dtype: DType | None = None) -> Expr:
     return Expr(node)
 
 
+# len(value) for the language's own values: the type -> a handler(ctx, value) giving the length.
+# frame.py and results.py register frames here (a remote count goes through the owner's policy).
+LENGTHS: dict[type, Callable[[Context, Any], Any]] = {
+    list: lambda ctx, value: len(value), tuple: lambda ctx, value: len(value),
+    str: lambda ctx, value: len(value), dict: lambda ctx, value: len(value),
+}
+
+
 @function("len")
-def fn_len(ctx: Context) -> Expr:
-    """The number of rows (of the frame, or of each group in an ``agg``).
+def fn_len(ctx: Context, obj: Any = None) -> Any:
+    """The number of rows (of the frame, or of each group in an ``agg``); ``len(frame)`` counts a frame.
+
+    Without an argument, as polars' ``pl.len()``: an expression.  With a
+    frame, as Python's ``len(df)``: the number of rows, counted by the
+    owner's executor (a ``select(pl.len())`` fetch, released as any
+    aggregate) for a remote frame, locally for a fetched ``DataFrame``.
+
+    Parameters
+    ----------
+    obj : RemoteFrame, DataFrame, list, tuple, str or dict, optional
+        What to count.
 
     Returns
     -------
-    Expr
-        An aggregation named "len".
+    Expr or int
+        An aggregation named "len", or the count.
 
     Examples
     --------
     >>> patients.group_by("diagnosis").agg(len())
     >>> patients.select(pl.len())
+    >>> len(patients)
     """
-    return Expr(P.length())
+    if obj is None:
+        return Expr(P.length())
+    for cls in type(obj).__mro__:
+        if cls in LENGTHS:
+            return LENGTHS[cls](ctx, obj)
+    raise SchemaError(f"len() counts a frame, a list, a string or a dict, not {describe_value(obj)}; "
+                      "len() alone is the row count expression (pl.len())")
 
 
 def combine_predicates(predicates: tuple, constraints: dict, what: str) -> dict:

@@ -8,7 +8,6 @@ session (the executor), and no row ever lives on this side except in a
 """
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from bastion_kernel import plan as P
@@ -16,7 +15,8 @@ from bastion_kernel import plan as P
 from .errors import SchemaError, UnsupportedOperation, suggest
 from bastion_kernel.plan_text import plan_to_polars_text, text_of
 
-from .expr import Expr, check_name, check_plan_size, combine_predicates, describe_value, to_node, to_nodes
+from .expr import (LENGTHS, Expr, check_name, check_plan_size, combine_predicates, describe_value, to_node,
+                   to_nodes)
 from .registry import Context, function, method, prop
 from .values import DatasetList, FetchedTable, RequestStatus
 
@@ -285,6 +285,11 @@ def frame_sort(ctx: Context, frame: RemoteFrame, by: Any, *more_by: Any,
     --------
     >>> patients.group_by("diagnosis").agg(len()).sort("len", descending=True)
     """
+    return RemoteFrame(P.frame_op("sort", input=frame.plan, **sort_fields(by, more_by, descending, nulls_last)))
+
+
+def sort_fields(by: Any, more_by: tuple, descending: Any, nulls_last: Any) -> dict:
+    """The ``by``, ``descending`` and ``nulls_last`` fields of a sort node, checked."""
     keys = to_nodes([by, *more_by], "sort()", str_as="col")
     if isinstance(descending, bool):
         flags = [descending] * len(keys)
@@ -296,7 +301,7 @@ def frame_sort(ctx: Context, frame: RemoteFrame, by: Any, *more_by: Any,
         raise SchemaError(f"sort(): descending must be True/False or a list of them, not {describe_value(descending)}")
     if not isinstance(nulls_last, bool):
         raise SchemaError("sort(): nulls_last must be True or False")
-    return RemoteFrame(P.frame_op("sort", input=frame.plan, by=keys, descending=flags, nulls_last=nulls_last))
+    return {"by": keys, "descending": flags, "nulls_last": nulls_last}
 
 
 @method(RemoteFrame, "head")
@@ -541,6 +546,12 @@ def frame_join(ctx: Context, frame: RemoteFrame, other: Any, on: Any = None, how
     >>> patients.join(costs, on="diagnosis", how="left")
     """
     right = _frame(other, "join()")
+    return RemoteFrame(P.frame_op("join", left=frame.plan, right=right.plan,
+                                  **join_fields(on, how, left_on, right_on, suffix)))
+
+
+def join_fields(on: Any, how: Any, left_on: Any, right_on: Any, suffix: Any) -> dict:
+    """The ``how``, ``left_on``, ``right_on`` and ``suffix`` fields of a join node, checked."""
     if how not in P.JOIN_HOWS:
         raise SchemaError(f"join(): how must be one of {', '.join(P.JOIN_HOWS)}, not {how!r}"
                           f"{suggest(str(how), P.JOIN_HOWS)}")
@@ -560,8 +571,7 @@ def frame_join(ctx: Context, frame: RemoteFrame, other: Any, on: Any = None, how
         rkeys = to_nodes(right_on, "join()", str_as="col")
         if len(lkeys) != len(rkeys):
             raise SchemaError(f"join(): {len(lkeys)} left keys but {len(rkeys)} right keys")
-    return RemoteFrame(P.frame_op("join", left=frame.plan, right=right.plan, how=how, left_on=lkeys,
-                                  right_on=list(rkeys), suffix=check_name(suffix, "join()")))
+    return {"how": how, "left_on": lkeys, "right_on": list(rkeys), "suffix": check_name(suffix, "join()")}
 
 
 @method(RemoteFrame, "with_row_index")
@@ -605,29 +615,24 @@ def frame_count(ctx: Context, frame: RemoteFrame) -> RemoteFrame:
 
 
 @method(RemoteFrame, "collect")
-def frame_collect(ctx: Context, frame: RemoteFrame) -> RemoteFrame:
-    """Materialize the frame on the owner's side (it stays remote).
+def frame_collect(ctx: Context, frame: RemoteFrame) -> FetchedTable:
+    """Fetch the result, as polars' ``collect()``: the same as ``fetch()``.
 
-    The query runs now and its result is kept on the owner's side under a
-    generated name, as with ``save`` (the same policy checks apply: the owner
-    must allow saving, and the result's rows must not repeat source rows);
-    later queries on the returned frame read that result instead of
-    recomputing it.
+    The query runs through the owner's policy and what it releases comes
+    back as a local ``DataFrame``.  Nothing is kept on the owner's side; to
+    keep a result there, use ``save(name)``.
 
     Returns
     -------
-    RemoteFrame
-        A remote frame over the materialized result; use ``.fetch()`` to see rows.
+    DataFrame
+        The released table and the executor's notes.
 
     Examples
     --------
-    >>> adults = patients.filter(col("age") >= 18).collect()
+    >>> patients.group_by("sex").agg(len()).collect()
     """
     ctx.require_effects("collect()")
-    name = f"collected_{uuid.uuid4().hex[:12]}"
-    ctx.session.save(frame.plan, name, ctx.cell_text)
-    ctx.forget_remote_state()
-    return RemoteFrame(P.frame_op("saved", name=name))
+    return ctx.session.fetch(frame.plan, ctx.cell_text)
 
 
 @method(RemoteFrame, "lazy")
@@ -756,6 +761,39 @@ def frame_width(ctx: Context, frame: RemoteFrame) -> int:
     >>> patients.width
     """
     return len(ctx.schema(frame.plan))
+
+
+def count_rows(ctx: Context, frame: RemoteFrame) -> Any:
+    """The number of rows of a remote frame: a ``select(pl.len())`` fetched through the owner's policy."""
+    ctx.require_effects("counting the rows of a remote frame")
+    fetched = ctx.session.fetch(P.frame_op("select", input=frame.plan, exprs=[P.length()]), ctx.cell_text)
+    table = fetched.frame if isinstance(fetched, FetchedTable) else None
+    if table is None or tuple(table.shape) != (1, 1):
+        raise SchemaError("the row count did not come back as one value")
+    return table.item()
+
+
+LENGTHS[RemoteFrame] = count_rows
+
+
+@prop(RemoteFrame, "shape")
+def frame_shape(ctx: Context, frame: RemoteFrame) -> tuple:
+    """The number of rows and columns, as ``(rows, columns)``.
+
+    The rows are counted by the owner's executor (a ``select(pl.len())``
+    fetch, released as any aggregate, so it may wait for the owner's review);
+    the columns come from the schema.
+
+    Returns
+    -------
+    tuple of int
+        ``(rows, columns)``.
+
+    Examples
+    --------
+    >>> patients.shape
+    """
+    return (count_rows(ctx, frame), len(ctx.schema(frame.plan)))
 
 
 # --------------------------------------------------------------------------

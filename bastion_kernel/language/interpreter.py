@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import builtins
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -20,14 +21,17 @@ from bastion_kernel import plan as P
 
 from . import complete as completion
 from .errors import (BastionError, ExecutionError, LimitExceeded, ParseError, SchemaError, UnsupportedOperation,
-                     attach_position, suggest)
+                     attach_position, position_of, suggest)
 from .expr import PYTHON_TYPE_TARGETS, SCALAR_TYPES, DType, Expr, describe_value, to_node
 from .frame import RemoteFrame, sql_plan
-from .namespaces import POLARS_MODULE, PolarsModule, polars_attribute
+from .namespaces import POLARS_MODULE, PolarsModule, polars_attribute, polars_attribute_names
 from . import describe, plot  # noqa: F401 - registers frame.describe() and frame.plot
+from . import results  # noqa: F401 - registers the local operations of fetched results
+from .habits import attribute_hint, import_bindings, name_hint
 from . import dp as _dp  # noqa: F401 - registers expr.dp, frame.dp_preview() and budget()
 from .registry import FUNCTIONS, BoundOperation, Context, Operation, attribute_names, methods_of, properties_of
 from .session import Session
+from .values import HelpText
 
 MAX_CELL_BYTES = 100_000
 MAX_AST_DEPTH = 100
@@ -66,7 +70,6 @@ _SYMBOL = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//",
 
 # What a refused node is called in messages, and how to do it instead.
 REFUSED_NODES: dict[type, str] = {
-    ast.Import: "import statements", ast.ImportFrom: "import statements",
     ast.Lambda: "lambda functions", ast.FunctionDef: "function definitions (def)",
     ast.AsyncFunctionDef: "function definitions (async def)", ast.ClassDef: "class definitions",
     ast.For: "for loops", ast.AsyncFor: "for loops", ast.While: "while loops", ast.If: "if statements",
@@ -95,7 +98,7 @@ _PYTHON_BUILTINS = frozenset(dir(builtins))
 # Nodes that only give shape to allowed ones (contexts, operators, keywords);
 # their meaning is checked where they are used.
 _STRUCTURAL_NODES = (ast.Module, ast.Expression, ast.Load, ast.Store, ast.keyword, ast.Slice,
-                     ast.unaryop, ast.cmpop, ast.boolop)
+                     ast.unaryop, ast.cmpop, ast.boolop, ast.alias)
 
 
 class Interpreter:
@@ -110,7 +113,8 @@ class Interpreter:
     def __init__(self, session: Session) -> None:
         self.session = session
         self.variables: dict[str, object] = {}
-        self.ctx = Context(session)
+        self.positions = PlanPositions()
+        self.ctx = Context(PositionedSession(session, self.positions))
         self.builtins = _builtin_names()
         self._handlers: dict[type, Callable[[Any], Any]] = {
             ast.Constant: self._constant, ast.Name: self._name, ast.Attribute: self._attribute,
@@ -121,7 +125,7 @@ class Interpreter:
         }
         self._statements: dict[type, Callable[[Any], Any]] = {
             ast.Expr: self._stmt_expr, ast.Assign: self._stmt_assign, ast.AugAssign: self._stmt_augassign,
-            ast.Pass: lambda node: None,
+            ast.Pass: lambda node: None, ast.Import: self._stmt_import, ast.ImportFrom: self._stmt_import,
         }
         self._line_offset = 0
 
@@ -140,9 +144,13 @@ class Interpreter:
         self.ctx.cell_text = code
         self.ctx.pure = False
         self._line_offset = 0
+        self.positions.clear()
         sql_query = _sql_cell_query(code)
         if sql_query is not None:
             return CellResult(self._run_sql_cell(code, sql_query))
+        asked = help_request(code)
+        if asked is not None:
+            return CellResult(self._help(*asked))
         tree = self.parse(code)
         value = None
         for index, statement in enumerate(tree.body):
@@ -181,6 +189,10 @@ class Interpreter:
                 raise UnsupportedOperation(
                     f"shell escapes and magics other than %%sql are not available: {text.strip()[:80]}",
                     line=line, col=0) from None
+            for number, line_text in enumerate(code.splitlines(), start=1):
+                if _HELP_LINE.fullmatch(line_text.strip()):
+                    raise ParseError("help (x?, ?x, x??) works on a line of its own: put it in a cell by itself",
+                                     line=number, col=0) from None
             message = exc.msg if "invalid syntax" in exc.msg else f"invalid syntax: {exc.msg}"
             raise ParseError(message, line=exc.lineno or 1, col=max(0, (exc.offset or 1) - 1)) from None
         except (RecursionError, MemoryError):
@@ -202,6 +214,12 @@ class Interpreter:
                 raise UnsupportedOperation("dict unpacking (**d) is not part of the Bastion language", **_pos(node))
             if isinstance(node, ast.operator):
                 continue  # checked on its BinOp / AugAssign, which has a position
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                try:
+                    import_bindings(node)  # refuses any module but polars before anything in the cell runs
+                except BastionError as exc:
+                    raise attach_position(exc, node) from None
+                continue
             if isinstance(node, (ast.BinOp, ast.AugAssign)) and type(node.op) not in BINARY_OPERATORS:
                 raise UnsupportedOperation(f"the operator {type(node.op).__name__} is not part of the Bastion "
                                            "language", **_pos(node))
@@ -228,6 +246,10 @@ class Interpreter:
         value = self.evaluate(node.value)
         for target in node.targets:
             self._assign(target, value)
+
+    def _stmt_import(self, node: ast.Import | ast.ImportFrom) -> None:
+        for name, value in import_bindings(node):
+            self.variables[name] = value
 
     def _stmt_augassign(self, node: ast.AugAssign) -> None:
         if not isinstance(node.target, ast.Name):
@@ -271,9 +293,21 @@ class Interpreter:
         if handler is None:
             raise _refusal(node, self._line_offset)
         try:
-            return handler(node)
+            value = handler(node)
         except BastionError as exc:
             raise attach_position(exc, node, self._line_offset)
+        if not self.ctx.pure:
+            self._note_plan_position(node, value)
+        return value
+
+    def _note_plan_position(self, node: ast.AST, value: Any) -> None:
+        """Remember where in the cell a plan node was made, to place the executor's errors there."""
+        if isinstance(value, RemoteFrame):
+            self.positions.note(value.plan, _span(node, self._line_offset))
+        elif isinstance(value, Expr):
+            where = _span(node, self._line_offset)
+            for expr_node in value.nodes:
+                self.positions.note(expr_node, where)
 
     def _constant(self, node: ast.Constant) -> Any:
         if isinstance(node.value, SCALAR_TYPES):
@@ -301,7 +335,7 @@ class Interpreter:
         if name in self.builtins:
             return self.builtins[name]
         known = list(self.variables) + list(self.builtins)
-        hint = suggest(name, known)
+        hint = name_hint(name) or suggest(name, known)
         if name in _PYTHON_BUILTINS:
             raise UnsupportedOperation(f"{name!r} is a Python built-in; Bastion cells run no Python, only the "
                                        f"polars-shaped query language{hint}")
@@ -320,6 +354,9 @@ class Interpreter:
             raise UnsupportedOperation(f"attribute {name!r} is not available: names starting with '_' "
                                        "are never resolved")
         if isinstance(receiver, PolarsModule):
+            hint = attribute_hint(PolarsModule.type_name, name)
+            if hint and name not in polars_attribute_names():
+                raise UnsupportedOperation(f"pl.{name} is not part of the Bastion language{hint}")
             return polars_attribute(name)
         cls = type(receiver)
         methods = methods_of(cls)
@@ -333,7 +370,8 @@ class Interpreter:
             raise UnsupportedOperation(f"{describe_value(receiver)} has no attributes in the Bastion language "
                                        f"(asked for {name!r})")
         owner = getattr(cls, "type_name", cls.__name__)
-        raise UnsupportedOperation(f"{owner} has no method or property {name!r}{suggest(name, offered)}")
+        hint = attribute_hint(owner, name) or suggest(name, offered)
+        raise UnsupportedOperation(f"{owner} has no method or property {name!r}{hint}")
 
     def _call(self, node: ast.Call) -> Any:
         callee = self.evaluate(node.func)
@@ -486,6 +524,22 @@ class Interpreter:
         raise UnsupportedOperation(f"subscripts on {describe_value(container)} are not available")
 
     # ------------------------------------------------------------------
+    # Help: x?, ?x, x?? (IPython's syntax, on a line of its own).
+
+    def _help(self, text: str, detail_level: int, line: int, col: int) -> HelpText:
+        found = self.inspect(text, len(text), detail_level)
+        if found:
+            return HelpText(found)
+        try:
+            value = self.evaluate_pure(text)  # an unknown name gets the language's own error and hint
+        except BastionError as exc:
+            if isinstance(exc.details.get("line"), int):
+                exc.details["col"] = exc.details.get("col", 0) + (col if exc.details["line"] == 2 else 0)
+                exc.details["line"] = line + exc.details["line"] - 2  # evaluate_pure puts the text on line 2
+            raise
+        return HelpText(completion.describe_value(self, value, detail_level, label=text))
+
+    # ------------------------------------------------------------------
     # SQL cells.
 
     def _run_sql_cell(self, code: str, query: str) -> Any:
@@ -522,6 +576,115 @@ class Interpreter:
 
 # --------------------------------------------------------------------------
 # Helpers.
+
+def _span(node: ast.AST, line_offset: int = 0) -> dict:
+    """Where a node is in the cell; a method call spans from the method's name to its closing bracket."""
+    start = position_of(node.func) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+        else {"line": getattr(node, "lineno", 1), "col": getattr(node, "col_offset", 0)}
+    where = {"line": start["line"] + line_offset, "col": start["col"]}
+    if getattr(node, "end_lineno", None) is not None:
+        where.update(end_line=node.end_lineno + line_offset, end_col=node.end_col_offset)
+    return where
+
+
+class PlanPositions:
+    """Where in the cell each plan node was made (by identity), for placing the executor's errors.
+
+    The executor names the place it refused as a path into the plan it got
+    (``details["at"]``, such as ``plan.input.predicate.left``); the scientist
+    sees the sub-expression of the cell that made that node instead.  The
+    entries hold their nodes, so an ``id`` is never reused while it is noted.
+    """
+
+    _STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[Any, dict]] = {}
+
+    def clear(self) -> None:
+        """Forget the previous cell's nodes."""
+        self._by_id.clear()
+
+    def note(self, node: Any, where: dict) -> None:
+        """``node`` was made at ``where``; the first (innermost) place noted is kept."""
+        self._by_id.setdefault(id(node), (node, where))
+
+    def _where(self, node: Any) -> dict | None:
+        entry = self._by_id.get(id(node))
+        return entry[1] if entry is not None and entry[0] is node else None
+
+    def locate(self, plan: Any, path: str) -> dict | None:
+        """The cell position of the deepest noted node on ``path`` (``plan.input.exprs[0]...``), or None."""
+        if not path.startswith("plan"):
+            return None
+        node, found, rest = plan, self._where(plan), path[len("plan"):]
+        for step in self._STEP.finditer(rest):
+            key, index = step.group(1), step.group(2)
+            if key is not None:
+                node = node.get(key) if isinstance(node, dict) else None
+            else:
+                node = node[int(index)] if isinstance(node, list) and int(index) < len(node) else None
+            if node is None:
+                break
+            found = self._where(node) or found
+        return dict(found) if found else None
+
+
+def place_executor_error(error: BastionError, plan: Any, positions: PlanPositions) -> None:
+    """Replace the executor's plan path in ``error`` by the cell position of that sub-expression.
+
+    The path leaves the message; when the node it names was made by this
+    cell, ``line``/``col`` (and the end) point at it.  Without a position the
+    error keeps none, and the kernel places it at the call that sent the plan.
+    """
+    path = error.details.get("at")
+    if not isinstance(path, str):
+        return
+    suffix = f" (at {path})"
+    if error.evalue.endswith(suffix):
+        error.evalue = error.evalue[:-len(suffix)]
+        error.args = (error.evalue,)
+    if "line" not in error.details:
+        where = positions.locate(plan, path)
+        if where is not None:
+            error.details.update(where)
+
+
+class PositionedSession:
+    """The session the language's operations call: the kernel's, with executor errors placed in the cell.
+
+    Every call that sends a plan (``schema``, ``fetch``, ``save``,
+    ``dp_preview``) goes through :func:`place_executor_error`; anything else
+    is the session's own attribute.
+    """
+
+    def __init__(self, session: Any, positions: PlanPositions) -> None:
+        self._session = session
+        self._positions = positions
+
+    def _placed(self, plan: Any, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except BastionError as exc:
+            place_executor_error(exc, plan, self._positions)
+            raise
+
+    def schema(self, plan: dict, *args: Any, **kwargs: Any) -> Any:
+        return self._placed(plan, lambda: self._session.schema(plan, *args, **kwargs))
+
+    def fetch(self, plan: dict, *args: Any, **kwargs: Any) -> Any:
+        return self._placed(plan, lambda: self._session.fetch(plan, *args, **kwargs))
+
+    def save(self, plan: dict, *args: Any, **kwargs: Any) -> Any:
+        return self._placed(plan, lambda: self._session.save(plan, *args, **kwargs))
+
+    def dp_preview(self, plan: dict, *args: Any, **kwargs: Any) -> Any:
+        return self._placed(plan, lambda: self._session.dp_preview(plan, *args, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        # Our own code's names only (datasets, request, budget...): the session's methods as they are.
+        return getattr(self._session, name)
+
 
 def _pos(node: ast.AST, line_offset: int = 0) -> dict:
     return {"line": getattr(node, "lineno", 1) + line_offset, "col": getattr(node, "col_offset", 0)}
@@ -560,6 +723,36 @@ def _sql_cell_query(code: str) -> str | None:
                                        line=1, col=0)
         return rest
     return None
+
+
+# IPython's help syntax: ?x, ??x, x?, x?? (x an expression without question marks).
+_HELP_LINE = re.compile(r"(\?\??)\s*([^?\s][^?]*?)|([^?\s][^?]*?)\s*(\?\??)")
+
+
+def help_request(code: str) -> tuple[str, int, int, int] | None:
+    """``(expression text, detail level, line, column)`` when the cell is one IPython help line, else None.
+
+    ``x?`` and ``?x`` ask for help (detail 0), ``x??`` and ``??x`` for more
+    (detail 1).  Only a whole line counts, alone in the cell but for blank
+    lines and comments, and only when the cell is not valid Python as it is.
+    """
+    lines = [(number, text) for number, text in enumerate(code.splitlines(), start=1)
+             if text.strip() and not text.strip().startswith("#")]
+    if len(lines) != 1:
+        return None
+    number, text = lines[0]
+    match = _HELP_LINE.fullmatch(text.strip())
+    if match is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ast.parse(code)
+        return None
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        pass
+    marks, expression = (match.group(1), match.group(2)) if match.group(1) else (match.group(4), match.group(3))
+    return expression.strip(), len(marks) - 1, number, text.index(expression)
 
 
 def _magic_line(code: str) -> tuple[int, str] | None:

@@ -32,7 +32,7 @@ from .errors import SchemaError, UnsupportedOperation, suggest
 from .expr import describe_value, is_number, to_node
 from .frame import RemoteFrame
 from .registry import Context, method, prop
-from .values import Chart, RequestStatus
+from .values import Chart
 
 MAX_BINS = 200
 VEGA_LITE_SCHEMA = "https://vega.github.io/schema/vega-lite/v5.json"
@@ -142,22 +142,38 @@ def _range(value: Any, what: str) -> tuple[float, float]:
 
 
 class _Fetcher:
-    """Fetches a chart's plans through the session and gathers their notes and approvals."""
+    """Fetches a chart's plans through the session and gathers their notes and approvals.
 
-    def __init__(self, ctx: Context, what: str) -> None:
+    ``order_statistics`` names the chart's order statistics (``"min, quartiles
+    and max"``), if it has any: a refusal or an approval then says that the
+    order-statistic rule applies to them.
+    """
+
+    def __init__(self, ctx: Context, what: str, order_statistics: str | None = None) -> None:
         ctx.require_effects(what)
         self.ctx = ctx
+        self.what = what
+        self.order_statistics = order_statistics
         self.notes: list[str] = []
         self.request_ids: list[int] = []
 
     def rows(self, plan: dict) -> tuple[list[dict], dict[str, str]]:
         """The released rows of ``plan`` as dicts, and its ``{column: dtype}``."""
-        fetched = self.ctx.session.fetch(plan, self.ctx.cell_text)
+        try:
+            fetched = self.ctx.session.fetch(plan, self.ctx.cell_text)
+        except BastionError as exc:
+            if self.order_statistics is None or exc.ename != "PolicyViolation":
+                raise
+            raise BastionError(exc.ename, f"{exc.evalue} ({self.what}: {self.order_statistics} are "
+                                          f"{ORDER_STATISTICS_RULE})", **exc.details) from None
         for note in fetched.notes:
             if note not in self.notes:
                 self.notes.append(note)
         if fetched.request_id is not None:
             self.request_ids.append(fetched.request_id)
+            if self.order_statistics is not None:
+                self.notes.append(f"released after the owner's review: {self.order_statistics} are "
+                                  f"{ORDER_STATISTICS_RULE}")
         frame = fetched.frame
         if frame is None:
             return [], {}
@@ -193,28 +209,78 @@ def _sorted(rows: list[dict], keys: list[str]) -> list[dict]:
         return rows
 
 
-def _extent(fetcher: _Fetcher, frame: RemoteFrame, columns: list[tuple[dict, str]], what: str) -> list:
-    """``[(low, high) | None, ...]`` of each column, fetched as one global aggregate."""
-    exprs = []
-    for index, (node, _) in enumerate(columns):
-        exprs += [P.alias(P.fn("min", node), f"min_{index}"), P.alias(P.fn("max", node), f"max_{index}")]
-    rows, _ = fetcher.rows(P.frame_op("select", input=frame.plan, exprs=exprs))
-    row = rows[0] if rows else {}
-    extents = []
-    for index, (_, name) in enumerate(columns):
-        low, high = row.get(f"min_{index}"), row.get(f"max_{index}")
-        if low == "*" or high == "*":
+def _source_descriptions(ctx: Context, frame: RemoteFrame) -> list[dict]:
+    """The executor's ``datasets`` entry of each dataset or saved result the frame reads."""
+    described = {d.get("name"): d for d in ctx.datasets() if isinstance(d, dict)}
+    names = [source.removeprefix("saved:") for source in frame.sources()]
+    return [described[name] for name in names if name in described]
+
+
+def public_bounds(ctx: Context, frame: RemoteFrame, column: str) -> tuple[float, float] | None:
+    """The owner's declared public bounds of ``column`` in the frame's sources, or None.
+
+    Read from each source's policy (``bounds``, any privacy mode) and DP
+    policy (``dp.bounds``), as the ``datasets`` reply sends them; several
+    sources' bounds are joined (the lowest low, the highest high).  They are
+    facts the owner declared, never computed from the data.
+    """
+    pairs = []
+    for entry in _source_descriptions(ctx, frame):
+        for table in ((entry.get("policy") or {}).get("bounds"), (entry.get("dp") or {}).get("bounds")):
+            pair = table.get(column) if isinstance(table, dict) else None
+            if (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(is_number(v) for v in pair)
+                    and all(math.isfinite(v) for v in pair) and pair[0] < pair[1]):
+                pairs.append((float(pair[0]), float(pair[1])))
+    if not pairs:
+        return None
+    return min(low for low, _ in pairs), max(high for _, high in pairs)
+
+
+def hidden_columns(ctx: Context, frame: RemoteFrame) -> set[str]:
+    """The columns that the policy of one of the frame's sources hides from this scientist."""
+    return {name for entry in _source_descriptions(ctx, frame)
+            for name in (entry.get("policy") or {}).get("hidden") or [] if isinstance(name, str)}
+
+
+def _check_binnable(ctx: Context, frame: RemoteFrame, keys: list[tuple[dict, str]], what: str) -> None:
+    """Refuse binning a hidden column or a value that is not a number (from the plan's schema only)."""
+    hidden = hidden_columns(ctx, frame)
+    for node, name in keys:
+        if node.get("expr") == "col" and name in hidden:
             raise BastionError("PolicyViolation", f"{what}: the column {name!r} is hidden by the owner's policy; "
                                                   "its values cannot be binned")
-        if low is None or high is None:
-            extents.append(None)
-            continue
-        if not (is_number(low) and is_number(high)):
-            raise SchemaError(f"{what} bins numbers; {name!r} holds {describe_value(low)}. For dates, use "
+    schema = dict(ctx.schema(P.frame_op("select", input=frame.plan, exprs=[node for node, _ in keys])))
+    for _, name in keys:
+        kind = vega_lite_type(schema.get(name, ""))
+        if kind == "temporal":
+            raise SchemaError(f"{what} bins numbers; {name!r} holds dates. For dates, use "
                               f"plot.bar or plot.line over col({name!r}).dt.truncate('1mo')")
-        low, high = float(low), float(high)
-        extents.append((low, high if high > low else low + 1.0))
-    return extents
+        if kind != "quantitative":
+            dtype = schema.get(name, "not a number")
+            hint = " (a value computed from a hidden column is reported as text)" if dtype == "String" else ""
+            raise SchemaError(f"{what} bins numbers; {name!r} is {dtype}{hint}")
+
+
+def _bin_range(ctx: Context, frame: RemoteFrame, key: tuple[dict, str], given: Any, what: str,
+               notes: list[str], argument: str = "range=(low, high)") -> tuple[float, float]:
+    """The ``(low, high)`` of a chart's bins: ``given``, else the owner's public bounds of a plain column.
+
+    Raises
+    ------
+    BastionError
+        ``SchemaError`` when neither is there: bins are never placed from the data.
+    """
+    if given is not None:
+        return _range(given, what)
+    node, name = key
+    bounds = public_bounds(ctx, frame, name) if node.get("expr") == "col" else None
+    if bounds is None:
+        raise SchemaError(f"{what}: no public range for {name!r}: pass {argument}, or ask the data owner to "
+                          f"declare public bounds for it (bastion-owner dataset add ... --bounds {name}=LO:HI). "
+                          "Bins are never placed from the data's own min and max: they are one person's values")
+    notes.append(f"bins of {name!r} span {bounds[0]:g} to {bounds[1]:g}, the owner's public bounds; "
+                 "values outside them are not counted")
+    return bounds
 
 
 def _bin_index(node: dict, low: float, high: float, bins: int) -> tuple[dict, dict, float]:
@@ -246,6 +312,9 @@ def plot_hist(ctx: Context, plot: PlotNamespace, column: Any, bins: int = 10, by
 
     The bins are counted on the owner's side; a bin with fewer rows than the
     owner's K is held for review, refused or left out, as the policy says.
+    The bins span ``range``, else the owner's public bounds of the column;
+    never the data's min and max (one person's values).  Values outside the
+    range are not counted.
 
     Parameters
     ----------
@@ -256,8 +325,8 @@ def plot_hist(ctx: Context, plot: PlotNamespace, column: Any, bins: int = 10, by
     by : str or Expr, optional
         A column whose values split each bin (stacked, one colour each).
     range : tuple of float, optional
-        ``(low, high)`` of the bins; by default the column's min and max,
-        fetched first as an aggregate.
+        ``(low, high)`` of the bins; by default the owner's public bounds of
+        the column (``--bounds``).  Without either, the chart is refused.
 
     Returns
     -------
@@ -275,7 +344,8 @@ def plot_hist(ctx: Context, plot: PlotNamespace, column: Any, bins: int = 10, by
     count = _bin_count(bins, what)
     _distinct(["bin", "count"] + ([group[1]] if group else []), what)
     fetcher = _Fetcher(ctx, what)
-    extent = _range(range, what) if range is not None else _extent(fetcher, plot.frame, [key], what)[0]
+    _check_binnable(ctx, plot.frame, [key], what)
+    low, high = _bin_range(ctx, plot.frame, key, range, what, fetcher.notes)
     columns = ["bin_start", "bin_end", "count"] + ([group[1]] if group else [])
     encoding = {
         "x": {"field": "bin_start", "type": "quantitative", "bin": {"binned": True}, "title": key[1]},
@@ -284,10 +354,6 @@ def plot_hist(ctx: Context, plot: PlotNamespace, column: Any, bins: int = 10, by
         **_color(group),
     }
     spec = _spec("bar", encoding, f"{key[1]}: counts in {count} bins")
-    if extent is None:
-        fetcher.notes.append(f"{key[1]!r} has no values to bin")
-        return fetcher.chart("hist", spec, columns, [])
-    low, high = extent
     inside, index, width = _bin_index(key[0], low, high, count)
     keys = [P.alias(index, "bin")] + ([group[0]] if group else [])
     plan = P.frame_op("group_by", input=P.frame_op("filter", input=plot.frame.plan, predicate=inside),
@@ -311,7 +377,7 @@ def _grouped_chart(ctx: Context, plot: PlotNamespace, kind: str, x: Any, y: Any,
     aggregate, value_name = _aggregation(agg, value[0] if value else None, value[1] if value else None, what)
     names = [key[1]] + ([group[1]] if group else [])
     _distinct(names + [value_name], what)
-    fetcher = _Fetcher(ctx, what)
+    fetcher = _Fetcher(ctx, what, f"agg={agg!r} values" if agg in ORDER_AGGREGATIONS else None)
     plan = P.frame_op("group_by", input=plot.frame.plan, keys=[key[0]] + ([group[0]] if group else []),
                       aggs=[aggregate])
     rows, schema = fetcher.rows(plan)
@@ -336,20 +402,24 @@ def _grouped_chart(ctx: Context, plot: PlotNamespace, kind: str, x: Any, y: Any,
 
 
 @method(PlotNamespace, "bar")
-def plot_bar(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str = "mean", by: Any = None) -> Chart:
+def plot_bar(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str | None = None,
+             by: Any = None) -> Chart:
     """A bar chart: one aggregate of ``y`` per category of ``x``.
 
     Each bar is a group of the owner's data; a group with fewer rows than
     the owner's K is held for review, refused or left out, as the policy says.
+    ``agg="min"``, ``"max"`` and ``"median"`` are order statistics (one
+    person's value): released at once only where at least K people share it.
 
     Parameters
     ----------
     x : str or Expr
         The categories (one bar each).
     y : str or Expr, optional
-        The value to aggregate; without it the bars count rows (use ``agg="count"``).
-    agg : str, default "mean"
-        "mean", "sum", "median", "min", "max", "std", "var", "count" or "n_unique".
+        The value to aggregate; without it each bar counts the rows of its category.
+    agg : str, optional
+        "mean", "sum", "median", "min", "max", "std", "var", "count" or
+        "n_unique"; by default "mean" of ``y``, or "count" without ``y``.
     by : str or Expr, optional
         A column whose values split each bar (side by side, one colour each).
 
@@ -361,13 +431,14 @@ def plot_bar(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str 
     Examples
     --------
     >>> patients.plot.bar("sex", "cost", agg="mean")
-    >>> patients.plot.bar("diagnosis", agg="count", by="sex")
+    >>> patients.plot.bar("diagnosis", by="sex")
     """
-    return _grouped_chart(ctx, plot, "bar", x, y, agg, by)
+    return _grouped_chart(ctx, plot, "bar", x, y, _default_agg(agg, y, "mean"), by)
 
 
 @method(PlotNamespace, "line")
-def plot_line(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str = "sum", by: Any = None) -> Chart:
+def plot_line(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str | None = None,
+              by: Any = None) -> Chart:
     """A line chart: one aggregate of ``y`` per value of ``x``, in order of ``x``.
 
     Parameters
@@ -376,9 +447,12 @@ def plot_line(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str
         The ordered axis: a date, a number or a category (for example
         ``col("admission_date").dt.truncate("1mo")``).
     y : str or Expr, optional
-        The value to aggregate; without it the line counts rows (use ``agg="count"``).
-    agg : str, default "sum"
-        "mean", "sum", "median", "min", "max", "std", "var", "count" or "n_unique".
+        The value to aggregate; without it the line counts the rows of each ``x``.
+    agg : str, optional
+        "mean", "sum", "median", "min", "max", "std", "var", "count" or "n_unique";
+        by default "sum" of ``y``, or "count" without ``y``.  "min", "max" and
+        "median" are order statistics, released at once only where at least K
+        people share the value.
     by : str or Expr, optional
         A column whose values make one line each.
 
@@ -392,7 +466,14 @@ def plot_line(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str
     >>> patients.plot.line(col("admission_date").dt.truncate("1mo").alias("month"), "cost", agg="sum")
     >>> patients.plot.line(col("admission_date").dt.year().alias("year"), agg="count", by="sex")
     """
-    return _grouped_chart(ctx, plot, "line", x, y, agg, by)
+    return _grouped_chart(ctx, plot, "line", x, y, _default_agg(agg, y, "sum"), by)
+
+
+def _default_agg(agg: Any, y: Any, with_value: str) -> Any:
+    """``agg`` as given, else ``with_value`` when there is a value column and ``"count"`` when there is not."""
+    if agg is not None:
+        return agg
+    return with_value if y is not None else "count"
 
 
 @method(PlotNamespace, "box")
@@ -400,7 +481,12 @@ def plot_box(ctx: Context, plot: PlotNamespace, x: Any, y: Any, by: Any = None) 
     """A box plot: min, quartiles and max of ``y`` per category of ``x``.
 
     Only aggregates are drawn: the whiskers span min to max and no
-    individual (outlier) point leaves the owner's side.
+    individual (outlier) point leaves the owner's side.  min, the quartiles
+    and max are order statistics, each one person's value unless several
+    share it: the owner's executor releases them at once only where at least
+    K people share each value; otherwise the chart waits for the owner's
+    review or is refused, as the policy says (and the chart says so).  Nothing
+    else computes extremes: the spec draws the released numbers as they are.
 
     Parameters
     ----------
@@ -434,7 +520,7 @@ def plot_box(ctx: Context, plot: PlotNamespace, x: Any, y: Any, by: Any = None) 
                 P.fn(function, value[0], quantile=quantile, interpolation=BOX_INTERPOLATION))
         aggs.append(P.alias(node, name))
     aggs.append(P.alias(P.length(), "count"))
-    fetcher = _Fetcher(ctx, what)
+    fetcher = _Fetcher(ctx, what, "min, quartiles and max")
     rows, schema = fetcher.rows(P.frame_op("group_by", input=plot.frame.plan,
                                            keys=[key[0]] + ([group[0]] if group else []), aggs=aggs))
     columns = names + stats + ["count"]
@@ -465,6 +551,8 @@ def plot_heatmap(ctx: Context, plot: PlotNamespace, x: Any, y: Any, bins: Any = 
     In place of a scatter plot (which would release every row), the grid's
     cells are counted on the owner's side; a cell with fewer rows than the
     owner's K is held for review, refused or left out, as the policy says.
+    Each axis spans its ``range``, else the owner's public bounds of the
+    column; never the data's min and max.  Values outside are not counted.
 
     Parameters
     ----------
@@ -475,8 +563,9 @@ def plot_heatmap(ctx: Context, plot: PlotNamespace, x: Any, y: Any, bins: Any = 
     by : str or Expr, optional
         A column whose values get one grid each, side by side.
     range : tuple, optional
-        ``((x_low, x_high), (y_low, y_high))``; by default the columns' min
-        and max, fetched first as an aggregate.
+        ``((x_low, x_high), (y_low, y_high))``; an axis given as ``None``
+        (or the whole range left out) takes the owner's public bounds of its
+        column (``--bounds``).  An axis with neither is refused.
 
     Returns
     -------
@@ -496,12 +585,13 @@ def plot_heatmap(ctx: Context, plot: PlotNamespace, x: Any, y: Any, bins: Any = 
         raise SchemaError(f"{what}: bins must be a whole number or a pair of them, not {describe_value(bins)}")
     counts = [_bin_count(c, what) for c in counts]
     fetcher = _Fetcher(ctx, what)
-    if range is not None:
-        if not isinstance(range, (list, tuple)) or len(range) != 2:
-            raise SchemaError(f"{what}: range must be ((x_low, x_high), (y_low, y_high))")
-        extents = [_range(r, what) for r in range]
-    else:
-        extents = _extent(fetcher, plot.frame, keys, what)
+    ranges = (None, None) if range is None else range
+    if not isinstance(ranges, (list, tuple)) or len(ranges) != 2:
+        raise SchemaError(f"{what}: range must be ((x_low, x_high), (y_low, y_high))")
+    _check_binnable(ctx, plot.frame, keys, what)
+    extents = [_bin_range(ctx, plot.frame, key, given, what, fetcher.notes,
+                          "range=((x_low, x_high), (y_low, y_high)) (None for an axis with public bounds)")
+               for key, given in zip(keys, ranges)]
     axes = ["x", "y"]
     columns = [f"{keys[0][1]}_start", f"{keys[0][1]}_end", f"{keys[1][1]}_start", f"{keys[1][1]}_end", "count"]
     columns += [group[1]] if group else []
@@ -516,9 +606,6 @@ def plot_heatmap(ctx: Context, plot: PlotNamespace, x: Any, y: Any, bins: Any = 
     if group:
         encoding["column"] = {"field": group[1], "type": "nominal", "title": group[1]}
     spec = _spec("rect", encoding, f"{keys[1][1]} against {keys[0][1]}: counts in {counts[0]}×{counts[1]} bins")
-    if any(e is None for e in extents):
-        fetcher.notes.append("no rows have values in both columns")
-        return fetcher.chart("heatmap", spec, columns, [])
     predicate, bin_keys, widths = None, [], []
     for (node, _), (low, high), count, axis in zip(keys, extents, counts, axes):
         inside, index, width = _bin_index(node, low, high, count)
@@ -540,4 +627,4 @@ def plot_heatmap(ctx: Context, plot: PlotNamespace, x: Any, y: Any, bins: Any = 
     return fetcher.chart("heatmap", spec, columns, _sorted(drawn, columns[:1] + columns[2:3]))
 
 
-__all__ = ["PlotNamespace", "AGGREGATIONS", "MAX_BINS", "vega_lite_type"]
+__all__ = ["PlotNamespace", "AGGREGATIONS", "MAX_BINS", "hidden_columns", "public_bounds", "vega_lite_type"]

@@ -21,6 +21,8 @@ _SECTIONS = (
     ("", "Functions"),
     ("RemoteFrame", "Frame methods and properties"),
     ("GroupBy", "After group_by"),
+    ("DataFrame", "Fetched results (local DataFrame, computed in the kernel)"),
+    ("LocalGroupBy", "After group_by on a fetched result"),
     ("Expr", "Expression methods and properties"),
     ("Expr.str", "The str namespace"),
     ("Expr.dt", "The dt namespace"),

@@ -29,14 +29,28 @@ class Context:
 
     ``pure`` is set while completing or inspecting: then nothing that changes
     state or moves data (fetch, save, request) may run.
+
+    ``on_output(kind, value)`` receives what ``print`` (``"stream"``) and
+    ``display`` (``"display"``) show while a cell runs; the kernel sends it to
+    the notebook at once.  Without one, :attr:`outputs` collects it.
     """
 
     def __init__(self, session: Any) -> None:
         self.session = session
         self.cell_text = ""
         self.pure = False
+        self.on_output: Callable[[str, Any], None] | None = None
+        self.outputs: list[tuple[str, Any]] = []
         self._schemas: dict[str, list[list[str]]] = {}
         self._datasets: list[dict] | None = None
+
+    def emit(self, kind: str, value: Any) -> None:
+        """Show ``value`` in the notebook now (``kind``: ``"stream"`` or ``"display"``)."""
+        self.require_effects("print() and display()")
+        if self.on_output is None:
+            self.outputs.append((kind, value))
+        else:
+            self.on_output(kind, value)
 
     def schema(self, plan: dict) -> list[list[str]]:
         """The output schema of a plan, asked once per distinct plan."""
@@ -212,7 +226,7 @@ def attribute_names(cls: type) -> list[str]:
 
 def _load_all() -> None:
     # Registration happens when the modules defining handlers are imported.
-    from . import describe, dp, expr, frame, namespaces, plot  # noqa: F401
+    from . import describe, dp, expr, frame, habits, namespaces, plot, results  # noqa: F401
 
 
 def documented_operations() -> list[Operation]:

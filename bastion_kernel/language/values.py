@@ -15,8 +15,13 @@ class FetchedTable:
 
     ``notes`` are the executor's remarks on the release (for example which
     columns were wiped to ``*``); ``request_id`` is set when the result was
-    approved by the owner after review.
+    approved by the owner after review.  The language calls it a
+    ``DataFrame``: it is the scientist's, and its methods
+    (:mod:`bastion_kernel.language.results`) run locally, never on the
+    executor; a table they make is a ``FetchedTable`` without notes.
     """
+
+    type_name = "DataFrame"
 
     frame: Any
     notes: list[str] = field(default_factory=list)
@@ -30,6 +35,22 @@ class RequestStatus:
     request_id: int
     status: str
     reason: str = ""
+
+
+@dataclass
+class Printed:
+    """What ``print(...)`` asked to show: values written as text, as Python's ``print`` would."""
+
+    values: list
+    sep: str = " "
+    end: str = "\n"
+
+
+@dataclass
+class HelpText:
+    """Help on a name or an expression (``x?``, ``?x``, ``x??``), shown as plain text."""
+
+    text: str
 
 
 @dataclass
