@@ -127,16 +127,17 @@ class BastionKernel(Kernel):
             return self._error_reply("InternalError", f"{type(exc).__name__}: {exc}",
                                      ["".join(lines).rstrip(), f"InternalError: {type(exc).__name__}: {exc}"])
         self._end_wait("approved by the owner")
+        payload = []
         if isinstance(value, HelpText):
-            # Help is shown as IPython shows x?: an output of the cell, not its value (no Out[n]).
-            self._on_output("display", value)
+            # As IPython answers x?: a "page" payload (shown under the cell, or in a pager), not a result.
+            payload.append({"source": "page", "data": bundle, "start": 0})
         elif bundle is not None:
             entry[2] = bundle.get("text/plain")
             if not silent:
                 self.send_response(self.iopub_socket, "execute_result", {
                     "execution_count": self.execution_count, "data": bundle, "metadata": {}})
         return {"status": "ok", "execution_count": self.execution_count,
-                "payload": [], "user_expressions": {}}
+                "payload": payload, "user_expressions": {}}
 
     def _error_reply(self, ename: str, evalue: str, traceback_lines: list[str]) -> dict:
         content = {"ename": ename, "evalue": evalue, "traceback": traceback_lines}

@@ -240,7 +240,7 @@ class _Compiler:
         return frame.with_columns(pl.all().fill_null(compile_expr(value)))
 
     def _unique(self, node: dict) -> pl.LazyFrame:
-        return self.frame(node["input"]).unique(node["subset"], maintain_order=True)
+        return self.frame(node["input"]).unique(node["subset"], keep="first", maintain_order=True)
 
     def _join(self, node: dict) -> pl.LazyFrame:
         left, right = self.frame(node["left"]), self.frame(node["right"])

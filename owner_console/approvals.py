@@ -9,7 +9,11 @@ so two deciders, or two releases, can never both win.
 
 A request moves ``pending -> approved -> released``, ``pending -> rejected``
 or ``pending -> approved -> expired`` (an approval not fetched within the
-workspace's ``approval_ttl_seconds``); nothing else.  Only committed
+workspace's ``approval_ttl_seconds``); nothing else.  The executor releases
+in two steps (:meth:`ApprovalStore.begin_release`, then
+:meth:`ApprovalStore.finish_release` once the table is handed over), so a
+release that a crash interrupted between them is recognisable and is sent
+again to the key that asked.  Only committed
 transactions survive a crash (``synchronous=FULL``).
 
 Stores written by an older version (schema 1: no ``expired`` status) are
@@ -212,6 +216,28 @@ class ApprovalStore:
         """Record that an approved request's table was sent; a request is released once."""
         return self._transition(request_id, "approved", "released", "released_at = ?", (utc_now(),))
 
+    def begin_release(self, request_id: int) -> Request:
+        """Consume an approval before its table is sent: ``released`` without a ``released_at`` yet.
+
+        Until :meth:`finish_release`, the release counts as interrupted (a
+        crash between the two): the executor sends the table again to the
+        key that asked (:func:`interrupted_release`).
+        """
+        return self._transition(request_id, "approved", "released", "released_at = NULL", ())
+
+    def finish_release(self, request_id: int) -> None:
+        """Record that the table of a begun release was handed to the scientist's connection."""
+        request_id = _check_id(request_id)
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("UPDATE requests SET released_at = ? WHERE id = ? AND status = 'released'"
+                         " AND released_at IS NULL", (utc_now(), request_id))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
     def expire(self, request_id: int, before_commit: Callable[[Request], Any] | None = None) -> Request:
         """Mark an approved, not yet released request as expired; it can no longer be released.
 
@@ -384,6 +410,12 @@ def withdraw_requests(store: ApprovalStore, audit: Any, scientist: str, reason: 
         except ApprovalError:  # decided, released or expired meanwhile
             continue
     return withdrawn
+
+
+def interrupted_release(request: Request) -> bool:
+    """True for a release begun but never finished (:meth:`ApprovalStore.begin_release`): the executor
+    stopped between consuming the approval and handing the table over, so it is sent again."""
+    return request.status == "released" and request.released_at is None
 
 
 def describe_seconds(seconds: float) -> str:

@@ -30,10 +30,11 @@ are rate-limited per key (``max_refusals_per_minute``, see
 than that.
 
 Releasing an approved result.  The ``release`` entry is written first, then
-the rows are handed to the socket, then the approval is marked released: a
-crash between any two steps leaves the approval in place (the scientist asks
-again and gets the rows, with a second entry), never an approval consumed
-without rows, nor rows without an entry.
+the approval is consumed as an open release, the rows are handed to the
+socket, and the release is closed: a crash between any two steps leaves the
+approval or an open release, which the key that asked gets by asking again
+(with a new entry); never an approval consumed for good without its rows,
+nor rows without an entry.
 
 Threads and processes.  ZeroMQ sockets are not thread-safe, so only the loop
 thread touches the ROUTER.  Requests run on two thread pools (quick ones:
@@ -104,8 +105,8 @@ from zmq.utils import z85
 from bastion_kernel import protocol
 from bastion_kernel.plan import MAX_PLAN_BYTES, PLAN_VERSION, canonical_json, frame_op, plan_hash, scan
 from bastion_kernel.protocol import BastionError, ProtocolError
-from owner_console.approvals import (ApprovalError, Request, describe_seconds, expires_at, is_expired, sweep_expired,
-                                     utc_now)
+from owner_console.approvals import (ApprovalError, Request, describe_seconds, expires_at, interrupted_release,
+                                     is_expired, sweep_expired, utc_now)
 from owner_console.limits import Limits, limits_from_config
 from owner_console.model import Held, Released
 from owner_console.saved import SavedResults, check_saved_name
@@ -333,7 +334,7 @@ class ExecutorServer:
         self._running_lock = threading.Lock()
         self._logged_limit_error = False
         self._allow = AllowList(self.workspace)
-        self._budget = RefusalBudget()
+        self._refusals = RefusalBudget()
         # Releases of approved results, one at a time: an approval is released once (see _release_approved).
         self._release_lock = threading.Lock()
         self._limits_cache: tuple[tuple[int, int, int], float, Limits] | None = None
@@ -436,7 +437,7 @@ class ExecutorServer:
 
     def _report_throttled(self) -> None:
         """The ``throttled`` entries not yet written (keys that stayed away after being throttled)."""
-        for key, dropped in self._budget.drain(self._limits().max_refusals_per_minute).items():
+        for key, dropped in self._refusals.drain(self._limits().max_refusals_per_minute).items():
             try:
                 self.audit.append("throttled", self._name_for_audit(key), key=key, **dropped)
             except Exception:
@@ -467,10 +468,10 @@ class ExecutorServer:
             log.error("dropped a message without an authenticated identity")
             return
         limit = self._limits().max_refusals_per_minute
-        verdict, dropped = self._budget.check(key, limit)
+        verdict, dropped = self._refusals.check(key, limit)
         if verdict == "drop":
             return  # counted; reported in one ``throttled`` entry when the key is served again
-        scientist = self._allow.name_of(key)
+        scientist = self._allowed_name(key)
         first = (key, identity) not in self._seen
         if first:
             if len(self._seen) > 10_000:
@@ -480,7 +481,7 @@ class ExecutorServer:
 
         def refuse(msg_id: str, error: BastionError, kind: str = "?", **notes: Any) -> None:
             if verdict == "serve":
-                self._budget.spend(key, limit)  # now, not when audited: a burst cannot outrun the allowance
+                self._refusals.spend(key, limit)  # now, not when audited: a burst cannot outrun the allowance
             name = scientist or self._name_for_audit(key)
             self._pools[1].submit(self._run, _Request(identity, key, name, kind, msg_id, {}, first=first,
                                                       refusal=error, throttled=dropped, holds_slot=False,
@@ -525,9 +526,18 @@ class ExecutorServer:
         pool = self._pools[0] if kind in QUERY_KINDS else self._pools[1]
         pool.submit(self._run, request)
 
+    def _allowed_name(self, key: str) -> str | None:
+        """The scientist the allow-list names for this key now; None if none, or if it cannot be read
+        (a broken allow-list admits no one, and must not stop the loop)."""
+        try:
+            return self._allow.name_of(key)
+        except Exception:
+            log.exception("cannot read the scientist allow-list; refusing %s", key[:8])
+            return None
+
     def _name_for_audit(self, key: str) -> str | None:
         """The scientist a key belongs to, or belonged to when it was admitted (a revoked key)."""
-        name = self._allow.name_of(key)
+        name = self._allowed_name(key)
         if name is None and self._auth is not None:
             name = self._auth.admitted_name(key)
         return name
@@ -565,7 +575,7 @@ class ExecutorServer:
             frames = self._answer(request)
             if not frames:
                 return
-            if request.refusal is None and self._allow.name_of(request.key) != request.scientist:
+            if request.refusal is None and self._allowed_name(request.key) != request.scientist:
                 self._withhold(request)
                 return
             self._send([request.identity, *frames])
@@ -624,7 +634,7 @@ class ExecutorServer:
                 fields["plan"] = request.body["plan"]  # kept once by its hash (owner_console.audit)
             self._audit(request, [("refusal", request.scientist, fields)])
         if request.refusal is None:  # (an edge refusal was counted when it arrived)
-            self._budget.spend(request.key, self._limits().max_refusals_per_minute)
+            self._refusals.spend(request.key, self._limits().max_refusals_per_minute)
         return [protocol.encode("error", exc.body(), request.msg_id)]
 
     def _withhold(self, request: _Request) -> None:
@@ -901,7 +911,7 @@ class ExecutorServer:
             raise BastionError("ReviewRejected",
                                f"the owner rejected request {record.id}: {record.decision_reason}",
                                request_id=record.id, reason=record.decision_reason)
-        if record.status == "released":
+        if record.status == "released" and not interrupted_release(record):
             raise BastionError("NotFound", f"request {record.id} was already released", request_id=record.id)
         ttl = self.workspace.approval_ttl_seconds
         if is_expired(record, ttl):
@@ -922,18 +932,21 @@ class ExecutorServer:
             log.exception("cannot expire stale approvals")
 
     def _release_approved(self, request: _Request, record: Request) -> None:
-        """Send an approved result: its ``release`` entry, then the rows, then the approval is consumed.
+        """Send an approved result: its ``release`` entry, the approval consumed, the rows, the release finished.
 
-        A crash between any two steps leaves the approval in place, so the
-        scientist who asked gets the rows by asking again (a second
-        ``release`` entry records that copy): no approval is ever consumed
-        without its rows handed to the socket, no rows leave without their
-        entry.  Sends the reply itself (returns None): the approval is marked
-        released only after the rows were handed over.
+        Each step is durable before the next: the entry is fsynced, the
+        approval is consumed without a ``released_at``
+        (:meth:`ApprovalStore.begin_release`), the rows are handed to the
+        socket, then ``released_at`` is set.  A crash before the approval is
+        consumed leaves it approved; a crash after leaves an interrupted
+        release: either way the scientist who asked gets the rows by asking
+        again, with a new ``release`` entry.  So no approval is consumed
+        without its rows being handed over, and no rows leave without an
+        entry.  Sends the reply itself (returns None).
         """
         with self._release_lock:  # two polls of one request: the second finds it released
             record = self.store.get(record.id)
-            if record is None or record.status != "approved":
+            if record is None or not (record.status == "approved" or interrupted_release(record)):
                 raise BastionError("NotFound", f"request {request.body['request_id']} was already released",
                                    request_id=request.body["request_id"])
             ipc = self.workspace.result_path(record.id).read_bytes()
@@ -941,7 +954,7 @@ class ExecutorServer:
             if sha != record.result_sha256:
                 # Not what the owner reviewed: never release it.
                 raise RuntimeError(f"held result {record.id} changed on disk since it was reviewed")
-            if self._allow.name_of(request.key) != request.scientist:
+            if self._allowed_name(request.key) != request.scientist:
                 raise BastionError("AuthenticationError", "this key is no longer allowed: the owner removed or "
                                                           "replaced it")
             body = {"schema": record.columns, "rows": record.rows, "notes": record.notes,
@@ -950,15 +963,20 @@ class ExecutorServer:
             frames = [protocol.encode("result", body, request.msg_id), ipc]
             self._audit(request, [("release", request.scientist, {
                 "request": request.msg_id, "plan_hash": record.plan_hash, "request_id": record.id, "sha256": sha,
-                "rows": record.rows, "columns": [name for name, _ in record.columns]})])
+                "rows": record.rows, "columns": [name for name, _ in record.columns],
+                **({"again": "an earlier release was interrupted"} if record.status == "released" else {})})])
+            if record.status == "approved":
+                try:
+                    self.store.begin_release(record.id)
+                except ApprovalError:  # expired or withdrawn by the owner meanwhile
+                    raise BastionError("NotFound", f"request {record.id} is no longer approved",
+                                       request_id=record.id) from None
             self._send([request.identity, *frames])
             try:
-                self.store.mark_released(record.id)
-            except ApprovalError:  # expired or withdrawn by the owner meanwhile: the rows left before that
-                log.warning("request %s was released while the owner expired or withdrew it", record.id)
-            except Exception:  # the rows left: this request gets no second answer; it stays approved
-                log.exception("request %s was released but cannot be marked so; its scientist can fetch it "
-                              "again (each copy has its release entry)", record.id)
+                self.store.finish_release(record.id)
+            except Exception:  # the rows left: no second answer; the release stays open, so it is sent again
+                log.exception("request %s was sent but its release cannot be recorded as finished; its "
+                              "scientist gets it again when they ask (each copy has its release entry)", record.id)
         return None
 
 

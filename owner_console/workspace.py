@@ -2,7 +2,9 @@
 
 Layout of a workspace ``DIR``::
 
-    DIR/config.toml                  [server] bind = "tcp://127.0.0.1:5555"
+    DIR/config.toml                  [server] bind = "tcp://127.0.0.1:5555"; approval_ttl_seconds and the
+                                     limits of owner_console.limits (query_timeout_seconds,
+                                     max_rows_released, max_refusals_per_minute)
     DIR/keys/server.key              the executor's CURVE public key (give it to scientists)
     DIR/keys/server.key_secret       the executor's CURVE secret key
     DIR/keys/audit_ed25519           the audit log's Ed25519 signing key (PKCS#8 PEM, mode 0600)

@@ -148,6 +148,17 @@ def test_setup_only_builds_the_demo_and_a_second_run_reuses_it(tmp_path):
     assert load_config(demo_dir / "scientist" / "config.toml").public_key == config.public_key
 
 
+def test_the_no_lab_instructions_give_absolute_paths(tmp_path, monkeypatch):
+    from owner_console.demo import DemoPaths, instructions
+
+    monkeypatch.chdir(tmp_path)
+    text = instructions(DemoPaths(root=Path("."), demo=Path("demo")), "tcp://127.0.0.1:5555", None)
+    [config] = re.findall(r"BASTION_CONFIG=(\S+)", text)
+    assert Path(config).is_absolute() and Path(config) == tmp_path / "demo" / "scientist" / "config.toml"
+    workspace = re.findall(r"--workspace (\S+)", text)
+    assert workspace and all(Path(path) == tmp_path / "demo" / "workspace" for path in workspace)
+
+
 # -- the full demo: executor + JupyterLab, then Ctrl-C -------------------------------------------
 
 def test_demo_serves_jupyterlab_and_the_executor_and_stops_on_ctrl_c(tmp_path):

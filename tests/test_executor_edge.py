@@ -310,40 +310,60 @@ def test_killed_before_the_release_entry_the_approval_is_intact(owned, keys, pat
     verified(owned)
 
 
-def test_killed_after_the_rows_left_the_approval_is_not_lost_and_every_copy_is_audited(owned, keys):
+def test_killed_between_the_release_entry_and_the_rows_the_approval_is_not_lost(owned, keys, patients_csv):
     running = start_executor(owned.path, keys)
     alice = running.client("alice")
     approved = hold_and_approve(running, alice, n=4)
-    # Hold the approval store's write lock: the rows leave (after their entry), then the executor waits to
-    # mark the approval released, and is killed there.
+    # Hold the approval store's write lock: the executor writes the release entry, then waits to consume the
+    # approval (before any row leaves), and is killed there.
     blocker = sqlite3.connect(owned.workspace.approvals_path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:
-        kind, body, frames = alice.request("request_status", {"request_id": approved})
-        assert kind == "result"
-        first_copy = hashlib.sha256(frames[0]).hexdigest()
-        assert [e["sha256"] for e in _release_entries(owned, approved)] == [first_copy]
+        alice.send("request_status", {"request_id": approved})
+        eventually(lambda: len(_release_entries(owned, approved)) == 1)
+        assert alice.recv(1) is None  # no rows before the approval is consumed
         running.process.send_signal(signal.SIGKILL)
         running.stop()
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
     store = ApprovalStore(owned.workspace.approvals_path)
-    assert store.get(approved).status == "approved"  # not consumed: the scientist may not have got the rows
+    assert store.get(approved).status == "approved"  # not consumed
     verified(owned)
 
     restarted = start_executor(owned.path, keys)
     try:
         alice = restarted.client("alice")
         kind, body, frames = alice.request("request_status", {"request_id": approved})
-        assert kind == "result" and hashlib.sha256(frames[0]).hexdigest() == first_copy
-        assert [e["sha256"] for e in _release_entries(owned, approved)] == [first_copy, first_copy]
-        eventually(lambda: store.get(approved).status == "released")
+        assert kind == "result"
+        assert_frame_equal(pl.read_ipc(io.BytesIO(frames[0])), pl.read_csv(patients_csv).select("age").head(4))
+        sha = hashlib.sha256(frames[0]).hexdigest()
+        assert [e["sha256"] for e in _release_entries(owned, approved)] == [sha, sha]
+        eventually(lambda: store.get(approved).released_at is not None)
+        assert store.get(approved).status == "released"
         kind, body, _ = alice.request("request_status", {"request_id": approved})
         assert (kind, body["ename"]) == ("error", "NotFound") and "already released" in body["evalue"]
     finally:
         restarted.stop()
     verified(owned)
+
+
+def test_a_release_interrupted_after_the_approval_was_consumed_is_sent_again_to_its_key_only(owned, running):
+    alice, bob = running.client("alice"), running.client("bob")
+    approved = hold_and_approve(running, alice, n=4)
+    store = ApprovalStore(owned.workspace.approvals_path)
+    # What a crash between consuming the approval and handing the rows over leaves behind.
+    store.begin_release(approved)
+    assert store.get(approved).status == "released" and store.get(approved).released_at is None
+    kind, body, _ = bob.request("request_status", {"request_id": approved})
+    assert (kind, body["ename"]) == ("error", "NotFound")
+    kind, body, frames = alice.request("request_status", {"request_id": approved})
+    assert kind == "result" and body["request_id"] == approved
+    [release] = _release_entries(owned, approved)
+    assert release["sha256"] == hashlib.sha256(frames[0]).hexdigest() and release["again"]
+    eventually(lambda: store.get(approved).released_at is not None)
+    kind, body, _ = alice.request("request_status", {"request_id": approved})
+    assert (kind, body["ename"]) == ("error", "NotFound") and "already released" in body["evalue"]
 
 
 # -- bounded growth ------------------------------------------------------------------------------------

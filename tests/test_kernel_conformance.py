@@ -17,8 +17,9 @@ class BastionKernelTests(jupyter_kernel_test.KernelTests):
     language_name = "bastion"
     file_extension = ".py"
 
-    # The language has no print: there is no stdout/stderr sample.
-    code_hello_world = ""
+    # print writes to stdout; nothing in the language writes to stderr.
+    code_hello_world = 'print("hello, world")'
+    code_page_something = "col?"
 
     completion_samples = [
         {"text": "pl.le", "matches": {"len"}},
@@ -37,10 +38,9 @@ class BastionKernelTests(jupyter_kernel_test.KernelTests):
         {"code": 'dataset("patients").group_by("sex").agg(pl.len()).fetch()',
          "mime": "application/vnd.dataresource+json"},
     ]
-    # A row-level fetch of a dataset whose policy is "log" is released at once
-    # and announced by nothing else; a "review" one shows its waiting status as
-    # display_data, which test_kernel.py checks with an owner approving it.
-    code_display_data: list = []
+    # display() shows a value as display_data (a held fetch's waiting status is display_data too,
+    # which test_kernel.py checks with an owner approving it).
+    code_display_data = [{"code": "display(datasets())", "mime": "text/html"}]
     supported_history_operations = ("tail", "range", "search")
     code_history_pattern = "1 ?*"
 

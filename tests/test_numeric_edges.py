@@ -24,7 +24,7 @@ import json
 import uuid
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from bastion_kernel import plan as P
@@ -165,6 +165,7 @@ def send_and_check(executor, client, plan: dict, token: str) -> None:
         assert body["details"].get("limit") != "worker_memory", (token, plan, body)
     else:
         assert reply_id == msg_id
+    event(f"{kind} {body.get('ename', '')}")  # pytest --hypothesis-show-statistics shows the mix
     assert executor.process.poll() is None, "the executor died"
 
 

@@ -160,6 +160,36 @@ def test_scientist_add(fresh, tmp_path):
     _assert_user_error(run_owner(fresh, "scientist", "add", "carol", tmp_path / "absent.key"), "no such file")
 
 
+def test_scientist_rotation_and_removal_are_audited_and_withdraw_open_requests(fresh, tmp_path):
+    old, new = make_keys(tmp_path / "old", "alice"), make_keys(tmp_path / "new", "alice")
+    workspace = Workspace(fresh)
+    added = run_owner(fresh, "scientist", "add", "alice", old.public_file)
+    assert added.returncode == 0 and "allowed scientist 'alice'" in added.stdout
+    held = _held(workspace, "alice", b"1")
+
+    rotated = run_owner(fresh, "scientist", "add", "alice", new.public_file)
+    assert rotated.returncode == 0, rotated.stderr
+    assert "replaced the CURVE key" in rotated.stdout and f"#{held} (rejected)" in rotated.stdout
+    assert workspace.scientists() == {new.public: "alice"}
+    store = ApprovalStore(workspace.approvals_path)
+    assert (store.get(held).status, store.get(held).decision_reason) == ("rejected", "the scientist's key was replaced")
+    assert run_owner(fresh, "scientist", "list").stdout.splitlines() == [f"alice\t{new.public.decode()}"]
+
+    removed = run_owner(fresh, "scientist", "remove", "alice")
+    assert removed.returncode == 0 and "open connections" in removed.stdout, removed.stderr
+    assert workspace.scientists() == {} and run_owner(fresh, "scientist", "list").stdout == ""
+    _assert_user_error(run_owner(fresh, "scientist", "remove", "alice"), "no scientist 'alice'")
+    _assert_user_error(run_owner(fresh, "scientist", "remove", "a b"), "invalid scientist name")
+
+    access = [(e["event"], e["scientist"], e.get("action"), e.get("key"), e.get("previous_key"))
+              for e in read_entries(workspace.audit_path) if e["event"] in ("access", "rejection")]
+    assert access == [("access", "alice", "granted", old.public.decode(), None),
+                      ("access", "alice", "rotated", new.public.decode(), old.public.decode()),
+                      ("rejection", "alice", None, None, None),
+                      ("access", "alice", "revoked", new.public.decode(), None)]
+    assert run_owner(fresh, "audit", "verify").returncode == 0
+
+
 def _held(workspace: Workspace, scientist: str, payload: bytes) -> int:
     store = ApprovalStore(workspace.approvals_path)
     try:

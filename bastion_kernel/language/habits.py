@@ -27,6 +27,7 @@ MODULE_HINTS: dict[str, str] = {
     "matplotlib": "charts are frame.plot.bar(...), .hist(...), .line(...), .box(...), .heatmap(...)",
     "seaborn": "charts are frame.plot.bar(...), .hist(...), .line(...), .box(...), .heatmap(...)",
     "plotly": "charts are frame.plot.bar(...), .hist(...), .line(...), .box(...), .heatmap(...)",
+    "IPython": "display(x) and print(x) are built in",
 }
 
 # Unknown names: the Python habit -> the Bastion way.
