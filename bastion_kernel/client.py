@@ -100,6 +100,10 @@ class ExecutorClient:
         ``on_progress(stage, elapsed_seconds)``: ``"running"`` about once a
         second while a reply takes longer than :attr:`progress_after`
         seconds, then ``"done"`` when it arrives.
+    wait_for_review
+        False for a run that must not wait for the owner (a batch client:
+        nbconvert, papermill): a held result then raises ``ReviewPending``
+        at once instead of being waited for.
     """
 
     def __init__(self, endpoint: str, server_public_key: bytes, public_key: bytes, secret_key: bytes,
@@ -109,6 +113,7 @@ class ExecutorClient:
         self.poll_interval = float(poll_interval)
         self.on_wait: WaitCallback | None = None
         self.on_progress: ProgressCallback | None = None
+        self.wait_for_review = True
         self.progress_after = PROGRESS_AFTER_SECONDS
         self._keys = (server_public_key, public_key, secret_key)
         self._context = zmq.Context()
@@ -264,11 +269,17 @@ class ExecutorClient:
         ``KeyboardInterrupt`` ends the wait; the request stays pending on the
         executor and ``request(id)`` fetches it later.  With ``wait=False`` a
         held result is not waited for: its :class:`RequestStatus` comes back.
+        When :attr:`wait_for_review` is False (a batch run), a held result
+        that ``wait`` asks to wait for raises ``ReviewPending`` instead.
         """
         started = time.monotonic()
         kind, body, frames = self._call("fetch", {"plan": plan, "text": text})
         if kind == "pending" and not wait:
             return RequestStatus(*_pending_fields(body))
+        if kind == "pending" and not self.wait_for_review:
+            request_id, status, reason = _pending_fields(body)
+            raise review_pending(request_id, reason, "this run does not wait for the owner (a notebook run "
+                                                     "by nbconvert or papermill)")
         while kind == "pending":
             request_id, status, reason = _pending_fields(body)
             if self.on_wait is not None:
@@ -326,6 +337,25 @@ class ExecutorClient:
                             notes=notes)
 
 
+def review_pending(request_id: int, reason: str, why: str) -> BastionError:
+    """The ``ReviewPending`` error of a held request that the cell stops waiting for.
+
+    Parameters
+    ----------
+    request_id : int
+        The held request.
+    reason : str
+        Why it is held, as the executor told the scientist (plan and policy only).
+    why : str
+        Why the cell does not wait: a batch run, an interrupt.
+    """
+    held = f"request #{request_id} waits for the owner's review" + (f" ({reason})" if reason else "")
+    return BastionError("ReviewPending",
+                        f"{held}; {why}. request({request_id}) fetches it once the owner approves it, and "
+                        "running this cell again then answers at once from the approved result",
+                        request_id=request_id, status="pending", reason=reason)
+
+
 def _json_table(rows: list[dict], names: list[str]):
     import polars
 
@@ -357,7 +387,7 @@ def _fetched_table(body: dict, frames: list[bytes]) -> FetchedTable:
     request_id = body.get("request_id")
     if request_id is not None and (not isinstance(request_id, int) or isinstance(request_id, bool)):
         raise BastionError("ProtocolError", "result request_id must be a whole number or null")
-    return FetchedTable(frame=frame, notes=list(notes), request_id=request_id)
+    return FetchedTable(frame=frame, notes=list(notes), request_id=request_id, mock=body.get("mock") is True)
 
 
 class ConfiguredSession:
@@ -379,6 +409,7 @@ class ConfiguredSession:
         self._client: ExecutorClient | None = None
         self.on_wait: WaitCallback | None = None
         self.on_progress: ProgressCallback | None = None
+        self.wait_for_review = True
 
     @property
     def client(self) -> ExecutorClient:
@@ -386,6 +417,7 @@ class ConfiguredSession:
             self._client = ExecutorClient.from_config(self._loader())
         self._client.on_wait = self.on_wait
         self._client.on_progress = self.on_progress
+        self._client.wait_for_review = self.wait_for_review
         return self._client
 
     def datasets(self) -> list[dict]:

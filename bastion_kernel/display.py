@@ -20,6 +20,8 @@ RESOURCE_MAX_ROWS = 10_000   # rows carried in the data resource
 DATARESOURCE_MIME = "application/vnd.dataresource+json"
 VEGALITE_MIME = "application/vnd.vegalite.v5+json"
 CHART_TEXT_MAX_ROWS = 40     # rows of a chart's text fallback
+# The marker on every output made from the owner's mock data (dataset(name, mock=True)).
+MOCK_MARKER = "MOCK DATA: made by the owner from public facts, not real records"
 
 # Table Schema field types by polars dtype name (the base name, before any "(").
 _TABLE_SCHEMA_TYPES = {
@@ -72,6 +74,8 @@ def table_bundle(table: FetchedTable, html_max_rows: int = HTML_MAX_ROWS,
                  resource_max_rows: int = RESOURCE_MAX_ROWS) -> dict[str, Any]:
     """``text/plain``, ``text/html`` and the data resource for a released table."""
     plain = repr(table.frame)
+    if table.mock:
+        plain = f"{MOCK_MARKER}\n{plain}"
     if table.notes:
         plain += "\n" + "\n".join(f"note: {note}" for note in table.notes)
     if table.request_id is not None:
@@ -103,10 +107,15 @@ def table_html(table: FetchedTable, max_rows: int = HTML_MAX_ROWS) -> str:
         footer.append(f"approved by the owner: request #{table.request_id}")
     notes = "".join(f"<li>{esc(note)}</li>" for note in table.notes)
     return ('<div class="bastion-table">'
-            f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
+            + (_MOCK_BANNER if table.mock else "")
+            + f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
             f"<p>{esc('; '.join(footer))}</p>"
             + (f"<ul>{notes}</ul>" if notes else "")
             + "</div>")
+
+
+_MOCK_BANNER = ('<p style="background:#fff3cd;color:#664d03;padding:2px 6px;font-weight:bold">'
+                f"{html.escape(MOCK_MARKER)}</p>")
 
 
 def data_resource(frame: Any, max_rows: int = RESOURCE_MAX_ROWS) -> dict[str, Any]:
@@ -169,13 +178,17 @@ def _cell_text(value: Any) -> str:
 def vega_lite_spec(chart: Chart) -> dict[str, Any]:
     """The chart's Vega-Lite v5 spec with its released rows inlined as ``data.values``."""
     values = [{name: json_safe(row.get(name)) for name in chart.columns} for row in chart.rows]
-    return {**chart.spec, "data": {"values": values}}
+    spec = {**chart.spec, "data": {"values": values}}
+    if chart.mock:
+        spec["title"] = f"{MOCK_MARKER} | {chart.spec.get('title', '')}"
+    return spec
 
 
 def chart_bundle(chart: Chart, text_max_rows: int = CHART_TEXT_MAX_ROWS) -> dict[str, Any]:
     """Vega-Lite for front ends that draw it (JupyterLab), and a text table of the aggregates otherwise."""
     title = chart.spec.get("title")
-    lines = [f"{chart.kind} chart" + (f": {title}" if isinstance(title, str) else "")]
+    lines = [MOCK_MARKER] if chart.mock else []
+    lines.append(f"{chart.kind} chart" + (f": {title}" if isinstance(title, str) else ""))
     lines += text_table(chart.columns, chart.rows, text_max_rows)
     lines += [f"note: {note}" for note in chart.notes]
     lines += [f"(approved by the owner: request #{request_id})" for request_id in chart.request_ids]
@@ -230,6 +243,8 @@ def dataset_list_bundle(value: DatasetList) -> dict[str, Any]:
         policy = dataset.get("policy") if isinstance(dataset.get("policy"), dict) else {}
         columns = _schema_pairs(dataset)
         summary = _policy_summary(policy)
+        if dataset.get("mock"):
+            summary += f"; mock: dataset({name!r}, mock=True)"
         lines.append(f"{name}  ({summary})")
         lines.extend(f"    {column}: {dtype}" for column, dtype in columns)
         column_html = ", ".join(f"{esc(column)} <i>{esc(dtype)}</i>" for column, dtype in columns)
@@ -242,9 +257,13 @@ def dataset_list_bundle(value: DatasetList) -> dict[str, Any]:
 
 
 def request_status_text(status: RequestStatus) -> str:
-    """One line saying where a held request stands."""
+    """One line saying where a held request stands (and, while it waits, how to fetch it later)."""
     text = f"request #{status.request_id}: {status.status}"
-    return f"{text}: {status.reason}" if status.reason else text
+    text = f"{text}: {status.reason}" if status.reason else text
+    if status.status == "pending":
+        text += (f"\nrequest({status.request_id}) fetches it once the owner approves it; running this cell "
+                 "again then answers at once")
+    return text
 
 
 def waiting_bundle(request_id: int, status: str, reason: str, elapsed_seconds: float) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from ipykernel.kernelbase import Kernel
 from traitlets import Float
 
 from . import display
-from .client import ConfiguredSession
+from .client import ConfiguredSession, review_pending
 from .config import ConfigError
 from .language.interpreter import Interpreter
 from .language.values import HelpText
@@ -45,6 +45,7 @@ class _Wait:
     display_id: str
     elapsed: float
     shown_second: int
+    reason: str = ""
 
 
 @dataclass
@@ -104,6 +105,10 @@ class BastionKernel(Kernel):
         self._silent = silent
         self._wait = None
         self._running = None
+        # Front ends a person watches (JupyterLab, Notebook, console) send allow_stdin: true; batch
+        # runners (nbconvert, papermill: nbclient) send false, and a held result then ends the cell at
+        # once with ReviewPending instead of waiting for the owner.
+        self.executor_session.wait_for_review = bool(allow_stdin)
         entry = [self.execution_count, code, None]
         if store_history and not silent:
             self._history.append(entry)
@@ -149,11 +154,11 @@ class BastionKernel(Kernel):
         wait = self._wait
         if wait is None:
             evalue = "the cell was interrupted"
-        else:
-            evalue = (f"stopped waiting for the owner; request #{wait.request_id} stays pending "
-                      f"on the executor: request({wait.request_id}) fetches it later")
-            self._end_wait(f"still pending; request({wait.request_id}) fetches it later")
-        return self._error_reply("KeyboardInterrupt", evalue, [f"KeyboardInterrupt: {evalue}"])
+            return self._error_reply("KeyboardInterrupt", evalue, [f"KeyboardInterrupt: {evalue}"])
+        # An interrupted wait ends as a batch run's held cell does: the request stays pending.
+        error = review_pending(wait.request_id, wait.reason, "the wait was interrupted")
+        self._end_wait(f"still pending; request({wait.request_id}) fetches it later")
+        return self._error_reply(error.ename, error.evalue, [f"{error.ename}: {error.evalue}"])
 
     def _on_output(self, kind: str, value: object) -> None:
         """What ``print`` (``"stream"``) and ``display`` (``"display"``) show while the cell runs."""
@@ -176,7 +181,7 @@ class BastionKernel(Kernel):
             wait = None
         bundle = display.waiting_bundle(request_id, status, reason, elapsed)
         if wait is None:
-            self._wait = _Wait(request_id, f"bastion-wait-{uuid.uuid4().hex}", elapsed, int(elapsed))
+            self._wait = _Wait(request_id, f"bastion-wait-{uuid.uuid4().hex}", elapsed, int(elapsed), reason)
             self._send_display("display_data", self._wait.display_id, bundle)
         else:
             wait.elapsed = elapsed

@@ -13,7 +13,7 @@ to validate them (``owner_console.validate``) and never trusts the builders.
 Frame nodes
 -----------
 ======================  =====================================================
-``scan``                ``{"op": "scan", "dataset": NAME}``
+``scan``                ``{"op": "scan", "dataset": NAME}``; ``"mock": true`` added: the owner's mock of NAME
 ``saved``               ``{"op": "saved", "name": NAME}`` (a result kept by ``save``)
 ``filter``              ``{"op": "filter", "input": F, "predicate": E}``
 ``select``              ``{"op": "select", "input": F, "exprs": [E, ...]}``
@@ -236,8 +236,10 @@ EXPR_KINDS: dict[str, dict[str, str]] = {
 # --------------------------------------------------------------------------
 # Builders: the kernel's way to make well-formed nodes.
 
-def scan(dataset: str) -> dict:
-    return {"op": "scan", "dataset": dataset}
+def scan(dataset: str, mock: bool = False) -> dict:
+    """A scan of a dataset; ``mock=True`` reads the owner's mock of it (an optional field of ``scan``
+    that the executor resolves to the mock's file, and never to the dataset's)."""
+    return {"op": "scan", "dataset": dataset, "mock": True} if mock else {"op": "scan", "dataset": dataset}
 
 
 def frame_op(op: str, **fields: Any) -> dict:

@@ -216,7 +216,7 @@ def _exprs(node: dict, key: str) -> str:
 
 
 _FRAME_TEXT: dict[str, Callable[[dict], str]] = {
-    "scan": lambda n: f"dataset({_literal(n.get('dataset'))})",
+    "scan": lambda n: f"dataset({_literal(n.get('dataset'))}{', mock=True' if n.get('mock') is True else ''})",
     "saved": lambda n: f"saved({_literal(n.get('name'))})",
     "filter": lambda n: f"{_frame_text(n.get('input'))}.filter({text_of(n.get('predicate'))})",
     "select": lambda n: f"{_frame_text(n.get('input'))}.select({_exprs(n, 'exprs')})",
@@ -264,7 +264,7 @@ def plan_to_polars_text(plan: dict) -> str:
 def _tree_label(node: dict) -> str:
     op = node.get("op")
     if op == "scan":
-        return f"scan {_literal(node.get('dataset'))}"
+        return f"scan {_literal(node.get('dataset'))}{' (mock)' if node.get('mock') is True else ''}"
     if op == "saved":
         return f"saved {_literal(node.get('name'))}"
     if op == "filter":

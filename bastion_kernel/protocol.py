@@ -34,8 +34,10 @@ Request kinds (scientist -> executor)
 Reply kinds (executor -> scientist)
 -----------------------------------
 ``ok``       a body as listed above.
-``result``   ``{"schema", "rows", "notes": [str], "request_id": int | null}``
-             plus the Arrow IPC frame.
+``result``   ``{"schema", "rows", "notes": [str], "request_id": int | null, "mock": bool}``
+             plus the Arrow IPC frame.  ``request_id`` names the owner's approval that
+             released it (again, for a re-run of an approved query); ``mock`` is true for
+             an answer from the owner's mock data (``{"op": "scan", ..., "mock": true}``).
 ``pending``  ``{"request_id", "status", "reason"}``: held for the owner.
 ``error``    the one error shape, :func:`error_body`.
 
@@ -62,6 +64,7 @@ ERROR_NAMES = {
     "SchemaError": "an unknown dataset, column or a type that does not fit",
     "PolicyViolation": "the owner's policy does not allow releasing this result",
     "ReviewRejected": "the owner rejected the request",
+    "ReviewPending": "the result waits for the owner's review and this run does not wait for it",
     "NotFound": "no such request or saved result for this scientist",
     "LimitExceeded": "a size, depth, row or time limit was exceeded",
     "ExecutionError": "the query failed while running",
@@ -151,6 +154,7 @@ for _name, _public in {
     "PolicyViolation": ("sources", "dataset", "column", "function", "op", "at", "min_group_size", "action",
                         "bounds", "epsilon", "epsilon_cost", "limit"),
     "ReviewRejected": ("request_id", "reason"),
+    "ReviewPending": ("request_id", "status", "reason"),
     "NotFound": ("request_id", "status", "target", "name"),
     "LimitExceeded": ("limit", "max_rows", "seconds", "timeout", "max_bytes"),
     "ExecutionError": ("cancelled", "reference", "changed", "failed"),
@@ -159,6 +163,7 @@ for _name, _public in {
     ERROR_CLASSES[_name] = _error_class(_name, _public)
 PolicyViolation = ERROR_CLASSES["PolicyViolation"]
 ReviewRejected = ERROR_CLASSES["ReviewRejected"]
+ReviewPending = ERROR_CLASSES["ReviewPending"]
 UnsupportedOperation = ERROR_CLASSES["UnsupportedOperation"]
 SchemaError = ERROR_CLASSES["SchemaError"]
 NotFound = ERROR_CLASSES["NotFound"]

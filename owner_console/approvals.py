@@ -9,7 +9,13 @@ so two deciders, or two releases, can never both win.
 
 A request moves ``pending -> approved -> released``, ``pending -> rejected``
 or ``pending -> approved -> expired`` (an approval not fetched within the
-workspace's ``approval_ttl_seconds``); nothing else.  The executor releases
+workspace's ``approval_ttl_seconds``); nothing else.  A released approval
+keeps serving its scientist: the same key that runs the same plan again on
+the same data version (``data_version``, the sources' file versions and
+policies when it was held) gets the approved table again, a re-release,
+until ``approval_ttl_seconds`` after the decision; unless the approval
+serves one release only (``reuse = 'once'``: the owner's choice per
+approval, or ``approval_reuse = "once"`` for the whole workspace).  The executor releases
 in two steps (:meth:`ApprovalStore.begin_release`, then
 :meth:`ApprovalStore.finish_release` once the table is handed over), so a
 release that a crash interrupted between them is recognisable and is sent
@@ -33,7 +39,9 @@ from typing import Any, Callable
 from bastion_kernel.plan import canonical_json, plan_hash as compute_plan_hash
 
 STATUSES = ("pending", "approved", "rejected", "released", "expired")
-_SCHEMA_VERSION = 4
+_SCHEMA_VERSION = 5
+# How long an approval serves its scientist: until it expires (re-releases), or for one release.
+REUSE_MODES = ("until_expiry", "once")
 # Columns every schema version has, in the order of schema 1 (copied by the migration).
 _V1_COLUMNS = ("id, scientist, status, plan_json, plan_hash, plan_text, plan_tree, query_text, reason,"
                " columns_json, rows, notes_json, result_sha256, asked_at, decided_at, decided_by,"
@@ -60,9 +68,12 @@ CREATE TABLE IF NOT EXISTS requests (
     released_at     TEXT,
     expired_at      TEXT,
     detail          TEXT NOT NULL DEFAULT '',
-    scientist_key   TEXT NOT NULL DEFAULT ''
+    scientist_key   TEXT NOT NULL DEFAULT '',
+    data_version    TEXT NOT NULL DEFAULT '',
+    reuse           TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS requests_status ON requests (status);
+CREATE INDEX IF NOT EXISTS requests_plan ON requests (plan_hash);
 """
 
 
@@ -84,7 +95,10 @@ class Request:
     the owner only.  ``scientist_key`` is the Z85 CURVE key that asked (empty
     for requests stored before keys were recorded): only that key is ever
     served the request, so a removed or rotated key's requests are served to
-    no one.
+    no one.  ``data_version`` identifies the data the held table was
+    computed from (empty: never served to a re-run); ``reuse`` is
+    ``"once"`` when the owner approved it for one release, else empty (the
+    workspace's ``approval_reuse`` applies).
     """
 
     id: int
@@ -108,6 +122,8 @@ class Request:
     expired_at: str | None = None
     detail: str = ""
     scientist_key: str = ""
+    data_version: str = ""
+    reuse: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
@@ -143,6 +159,7 @@ class ApprovalStore:
             _migrate_schema_1(conn)
             _migrate_schema_2(conn)
             _migrate_schema_3(conn)
+            _migrate_schema_4(conn)
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
@@ -172,7 +189,8 @@ class ApprovalStore:
     # -- writing -----------------------------------------------------------
     def create(self, *, scientist: str, plan: Any, plan_text: str, plan_tree: Any, query_text: str,
                reason: str, columns: list, rows: int, notes: list[str],
-               write_result: Callable[[int], str], detail: str = "", scientist_key: str = "") -> int:
+               write_result: Callable[[int], str], detail: str = "", scientist_key: str = "",
+               data_version: str = "") -> int:
         """Store a new pending request and return its id.
 
         ``write_result(id)`` is called inside the transaction, with the new
@@ -186,11 +204,11 @@ class ApprovalStore:
             cursor = conn.execute(
                 "INSERT INTO requests (scientist, status, plan_json, plan_hash, plan_text, plan_tree,"
                 " query_text, reason, detail, columns_json, rows, notes_json, result_sha256, asked_at,"
-                " scientist_key) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '', ?, ?)",
+                " scientist_key, data_version) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '', ?, ?, ?)",
                 (scientist, canonical_json(plan).decode("utf-8"), compute_plan_hash(plan),
                  str(plan_text), json.dumps(plan_tree), str(query_text), str(reason), str(detail),
                  json.dumps([list(c) for c in columns]), int(rows), json.dumps(list(notes)), utc_now(),
-                 str(scientist_key)))
+                 str(scientist_key), str(data_version)))
             request_id = int(cursor.lastrowid)
             digest = write_result(request_id)
             conn.execute("UPDATE requests SET result_sha256 = ? WHERE id = ?", (str(digest), request_id))
@@ -201,16 +219,17 @@ class ApprovalStore:
         return request_id
 
     def decide(self, request_id: int, approved: bool, reason: str, by: str = "owner",
-               before_commit: Callable[[Request], Any] | None = None) -> Request:
+               before_commit: Callable[[Request], Any] | None = None, once: bool = False) -> Request:
         """Approve or reject a pending request; raises ApprovalError if it is not pending.
 
         ``before_commit(request)``, if given, is called inside the transaction
         with the decided request (used to audit the decision: if it raises,
-        the decision is not stored).
+        the decision is not stored).  ``once``: the approval serves one
+        release (no re-release on a re-run).
         """
         return self._transition(request_id, "pending", "approved" if approved else "rejected",
-                                "decided_at = ?, decided_by = ?, decision_reason = ?",
-                                (utc_now(), str(by), str(reason)), before_commit)
+                                "decided_at = ?, decided_by = ?, decision_reason = ?, reuse = ?",
+                                (utc_now(), str(by), str(reason), "once" if once else ""), before_commit)
 
     def mark_released(self, request_id: int) -> Request:
         """Record that an approved request's table was sent; a request is released once."""
@@ -288,6 +307,19 @@ class ApprovalStore:
         row = self._conn().execute("SELECT * FROM requests WHERE id = ?", (_check_id(request_id),)).fetchone()
         return _to_request(row) if row is not None else None
 
+    def latest_for(self, scientist: str, scientist_key: str, plan_hash: str, data_version: str) -> Request | None:
+        """The newest request of this scientist and key for this plan on this data version, or None.
+
+        Requests stored without a key or a data version never match.
+        """
+        if not scientist_key or not data_version:
+            return None
+        row = self._conn().execute(
+            "SELECT * FROM requests WHERE plan_hash = ? AND scientist = ? AND scientist_key = ?"
+            " AND data_version = ? ORDER BY id DESC LIMIT 1",
+            (str(plan_hash), str(scientist), str(scientist_key), str(data_version))).fetchone()
+        return _to_request(row) if row is not None else None
+
     def fingerprint(self) -> tuple:
         """``((status, count, max id), ...)``: changes whenever a request is added or changes status."""
         return tuple(tuple(row) for row in self._conn().execute(
@@ -306,7 +338,7 @@ class ApprovalStore:
 
 
 def record_decision(store: ApprovalStore, audit: Any, request_id: int, approved: bool, reason: str,
-                    by: str = "owner") -> Request:
+                    by: str = "owner", once: bool = False) -> Request:
     """Approve or reject a pending request and audit the decision (``approval`` / ``rejection``).
 
     The one way the owner's tools (command line, console) decide a request.
@@ -321,6 +353,10 @@ def record_decision(store: ApprovalStore, audit: Any, request_id: int, approved:
         Kept with the decision; a rejected scientist sees it.
     by : str
         Who decided.
+    once : bool
+        An approval that serves one release: a re-run of the same query
+        goes to review again (otherwise the workspace's ``approval_reuse``
+        applies).
 
     Returns
     -------
@@ -337,14 +373,19 @@ def record_decision(store: ApprovalStore, audit: Any, request_id: int, approved:
     # stored decision that was not audited.
     def audited(request: Request) -> None:
         audit.append("approval" if approved else "rejection", request.scientist, request_id=request.id,
-                     plan_hash=request.plan_hash, reason=reason, by=by)
+                     plan_hash=request.plan_hash, reason=reason, by=by,
+                     **({"once": True} if approved and once else {}))
 
-    return store.decide(request_id, approved, reason, by=by, before_commit=audited)
+    return store.decide(request_id, approved, reason, by=by, before_commit=audited, once=approved and once)
 
 
 def sweep_expired(store: ApprovalStore, audit: Any, ttl_seconds: float,
-                  result_path: Callable[[int], Path]) -> list[Request]:
+                  result_path: Callable[[int], Path], reuse: str = "until_expiry") -> list[Request]:
     """Expire stale approvals, audit each (``expiry``) and delete its held result file.
+
+    Also deletes the tables of released requests that can serve no
+    re-release any more (their approval is older than ``ttl_seconds``, or
+    served one release: ``reuse``).
 
     Parameters
     ----------
@@ -354,6 +395,8 @@ def sweep_expired(store: ApprovalStore, audit: Any, ttl_seconds: float,
         The workspace's ``approval_ttl_seconds``.
     result_path : callable
         ``Workspace.result_path``: request id -> its held result file.
+    reuse : str
+        The workspace's ``approval_reuse``.
 
     Returns
     -------
@@ -365,7 +408,9 @@ def sweep_expired(store: ApprovalStore, audit: Any, ttl_seconds: float,
         audit.append("expiry", request.scientist, request_id=request.id, plan_hash=request.plan_hash,
                      decided_at=request.decided_at, ttl_seconds=ttl_seconds)
     # Also files left by an expiry whose process died before deleting them.
-    for request in store.list("expired"):
+    spent = [r for r in store.list("released") if not interrupted_release(r)
+             and not serves_again(r, ttl_seconds, reuse)]
+    for request in store.list("expired") + spent:
         try:
             Path(result_path(request.id)).unlink()
         except FileNotFoundError:
@@ -416,6 +461,24 @@ def interrupted_release(request: Request) -> bool:
     """True for a release begun but never finished (:meth:`ApprovalStore.begin_release`): the executor
     stopped between consuming the approval and handing the table over, so it is sent again."""
     return request.status == "released" and request.released_at is None
+
+
+def effective_reuse(request: Request, workspace_reuse: str) -> str:
+    """``"once"`` when the owner approved ``request`` for one release or the workspace says so, else
+    ``"until_expiry"``."""
+    return "once" if request.reuse == "once" or workspace_reuse == "once" else "until_expiry"
+
+
+def serves_again(request: Request, ttl_seconds: float, reuse: str, now: _dt.datetime | None = None) -> bool:
+    """True when a released request's approved table may be released again now (a re-release).
+
+    Its approval must be younger than ``ttl_seconds`` and serve more than one
+    release (:func:`effective_reuse` with the workspace's ``reuse``).
+    """
+    if request.status != "released" or effective_reuse(request, reuse) == "once":
+        return False
+    deadline = expires_at(request, ttl_seconds)
+    return deadline is not None and (now or _dt.datetime.now(_dt.timezone.utc)) < deadline
 
 
 def describe_seconds(seconds: float) -> str:
@@ -474,6 +537,16 @@ def _migrate_schema_3(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE requests ADD COLUMN scientist_key TEXT NOT NULL DEFAULT ''")
 
 
+def _migrate_schema_4(conn: sqlite3.Connection) -> None:
+    """Give a schema-4 ``requests`` table ``data_version`` and ``reuse`` (empty: older requests are never
+    re-released to a re-run, and follow the workspace's ``approval_reuse``)."""
+    columns = {row["name"] for row in conn.execute("PRAGMA table_info(requests)")}
+    if columns and "data_version" not in columns:
+        conn.execute("ALTER TABLE requests ADD COLUMN data_version TEXT NOT NULL DEFAULT ''")
+    if columns and "reuse" not in columns:
+        conn.execute("ALTER TABLE requests ADD COLUMN reuse TEXT NOT NULL DEFAULT ''")
+
+
 def _check_id(request_id: Any) -> int:
     if isinstance(request_id, bool) or not isinstance(request_id, int) or not 0 < request_id < 2**63:
         raise ApprovalError(f"invalid request id {request_id!r}")
@@ -490,4 +563,6 @@ def _to_request(row: sqlite3.Row) -> Request:
         decided_by=row["decided_by"], decision_reason=row["decision_reason"],
         released_at=row["released_at"], expired_at=row["expired_at"] if "expired_at" in row.keys() else None,
         detail=row["detail"] if "detail" in row.keys() else "",
-        scientist_key=row["scientist_key"] if "scientist_key" in row.keys() else "")
+        scientist_key=row["scientist_key"] if "scientist_key" in row.keys() else "",
+        data_version=row["data_version"] if "data_version" in row.keys() else "",
+        reuse=row["reuse"] if "reuse" in row.keys() else "")

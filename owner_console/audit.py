@@ -30,7 +30,8 @@ the crash is itself a signed, chained entry.  Only an incomplete *final* line
 is treated so: anything else (a bad line in the middle, a complete but
 altered last line) is left for ``verify`` to report.
 
-Events: ``connection``, ``query``, ``decision``, ``release``, ``held``,
+Events: ``connection``, ``query``, ``decision``, ``release``, ``rerelease``
+(an approved result sent again to a re-run of its query), ``held``,
 ``refusal``, ``error``, ``approval``, ``rejection``, ``expiry`` (an approval
 not fetched in time), ``budget_reset`` (the owner cleared differential
 privacy spending), ``recovered`` (a torn last line cut off, see above),
@@ -87,6 +88,7 @@ from bastion_kernel.plan import canonical_json
 
 GENESIS = "0" * 64
 EVENTS = ("connection", "query", "decision", "release", "held", "refusal", "error",
+          "rerelease",  # an approved result sent again to a re-run of its query (owner_console.server)
           "approval", "rejection", "expiry", "recovered",
           "save", "cancel",  # a result kept with save/collect; a scientist's cancel of a running query
           "budget_reset",  # the owner's reset of differential privacy spending (bastion-owner dp reset)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from owner_console.approvals import ApprovalError, record_decision, withdraw_requests
+from owner_console.approvals import REUSE_MODES, ApprovalError, expires_at, record_decision, withdraw_requests
 from owner_console.audit import read_entries, verify
 from owner_console.model import UNSAFE_MODES
 from owner_console.workspace import Workspace, WorkspaceError, check_name, read_public_key
@@ -36,7 +36,7 @@ def _workspace(args: argparse.Namespace) -> Workspace:
 
 def cmd_init(args: argparse.Namespace) -> int:
     workspace = Workspace(args.workspace)
-    workspace.init(approval_ttl_seconds=args.approval_ttl_seconds)
+    workspace.init(approval_ttl_seconds=args.approval_ttl_seconds, approval_reuse=args.approval_reuse)
     print(f"initialised a Bastion workspace in {workspace.path}")
     print(f"give scientists the executor's public key: {workspace.server_public_key_path}")
     return 0
@@ -108,6 +108,17 @@ def _public_bounds(items: list[str]) -> dict:
         return parse_bounds(items)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def cmd_dataset_mock(args: argparse.Namespace) -> int:
+    workspace = _workspace(args)
+    record = workspace.add_mock(args.name, rows=args.rows, from_file=args.from_file, categories=args.categories,
+                                seed=args.seed)
+    how = f"from {record['from']}" if record["origin"] == "file" else \
+        "generated from the schema and the declared bounds and categories (no row was read)"
+    print(f"published a mock of {args.name!r}: {record['rows']} rows, {how}, in {record['path']}")
+    print(f"scientists read it with dataset({args.name!r}, mock=True): answered at once, marked as mock")
+    return 0
 
 
 def cmd_dataset_show(args: argparse.Namespace) -> int:
@@ -248,8 +259,14 @@ def cmd_requests(args: argparse.Namespace) -> int:
 
 def _decide(args: argparse.Namespace, approved: bool, reason: str) -> int:
     workspace = _workspace(args)
-    request = record_decision(workspace.approvals(), workspace.audit_log(), args.id, approved, reason)
+    once = bool(getattr(args, "once", False))
+    request = record_decision(workspace.approvals(), workspace.audit_log(), args.id, approved, reason, once=once)
     print(f"request {request.id} from {request.scientist}: {request.status}")
+    if approved:
+        served = "one release" if once or workspace.approval_reuse == "once" else \
+            "re-runs of the same query on the same data"
+        print(f"the approval serves {served} until "
+              f"{expires_at(request, workspace.approval_ttl_seconds).isoformat(timespec='seconds')}")
     return 0
 
 
@@ -431,7 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(commands, "init", cmd_init, "create a workspace: config, keys and empty stores")
     p.add_argument("--approval-ttl-seconds", type=_positive_int, default=7 * 24 * 3600, metavar="SECONDS",
-                   help="how long an approved result waits for its scientist before it expires (default 7 days)")
+                   help="how long an approval serves its scientist: the approved result waits that long, and "
+                        "re-runs of the same query on the same data get it again until then (default 7 days)")
+    p.add_argument("--approval-reuse", choices=REUSE_MODES, default="until_expiry",
+                   help="once: every approval serves one release, a re-run goes to review again "
+                        "(default until_expiry)")
 
     dataset = commands.add_parser("dataset", help="register and list datasets").add_subparsers(
         dest="dataset_command", required=True, metavar="ACTION")
@@ -477,6 +498,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --privacy dp also the clipping bounds)")
     p.add_argument("--public-keys", action="append", default=[], metavar="COL=v1,v2,...",
                    help="with --privacy dp: a column scientists may group by, and its public values")
+    p = command(dataset, "mock", cmd_dataset_mock, "publish a mock of a dataset, made from its schema and your "
+                "declared public facts only (or from your own file): scientists query it at once with "
+                "dataset(NAME, mock=True)")
+    p.add_argument("name", type=_name("dataset"), metavar="NAME")
+    p.add_argument("--rows", type=_positive_int, default=None, metavar="N", help="rows to generate (default 500)")
+    p.add_argument("--categories", action="append", default=[], metavar="COL=a,b,c",
+                   help="the public values of a column (kept in the mock's description); other string columns "
+                        "get made-up values, numeric columns values inside their --bounds")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the generator (default 0)")
+    p.add_argument("--from", dest="from_file", type=Path, default=None, metavar="FILE",
+                   help="publish this CSV or Parquet file as the mock instead (it must have the dataset's schema)")
     p = command(dataset, "show", cmd_dataset_show, "print a dataset's policy file")
     p.add_argument("name", type=_name("dataset"), metavar="NAME")
     command(dataset, "list", cmd_dataset_list, "list registered datasets and their policies")
@@ -502,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(commands, "approve", cmd_approve, "release a held request to its scientist")
     p.add_argument("id", type=_positive_int, metavar="ID")
     p.add_argument("--reason", default=None, metavar="TEXT", help="a note kept with the decision")
+    p.add_argument("--once", action="store_true",
+                   help="the approval serves one release: a re-run of the same query goes to review again")
 
     p = command(commands, "reject", cmd_reject, "refuse a held request")
     p.add_argument("id", type=_positive_int, metavar="ID")

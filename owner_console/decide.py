@@ -378,16 +378,12 @@ class _ContributionCheck:
 
 # How each kind of accounting column (policy.AccountedPlan.contribs) fails, given
 # the column's values and the kind's bound: fewer than K contributors
-# ("contrib") or holders of the released value ("held"), a share above the
-# allowed one ("share": the largest distance from the median; "top2": the two
-# largest), a p-ratio below the allowed one ("pratio"), or a non-finite
-# aggregate ("finite" is 0).
+# ("contrib") or holders of the released value ("held"), a dominated aggregate
+# ("dominated" is 1), or a non-finite aggregate ("finite" is 0).
 _FAILS: Mapping[str, Any] = {
     "contrib": lambda values, k: values < k,
     "held": lambda values, k: values < k,
-    "share": lambda values, allowed: values > allowed,
-    "top2": lambda values, allowed: values > allowed,
-    "pratio": lambda values, allowed: values < allowed,
+    "dominated": lambda values, allowed: values > allowed,
     "finite": lambda values, smallest: values < smallest,
 }
 
@@ -437,17 +433,12 @@ def _check_contributions(accounted: AccountedPlan, table: pl.DataFrame) -> _Cont
             result.messages.append(
                 f"an order statistic (min, max, median, quantile) released a value, or n_unique counted a value, "
                 f"held by fewer than {k} rows of {dataset!r} (smallest: {smallest}): it would be one person's value")
-    for (kind, bound), count in failing_rows.items():
-        share = bound / 1_000_000
+    for (kind, _), count in failing_rows.items():
         result.messages.append({
-            "share": f"in {count} of {rows} rows a single contribution's distance from its group's median makes "
-                     f"up more than {share:.0%} of the total distance in a sum, mean, std or var (the owner's "
-                     f"max_share dominance rule)",
-            "top2": f"in {count} of {rows} rows the two contributions farthest from their group's median make up "
-                    f"more than {share:.0%} of the total distance in a sum, mean, std or var (dominance, N-K rule)",
-            "pratio": f"in {count} of {rows} rows the contributions but the two farthest from their group's median "
-                      f"add up to less than {share:.0%} of the farthest one's distance in a sum, mean, std or var "
-                      f"(dominance, p-ratio rule)",
+            "dominated": f"in {count} of {rows} rows a sum, mean, std or var is dominated by one or two "
+                         f"contributions: measured by their distance from the group's median, the two largest make "
+                         f"up more than 90% of the total, the rest less than 10% of the largest (ACRO's N-K and "
+                         f"p-ratio rules), or the largest more than the owner's max_share (dominance)",
             "finite": f"in {count} of {rows} rows an aggregate is not a finite number (inf, -inf or NaN) or its "
                       f"integer sum overflowed",
         }[kind])

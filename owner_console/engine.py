@@ -359,6 +359,17 @@ def _source(dataset: Dataset, path: str) -> pl.LazyFrame:
                                              f"({type(exc).__name__})") from None
 
 
+def source_schema(dataset: Dataset) -> pl.Schema:
+    """A dataset's column names and polars types as the executor reads them (the file's header or footer only)."""
+    try:
+        return _source(dataset, str(dataset.path)).collect_schema()
+    except BastionError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader failure becomes one typed, value-free error
+        raise BastionError("ExecutionError", f"dataset {dataset.name!r} cannot be read "
+                                             f"({type(exc).__name__})") from None
+
+
 def _read(dataset: Dataset, path: str) -> pl.DataFrame:
     source = _source(dataset, path)
     try:
@@ -837,7 +848,7 @@ def _account_unmatched(node: dict) -> pl.Expr:
 # with_columns after the operation, because a cast inside ``agg`` takes
 # polars off its fast group-by path (3.4x slower, benchmarks/RESULTS.md).
 _UNCAST_ACCOUNTING = frozenset({"acct_len", "acct_distinct", "acct_sum", "acct_contrib", "acct_share",
-                                "acct_held", "acct_pratio"})
+                                "acct_held"})
 
 
 def _cast_accounting(frame: pl.LazyFrame, exprs: list[dict]) -> pl.LazyFrame:
@@ -902,7 +913,7 @@ class _Compiler:
             **_ACCOUNT_EXPRS,
             "acct_distinct": self._acct_distinct,
             "acct_contrib": self._acct_contrib, "acct_share": self._acct_share,
-            "acct_held": self._acct_held, "acct_pratio": self._acct_pratio, "acct_finite": self._acct_finite,
+            "acct_held": self._acct_held, "acct_finite": self._acct_finite,
             "acct_min": lambda n: pl.col(n["column"]).min().alias(n["name"]),
             "acct_max": lambda n: pl.col(n["column"]).max().alias(n["name"]),
         }
@@ -986,7 +997,7 @@ class _Compiler:
         return frame.filter(self._on(frame).expr(node["predicate"]))
 
     def _select(self, node: dict) -> pl.LazyFrame:
-        frame = self.frame(node["input"])
+        frame, _ = self._with_distances(self.frame(node["input"]), None, node["exprs"])
         return self._aggregate(frame, lambda exprs: frame.select(exprs), node["exprs"])
 
     def _with_columns(self, node: dict) -> pl.LazyFrame:
@@ -996,8 +1007,49 @@ class _Compiler:
     def _group_by(self, node: dict) -> pl.LazyFrame:
         frame = self.frame(node["input"])
         self._on(frame)
-        keys = self._exprs(node["keys"])
+        frame, keys = self._with_distances(frame, self._exprs(node["keys"]), node["aggs"])
         return self._aggregate(frame, lambda aggs: frame.group_by(keys).agg(aggs), node["aggs"])
+
+    def _with_distances(self, frame: pl.LazyFrame, keys: list[pl.Expr] | None,
+                        nodes: list[dict]) -> tuple[pl.LazyFrame, list[pl.Expr] | None]:
+        """Give ``frame`` the columns the dominance checks of an aggregation read (:meth:`_acct_share`).
+
+        ``keys``: the group_by's keys (None: one group, a global select).  Per
+        check, a first aggregation finds each group's median, max and min of
+        the aggregated values; joined back (row order kept), they give each
+        row its distance from the median and mark the values that are not the
+        max (min), whose max (min) is the second largest (smallest).  The
+        aggregation itself then only sums, takes maxima and first values of
+        plain columns, which keeps polars on its fast path.  Returns the frame
+        and the keys to group it by (the key columns it now carries, under
+        their output names).
+        """
+        shares = [n for n in nodes if n["expr"] == "acct_share"]
+        if not shares:
+            return frame, keys
+        self._on(frame)
+        values = {n["name"]: self.expr(n["input"]).cast(pl.Float64, strict=False) for n in shares}
+        centres = [agg for name, value in values.items()
+                   for agg in (value.median().alias(f"{name}__median"), value.max().alias(f"{name}__max"),
+                               value.min().alias(f"{name}__min"))]
+        if keys is None:
+            frame = frame.with_columns(centres)
+        else:
+            key_columns = [f"{RESERVED_PREFIX}_key{i}" for i in range(len(keys))]
+            frame = frame.with_columns([k.alias(c) for k, c in zip(keys, key_columns)])
+            found = frame.group_by(key_columns).agg(centres)
+            frame = frame.join(found, on=key_columns, how="left", nulls_equal=True, maintain_order="left")
+            keys = [pl.col(c).alias(k.meta.output_name()) for k, c in zip(keys, key_columns)]
+        columns = []
+        for name, value in values.items():
+            largest, smallest = pl.col(f"{name}__max"), pl.col(f"{name}__min")
+            columns += [(value - pl.col(f"{name}__median")).abs().alias(f"{name}__distance"),
+                        pl.when(value < largest).then(value).alias(f"{name}__below_max"),
+                        pl.when(value > smallest).then(value).alias(f"{name}__above_min"),
+                        (value == largest).alias(f"{name}__at_max"), (value == smallest).alias(f"{name}__at_min")]
+        frame = frame.with_columns(columns)
+        self._on(frame)
+        return frame, keys
 
     def _aggregate(self, frame: pl.LazyFrame, apply: Callable[[list[pl.Expr]], pl.LazyFrame],
                    nodes: list[dict]) -> pl.LazyFrame:
@@ -1285,37 +1337,59 @@ class _Compiler:
             fewest = counts.filter(kept & (counts > 0)).min()
         return pl.when(pl.col(column).is_not_null().any()).then(fewest).alias(node["name"])
 
-    def _deviations(self, node: dict) -> pl.Expr:
-        # Each finite contribution's distance from the group's median: adding a
-        # constant to every row changes none of them (non-finite values are the
-        # finiteness rule's).
-        value = self.expr(node["input"]).cast(pl.Float64, strict=False)
-        value = pl.when(value.is_finite()).then(value)
-        return (value - value.median()).abs()
-
     def _acct_share(self, node: dict) -> pl.Expr:
-        """The ``top`` largest deviations' share of the group's total deviation, in millionths (dominance).
+        """1 when a contribution dominates an aggregate, else 0 (the dominance rules of the node).
 
-        A group whose deviations are all zero is not dominated (0).
+        Each contribution's distance is taken from its group's median, so
+        adding a constant to every row changes nothing and amplified
+        contributions cannot move the centre.  With ``top_two`` (millionths),
+        the N-K rule: the two largest distances make up more than that share
+        of the total; with ``p_ratio``, the p-ratio rule: the total minus the
+        two largest is less than that share of the largest; with ``largest``,
+        the largest alone makes up more than that share.  The two largest
+        distances are among the max's, the second largest value's, the min's
+        and the second smallest's.  In a group_by or a global select these are
+        read from columns made before the aggregation (:meth:`_with_distances`)
+        with plain aggregations, combined after it; elsewhere (an aggregate
+        broadcast to rows) they are computed here.  A total that is not a
+        finite number is dominated (fail closed: what made it so dominates).
         """
-        deviation = self._deviations(node)
-        total = deviation.sum()
-        top = deviation.max() if node["top"] == 1 else deviation.top_k(node["top"]).sum()
-        share = pl.when(total > 0).then(top / total * 1_000_000).otherwise(0)
-        # A total too large for a float is dominated by what made it so.
-        return share.fill_nan(1_000_000).fill_null(0).round(0).alias(node["name"])
-
-    def _acct_pratio(self, node: dict) -> pl.Expr:
-        """The p-ratio of dominance: (total - the two largest deviations) / the largest, in millionths.
-
-        The more the rest of the group hides the largest contribution, the
-        larger; capped at 1,000,000,000 (a group with no deviation gets the cap).
-        """
-        deviation = self._deviations(node)
-        largest = deviation.max()
-        rest = deviation.sum() - deviation.top_k(2).sum()
-        ratio = pl.when(largest > 0).then(rest / largest * 1_000_000).otherwise(_PRATIO_CAP)
-        return ratio.fill_nan(0).fill_null(_PRATIO_CAP).clip(0, _PRATIO_CAP).round(0).alias(node["name"])
+        name = node["name"]
+        inside = self.extra_aggs is not None and f"{name}__distance" in self.scope.collect_schema().names()
+        if inside:
+            def part(label: str, expr: pl.Expr) -> pl.Expr:
+                return self._helper_agg(node, label, expr)
+            median = part("median", pl.col(f"{name}__median").first())
+            largest_value = part("max", pl.col(f"{name}__max").first())
+            smallest_value = part("min", pl.col(f"{name}__min").first())
+            second_largest = pl.when(part("maxes", pl.col(f"{name}__at_max").sum()) > 1).then(largest_value) \
+                .otherwise(part("below", pl.col(f"{name}__below_max").max()))
+            second_smallest = pl.when(part("mins", pl.col(f"{name}__at_min").sum()) > 1).then(smallest_value) \
+                .otherwise(part("above", pl.col(f"{name}__above_min").min()))
+            total = part("total", pl.col(f"{name}__distance").sum())
+            # The two largest distances on each side of the median (a side may have one value, or none: 0).
+            high1 = (largest_value - median).clip(0)
+            high2 = (second_largest - median).fill_null(median).clip(0)
+            low1 = (median - smallest_value).clip(0)
+            low2 = (median - second_smallest).fill_null(median).clip(0)
+            top_one = pl.max_horizontal(high1, low1)
+            top_two = pl.max_horizontal(high1 + high2, high1 + low1, low1 + low2)
+        else:
+            value = self.expr(node["input"]).cast(pl.Float64, strict=False)
+            distance = (value - value.median()).abs()
+            total, top_one, top_two = distance.sum(), distance.max(), distance.top_k(2).sum()
+        dominated = ~total.is_finite()
+        if node.get("top_two") is not None:
+            dominated = dominated | ((total > 0) & (top_two > total * node["top_two"] / 1_000_000))
+        if node.get("p_ratio") is not None:
+            dominated = dominated | ((top_one > 0) & (total - top_two < top_one * node["p_ratio"] / 1_000_000))
+        if node.get("largest") is not None:
+            dominated = dominated | ((total > 0) & (top_one > total * node["largest"] / 1_000_000))
+        flag = dominated.fill_null(False).cast(ACCOUNT_DTYPE)
+        if not inside:
+            return flag.alias(name)
+        self.post_aggs.append(flag.alias(name))
+        return self._placeholder(node)
 
     def _acct_finite(self, node: dict) -> pl.Expr:
         """1 when an aggregate is finite and did not overflow, else 0 (inf, -inf, NaN, a wrapped integer sum)."""
@@ -1373,7 +1447,6 @@ def _is_scalar(node: dict) -> bool:
         parts += [node["otherwise"]] if node["otherwise"] is not None else []
         return all(_is_scalar(part) for part in parts)
     return False
-_PRATIO_CAP = 1_000_000_000
 # The range of each integer type an integer sum can have, and the share of it
 # within which a sum computed in floating point is surely not wrapped around.
 _INTEGER_RANGE = {f"{sign}Int{bits}": (-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1) if sign == "" else

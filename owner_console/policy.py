@@ -90,9 +90,9 @@ class _Frame:
     lineage: dict[str, frozenset]
     reps: dict[int, _Rep]
     aggregated: bool
-    # accounting column -> ("contrib" | "held", source index), ("share" | "top2", largest
-    # millionths allowed), ("pratio", smallest millionths allowed) or ("finite", 1): the
-    # checks of aggregates computed so far (see decide._check_contributions).
+    # accounting column -> ("contrib" | "held", source index), ("dominated", 0) or
+    # ("finite", 1): the checks of aggregates computed so far (see
+    # decide._check_contributions).
     contribs: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
@@ -287,16 +287,17 @@ _ORDER_STATISTICS = ("min", "max", "median", "quantile")
 _FINITE_FUNCTIONS = ("sum", "mean", "median", "min", "max", "std", "var", "quantile")
 # Aggregations one amplified contribution can carry a value out of: the dominance rule applies to them.
 _DOMINANCE_FUNCTIONS = ("sum", "mean", "std", "var")
-# The default dominance rule (ACRO's defaults), on each contribution's distance
-# from its group's median: the two largest distances make up at most
-# DOMINANCE_TOP_TWO of the total distance (the N-K rule with n=2), and the
-# total minus the two largest is at least DOMINANCE_P_RATIO of the largest
-# (the p-ratio rule).
+# The default dominance rules (ACRO's defaults), on each contribution's
+# distance from its group's median, so that a constant added to every row
+# changes nothing and amplified contributions cannot move the centre: the
+# two largest distances make up at most DOMINANCE_TOP_TWO of the total (the
+# N-K rule with n=2), and the total minus the two largest is at least
+# DOMINANCE_P_RATIO of the largest (the p-ratio rule).
 DOMINANCE_TOP_TWO = 0.9
 DOMINANCE_P_RATIO = 0.1
 # Accounting kinds that fail when too large (the others fail when too small):
 # carried through a later aggregation as their largest value.
-_LARGEST_FAILS = ("share", "top2")
+_LARGEST_FAILS = ("dominated",)
 
 
 def _millionths(share: float) -> int:
@@ -688,17 +689,13 @@ class _Accountant:
                     contribs[column] = ("finite", 1)
                 if name not in _DOMINANCE_FUNCTIONS or not over_rows:
                     continue
-                if dominance:
+                if dominance or shares:
                     column = f"{RESERVED_PREFIX}_d{j}"
-                    accounting.append({"expr": "acct_share", "input": masked["input"], "top": 2, "name": column})
-                    contribs[column] = ("top2", _millionths(DOMINANCE_TOP_TWO))
-                    column = f"{RESERVED_PREFIX}_p{j}"
-                    accounting.append({"expr": "acct_pratio", "input": masked["input"], "name": column})
-                    contribs[column] = ("pratio", _millionths(DOMINANCE_P_RATIO))
-                if shares:
-                    column = f"{RESERVED_PREFIX}_s{j}"
-                    accounting.append({"expr": "acct_share", "input": masked["input"], "top": 1, "name": column})
-                    contribs[column] = ("share", _millionths(min(shares)))
+                    accounting.append({"expr": "acct_share", "input": masked["input"], "name": column,
+                                       "top_two": _millionths(DOMINANCE_TOP_TWO) if dominance else None,
+                                       "p_ratio": _millionths(DOMINANCE_P_RATIO) if dominance else None,
+                                       "largest": _millionths(min(shares)) if shares else None})
+                    contribs[column] = ("dominated", 0)
         return accounting, contribs
 
     def _counts_people(self, expr: dict, s: int, lineage: Mapping[str, frozenset] | None) -> bool:

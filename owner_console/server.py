@@ -36,6 +36,24 @@ approval or an open release, which the key that asked gets by asking again
 (with a new entry); never an approval consumed for good without its rows,
 nor rows without an entry.
 
+Re-runs.  A held request is bound to its plan's hash, the key that asked and
+the version of the data it read (:func:`data_version`: each source file's
+size and modification time, and its policy).  A ``fetch`` of the same plan by
+the same key on the same data version is answered from that request: still
+pending, the same request id (no new review); rejected, the owner's
+rejection; approved, its table (a ``release``), and once released, its table
+again (a ``rerelease`` entry) until the approval is ``approval_ttl_seconds``
+old, unless the owner approved it for one release (``approve --once``,
+``approval_reuse = "once"``).  ``request_status`` re-releases the same way.
+A changed file or policy makes a new version: the query goes to review again.
+
+Mock data.  A plan whose scans carry ``"mock": true`` (``dataset(NAME,
+mock=True)``) runs against the published mocks only
+(:mod:`owner_console.mock`): the catalog it gets holds no real file.  It is
+answered at once (a ``query`` and a ``release`` entry marked ``mock``),
+never held, saved or charged; a plan that mixes mock and real sources is
+refused.
+
 Threads and processes.  ZeroMQ sockets are not thread-safe, so only the loop
 thread touches the ROUTER.  Requests run on two thread pools (quick ones:
 ``hello``, ``datasets``, ``schema``, ``request_status``, ``dp_preview``,
@@ -96,6 +114,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Callable
 
 import zmq
@@ -105,8 +124,9 @@ from zmq.utils import z85
 from bastion_kernel import protocol
 from bastion_kernel.plan import MAX_PLAN_BYTES, PLAN_VERSION, canonical_json, frame_op, plan_hash, scan
 from bastion_kernel.protocol import BastionError, ProtocolError
-from owner_console.approvals import (ApprovalError, Request, describe_seconds, expires_at, interrupted_release,
-                                     is_expired, sweep_expired, utc_now)
+from owner_console import mock
+from owner_console.approvals import (ApprovalError, Request, describe_seconds, effective_reuse, expires_at,
+                                     interrupted_release, is_expired, serves_again, sweep_expired, utc_now)
 from owner_console.limits import Limits, limits_from_config
 from owner_console.model import Held, Released
 from owner_console.saved import SavedResults, check_saved_name
@@ -741,6 +761,7 @@ class ExecutorServer:
     def _datasets(self, request: _Request) -> list[bytes]:
         owners = self._catalog()
         catalog = self._catalog(request.scientist)
+        mocked = set(self.workspace.mocks())
         described = []
         for name in sorted(catalog):
             saved = name not in owners
@@ -755,6 +776,8 @@ class ExecutorServer:
                      "policy": catalog[name].policy.for_scientist(request.scientist).to_dict()}
             if getattr(catalog[name], "dp", None) is not None:
                 entry["dp"] = catalog[name].dp.describe()
+            if not saved and name in mocked:
+                entry["mock"] = True  # dataset(name, mock=True) reads the owner's mock of it
             if saved:
                 record = self.saved.record(request.scientist, name) or {}
                 entry.update(saved=True, sources=record.get("sources", []))
@@ -764,11 +787,14 @@ class ExecutorServer:
     def _dp_preview(self, request: _Request) -> list[bytes]:
         """The cost and expected error of a differentially private query (spends nothing, reveals no data)."""
         from owner_console import dp
+        plan, reads_mock = mock.route(request.body["plan"])
+        if reads_mock:
+            raise BastionError("PolicyViolation", "this query reads mock data: it has no privacy cost (use .fetch())")
         catalog = self._executor.for_scientist(self._catalog(request.scientist), request.scientist)
-        if not dp.touches_dp(request.body["plan"], catalog):
+        if not dp.touches_dp(plan, catalog):
             raise BastionError("PolicyViolation", "this query reads no differentially private dataset: it has "
                                                   "no privacy cost (use .fetch())")
-        return [_ok(request, dp.preview(request.body["plan"], catalog, request.scientist))]
+        return [_ok(request, dp.preview(plan, catalog, request.scientist))]
 
     def _budget(self, request: _Request) -> list[bytes]:
         """The scientist's own privacy budget on every DP dataset."""
@@ -776,8 +802,13 @@ class ExecutorServer:
         return [_ok(request, {"datasets": dp.budget(self._catalog(), request.scientist)})]
 
     def _schema(self, request: _Request) -> list[bytes]:
-        schema = self._executor.schema_of(request.body["plan"], self._catalog(request.scientist),
-                                          scientist=request.scientist)
+        plan, reads_mock = mock.route(request.body["plan"])
+        if reads_mock:
+            catalog = mock.mock_catalog({name: record["path"] for name, record in self.workspace.mocks().items()},
+                                        self._catalog(), request.scientist)
+        else:
+            catalog = self._catalog(request.scientist)
+        schema = self._executor.schema_of(plan, catalog, scientist=request.scientist)
         return [_ok(request, {"schema": [list(pair) for pair in schema]})]
 
     def _save(self, request: _Request) -> list[bytes]:
@@ -788,6 +819,11 @@ class ExecutorServer:
         self.audit.append("query", request.scientist, request=request.msg_id, plan=plan,
                           plan_hash=digest, text=text, save_as=str(request.body["name"])[:64])
         try:
+            plan, reads_mock = mock.route(plan)
+            if reads_mock:
+                raise BastionError("PolicyViolation", "a query of mock data cannot be saved: save() keeps results "
+                                                      "of the real data on the owner's side; fetch() the mock query "
+                                                      "instead")
             name = check_saved_name(request.body["name"])
             owners = self._catalog()
             if name in owners:
@@ -838,18 +874,35 @@ class ExecutorServer:
             raise error
         return [_ok(request, {"target": target, "cancelled": True})]
 
-    def _fetch(self, request: _Request) -> list[bytes]:
+    def _fetch(self, request: _Request) -> list[bytes] | None:
         plan = request.body["plan"]
         text = request.body.get("text", "")
         digest = plan_hash(plan)
+        queried: list[bool] = []
+
+        def audit_query(**fields: Any) -> None:
+            if not queried:
+                self.audit.append("query", request.scientist, request=request.msg_id, plan=plan, plan_hash=digest,
+                                  text=text, **fields)
+                queried.append(True)
+
+        runnable, reads_mock = mock.route(plan)
+        if reads_mock:
+            return self._fetch_mock(request, runnable, digest, lambda: audit_query(mock=True))
+        catalog = self._catalog(request.scientist)
+        version = data_version(plan, catalog, request.scientist)
+        earlier = self._earlier(request, digest, version)
+        if earlier is not None:
+            audit_query()
+            answer = self._answer_from(request, earlier)
+            if answer is not _NEW_REVIEW:
+                return answer
         try:
             # The fsynced ``query`` entry is written while the worker computes; it is on disk before any
             # refusal, decision or release of this request is written, and before anything is sent.
             outcome = self._executor.evaluate(
-                plan, self._catalog(request.scientist), request.scientist, cancel=request.cancel,
-                timeout=self._limits().query_timeout_seconds,
-                on_started=lambda: self.audit.append("query", request.scientist, request=request.msg_id, plan=plan,
-                                                     plan_hash=digest, text=text))
+                runnable, catalog, request.scientist, cancel=request.cancel,
+                timeout=self._limits().query_timeout_seconds, on_started=audit_query)
             _check_rows_released(outcome.table.height, self._limits().max_rows_released)
         except BastionError:
             raise  # audited as a refusal by _answer, after the query entry
@@ -874,15 +927,87 @@ class ExecutorServer:
             return [protocol.encode("result", body, request.msg_id), ipc]
         if not isinstance(outcome, Held):
             raise TypeError(f"evaluate returned {type(outcome).__name__}")
-        request_id = self._hold(request, plan, text, outcome, ipc, columns)
+        request_id = self._hold(request, plan, text, outcome, ipc, columns, version)
         self.audit.append("held", request.scientist, request=request.msg_id, plan_hash=digest,
                           request_id=request_id, reason=decision.reason, rows=outcome.table.height,
                           sha256=hashlib.sha256(ipc).hexdigest())
         return [protocol.encode("pending", {"request_id": request_id, "status": "pending",
                                             "reason": decision.reason}, request.msg_id)]
 
+    def _earlier(self, request: _Request, digest: str, version: str) -> Request | None:
+        """This key's latest request for the same plan on the same data version, if it can answer a re-run.
+
+        Pending (its id, no new review), rejected (the rejection), approved
+        and not expired, or released and still serving re-releases (see
+        :func:`owner_console.approvals.serves_again`); None: a new review.
+        """
+        record = self.store.latest_for(request.scientist, request.key, digest, version)
+        if record is None:
+            return None
+        ttl = self.workspace.approval_ttl_seconds
+        if record.status in ("pending", "rejected"):
+            return record
+        if record.status == "approved":
+            return None if is_expired(record, ttl) else record
+        if record.status == "released" and (interrupted_release(record)
+                                            or serves_again(record, ttl, self.workspace.approval_reuse)):
+            return record
+        return None
+
+    def _answer_from(self, request: _Request, record: Request) -> Any:
+        """A re-run answered from ``record`` (see :meth:`_earlier`); :data:`_NEW_REVIEW` when it no longer can."""
+        if record.status == "pending":
+            self.audit.append("held", request.scientist, request=request.msg_id, plan_hash=record.plan_hash,
+                              request_id=record.id, again=True)
+            return [protocol.encode("pending", {"request_id": record.id, "status": "pending",
+                                                "reason": record.reason}, request.msg_id)]
+        if record.status == "rejected":
+            raise BastionError("ReviewRejected",
+                               f"the owner rejected this query as request {record.id}: {record.decision_reason}; "
+                               "change the query to ask again",
+                               request_id=record.id, reason=record.decision_reason)
+        try:
+            return self._release_approved(request, record)
+        except BastionError as exc:
+            if exc.ename != "NotFound":
+                raise
+            return _NEW_REVIEW  # expired, withdrawn or used up meanwhile: the query goes to review again
+
+    def _fetch_mock(self, request: _Request, plan: dict, digest: str, audit_query: Callable[[], None]) -> list[bytes]:
+        """Run a plan over the published mocks only and release it at once, marked as mock."""
+        published = self.workspace.mocks()
+        owners = self._catalog()
+        catalog = mock.mock_catalog({name: record["path"] for name, record in published.items()}, owners,
+                                    request.scientist)
+        from owner_console.engine import source_names
+        missing = sorted(source_names(plan) - set(catalog))
+        if missing:
+            raise BastionError("SchemaError", f"the owner published no mock of {missing[0]!r}; datasets() marks the "
+                                              "datasets that have one", dataset=missing[0])
+        try:
+            outcome = self._executor.evaluate(plan, catalog, request.scientist, cancel=request.cancel,
+                                              timeout=self._limits().query_timeout_seconds, on_started=audit_query)
+            _check_rows_released(outcome.table.height, self._limits().max_rows_released)
+            if not isinstance(outcome, Released):
+                raise TypeError(f"a mock query was {type(outcome).__name__}, not released")
+        except BastionError:
+            raise  # audited as a refusal by _answer, after the query entry
+        except Exception:
+            return [protocol.encode("error", self._internal_error(request, plan_hash=digest), request.msg_id)]
+        ipc = outcome.ipc if outcome.ipc is not None else self._executor.table_to_ipc(outcome.table)
+        columns = _table_schema(outcome.table)
+        notes = mock.notes(request.body["plan"], {name: record.get("origin", "generated")
+                                                  for name, record in published.items()})
+        self._audit(request, [("release", request.scientist, {
+            "request": request.msg_id, "plan_hash": digest, "request_id": None, "mock": True,
+            "sha256": hashlib.sha256(ipc).hexdigest(), "rows": outcome.table.height,
+            "columns": [name for name, _ in columns]})])
+        body = {"schema": columns, "rows": outcome.table.height, "notes": notes + list(outcome.notes),
+                "request_id": None, "mock": True, "decision": {"action": "mock", "reason": notes[0] if notes else ""}}
+        return [protocol.encode("result", body, request.msg_id), ipc]
+
     def _hold(self, request: _Request, plan: dict, text: str, outcome: Held, ipc: bytes,
-              columns: list[list[str]]) -> int:
+              columns: list[list[str]], version: str = "") -> int:
         """Keep a held table in ``results/<id>.arrow`` and queue it for the owner."""
         from bastion_kernel.plan_text import plan_to_polars_text, plan_tree
 
@@ -895,7 +1020,7 @@ class ExecutorServer:
                                  query_text=text, reason=outcome.decision.reason,
                                  detail=outcome.decision.detail, columns=columns,
                                  rows=outcome.table.height, notes=list(outcome.notes),
-                                 write_result=write_result, scientist_key=request.key)
+                                 write_result=write_result, scientist_key=request.key, data_version=version)
 
     def _request_status(self, request: _Request) -> list[bytes]:
         request_id = request.body["request_id"]
@@ -911,28 +1036,42 @@ class ExecutorServer:
             raise BastionError("ReviewRejected",
                                f"the owner rejected request {record.id}: {record.decision_reason}",
                                request_id=record.id, reason=record.decision_reason)
-        if record.status == "released" and not interrupted_release(record):
-            raise BastionError("NotFound", f"request {record.id} was already released", request_id=record.id)
         ttl = self.workspace.approval_ttl_seconds
-        if is_expired(record, ttl):
+        used_up = record.status == "released" and not interrupted_release(record) and \
+            not serves_again(record, ttl, self.workspace.approval_reuse)
+        if is_expired(record, ttl) or used_up:
             self._sweep_expired()
-            deadline = expires_at(record, ttl)
-            raise BastionError("NotFound",
-                               f"the owner's approval of request {record.id} expired at "
-                               f"{deadline.isoformat(timespec='seconds') if deadline else '?'} (approved results "
-                               f"are kept for {describe_seconds(ttl)}); send the query again for a new review",
-                               request_id=record.id, status="expired")
+            raise self._no_more_releases(record)
         return self._release_approved(request, record)
+
+    def _no_more_releases(self, record: Request) -> BastionError:
+        """Why an approved request serves no (more) release: its approval expired, or served its one release."""
+        ttl = self.workspace.approval_ttl_seconds
+        if record.status == "released" and effective_reuse(record, self.workspace.approval_reuse) == "once":
+            return BastionError("NotFound", f"request {record.id} was already released: the owner approved it for "
+                                            "one release; send the query again for a new review",
+                                request_id=record.id, status="released")
+        deadline = expires_at(record, ttl)
+        return BastionError("NotFound",
+                            f"the owner's approval of request {record.id} expired at "
+                            f"{deadline.isoformat(timespec='seconds') if deadline else '?'} (approved results "
+                            f"are kept for {describe_seconds(ttl)}); send the query again for a new review",
+                            request_id=record.id, status="expired")
 
     def _sweep_expired(self) -> None:
         """Expire stale approvals and delete their held results (see :func:`approvals.sweep_expired`)."""
         try:
-            sweep_expired(self.store, self.audit, self.workspace.approval_ttl_seconds, self.workspace.result_path)
+            sweep_expired(self.store, self.audit, self.workspace.approval_ttl_seconds, self.workspace.result_path,
+                          self.workspace.approval_reuse)
         except Exception:  # a failed sweep must not fail the request; the next one retries
             log.exception("cannot expire stale approvals")
 
     def _release_approved(self, request: _Request, record: Request) -> None:
         """Send an approved result: its ``release`` entry, the approval consumed, the rows, the release finished.
+
+        A request already released is sent again while its approval serves
+        re-releases (a ``rerelease`` entry; nothing is consumed), else
+        ``NotFound`` says why not.
 
         Each step is durable before the next: the entry is fsynced, the
         approval is consumed without a ``released_at``
@@ -945,11 +1084,23 @@ class ExecutorServer:
         entry.  Sends the reply itself (returns None).
         """
         with self._release_lock:  # two polls of one request: the second finds it released
-            record = self.store.get(record.id)
-            if record is None or not (record.status == "approved" or interrupted_release(record)):
-                raise BastionError("NotFound", f"request {request.body['request_id']} was already released",
-                                   request_id=request.body["request_id"])
-            ipc = self.workspace.result_path(record.id).read_bytes()
+            asked = record.id
+            record = self.store.get(asked)
+            if record is None or record.status not in ("approved", "released"):
+                raise BastionError("NotFound", f"request {asked} is no longer approved", request_id=asked)
+            again = record.status == "released" and not interrupted_release(record)
+            if again and not serves_again(record, self.workspace.approval_ttl_seconds,
+                                          self.workspace.approval_reuse):
+                self._sweep_expired()  # its table is no longer needed
+                raise self._no_more_releases(record)
+            try:
+                ipc = self.workspace.result_path(record.id).read_bytes()
+            except FileNotFoundError:
+                if record.status == "approved":
+                    raise
+                raise BastionError("NotFound", f"the approved result of request {record.id} is no longer kept; "
+                                               "send the query again for a new review",
+                                   request_id=record.id, status="released") from None
             sha = hashlib.sha256(ipc).hexdigest()
             if sha != record.result_sha256:
                 # Not what the owner reviewed: never release it.
@@ -957,14 +1108,19 @@ class ExecutorServer:
             if self._allowed_name(request.key) != request.scientist:
                 raise BastionError("AuthenticationError", "this key is no longer allowed: the owner removed or "
                                                           "replaced it")
-            body = {"schema": record.columns, "rows": record.rows, "notes": record.notes,
+            notes = list(record.notes)
+            if again:
+                notes.append(f"the owner approved this query as request {record.id} on "
+                             f"{record.decided_at[:10] if record.decided_at else '?'}: this is the approved result, "
+                             "sent again")
+            body = {"schema": record.columns, "rows": record.rows, "notes": notes,
                     "request_id": record.id,
                     "decision": {"action": "approved", "reason": record.decision_reason or ""}}
             frames = [protocol.encode("result", body, request.msg_id), ipc]
-            self._audit(request, [("release", request.scientist, {
+            self._audit(request, [("rerelease" if again else "release", request.scientist, {
                 "request": request.msg_id, "plan_hash": record.plan_hash, "request_id": record.id, "sha256": sha,
                 "rows": record.rows, "columns": [name for name, _ in record.columns],
-                **({"again": "an earlier release was interrupted"} if record.status == "released" else {})})])
+                **({"again": "an earlier release was interrupted"} if interrupted_release(record) else {})})])
             if record.status == "approved":
                 try:
                     self.store.begin_release(record.id)
@@ -972,12 +1128,44 @@ class ExecutorServer:
                     raise BastionError("NotFound", f"request {record.id} is no longer approved",
                                        request_id=record.id) from None
             self._send([request.identity, *frames])
+            if again:
+                return None
             try:
                 self.store.finish_release(record.id)
             except Exception:  # the rows left: no second answer; the release stays open, so it is sent again
                 log.exception("request %s was sent but its release cannot be recorded as finished; its "
                               "scientist gets it again when they ask (each copy has its release entry)", record.id)
         return None
+
+
+# What _answer_from returns when an earlier request can no longer answer a re-run.
+_NEW_REVIEW = object()
+
+
+def data_version(plan: Any, catalog: dict, scientist: str) -> str:
+    """The identity of the data a plan reads: each source's file version and policy, hashed ("" if unknown).
+
+    A source's version is its resolved path, size and modification time (as
+    :class:`owner_console.engine.DatasetCache` keys its copies), with the
+    policy (and DP policy) that applies to ``scientist``: a replaced file or
+    a changed policy is a new version, and an approval of the old one does
+    not answer the query on the new one.
+    """
+    from owner_console.engine import source_names
+    parts = []
+    for name in sorted(source_names(plan)):
+        dataset = catalog.get(name)
+        if dataset is None:
+            return ""
+        try:
+            path = Path(dataset.path).resolve()
+            stat = path.stat()
+        except OSError:
+            return ""
+        parts.append([name, str(path), stat.st_size, stat.st_mtime_ns,
+                      dataset.policy.for_scientist(scientist).to_dict(),
+                      dataset.dp.to_dict() if getattr(dataset, "dp", None) is not None else None])
+    return hashlib.sha256(canonical_json(parts)).hexdigest() if parts else ""
 
 
 def _check_rows_released(rows: int, limit: int) -> None:

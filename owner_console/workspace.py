@@ -2,7 +2,8 @@
 
 Layout of a workspace ``DIR``::
 
-    DIR/config.toml                  [server] bind = "tcp://127.0.0.1:5555"; approval_ttl_seconds and the
+    DIR/config.toml                  [server] bind = "tcp://127.0.0.1:5555"; approval_ttl_seconds,
+                                     approval_reuse ("until_expiry" or "once") and the
                                      limits of owner_console.limits (query_timeout_seconds,
                                      max_rows_released, max_refusals_per_minute)
     DIR/keys/server.key              the executor's CURVE public key (give it to scientists)
@@ -11,6 +12,7 @@ Layout of a workspace ``DIR``::
     DIR/keys/audit_ed25519.pub       its public key (SubjectPublicKeyInfo PEM), for ``audit verify``
     DIR/datasets/NAME.toml           one registered dataset: file, format and policy
     DIR/scientists/NAME.toml         one allow-listed scientist: their CURVE public key
+    DIR/mocks/NAME.toml, NAME.parquet  the published mock of dataset NAME (owner_console.mock)
     DIR/approvals.sqlite             held requests (:mod:`owner_console.approvals`)
     DIR/audit.jsonl                  the audit log (:mod:`owner_console.audit`)
     DIR/results/                     held results waiting for a decision (Arrow IPC)
@@ -25,6 +27,7 @@ new key) refuses the old key on its next message, open connection or not.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 import re
 import tempfile
@@ -46,6 +49,8 @@ from owner_console.model import UNSAFE_MODES, Dataset, Policy
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 # How long an approved result waits for its scientist before it expires.
 DEFAULT_APPROVAL_TTL_SECONDS = 7 * 24 * 3600
+# Whether an approval serves re-runs of its query until it expires, or one release.
+DEFAULT_APPROVAL_REUSE = "until_expiry"
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 # File suffixes the executor can scan, and the format name stored for each.
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -144,6 +149,11 @@ class Workspace:
         return self.path / "results"
 
     @property
+    def mocks_dir(self) -> Path:
+        """The published mocks of datasets (:mod:`owner_console.mock`)."""
+        return self.path / "mocks"
+
+    @property
     def approvals_path(self) -> Path:
         return self.path / "approvals.sqlite"
 
@@ -166,11 +176,15 @@ class Workspace:
         return self.results_dir / f"{int(request_id)}.arrow"
 
     # -- creation ----------------------------------------------------------
-    def init(self, bind: str = DEFAULT_BIND, approval_ttl_seconds: int = DEFAULT_APPROVAL_TTL_SECONDS) -> None:
+    def init(self, bind: str = DEFAULT_BIND, approval_ttl_seconds: int = DEFAULT_APPROVAL_TTL_SECONDS,
+             approval_reuse: str = DEFAULT_APPROVAL_REUSE) -> None:
         """Create the workspace: config, server CURVE keys, audit signing key, empty stores.
 
         ``approval_ttl_seconds`` (written to ``config.toml``) is how long an
-        approved result waits for its scientist before it expires.
+        approval serves its scientist: the approved result waits that long to
+        be fetched, and re-runs of the same query on the same data get it
+        again until then.  ``approval_reuse = "once"`` makes every approval
+        serve one release instead.
 
         Refuses a directory that already holds a workspace, so keys are never
         silently replaced.
@@ -178,6 +192,7 @@ class Workspace:
         if isinstance(approval_ttl_seconds, bool) or not isinstance(approval_ttl_seconds, int) \
                 or approval_ttl_seconds < 1:
             raise WorkspaceError(f"approval_ttl_seconds must be a whole number >= 1, got {approval_ttl_seconds!r}")
+        _check_reuse(approval_reuse, "approval_reuse")
         if self.config_path.exists():
             raise WorkspaceError(f"{self.path} is already a Bastion workspace")
         if self.path.exists() and not self.path.is_dir():
@@ -204,6 +219,7 @@ class Workspace:
         self.audit_path.touch()
         # Written last: its presence marks a complete workspace.
         atomic_write(self.config_path, tomli_w.dumps({"approval_ttl_seconds": approval_ttl_seconds,
+                                                      "approval_reuse": approval_reuse,
                                                       "server": {"bind": bind}}).encode())
 
     def require(self) -> "Workspace":
@@ -244,6 +260,13 @@ class Workspace:
         if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
             raise WorkspaceError(f"{self.config_path}: approval_ttl_seconds must be a whole number >= 1")
         return ttl
+
+    @property
+    def approval_reuse(self) -> str:
+        """``"until_expiry"`` (re-runs of an approved query get its result until the approval expires) or
+        ``"once"`` (an approval serves one release); ``approval_reuse`` in ``config.toml``."""
+        return _check_reuse(self.config.get("approval_reuse", DEFAULT_APPROVAL_REUSE),
+                            f"{self.config_path}: approval_reuse")
 
     @property
     def bind(self) -> str:
@@ -393,6 +416,96 @@ class Workspace:
             raise errors[0]
         return catalog
 
+    # -- mocks -------------------------------------------------------------
+    def add_mock(self, name: str, *, rows: int | None = None, from_file: str | os.PathLike | None = None,
+                 categories: Iterable[str] = (), seed: int = 0) -> dict[str, Any]:
+        """Publish (or replace) the mock of dataset ``name``: ``mocks/NAME.parquet`` and ``mocks/NAME.toml``.
+
+        Generated from the dataset's schema and the owner's public facts
+        (policy bounds, DP public keys, ``categories``), never from its rows;
+        or read from ``from_file``, which must have the same schema (see
+        :mod:`owner_console.mock`).
+
+        Parameters
+        ----------
+        name : str
+            A registered dataset.
+        rows : int, optional
+            Rows to generate (default :data:`owner_console.mock.DEFAULT_ROWS`); not with ``from_file``.
+        from_file : path, optional
+            The owner's own mock table (CSV or Parquet).
+        categories : iterable of str
+            ``COL=a,b,c`` items: public values of a column, kept in ``mocks/NAME.toml``.
+        seed : int
+            Seed of the generator (the same facts and seed make the same mock).
+
+        Returns
+        -------
+        dict
+            The mock's description, as written to ``mocks/NAME.toml``.
+        """
+        import io
+
+        from owner_console import mock
+        from owner_console.engine import source_schema
+
+        self.require()
+        check_name(name, "dataset")
+        dataset = self.catalog_with_errors()[0].get(name)
+        if dataset is None:
+            raise WorkspaceError(f"no dataset {name!r} in {self.path} (bastion-owner dataset add registers one)")
+        from bastion_kernel.protocol import BastionError
+        try:
+            schema = source_schema(dataset)
+        except BastionError as exc:
+            raise WorkspaceError(f"{dataset.path}: {exc.evalue}") from None
+        try:
+            declared = mock.parse_categories(categories, schema)
+            if from_file is not None:
+                if rows is not None or declared:
+                    raise mock.MockError("--rows and --categories describe a generated mock; not with --from")
+                table = mock.from_file(Path(from_file), schema, dataset.path)
+            else:
+                bounds, known = mock.public_facts(dataset)
+                table = mock.generate(schema, mock.DEFAULT_ROWS if rows is None else rows, bounds=bounds,
+                                      categories={**known, **declared}, seed=seed)
+        except mock.MockError as exc:
+            raise WorkspaceError(str(exc)) from None
+        self.mocks_dir.mkdir(exist_ok=True)
+        buffer = io.BytesIO()
+        table.write_parquet(buffer)
+        data = buffer.getvalue()
+        target = self.mocks_dir / f"{name}.parquet"
+        atomic_write(target, data)
+        record: dict[str, Any] = {"name": name, "path": str(target), "rows": table.height,
+                                  "origin": "file" if from_file is not None else "generated",
+                                  "sha256": hashlib.sha256(data).hexdigest(),
+                                  "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        if from_file is not None:
+            record["from"] = str(Path(from_file).expanduser().absolute())
+        else:
+            record["seed"] = seed
+            if declared:
+                record["categories"] = {column: list(values) for column, values in declared.items()}
+        atomic_write(self.mocks_dir / f"{name}.toml", tomli_w.dumps(record).encode())
+        return record
+
+    def mocks(self) -> dict[str, dict[str, Any]]:
+        """The published mocks, ``{dataset name: description}``; malformed or file-less entries are skipped."""
+        found: dict[str, dict[str, Any]] = {}
+        if not self.require().mocks_dir.is_dir():
+            return found
+        for toml_path in sorted(self.mocks_dir.glob("*.toml")):
+            try:
+                record = _read_toml(toml_path)
+                name = check_name(record.get("name"), "dataset")
+            except WorkspaceError:
+                continue  # a broken entry publishes nothing
+            path = self.mocks_dir / f"{name}.parquet"
+            if name == toml_path.stem and path.is_file():
+                found[name] = {**record, "path": str(path)}
+        return found
+
     # -- scientists --------------------------------------------------------
     def add_scientist(self, name: str, key_file: str | os.PathLike, replace: bool = False) -> bytes:
         """Allow-list the CURVE public key in ``key_file`` under ``name``.
@@ -533,6 +646,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise WorkspaceError(f"{path}: malformed TOML: {exc}") from None
     except OSError as exc:
         raise WorkspaceError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _check_reuse(value: Any, what: str) -> str:
+    from owner_console.approvals import REUSE_MODES
+    if value not in REUSE_MODES:
+        raise WorkspaceError(f"{what} must be one of {', '.join(REUSE_MODES)}, got {value!r}")
+    return value
 
 
 def _check_z85_key(key: bytes, where: str) -> bytes:

@@ -3,9 +3,11 @@
 ``python -m owner_console.demo`` is run as a separate process in a temporary
 demo directory (never the repository's ``demo/``), with its executor and
 JupyterLab on free 127.0.0.1 ports.  The scientist's notebook is executed
-cell by cell on the real Bastion kernel against the demo's executor, while an
-"owner" thread approves what the executor holds; its answers are compared with
-plain polars on the same CSV.
+by nbclient (a batch run: a held cell ends at once with ``ReviewPending``) on
+the real Bastion kernel against the demo's executor, while an "owner" thread
+approves what the executor holds; run again, as after Restart & Run All, every
+approved query is answered at once and no new request is filed.  Its answers
+are compared with plain polars on the same CSV.
 """
 from __future__ import annotations
 
@@ -234,13 +236,31 @@ def test_scientist_and_owner_notebooks_run_against_the_demo(tmp_path, monkeypatc
         monkeypatch.setenv("BASTION_CONFIG", str(demo_dir / "scientist" / "config.toml"))
         monkeypatch.setenv("BASTION_WORKSPACE", str(demo_dir / "workspace"))
 
-        scientist = nbformat.read(EXAMPLES / "scientist.ipynb", as_version=4)
-        NotebookClient(scientist, timeout=180, kernel_name="bastion",
+        # First run, unattended: held cells end at once with ReviewPending (naming their request); the owner
+        # thread approves them meanwhile.
+        first = nbformat.read(EXAMPLES / "scientist.ipynb", as_version=4)
+        NotebookClient(first, timeout=180, kernel_name="bastion", allow_errors=True,
                        resources={"metadata": {"path": str(EXAMPLES)}}).execute()
+        held = [output for cell in first.cells if cell.cell_type == "code" for output in cell.get("outputs", [])
+                if output.output_type == "error" and output.ename == "ReviewPending"]
+        assert held and all(re.search(r"request #\d+ waits", output.evalue) for output in held)
+        store = ApprovalStore(Workspace(demo_dir / "workspace").approvals_path)
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while store.list("pending"):
+            assert time.monotonic() < deadline, "the owner thread did not approve every held request"
+            time.sleep(0.2)
         approver.done.set()
         approver.join(30)
         assert not approver.failures, approver.failures
         assert len(approver.approved) >= 2  # the row-level cell and the hidden-column cell
+        filed = len(store.list())
+
+        # Run again (Restart & Run All): every approved query comes back at once, nothing new is filed.
+        scientist = nbformat.read(EXAMPLES / "scientist.ipynb", as_version=4)
+        NotebookClient(scientist, timeout=180, kernel_name="bastion",
+                       resources={"metadata": {"path": str(EXAMPLES)}}).execute()
+        assert len(store.list()) == filed and not store.list("pending")
+        store.close()
 
         code = {cell.source: cell for cell in scientist.cells if cell.cell_type == "code"}
         patients = pl.read_csv(demo_dir / "data" / "patients.csv")
@@ -276,32 +296,27 @@ def test_scientist_and_owner_notebooks_run_against_the_demo(tmp_path, monkeypatc
         errors = [output for output in refused.outputs if output.output_type == "error"]
         assert errors and "import" in errors[0].evalue.lower()
 
-        # A row-level query left waiting: the owner's notebook shows it and approves it.
-        waiting = nbformat.v4.new_notebook(metadata=scientist.metadata, cells=[
-            nbformat.v4.new_code_cell('dataset("patients").select(col("sex")).head(2).fetch()')])
-        failures: list[BaseException] = []
+        # A row-level query left held by an unattended run: the owner's notebook shows it and approves it,
+        # and the next run gets it at once.
+        def waiting_notebook():
+            return nbformat.v4.new_notebook(metadata=scientist.metadata, cells=[
+                nbformat.v4.new_code_cell('dataset("patients").select(col("sex")).head(2).fetch()')])
 
-        def run_waiting() -> None:
-            try:
-                NotebookClient(waiting, timeout=180, kernel_name="bastion",
-                               resources={"metadata": {"path": str(EXAMPLES)}}).execute()
-            except BaseException as exc:  # reported by the main thread
-                failures.append(exc)
-
-        scientist_thread = threading.Thread(target=run_waiting, daemon=True)
-        scientist_thread.start()
+        held_run = waiting_notebook()
+        NotebookClient(held_run, timeout=180, kernel_name="bastion", allow_errors=True,
+                       resources={"metadata": {"path": str(EXAMPLES)}}).execute()
+        [error] = [o for o in held_run.cells[0].outputs if o.output_type == "error"]
         store = ApprovalStore(Workspace(demo_dir / "workspace").approvals_path)
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while not store.list("pending"):
-            assert scientist_thread.is_alive() and time.monotonic() < deadline, failures
-            time.sleep(0.2)
+        [pending] = store.list("pending")
         store.close()
+        assert error.ename == "ReviewPending" and f"request #{pending.id}" in error.evalue
 
         owner = nbformat.read(EXAMPLES / "owner.ipynb", as_version=4)
         NotebookClient(owner, timeout=180, kernel_name="python3",
                        resources={"metadata": {"path": str(EXAMPLES)}}).execute()
-        scientist_thread.join(180)
-        assert not failures, failures
+        waiting = waiting_notebook()
+        NotebookClient(waiting, timeout=180, kernel_name="bastion",
+                       resources={"metadata": {"path": str(EXAMPLES)}}).execute()
         assert tables(waiting.cells[0])[0].to_dicts() == patients.select("sex").head(2).to_dicts()
 
         owner_code = [cell for cell in owner.cells if cell.cell_type == "code"]

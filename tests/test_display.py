@@ -119,7 +119,9 @@ def test_dataset_list_bundle():
 
 def test_request_status_and_other_values():
     assert display.mime_bundle(RequestStatus(3, "pending", "row-level result")) == {
-        "text/plain": "request #3: pending: row-level result"}
+        "text/plain": "request #3: pending: row-level result\n"
+                      "request(3) fetches it once the owner approves it; running this cell again then answers at once"}
+    assert display.mime_bundle(RequestStatus(3, "rejected", "no")) == {"text/plain": "request #3: rejected: no"}
     assert display.mime_bundle(3) == {"text/plain": "3"}
     assert display.mime_bundle("a") == {"text/plain": "'a'"}
 

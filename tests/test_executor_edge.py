@@ -341,8 +341,11 @@ def test_killed_between_the_release_entry_and_the_rows_the_approval_is_not_lost(
         assert [e["sha256"] for e in _release_entries(owned, approved)] == [sha, sha]
         eventually(lambda: store.get(approved).released_at is not None)
         assert store.get(approved).status == "released"
-        kind, body, _ = alice.request("request_status", {"request_id": approved})
-        assert (kind, body["ename"]) == ("error", "NotFound") and "already released" in body["evalue"]
+        # The release is finished: asking again is a re-release (its own entry), not a third release.
+        kind, body, frames = alice.request("request_status", {"request_id": approved})
+        assert kind == "result" and hashlib.sha256(frames[0]).hexdigest() == sha
+        assert len(_release_entries(owned, approved)) == 2
+        assert [e["event"] for e in entries(owned) if e.get("request_id") == approved][-1] == "rerelease"
     finally:
         restarted.stop()
     verified(owned)
@@ -362,8 +365,13 @@ def test_a_release_interrupted_after_the_approval_was_consumed_is_sent_again_to_
     [release] = _release_entries(owned, approved)
     assert release["sha256"] == hashlib.sha256(frames[0]).hexdigest() and release["again"]
     eventually(lambda: store.get(approved).released_at is not None)
+    # The release is finished: asking again is a re-release, audited as one; bob still gets nothing.
     kind, body, _ = alice.request("request_status", {"request_id": approved})
-    assert (kind, body["ename"]) == ("error", "NotFound") and "already released" in body["evalue"]
+    assert kind == "result" and body["request_id"] == approved
+    assert len(_release_entries(owned, approved)) == 1
+    assert [e["event"] for e in entries(owned) if e.get("request_id") == approved][-1] == "rerelease"
+    kind, body, _ = bob.request("request_status", {"request_id": approved})
+    assert (kind, body["ename"]) == ("error", "NotFound")
 
 
 # -- bounded growth ------------------------------------------------------------------------------------

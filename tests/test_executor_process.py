@@ -70,7 +70,7 @@ def test_aggregate_is_released_and_matches_polars(executor, owner_workspace):
     assert releases[0]["plan_hash"] == plan_hash(_aggregate_plan())
 
 
-def test_row_level_result_waits_for_approval_and_is_released_once(executor, owner_workspace):
+def test_row_level_result_waits_for_approval_and_is_released_to_its_key_only(executor, owner_workspace):
     alice, bob = executor.client("alice"), executor.client("bob")
     plan = _rows_plan(columns=("age", "cost"))
     kind, body, frames = _fetch(alice, plan, "patients.select('age', 'cost').head(5).fetch()")
@@ -102,11 +102,15 @@ def test_row_level_result_waits_for_approval_and_is_released_once(executor, owne
     expected = pl.read_csv(owner_workspace.data_file).select("age", "cost").head(5)
     assert_frame_equal(_table(frames), expected)
 
-    kind, again, _ = alice.request("request_status", {"request_id": request_id})
-    assert kind == "error" and again["ename"] == "NotFound" and "already released" in again["evalue"]
+    # Asked again while the approval lasts: the same approved table, audited as a re-release; bob still gets nothing.
+    kind, again, frames = alice.request("request_status", {"request_id": request_id})
+    assert kind == "result" and again["request_id"] == request_id
+    assert_frame_equal(_table(frames), expected)
+    kind, bob_after, _ = bob.request("request_status", {"request_id": request_id})
+    assert (kind, bob_after["ename"]) == ("error", "NotFound")
     events = [e["event"] for e in read_entries(executor.workspace / "audit.jsonl")
               if e.get("request_id") == request_id]
-    assert events == ["held", "approval", "release"]
+    assert events == ["held", "approval", "release", "rerelease"]
 
 
 def test_rejected_request_reports_the_owner_reason(executor):

@@ -174,7 +174,7 @@ def frame_describe(ctx: Context, frame: RemoteFrame) -> FetchedTable:
     table = polars.DataFrame(layout, schema={
         name: polars.Float64 if name != "statistic" and all(v is None or isinstance(v, float) for v in values)
         else polars.String for name, values in layout.items()})
-    return FetchedTable(frame=table, notes=notes, request_id=fetched.request_id)
+    return FetchedTable(frame=table, notes=notes, request_id=fetched.request_id, mock=fetched.mock)
 
 
 def _released_row(fetched: FetchedTable) -> dict:

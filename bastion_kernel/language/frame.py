@@ -36,7 +36,7 @@ class RemoteFrame:
         while stack:
             node = stack.pop()
             if node.get("op") == "scan":
-                found.append(node["dataset"])
+                found.append(f"{node['dataset']} (mock)" if node.get("mock") is True else node["dataset"])
             elif node.get("op") == "saved":
                 found.append(f"saved:{node['name']}")
             for key in ("inputs",):
@@ -652,23 +652,34 @@ def frame_lazy(ctx: Context, frame: RemoteFrame) -> RemoteFrame:
 
 
 @method(RemoteFrame, "fetch")
-def frame_fetch(ctx: Context, frame: RemoteFrame) -> FetchedTable:
+def frame_fetch(ctx: Context, frame: RemoteFrame, wait: bool = True) -> FetchedTable | RequestStatus:
     """Run the query through the owner's policy and download what it releases.
 
     Aggregates over large enough groups come back at once; anything else
-    waits for the owner's review (the cell shows the request's status).
+    waits for the owner's review (the cell shows the request's status).  A
+    query the owner already approved comes back at once from the approved
+    result, until the approval expires.
+
+    Parameters
+    ----------
+    wait : bool, default True
+        False: a result held for review is not waited for; the request's id
+        and status come back at once, and ``request(id)`` fetches it later.
 
     Returns
     -------
-    FetchedTable
-        The released table and the executor's notes.
+    DataFrame or RequestStatus
+        The released table and the executor's notes; with ``wait=False``,
+        where a held request stands.
 
     Examples
     --------
     >>> patients.group_by("sex").agg(col("cost").mean()).fetch()
     """
+    if not isinstance(wait, bool):
+        raise SchemaError(f"fetch(wait=...) takes True or False, not {describe_value(wait)}")
     ctx.require_effects("fetch()")
-    return ctx.session.fetch(frame.plan, ctx.cell_text)
+    return ctx.session.fetch(frame.plan, ctx.cell_text, wait=wait)
 
 
 @method(RemoteFrame, "save")
@@ -800,31 +811,45 @@ def frame_shape(ctx: Context, frame: RemoteFrame) -> tuple:
 # Builtin functions that make frames or talk to the executor.
 
 @function("dataset")
-def fn_dataset(ctx: Context, name: str) -> RemoteFrame:
+def fn_dataset(ctx: Context, name: str, mock: bool = False) -> RemoteFrame:
     """A dataset the owner opened to you, as a lazy remote frame (no data moves).
 
     Parameters
     ----------
     name : str
         The dataset's name (``datasets()`` lists them).
+    mock : bool, default False
+        True: the owner's mock of the dataset instead, made from public facts
+        only (the schema, declared bounds and categories), never from the
+        rows.  Every query of it comes back at once, row by row, without
+        review or budget, and is marked as mock; drop ``mock=True`` to run
+        the same code on the real data.
 
     Returns
     -------
     RemoteFrame
-        A lazy frame scanning the dataset.
+        A lazy frame scanning the dataset (or its mock).
 
     Examples
     --------
     >>> patients = dataset("patients")
     """
     check_name(name, "dataset()")
+    if not isinstance(mock, bool):
+        raise SchemaError(f"dataset(mock=...) takes True or False, not {describe_value(mock)}")
     known = [d.get("name") for d in ctx.datasets()]
     if name not in known:
         known = [d.get("name") for d in ctx.datasets(refresh=True)]
     if name not in known:
         raise SchemaError(f"no dataset named {name!r}{suggest(name, [k for k in known if isinstance(k, str)])}; "
                           "datasets() lists them")
-    if any(d.get("name") == name and d.get("saved") is True for d in ctx.datasets()):
+    described = next(d for d in ctx.datasets() if d.get("name") == name)
+    if mock:
+        if not described.get("mock"):
+            raise SchemaError(f"the owner published no mock of {name!r}; datasets() marks the datasets that have "
+                              "one (the owner makes it with: bastion-owner dataset mock)", dataset=name)
+        return RemoteFrame(P.scan(name, mock=True))
+    if described.get("saved") is True:
         return RemoteFrame(P.frame_op("saved", name=name))  # one of your saved results
     return RemoteFrame(P.scan(name))
 

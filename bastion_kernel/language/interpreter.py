@@ -145,9 +145,9 @@ class Interpreter:
         self.ctx.pure = False
         self._line_offset = 0
         self.positions.clear()
-        sql_query = _sql_cell_query(code)
-        if sql_query is not None:
-            return CellResult(self._run_sql_cell(code, sql_query))
+        sql_cell = _sql_cell_query(code)
+        if sql_cell is not None:
+            return CellResult(self._run_sql_cell(code, *sql_cell))
         asked = help_request(code)
         if asked is not None:
             return CellResult(self._help(*asked))
@@ -542,7 +542,7 @@ class Interpreter:
     # ------------------------------------------------------------------
     # SQL cells.
 
-    def _run_sql_cell(self, code: str, query: str) -> Any:
+    def _run_sql_cell(self, code: str, query: str, wait: bool = True) -> Any:
         self._line_offset = 1
         if not query.strip():
             raise ParseError("the %%sql cell has no query", line=2, col=0)
@@ -554,7 +554,7 @@ class Interpreter:
             raise
         frame = RemoteFrame(plan)
         self.ctx.require_effects("fetch()")
-        return self.session.fetch(frame.plan, code)
+        return self.session.fetch(frame.plan, code, wait=wait)
 
     # ------------------------------------------------------------------
     # Evaluation without effects, for completion and inspection.
@@ -713,16 +713,27 @@ def _check_tree_size(tree: ast.AST) -> None:
         stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
 
 
-def _sql_cell_query(code: str) -> str | None:
-    """The query of a ``%%sql`` cell (None for other cells)."""
+# The options a %%sql line takes, and whether the cell then waits for the owner's review.
+SQL_CELL_OPTIONS = {"--no-wait": False}
+
+
+def _sql_cell_query(code: str) -> tuple[str, bool] | None:
+    """``(query, wait)`` of a ``%%sql`` cell (None for other cells).
+
+    ``%%sql --no-wait`` does not wait for a result held for review: the
+    request's id and status come back at once, as ``.fetch(wait=False)``.
+    """
     stripped = code.lstrip()
     first, _, rest = stripped.partition("\n")
-    if first.strip() == "%%sql" or first.startswith("%%sql "):
-        if first.strip() != "%%sql":
-            raise UnsupportedOperation("%%sql takes no options; put the query on the following lines",
+    words = first.split()
+    if not words or words[0] != "%%sql":
+        return None
+    for option in words[1:]:
+        if option not in SQL_CELL_OPTIONS:
+            raise UnsupportedOperation(f"%%sql takes no option {option!r}{suggest(option, SQL_CELL_OPTIONS)}; it "
+                                       f"takes {', '.join(SQL_CELL_OPTIONS)}; put the query on the following lines",
                                        line=1, col=0)
-        return rest
-    return None
+    return rest, all(SQL_CELL_OPTIONS[option] for option in words[1:])
 
 
 # IPython's help syntax: ?x, ??x, x?, x?? (x an expression without question marks).

@@ -22,8 +22,9 @@ tables are read through their own ``columns``, ``schema`` and ``iter_rows``.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 from bastion_kernel import plan as P
 from bastion_kernel.protocol import BastionError
@@ -32,7 +33,7 @@ from .errors import SchemaError, UnsupportedOperation, suggest
 from .expr import describe_value, is_number, to_node
 from .frame import RemoteFrame
 from .registry import Context, method, prop
-from .values import Chart
+from .values import Chart, FetchedTable, RequestStatus
 
 MAX_BINS = 200
 VEGA_LITE_SCHEMA = "https://vega.github.io/schema/vega-lite/v5.json"
@@ -149,23 +150,30 @@ class _Fetcher:
     order-statistic rule applies to them.
     """
 
-    def __init__(self, ctx: Context, what: str, order_statistics: str | None = None) -> None:
+    def __init__(self, ctx: Context, what: str, order_statistics: str | None = None, wait: bool = True) -> None:
         ctx.require_effects(what)
+        if not isinstance(wait, bool):
+            raise SchemaError(f"{what}: wait takes True or False, not {describe_value(wait)}")
         self.ctx = ctx
         self.what = what
         self.order_statistics = order_statistics
+        self.wait = wait
         self.notes: list[str] = []
         self.request_ids: list[int] = []
+        self.mock = False
 
     def rows(self, plan: dict) -> tuple[list[dict], dict[str, str]]:
         """The released rows of ``plan`` as dicts, and its ``{column: dtype}``."""
         try:
-            fetched = self.ctx.session.fetch(plan, self.ctx.cell_text)
+            fetched = self.ctx.session.fetch(plan, self.ctx.cell_text, wait=self.wait)
         except BastionError as exc:
             if self.order_statistics is None or exc.ename != "PolicyViolation":
                 raise
             raise BastionError(exc.ename, f"{exc.evalue} ({self.what}: {self.order_statistics} are "
                                           f"{ORDER_STATISTICS_RULE})", **exc.details) from None
+        if isinstance(fetched, RequestStatus):
+            raise _NotWaited(fetched)
+        self.mock = self.mock or (isinstance(fetched, FetchedTable) and fetched.mock)
         for note in fetched.notes:
             if note not in self.notes:
                 self.notes.append(note)
@@ -182,7 +190,26 @@ class _Fetcher:
 
     def chart(self, kind: str, spec: dict, columns: list[str], rows: list[dict]) -> Chart:
         return Chart(kind=kind, spec=spec, columns=columns, rows=rows, notes=self.notes,
-                     request_ids=self.request_ids)
+                     request_ids=self.request_ids, mock=self.mock)
+
+
+class _NotWaited(Exception):
+    """A chart's fetch held for review that ``wait=False`` does not wait for (carries its status)."""
+
+    def __init__(self, status: RequestStatus) -> None:
+        super().__init__(status.request_id)
+        self.status = status
+
+
+def _status_when_held(chart_method: Callable[..., Chart]) -> Callable[..., Chart | RequestStatus]:
+    """A chart method that, with ``wait=False``, returns a held request's status instead of waiting."""
+    @functools.wraps(chart_method)
+    def run(*args: Any, **kwargs: Any) -> Chart | RequestStatus:
+        try:
+            return chart_method(*args, **kwargs)
+        except _NotWaited as held:
+            return held.status
+    return run
 
 
 def _plotted(rows: list[dict], values: list[str], fetcher: _Fetcher, unit: str) -> list[dict]:
@@ -306,8 +333,9 @@ def _spec(mark: Any, encoding: dict, title: str, **extra: Any) -> dict:
 # The chart methods.
 
 @method(PlotNamespace, "hist")
+@_status_when_held
 def plot_hist(ctx: Context, plot: PlotNamespace, column: Any, bins: int = 10, by: Any = None,
-              range: Any = None) -> Chart:  # noqa: A002 - polars' and numpy's name for it
+              range: Any = None, wait: bool = True) -> Chart:  # noqa: A002 - polars' and numpy's name for it
     """A histogram: row counts in equal-width bins of a numeric column.
 
     The bins are counted on the owner's side; a bin with fewer rows than the
@@ -327,6 +355,10 @@ def plot_hist(ctx: Context, plot: PlotNamespace, column: Any, bins: int = 10, by
     range : tuple of float, optional
         ``(low, high)`` of the bins; by default the owner's public bounds of
         the column (``--bounds``).  Without either, the chart is refused.
+    wait : bool, default True
+        False: when the owner must review the chart's numbers, the request's
+        id and status come back at once instead (``request(id)`` fetches
+        the numbers; running the cell again once approved draws the chart).
 
     Returns
     -------
@@ -343,7 +375,7 @@ def plot_hist(ctx: Context, plot: PlotNamespace, column: Any, bins: int = 10, by
     group = _optional_key(by, what)
     count = _bin_count(bins, what)
     _distinct(["bin", "count"] + ([group[1]] if group else []), what)
-    fetcher = _Fetcher(ctx, what)
+    fetcher = _Fetcher(ctx, what, wait=wait)
     _check_binnable(ctx, plot.frame, [key], what)
     low, high = _bin_range(ctx, plot.frame, key, range, what, fetcher.notes)
     columns = ["bin_start", "bin_end", "count"] + ([group[1]] if group else [])
@@ -369,7 +401,8 @@ def plot_hist(ctx: Context, plot: PlotNamespace, column: Any, bins: int = 10, by
     return fetcher.chart("hist", spec, columns, _sorted(drawn, ["bin_start"] + ([group[1]] if group else [])))
 
 
-def _grouped_chart(ctx: Context, plot: PlotNamespace, kind: str, x: Any, y: Any, agg: Any, by: Any) -> Chart:
+def _grouped_chart(ctx: Context, plot: PlotNamespace, kind: str, x: Any, y: Any, agg: Any, by: Any,
+                   wait: bool = True) -> Chart:
     what = f"plot.{kind}()"
     key = _key(x, what)
     value = _optional_key(y, what)
@@ -377,7 +410,7 @@ def _grouped_chart(ctx: Context, plot: PlotNamespace, kind: str, x: Any, y: Any,
     aggregate, value_name = _aggregation(agg, value[0] if value else None, value[1] if value else None, what)
     names = [key[1]] + ([group[1]] if group else [])
     _distinct(names + [value_name], what)
-    fetcher = _Fetcher(ctx, what, f"agg={agg!r} values" if agg in ORDER_AGGREGATIONS else None)
+    fetcher = _Fetcher(ctx, what, f"agg={agg!r} values" if agg in ORDER_AGGREGATIONS else None, wait=wait)
     plan = P.frame_op("group_by", input=plot.frame.plan, keys=[key[0]] + ([group[0]] if group else []),
                       aggs=[aggregate])
     rows, schema = fetcher.rows(plan)
@@ -402,8 +435,9 @@ def _grouped_chart(ctx: Context, plot: PlotNamespace, kind: str, x: Any, y: Any,
 
 
 @method(PlotNamespace, "bar")
+@_status_when_held
 def plot_bar(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str | None = None,
-             by: Any = None) -> Chart:
+             by: Any = None, wait: bool = True) -> Chart:
     """A bar chart: one aggregate of ``y`` per category of ``x``.
 
     Each bar is a group of the owner's data; a group with fewer rows than
@@ -422,6 +456,10 @@ def plot_bar(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str 
         "n_unique"; by default "mean" of ``y``, or "count" without ``y``.
     by : str or Expr, optional
         A column whose values split each bar (side by side, one colour each).
+    wait : bool, default True
+        False: when the owner must review the chart's numbers, the request's
+        id and status come back at once instead (``request(id)`` fetches
+        the numbers; running the cell again once approved draws the chart).
 
     Returns
     -------
@@ -433,12 +471,13 @@ def plot_bar(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str 
     >>> patients.plot.bar("sex", "cost", agg="mean")
     >>> patients.plot.bar("diagnosis", by="sex")
     """
-    return _grouped_chart(ctx, plot, "bar", x, y, _default_agg(agg, y, "mean"), by)
+    return _grouped_chart(ctx, plot, "bar", x, y, _default_agg(agg, y, "mean"), by, wait)
 
 
 @method(PlotNamespace, "line")
+@_status_when_held
 def plot_line(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str | None = None,
-              by: Any = None) -> Chart:
+              by: Any = None, wait: bool = True) -> Chart:
     """A line chart: one aggregate of ``y`` per value of ``x``, in order of ``x``.
 
     Parameters
@@ -455,6 +494,10 @@ def plot_line(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str
         people share the value.
     by : str or Expr, optional
         A column whose values make one line each.
+    wait : bool, default True
+        False: when the owner must review the chart's numbers, the request's
+        id and status come back at once instead (``request(id)`` fetches
+        the numbers; running the cell again once approved draws the chart).
 
     Returns
     -------
@@ -466,7 +509,7 @@ def plot_line(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str
     >>> patients.plot.line(col("admission_date").dt.truncate("1mo").alias("month"), "cost", agg="sum")
     >>> patients.plot.line(col("admission_date").dt.year().alias("year"), agg="count", by="sex")
     """
-    return _grouped_chart(ctx, plot, "line", x, y, _default_agg(agg, y, "sum"), by)
+    return _grouped_chart(ctx, plot, "line", x, y, _default_agg(agg, y, "sum"), by, wait)
 
 
 def _default_agg(agg: Any, y: Any, with_value: str) -> Any:
@@ -477,7 +520,8 @@ def _default_agg(agg: Any, y: Any, with_value: str) -> Any:
 
 
 @method(PlotNamespace, "box")
-def plot_box(ctx: Context, plot: PlotNamespace, x: Any, y: Any, by: Any = None) -> Chart:
+@_status_when_held
+def plot_box(ctx: Context, plot: PlotNamespace, x: Any, y: Any, by: Any = None, wait: bool = True) -> Chart:
     """A box plot: min, quartiles and max of ``y`` per category of ``x``.
 
     Only aggregates are drawn: the whiskers span min to max and no
@@ -496,6 +540,10 @@ def plot_box(ctx: Context, plot: PlotNamespace, x: Any, y: Any, by: Any = None) 
         The numeric value summarized.
     by : str or Expr, optional
         A column whose values split each category (side by side, one colour each).
+    wait : bool, default True
+        False: when the owner must review the chart's numbers, the request's
+        id and status come back at once instead (``request(id)`` fetches
+        the numbers; running the cell again once approved draws the chart).
 
     Returns
     -------
@@ -520,7 +568,7 @@ def plot_box(ctx: Context, plot: PlotNamespace, x: Any, y: Any, by: Any = None) 
                 P.fn(function, value[0], quantile=quantile, interpolation=BOX_INTERPOLATION))
         aggs.append(P.alias(node, name))
     aggs.append(P.alias(P.length(), "count"))
-    fetcher = _Fetcher(ctx, what, "min, quartiles and max")
+    fetcher = _Fetcher(ctx, what, "min, quartiles and max", wait=wait)
     rows, schema = fetcher.rows(P.frame_op("group_by", input=plot.frame.plan,
                                            keys=[key[0]] + ([group[0]] if group else []), aggs=aggs))
     columns = names + stats + ["count"]
@@ -544,8 +592,9 @@ def plot_box(ctx: Context, plot: PlotNamespace, x: Any, y: Any, by: Any = None) 
 
 
 @method(PlotNamespace, "heatmap")
+@_status_when_held
 def plot_heatmap(ctx: Context, plot: PlotNamespace, x: Any, y: Any, bins: Any = (20, 20), by: Any = None,
-                 range: Any = None) -> Chart:  # noqa: A002
+                 range: Any = None, wait: bool = True) -> Chart:  # noqa: A002
     """A 2-D histogram: row counts in a grid of bins of two numeric columns.
 
     In place of a scatter plot (which would release every row), the grid's
@@ -566,6 +615,10 @@ def plot_heatmap(ctx: Context, plot: PlotNamespace, x: Any, y: Any, bins: Any = 
         ``((x_low, x_high), (y_low, y_high))``; an axis given as ``None``
         (or the whole range left out) takes the owner's public bounds of its
         column (``--bounds``).  An axis with neither is refused.
+    wait : bool, default True
+        False: when the owner must review the chart's numbers, the request's
+        id and status come back at once instead (``request(id)`` fetches
+        the numbers; running the cell again once approved draws the chart).
 
     Returns
     -------
@@ -584,7 +637,7 @@ def plot_heatmap(ctx: Context, plot: PlotNamespace, x: Any, y: Any, bins: Any = 
     if not isinstance(counts, (list, tuple)) or len(counts) != 2:
         raise SchemaError(f"{what}: bins must be a whole number or a pair of them, not {describe_value(bins)}")
     counts = [_bin_count(c, what) for c in counts]
-    fetcher = _Fetcher(ctx, what)
+    fetcher = _Fetcher(ctx, what, wait=wait)
     ranges = (None, None) if range is None else range
     if not isinstance(ranges, (list, tuple)) or len(ranges) != 2:
         raise SchemaError(f"{what}: range must be ((x_low, x_high), (y_low, y_high))")

@@ -55,7 +55,7 @@ def _run(table: FetchedTable, op: str, **fields: Any) -> FetchedTable:
     """Run one plan node over the fetched table, in the kernel."""
     from bastion_kernel import local  # polars is imported when a local operation runs, not with the language
     plan = P.frame_op(op, input=P.scan(_THIS), **fields)
-    return FetchedTable(frame=local.run(plan, {_THIS: released_frame(table)}))
+    return FetchedTable(frame=local.run(plan, {_THIS: released_frame(table)}), mock=table.mock)
 
 
 def _fetched(value: Any, what: str) -> FetchedTable:
@@ -422,7 +422,8 @@ def result_join(ctx: Context, table: FetchedTable, other: Any, on: Any = None, h
     from bastion_kernel import local
     plan = P.frame_op("join", left=P.scan(_THIS), right=P.scan(_OTHER),
                       **join_fields(on, how, left_on, right_on, suffix))
-    return FetchedTable(frame=local.run(plan, {_THIS: released_frame(table), _OTHER: released_frame(right)}))
+    return FetchedTable(frame=local.run(plan, {_THIS: released_frame(table), _OTHER: released_frame(right)}),
+                        mock=table.mock or right.mock)
 
 
 @method(FetchedTable, "group_by")

@@ -19,6 +19,8 @@ class FetchedTable:
     ``DataFrame``: it is the scientist's, and its methods
     (:mod:`bastion_kernel.language.results`) run locally, never on the
     executor; a table they make is a ``FetchedTable`` without notes.
+    ``mock`` is True for an answer from the owner's mock data
+    (``dataset(name, mock=True)``), and for every table made from one.
     """
 
     type_name = "DataFrame"
@@ -26,6 +28,7 @@ class FetchedTable:
     frame: Any
     notes: list[str] = field(default_factory=list)
     request_id: int | None = None
+    mock: bool = False
 
 
 @dataclass
@@ -69,7 +72,8 @@ class Chart:
     order), inlined into the spec by the display layer as ``data.values`` and
     shown as the text fallback.  ``notes`` are the executor's remarks on every
     fetch the chart needed plus the chart's own (bins left out, values
-    hidden); ``request_ids`` are the owner's approvals it used.
+    hidden); ``request_ids`` are the owner's approvals it used; ``mock`` is
+    True when it draws the owner's mock data.
     """
 
     kind: str
@@ -78,3 +82,4 @@ class Chart:
     rows: list[dict]
     notes: list[str] = field(default_factory=list)
     request_ids: list[int] = field(default_factory=list)
+    mock: bool = False
