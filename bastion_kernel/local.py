@@ -22,14 +22,14 @@ import polars as pl
 from . import plan as P
 from .protocol import BastionError
 
-_DTYPES: dict[str, Any] = {
+DTYPES: dict[str, Any] = {
     "Int8": pl.Int8, "Int16": pl.Int16, "Int32": pl.Int32, "Int64": pl.Int64,
     "UInt8": pl.UInt8, "UInt16": pl.UInt16, "UInt32": pl.UInt32, "UInt64": pl.UInt64,
     "Float32": pl.Float32, "Float64": pl.Float64, "String": pl.String, "Boolean": pl.Boolean,
     "Date": pl.Date, "Datetime": pl.Datetime,
 }
 
-_BINARY: dict[str, Callable[[pl.Expr, pl.Expr], pl.Expr]] = {
+BINARY: dict[str, Callable[[pl.Expr, pl.Expr], pl.Expr]] = {
     "add": operator.add, "sub": operator.sub, "mul": operator.mul, "truediv": operator.truediv,
     "floordiv": operator.floordiv, "mod": operator.mod, "pow": operator.pow,
     "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le,
@@ -37,11 +37,11 @@ _BINARY: dict[str, Callable[[pl.Expr, pl.Expr], pl.Expr]] = {
     "and": operator.and_, "or": operator.or_, "xor": operator.xor,
 }
 
-_UNARY: dict[str, Callable[[pl.Expr], pl.Expr]] = {"not": operator.invert, "neg": operator.neg}
+UNARY: dict[str, Callable[[pl.Expr], pl.Expr]] = {"not": operator.invert, "neg": operator.neg}
 
 # name -> handler(expr, args, sub), where sub compiles an expression argument.
-_Fn = Callable[[pl.Expr, dict, Callable[[Any], pl.Expr]], pl.Expr]
-FUNCTIONS: dict[str, _Fn] = {
+Fn = Callable[[pl.Expr, dict, Callable[[Any], pl.Expr]], pl.Expr]
+FUNCTIONS: dict[str, Fn] = {
     "sum": lambda e, a, s: e.sum(),
     "mean": lambda e, a, s: e.mean(),
     "median": lambda e, a, s: e.median(),
@@ -70,7 +70,7 @@ FUNCTIONS: dict[str, _Fn] = {
     "is_in": lambda e, a, s: e.is_in(a["values"]),
     "is_between": lambda e, a, s: e.is_between(s(a["lower"]), s(a["upper"]), closed=a["closed"]),
     "fill_null": lambda e, a, s: e.fill_null(s(a["value"])),
-    "cast": lambda e, a, s: e.cast(_DTYPES[a["dtype"]], strict=a["strict"]),
+    "cast": lambda e, a, s: e.cast(DTYPES[a["dtype"]], strict=a["strict"]),
     "round": lambda e, a, s: e.round(a["decimals"]),
     "abs": lambda e, a, s: e.abs(),
     "clip": lambda e, a, s: e.clip(a["lower"], a["upper"]),
@@ -155,8 +155,8 @@ _EXPRS: dict[str, Callable[[dict], pl.Expr]] = {
     "col": lambda n: pl.col(n["name"]),
     "lit": lambda n: pl.lit(n["value"]),
     "len": lambda n: pl.len(),
-    "binary": lambda n: _BINARY[n["op"]](compile_expr(n["left"]), compile_expr(n["right"])),
-    "unary": lambda n: _UNARY[n["op"]](compile_expr(n["operand"])),
+    "binary": lambda n: BINARY[n["op"]](compile_expr(n["left"]), compile_expr(n["right"])),
+    "unary": lambda n: UNARY[n["op"]](compile_expr(n["operand"])),
     "alias": lambda n: compile_expr(n["input"]).alias(n["name"]),
     "fn": _fn,
     "when": _when,

@@ -407,7 +407,8 @@ def sweep_expired(store: ApprovalStore, audit: Any, ttl_seconds: float,
     for request in expired:
         audit.append("expiry", request.scientist, request_id=request.id, plan_hash=request.plan_hash,
                      decided_at=request.decided_at, ttl_seconds=ttl_seconds)
-    # Also files left by an expiry whose process died before deleting them.
+    # Also files left by an expiry whose process died before deleting them, and the tables of released
+    # requests that serve no more re-releases.
     spent = [r for r in store.list("released") if not interrupted_release(r)
              and not serves_again(r, ttl_seconds, reuse)]
     for request in store.list("expired") + spent:

@@ -22,7 +22,6 @@ import datetime
 import fcntl
 import hashlib
 import logging
-import operator
 import os
 import queue
 import resource
@@ -35,7 +34,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import polars as pl
 
-from bastion_kernel import plan as P
+from bastion_kernel import local, plan as P
 from bastion_kernel.protocol import BastionError
 
 from .model import Dataset
@@ -718,85 +717,24 @@ def _resolve(frame: pl.LazyFrame, op: str) -> Any:
 
 
 # ---------------------------------------------------------------- expression tables
-_DTYPES: dict[str, Any] = {
-    "Int8": pl.Int8, "Int16": pl.Int16, "Int32": pl.Int32, "Int64": pl.Int64,
-    "UInt8": pl.UInt8, "UInt16": pl.UInt16, "UInt32": pl.UInt32, "UInt64": pl.UInt64,
-    "Float32": pl.Float32, "Float64": pl.Float64, "String": pl.String, "Boolean": pl.Boolean,
-    "Date": pl.Date, "Datetime": pl.Datetime,
-}
-
-_BINARY: dict[str, Callable[[pl.Expr, pl.Expr], pl.Expr]] = {
-    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "truediv": operator.truediv,
-    "floordiv": operator.floordiv, "mod": operator.mod, "pow": operator.pow,
-    "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le,
-    "gt": operator.gt, "ge": operator.ge,
-    "and": operator.and_, "or": operator.or_, "xor": operator.xor,
-}
-
-_UNARY: dict[str, Callable[[pl.Expr], pl.Expr]] = {"not": operator.invert, "neg": operator.neg}
-
-# name -> handler(expr, args, sub) where sub compiles an expression argument.
-_Fn = Callable[[pl.Expr, dict, Callable[[dict], pl.Expr]], pl.Expr]
+# The expression tables are the language's own (bastion_kernel.local also
+# runs them on the scientist's fetched results); the executor overrides the
+# functions whose failure or size could depend on rows that are never released.
+_DTYPES = local.DTYPES
+_BINARY = local.BINARY
+_UNARY = local.UNARY
+_Fn = local.Fn
 _FUNCTIONS: dict[str, _Fn] = {
-    "sum": lambda e, a, s: e.sum(),
-    "mean": lambda e, a, s: e.mean(),
-    "median": lambda e, a, s: e.median(),
-    "min": lambda e, a, s: e.min(),
-    "max": lambda e, a, s: e.max(),
-    "std": lambda e, a, s: e.std(ddof=a["ddof"]),
-    "var": lambda e, a, s: e.var(ddof=a["ddof"]),
-    "quantile": lambda e, a, s: e.quantile(a["quantile"], interpolation=a["interpolation"]),
-    "count": lambda e, a, s: e.count(),
-    "len": lambda e, a, s: e.len(),
-    "n_unique": lambda e, a, s: e.n_unique(),
-    "null_count": lambda e, a, s: e.null_count(),
-    "first": lambda e, a, s: e.first(),
-    "last": lambda e, a, s: e.last(),
-    "mode": lambda e, a, s: e.mode(),
-    "implode": lambda e, a, s: e.implode(),
-    "head": lambda e, a, s: e.head(a["n"]),
-    "tail": lambda e, a, s: e.tail(a["n"]),
-    "unique": lambda e, a, s: e.unique(),
-    "sort_by": lambda e, a, s: e.sort_by(s(a["by"]), descending=a["descending"]),
-    "filter": lambda e, a, s: e.filter(s(a["predicate"])),
+    **local.FUNCTIONS,
     # A negative count would fail only for some rows (an oracle), a huge one
     # would exhaust memory: counts are kept within 0..MAX_REPEAT.
     "repeat_by": lambda e, a, s: e.repeat_by(s(a["by"]).cast(pl.Int64, strict=False).clip(0, MAX_REPEAT)),
-    "over": lambda e, a, s: e.over([s(p) for p in a["partition_by"]]),
-    "is_null": lambda e, a, s: e.is_null(),
-    "is_not_null": lambda e, a, s: e.is_not_null(),
-    "is_in": lambda e, a, s: e.is_in(a["values"]),
-    "is_between": lambda e, a, s: e.is_between(s(a["lower"]), s(a["upper"]), closed=a["closed"]),
-    "fill_null": lambda e, a, s: e.fill_null(s(a["value"])),
     # Conversions always run non-strict (a value that does not convert becomes
     # null): a strict failure would tell the scientist that some row with such
     # a value exists, even in a filtered, never-released result.
     "cast": lambda e, a, s: e.cast(_DTYPES[a["dtype"]], strict=False),
-    "round": lambda e, a, s: e.round(a["decimals"]),
-    "abs": lambda e, a, s: e.abs(),
-    "clip": lambda e, a, s: e.clip(a["lower"], a["upper"]),
-    "log": lambda e, a, s: e.log(a["base"]),
-    "exp": lambda e, a, s: e.exp(),
-    "sqrt": lambda e, a, s: e.sqrt(),
-    "pow": lambda e, a, s: e.pow(s(a["exponent"])),  # s is the compiler's exponent-safe compile, see _Compiler
-    "str.len_chars": lambda e, a, s: e.str.len_chars(),
-    "str.to_lowercase": lambda e, a, s: e.str.to_lowercase(),
-    "str.to_uppercase": lambda e, a, s: e.str.to_uppercase(),
-    "str.contains": lambda e, a, s: e.str.contains(a["pattern"], literal=a["literal"]),
-    "str.starts_with": lambda e, a, s: e.str.starts_with(a["prefix"]),
-    "str.ends_with": lambda e, a, s: e.str.ends_with(a["suffix"]),
-    "str.slice": lambda e, a, s: e.str.slice(a["offset"], a["length"]),
-    "str.replace": lambda e, a, s: e.str.replace(a["pattern"], a["value"], literal=a["literal"]),
-    "str.strip_chars": lambda e, a, s: e.str.strip_chars(a["characters"]),
     "str.to_date": lambda e, a, s: e.str.to_date(a["format"], strict=False),
     "str.to_datetime": lambda e, a, s: e.str.to_datetime(a["format"], strict=False),
-    "dt.year": lambda e, a, s: e.dt.year(),
-    "dt.month": lambda e, a, s: e.dt.month(),
-    "dt.day": lambda e, a, s: e.dt.day(),
-    "dt.weekday": lambda e, a, s: e.dt.weekday(),
-    "dt.hour": lambda e, a, s: e.dt.hour(),
-    "dt.truncate": lambda e, a, s: e.dt.truncate(a["every"]),
-    "dt.strftime": lambda e, a, s: e.dt.strftime(a["format"]),
 }
 
 

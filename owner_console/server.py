@@ -90,7 +90,7 @@ exactly like names that do not exist.
 
 Audit.  Each scientist's first message on a connection (``connection``),
 each ``fetch`` (``query`` with the plan and the cell text), its ``decision``,
-``release`` (SHA-256 of the Arrow bytes sent) or ``held``, each refusal of
+``release`` (SHA-256 of the Arrow bytes sent), ``rerelease`` or ``held``, each refusal of
 any request (typed errors, malformed messages, a revoked key, a rate limit),
 each ``save`` (name, rows, columns, SHA-256 of the Parquet file, inherited
 policy, source datasets), each ``cancel`` (its target and whether it was

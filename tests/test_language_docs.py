@@ -93,3 +93,13 @@ def test_inspect_shows_each_docstring():
             code = f"{receiver}.{op.name}"
         text = interp.inspect(code, len(code))
         assert text is not None and op.doc in text, code
+
+
+def test_the_language_reference_lists_every_error_name():
+    from bastion_kernel.protocol import ERROR_NAMES
+
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "language.md").read_text()
+    listed = set(re.findall(r"^\| `([A-Za-z]+)` \|", text.split("## Errors", 1)[1].split("\n## ", 1)[0], re.M))
+    assert listed == set(ERROR_NAMES)

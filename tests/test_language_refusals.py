@@ -76,7 +76,7 @@ REFUSALS = [
     ("x = 1\n!rm -rf /", "UnsupportedOperation", (2, 0), "shell escapes and magics"),
     ("%time df.fetch()", "UnsupportedOperation", (1, 0), "%time"),
     ("%%time\ndf.fetch()", "UnsupportedOperation", (1, 0), "%%time"),
-    ("%%sql --verbose\nSELECT 1", "UnsupportedOperation", (1, 0), "%%sql takes no options"),
+    ("%%sql --verbose\nSELECT 1", "UnsupportedOperation", (1, 0), "%%sql takes no option '--verbose'; it takes --no-wait"),
     ("await x", "UnsupportedOperation", (1, 0), "await"),
     ("x = (yield)", "UnsupportedOperation", (1, 5), "yield"),
     ("1 +", "ParseError", (1, 3), "invalid syntax"),

@@ -23,7 +23,7 @@ import tomllib
 import polars as pl
 import pytest
 
-from bastion_kernel.plan import col, frame_op, length, scan
+from bastion_kernel.plan import col, frame_op, length, plan_hash, scan
 from owner_console.audit import read_entries
 
 from conftest import make_keys, make_workspace, start_executor
@@ -130,7 +130,8 @@ def test_a_mock_answers_rows_at_once_marked_and_audited(running, owned, real):
     alice = running.client("alice")
     store = owned.workspace.approvals()
     filed = len(store.list())
-    kind, body, frames = fetch(alice, frame_op("head", input=mock_scan(), n=8))
+    plan = frame_op("head", input=mock_scan(), n=8)
+    kind, body, frames = fetch(alice, plan)
     assert kind == "result" and body["mock"] is True and body["request_id"] is None
     assert any(note.startswith("mock data") for note in body["notes"])
     rows = table(frames)
@@ -139,19 +140,13 @@ def test_a_mock_answers_rows_at_once_marked_and_audited(running, owned, real):
     assert not set(rows.select(shown).rows()) & set(real.select(shown).rows())
     assert len(store.list()) == filed  # nothing held for review
     store.close()
-    entries = [e for e in read_entries(owned.workspace.audit_path) if e.get("request") is not None
-               and e.get("plan_hash") == entries_hash(owned, body)]
+    entries = [e for e in read_entries(owned.workspace.audit_path) if e.get("plan_hash") == plan_hash(plan)
+               and e["event"] != "plan"]
     assert [e["event"] for e in entries] == ["query", "release"] and all(e["mock"] for e in entries)
 
     # An aggregate of the mock is the mock's, not the data's.
     kind, body, frames = fetch(alice, frame_op("select", input=mock_scan(), exprs=[length()]))
     assert kind == "result" and table(frames).item() == 200
-
-
-def entries_hash(owned, body) -> str:
-    """The plan hash of the latest mock release (its audit entries share it)."""
-    [latest] = [e for e in read_entries(owned.workspace.audit_path) if e["event"] == "release" and e.get("mock")][-1:]
-    return latest["plan_hash"]
 
 
 def test_a_mock_query_never_reads_the_real_file(running, owned):

@@ -359,11 +359,10 @@ def test_restart_and_run_all_after_the_approval_files_no_new_request(scientist, 
     request_id = int(re.search(r"request #(\d+)", held.evalue).group(1))
     approve(running, request_id)
     filed = requests_filed(owned)
-    for _ in range(2):  # Restart & Run All, twice: a new kernel each time
-        [result] = run_all()
-        assert result.output_type == "execute_result", result
-        got = pl.DataFrame(result.data[DATARESOURCE_MIME]["data"]).select("age", "diagnosis")  # (keys sorted)
-        assert got.rows() == source.filter(pl.col("age") >= 30).select("age", "diagnosis").head(4).rows()
+    [result] = run_all()  # Restart & Run All: a new kernel, the approved result at once
+    assert result.output_type == "execute_result", result
+    got = pl.DataFrame(result.data[DATARESOURCE_MIME]["data"]).select("age", "diagnosis")  # (keys sorted)
+    assert got.rows() == source.filter(pl.col("age") >= 30).select("age", "diagnosis").head(4).rows()
     assert requests_filed(owned) == filed
 
 
@@ -407,3 +406,24 @@ def test_papermill_runs_a_bastion_notebook_with_parameters(scientist, tmp_path, 
     want = source.filter((pl.col("age") >= 40) & (pl.col("sex") == "M")).group_by("smoker").agg(pl.len()).sort("smoker")
     assert got.rows() == want.rows()
     assert json.loads(json.dumps(written.metadata.papermill["parameters"])) == {"min_age": 40, "sex": "M"}
+
+
+def test_a_store_from_the_previous_version_gains_the_reuse_columns_and_its_requests_answer_no_rerun(tmp_path):
+    from owner_console.approvals import ApprovalStore
+
+    path = tmp_path / "approvals.sqlite"
+    store = ApprovalStore(path)
+    request_id = store.create(scientist="alice", plan={"op": "scan", "dataset": "x"}, plan_text="", plan_tree=[],
+                              query_text="", reason="", columns=[], rows=0, notes=[],
+                              write_result=lambda _: "0" * 64, scientist_key="k" * 40)
+    store.close()
+    with sqlite3.connect(path) as conn:  # what the previous version wrote
+        conn.execute("DROP INDEX requests_plan")
+        conn.execute("ALTER TABLE requests DROP COLUMN data_version")
+        conn.execute("ALTER TABLE requests DROP COLUMN reuse")
+        conn.execute("PRAGMA user_version = 4")
+    store = ApprovalStore(path)
+    old = store.get(request_id)
+    assert (old.data_version, old.reuse) == ("", "")
+    assert store.latest_for("alice", "k" * 40, old.plan_hash, "") is None  # no version: never a re-run's answer
+    store.close()

@@ -36,7 +36,7 @@ class RemoteFrame:
         while stack:
             node = stack.pop()
             if node.get("op") == "scan":
-                found.append(f"{node['dataset']} (mock)" if node.get("mock") is True else node["dataset"])
+                found.append(node["dataset"])
             elif node.get("op") == "saved":
                 found.append(f"saved:{node['name']}")
             for key in ("inputs",):
@@ -679,7 +679,13 @@ def frame_fetch(ctx: Context, frame: RemoteFrame, wait: bool = True) -> FetchedT
     if not isinstance(wait, bool):
         raise SchemaError(f"fetch(wait=...) takes True or False, not {describe_value(wait)}")
     ctx.require_effects("fetch()")
-    return ctx.session.fetch(frame.plan, ctx.cell_text, wait=wait)
+    return fetch_plan(ctx.session, frame.plan, ctx.cell_text, wait)
+
+
+def fetch_plan(session: Any, plan: dict, text: str, wait: bool = True) -> FetchedTable | RequestStatus:
+    """``session.fetch`` of a plan; ``wait`` is passed only when False (a session's ``wait`` defaults to True,
+    and sessions that never hold a result may leave it out)."""
+    return session.fetch(plan, text) if wait else session.fetch(plan, text, wait=False)
 
 
 @method(RemoteFrame, "save")

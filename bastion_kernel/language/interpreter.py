@@ -23,7 +23,7 @@ from . import complete as completion
 from .errors import (BastionError, ExecutionError, LimitExceeded, ParseError, SchemaError, UnsupportedOperation,
                      attach_position, position_of, suggest)
 from .expr import PYTHON_TYPE_TARGETS, SCALAR_TYPES, DType, Expr, describe_value, to_node
-from .frame import RemoteFrame, sql_plan
+from .frame import RemoteFrame, fetch_plan, sql_plan
 from .namespaces import POLARS_MODULE, PolarsModule, polars_attribute, polars_attribute_names
 from . import describe, plot  # noqa: F401 - registers frame.describe() and frame.plot
 from . import results  # noqa: F401 - registers the local operations of fetched results
@@ -554,7 +554,7 @@ class Interpreter:
             raise
         frame = RemoteFrame(plan)
         self.ctx.require_effects("fetch()")
-        return self.session.fetch(frame.plan, code, wait=wait)
+        return fetch_plan(self.session, frame.plan, code, wait)
 
     # ------------------------------------------------------------------
     # Evaluation without effects, for completion and inspection.

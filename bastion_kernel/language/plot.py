@@ -31,7 +31,7 @@ from bastion_kernel.protocol import BastionError
 
 from .errors import SchemaError, UnsupportedOperation, suggest
 from .expr import describe_value, is_number, to_node
-from .frame import RemoteFrame
+from .frame import RemoteFrame, fetch_plan
 from .registry import Context, method, prop
 from .values import Chart, FetchedTable, RequestStatus
 
@@ -165,7 +165,7 @@ class _Fetcher:
     def rows(self, plan: dict) -> tuple[list[dict], dict[str, str]]:
         """The released rows of ``plan`` as dicts, and its ``{column: dtype}``."""
         try:
-            fetched = self.ctx.session.fetch(plan, self.ctx.cell_text, wait=self.wait)
+            fetched = fetch_plan(self.ctx.session, plan, self.ctx.cell_text, self.wait)
         except BastionError as exc:
             if self.order_statistics is None or exc.ename != "PolicyViolation":
                 raise

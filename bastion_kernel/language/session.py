@@ -25,13 +25,14 @@ class Session(Protocol):
         :class:`RequestStatus` (``pending``) is returned at once, and
         ``request(id)`` fetches it later.
 
-        Raises ``BastionError`` (``PolicyViolation``, ``ReviewRejected``, ...)
-        or ``KeyboardInterrupt`` when the wait is interrupted (the request
-        then stays pending on the executor).
+        Raises ``BastionError`` (``PolicyViolation``, ``ReviewRejected``,
+        ``ReviewPending`` when a batch run does not wait, ...) or
+        ``KeyboardInterrupt`` when the wait is interrupted (the request then
+        stays pending on the executor).
         """
 
     def request(self, request_id: int) -> FetchedTable | RequestStatus:
-        """The state of an earlier request; an approved one is fetched (once)."""
+        """The state of an earlier request; an approved one is fetched (again, while the approval lasts)."""
 
     def save(self, plan: dict, name: str, text: str) -> None:
         """Keep a result on the owner's side under ``name``."""
