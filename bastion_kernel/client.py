@@ -312,12 +312,13 @@ class ExecutorClient:
         if not isinstance(columns, list) or not all(isinstance(c, dict) for c in columns):
             raise BastionError("ProtocolError", "the executor's dp_preview reply is malformed")
         rows = [{"column": c.get("name"), "aggregate": c.get("aggregate"), "distribution": c.get("distribution"),
-                 "scale": c.get("scale"), "accuracy (95%)": c.get("accuracy")} for c in columns]
+                 "scale": c.get("scale"), "accuracy (95%)": _accuracy_text(c)} for c in columns]
         left = body.get("budget") if isinstance(body.get("budget"), dict) else {}
         notes = [f"this query costs epsilon {body.get('epsilon')} of dataset {body.get('dataset')!r}; "
                  f"{left.get('epsilon_remaining')} of {left.get('epsilon_total')} is left "
                  f"({left.get('queries_left')} such queries)",
-                 "accuracy: with 95% confidence the released value is within this distance of the true one"]
+                 "accuracy: with 95% confidence the released value is within this distance of the true one; "
+                 "a mean's depends on how many rows its group has (n): shown for n = 100, 1,000 and 10,000"]
         return FetchedTable(frame=_json_table(rows, ["column", "aggregate", "distribution", "scale",
                                                      "accuracy (95%)"]), notes=notes)
 
@@ -354,6 +355,15 @@ def review_pending(request_id: int, reason: str, why: str) -> BastionError:
                         f"{held}; {why}. request({request_id}) fetches it once the owner approves it, and "
                         "running this cell again then answers at once from the approved result",
                         request_id=request_id, status="pending", reason=reason)
+
+
+def _accuracy_text(column: dict) -> str | None:
+    """A column's accuracy as the preview shows it: a number, or a mean's accuracy for groups of n rows."""
+    per_rows = column.get("accuracy_for_rows")
+    if isinstance(per_rows, dict) and per_rows:
+        return ", ".join(f"{float(v):.4g} at n={int(n):,}" for n, v in per_rows.items())
+    accuracy = column.get("accuracy")
+    return None if accuracy is None else f"{float(accuracy):.6g}"
 
 
 def _json_table(rows: list[dict], names: list[str]):

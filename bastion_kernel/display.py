@@ -218,11 +218,35 @@ def text_table(columns: list[str], rows: list[dict], max_rows: int = CHART_TEXT_
 
 # -- dataset lists and request states ------------------------------------------
 
-def _policy_summary(policy: dict) -> str:
+def _policy_summary(policy: dict, dp: dict | None = None) -> str:
+    """The privacy mode of a dataset as the executor describes it: DP with its budgets, or K and the rules."""
     hidden = policy.get("hidden") or []
-    parts = [f"K={policy.get('min_group_size', '?')}",
-             f"hidden: {', '.join(map(str, hidden)) if hidden else 'none'}",
-             f"unsafe: {policy.get('unsafe', '?')}"]
+    hidden_part = f"hidden: {', '.join(map(str, hidden)) if hidden else 'none'}"
+    if dp:
+        parts = [f"differential privacy: epsilon {dp.get('epsilon', '?')} per scientist"]
+        if dp.get("epsilon_total") is not None:
+            parts.append(f"{dp['epsilon_total']} in all")
+        if dp.get("epsilon_per_query") is not None:
+            parts.append(f"{dp['epsilon_per_query']} per query")
+        if dp.get("delta"):
+            parts.append(f"delta {dp['delta']}")
+        parts.append(hidden_part)
+        return "; ".join(parts) + "; budget() shows what is left"
+    rules = [f"K={policy.get('min_group_size', '?')}"]
+    if policy.get("person_id"):
+        rules.append(f"K counts people ({policy['person_id']})")
+    rules.append("dominance " + ("off" if policy.get("dominance") is False else "on"))
+    if policy.get("max_share") is not None:
+        rules.append(f"max_share {policy['max_share']}")
+    parts = [", ".join(rules), hidden_part, f"unsafe: {policy.get('unsafe', '?')}"]
+    if policy.get("aggregates_only"):
+        parts.append("aggregates only")
+    if policy.get("suppress_small_groups"):
+        parts.append("small groups suppressed")
+    if policy.get("max_rows_released") is not None:
+        parts.append(f"at most {policy['max_rows_released']} rows per request")
+    if policy.get("bounds"):
+        parts.append("bounds: " + ", ".join(f"{c}={lo}:{hi}" for c, (lo, hi) in sorted(policy["bounds"].items())))
     if policy.get("allow_save") is False:
         parts.append("no save")
     return "; ".join(parts)
@@ -242,7 +266,7 @@ def dataset_list_bundle(value: DatasetList) -> dict[str, Any]:
         name = str(dataset.get("name", "?"))
         policy = dataset.get("policy") if isinstance(dataset.get("policy"), dict) else {}
         columns = _schema_pairs(dataset)
-        summary = _policy_summary(policy)
+        summary = _policy_summary(policy, dataset.get("dp") if isinstance(dataset.get("dp"), dict) else None)
         if dataset.get("mock"):
             summary += f"; mock: dataset({name!r}, mock=True)"
         lines.append(f"{name}  ({summary})")

@@ -988,13 +988,47 @@ def preview(plan: Any, catalog: Mapping[str, Dataset], scientist: str, cache: An
     from opendp.accuracy import summarize_polars_measurement
     measurement = _resolve_opendp(lambda: _calibrate(opendp_query), "analyse")
     summary = _resolve_opendp(lambda: summarize_polars_measurement(measurement, ALPHA), "analyse")
-    columns = [{"name": row["column"], "aggregate": row["aggregate"], "distribution": row["distribution"],
-                "scale": row["scale"], "accuracy": row.get("accuracy")} for row in summary.to_dicts()]
+    columns = _accuracy_per_column(summary.to_dicts(), query)
     policy = query.dataset.dp
     ledger, version = _account_of(query.dataset, catalog)
     left = _budget_row(query.dataset.name, policy, ledger.spent(scientist, version))
     return {"dataset": query.dataset.name, "epsilon": policy.epsilon_per_query, "delta": policy.delta_per_query,
             "alpha": ALPHA, "columns": columns, "budget": left}
+
+
+def _accuracy_per_column(rows: list[dict], query: _Query) -> list[dict]:
+    """One entry per released column: OpenDP's rows, a mean's two noisy parts made one.
+
+    OpenDP releases a mean as a noisy sum over a noisy count and summarizes
+    the two apart; what the scientist asked for is the mean.  Its error
+    depends on the group's size n, which the preview does not reveal: with
+    |mean| <= B (the larger bound in absolute value), the error is at most
+    (a_sum + B * a_count) / n when each part is within its own accuracy
+    a_sum, a_count (both at once hold with at least 1 - 2 * alpha), given as
+    ``accuracy_for_rows`` for n of 100, 1,000 and 10,000.
+    """
+    means = {a.name: a for a in query.aggregates if a.function == "dp.mean"}
+    found: dict[str, list[dict]] = {}
+    for row in rows:
+        found.setdefault(row["column"], []).append(row)
+    columns = []
+    for name, parts in found.items():
+        by_kind = {str(part["aggregate"]).lower(): part for part in parts}
+        mean = means.get(name)
+        if mean is None or "sum" not in by_kind or "length" not in by_kind:
+            columns += [{"name": name, "aggregate": part["aggregate"], "distribution": part["distribution"],
+                         "scale": part["scale"], "accuracy": part.get("accuracy")} for part in parts]
+            continue
+        total, count = by_kind["sum"], by_kind["length"]
+        bound = max(abs(float(mean.args["lower"])), abs(float(mean.args["upper"])))
+        if total.get("accuracy") is None or count.get("accuracy") is None:
+            per_rows = None
+        else:
+            spread = float(total["accuracy"]) + bound * float(count["accuracy"])
+            per_rows = {str(n): spread / n for n in (100, 1_000, 10_000)}
+        columns.append({"name": name, "aggregate": "Mean", "distribution": total["distribution"],
+                        "scale": None, "accuracy": None, "accuracy_for_rows": per_rows})
+    return columns
 
 
 def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str, cache: Any = None) -> Released:

@@ -117,6 +117,23 @@ def test_dataset_list_bundle():
     assert "&lt;b&gt;name&lt;/b&gt;" in bundle["text/html"]
 
 
+def test_dataset_list_shows_each_privacy_mode():
+    datasets = DatasetList([
+        {"name": "visits", "schema": [["cost", "Float64"]],
+         "policy": {"min_group_size": 10, "unsafe": "reject", "hidden": [], "person_id": "patient_id",
+                    "dominance": False, "max_rows_released": 500, "bounds": {"cost": [0, 5000]}}},
+        {"name": "census", "schema": [["age", "Int64"]],
+         "policy": {"min_group_size": 1, "unsafe": "reject", "hidden": []},
+         "dp": {"epsilon": 3.0, "epsilon_per_query": 0.5, "epsilon_total": 6.0, "delta": 1e-7}},
+    ])
+    plain = display.mime_bundle(datasets)["text/plain"]
+    visits, census = plain.split("\n")[0], plain.split("\n")[2]
+    assert "K=10, K counts people (patient_id), dominance off" in visits
+    assert "at most 500 rows per request" in visits and "bounds: cost=0:5000" in visits
+    assert census.startswith("census  (differential privacy: epsilon 3.0 per scientist; 6.0 in all; 0.5 per query")
+    assert "K=" not in census and "budget()" in census
+
+
 def test_request_status_and_other_values():
     assert display.mime_bundle(RequestStatus(3, "pending", "row-level result")) == {
         "text/plain": "request #3: pending: row-level result\n"

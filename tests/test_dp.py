@@ -171,6 +171,22 @@ def test_preview_spends_nothing_and_reports_accuracy(workspace):
     assert spends(workspace) == []
 
 
+def test_preview_of_a_mean_reports_the_error_of_the_mean(workspace):
+    # OpenDP releases a mean as a noisy sum over a noisy count; the scientist asked for the mean.
+    catalog = workspace.catalog()
+    mean = P.alias(P.fn("dp.mean", P.col("age"), lower=0, upper=100), "mean_age")
+    preview = dp.preview(grouped(["sex"], P.length(), mean), catalog, "alice")
+    by_name = {c["name"]: c for c in preview["columns"]}
+    assert by_name["mean_age"]["aggregate"] == "Mean" and by_name["mean_age"]["accuracy"] is None
+    count_accuracy = next(c["accuracy"] for c in preview["columns"] if c["aggregate"] == "Frame Length")
+    per_rows = by_name["mean_age"]["accuracy_for_rows"]
+    # (a_sum + B * a_count) / n, B = 100 the larger bound: it shrinks as 1/n and is at least B * a_count / n.
+    assert per_rows["100"] == pytest.approx(10 * per_rows["1000"]) == pytest.approx(100 * per_rows["10000"])
+    assert per_rows["1000"] * 1000 > 100 * count_accuracy
+    assert per_rows["100"] > per_rows["1000"] > per_rows["10000"]
+    assert spends(workspace) == []
+
+
 def test_each_scientist_has_their_own_budget(workspace):
     catalog = workspace.catalog()
     for _ in range(10):
