@@ -15,7 +15,7 @@ import polars as pl
 from bastion_kernel.protocol import BastionError
 
 from .model import Decision, Held, Released, strictest_unsafe
-from .policy import AccountedPlan, Source, _Rep
+from .policy import DOMINANCE_UNSURE, AccountedPlan, Source, _Rep
 
 
 # ---------------------------------------------------------------------------
@@ -364,6 +364,15 @@ def decide_failed(accounted: AccountedPlan, error: BastionError, scientist: str 
         raise _refusal(decision)
     empty = pl.DataFrame({c: [] for c in accounted.columns}, schema={c: pl.String for c in accounted.columns})
     return Held(empty, decision, ["the query failed while running; approving it releases an empty table"])
+
+
+def needs_exact_dominance(accounted: AccountedPlan, table: pl.DataFrame) -> bool:
+    """True when the cheap dominance bound could not clear some row: the plan must be measured exactly.
+
+    See :func:`owner_console.policy.account` (``exact_dominance``).
+    """
+    return any(column in table.columns and bool((table.get_column(column) == DOMINANCE_UNSURE).any())
+               for column, (kind, _) in accounted.contribs.items() if kind == "dominated")
 
 
 @dataclass

@@ -962,7 +962,7 @@ class _Compiler:
         and the keys to group it by (the key columns it now carries, under
         their output names).
         """
-        shares = [n for n in nodes if n["expr"] == "acct_share"]
+        shares = [n for n in nodes if n["expr"] == "acct_share" and n["exact"]]
         if not shares:
             return frame, keys
         self._on(frame)
@@ -1276,7 +1276,7 @@ class _Compiler:
         return pl.when(pl.col(column).is_not_null().any()).then(fewest).alias(node["name"])
 
     def _acct_share(self, node: dict) -> pl.Expr:
-        """1 when a contribution dominates an aggregate, else 0 (the dominance rules of the node).
+        """Whether a contribution dominates an aggregate: 0 no, 1 yes, 2 unsure (measure exactly).
 
         Each contribution's distance is taken from its group's median, so
         adding a constant to every row changes nothing and amplified
@@ -1284,17 +1284,32 @@ class _Compiler:
         the N-K rule: the two largest distances make up more than that share
         of the total; with ``p_ratio``, the p-ratio rule: the total minus the
         two largest is less than that share of the largest; with ``largest``,
-        the largest alone makes up more than that share.  The two largest
-        distances are among the max's, the second largest value's, the min's
-        and the second smallest's.  In a group_by or a global select these are
-        read from columns made before the aggregation (:meth:`_with_distances`)
-        with plain aggregations, combined after it; elsewhere (an aggregate
-        broadcast to rows) they are computed here.  A total that is not a
-        finite number is dominated (fail closed: what made it so dominates).
+        the largest alone makes up more than that share.
+
+        Without ``exact``, a bound from plain aggregates (count, variance,
+        max, min) clears a group whatever its median: every distance is at
+        most the range R = max - min, and their total is at least n * var / R
+        (the squared distances from the median add up to at least n * var,
+        and each is at most R times the distance), so no rule can fire when
+        n * var >= F * R**2 (:func:`_clearing_factor`).  Large groups of
+        ordinary values are cleared this way; a group that is not is 2, and
+        the executor measures the plan again with ``exact``.  A variance or
+        range that is not a finite number is 1 (fail closed).
         """
         name = node["name"]
-        inside = self.extra_aggs is not None and f"{name}__distance" in self.scope.collect_schema().names()
-        if inside:
+        value = self.expr(node["input"]).cast(pl.Float64, strict=False)
+        inside = self.extra_aggs is not None
+        if not node["exact"]:
+            parts = {"n": value.count(), "var": value.var(ddof=0), "max": value.max(), "min": value.min()}
+            if inside:
+                parts = {label: self._helper_agg(node, label, expr) for label, expr in parts.items()}
+            spread = parts["max"] - parts["min"]
+            spread_total = parts["n"].cast(pl.Float64) * parts["var"]
+            flag = (pl.when(~spread_total.is_finite() | ~spread.is_finite()).then(1)
+                    .when((spread == 0) | (spread_total >= _clearing_factor(node) * spread ** 2)).then(0)
+                    .otherwise(2))
+            return self._finish_share(node, flag, inside)
+        if inside and f"{name}__distance" in self.scope.collect_schema().names():
             def part(label: str, expr: pl.Expr) -> pl.Expr:
                 return self._helper_agg(node, label, expr)
             median = part("median", pl.col(f"{name}__median").first())
@@ -1313,7 +1328,7 @@ class _Compiler:
             top_one = pl.max_horizontal(high1, low1)
             top_two = pl.max_horizontal(high1 + high2, high1 + low1, low1 + low2)
         else:
-            value = self.expr(node["input"]).cast(pl.Float64, strict=False)
+            inside = False
             distance = (value - value.median()).abs()
             total, top_one, top_two = distance.sum(), distance.max(), distance.top_k(2).sum()
         dominated = ~total.is_finite()
@@ -1323,10 +1338,13 @@ class _Compiler:
             dominated = dominated | ((top_one > 0) & (total - top_two < top_one * node["p_ratio"] / 1_000_000))
         if node.get("largest") is not None:
             dominated = dominated | ((total > 0) & (top_one > total * node["largest"] / 1_000_000))
-        flag = dominated.fill_null(False).cast(ACCOUNT_DTYPE)
+        return self._finish_share(node, dominated.fill_null(False).cast(ACCOUNT_DTYPE), inside)
+
+    def _finish_share(self, node: dict, flag: pl.Expr, inside: bool) -> pl.Expr:
+        # Inside an aggregation the flag combines helper aggregations: it is computed after it.
         if not inside:
-            return flag.alias(name)
-        self.post_aggs.append(flag.alias(name))
+            return flag.alias(node["name"])
+        self.post_aggs.append(flag.alias(node["name"]))
         return self._placeholder(node)
 
     def _acct_finite(self, node: dict) -> pl.Expr:
@@ -1349,6 +1367,24 @@ class _Compiler:
 
     def _acct_select(self, node: dict) -> pl.LazyFrame:
         return self.frame(node["input"]).select([pl.col(c) for c in node["columns"]])
+
+
+def _clearing_factor(node: dict) -> float:
+    """F such that n * var >= F * range**2 proves no dominance rule of ``node`` can fire.
+
+    With T >= n * var / R the total distance and every distance <= R: the
+    N-K rule needs 2R > k T, cleared when T >= (2 / k) R; the p-ratio rule
+    needs T - 2R < p R, cleared when T >= (2 + p) R; the largest-share rule
+    needs R > s T, cleared when T >= R / s.
+    """
+    factors = [1.0]
+    if node.get("top_two") is not None:
+        factors.append(2 / (node["top_two"] / 1_000_000))
+    if node.get("p_ratio") is not None:
+        factors.append(2 + node["p_ratio"] / 1_000_000)
+    if node.get("largest") is not None:
+        factors.append(1 / (node["largest"] / 1_000_000))
+    return max(factors)
 
 
 _MAX_EXPONENT = (1 << 32) - 1

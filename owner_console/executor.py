@@ -66,11 +66,20 @@ def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str,
         # A plan that reads a differentially private dataset releases DP aggregates or nothing.
         return dp.evaluate(plan, catalog, scientist, cache)
     checked = validate.validate(plan, catalog, dataset_columns=cache.columns)
-    accounted = policy.account(checked, unique_keys=lambda name, keys: cache.unique_keys(catalog[name], keys))
+
+    def accounted_for(exact_dominance: bool) -> policy.AccountedPlan:
+        return policy.account(checked, unique_keys=lambda name, keys: cache.unique_keys(catalog[name], keys),
+                              exact_dominance=exact_dominance)
+
+    accounted = accounted_for(False)
     _check_join_rows(checked, catalog, cache)
+    limit = query_timeout(checked.datasets.values(), timeout)
     try:
-        table = engine.run(accounted.plan, catalog, cache, cancel=cancel,
-                           timeout=query_timeout(checked.datasets.values(), timeout))
+        table = engine.run(accounted.plan, catalog, cache, cancel=cancel, timeout=limit)
+        if decide.needs_exact_dominance(accounted, table):
+            # A group the cheap bound could not clear: measure every group's dominance exactly.
+            accounted = accounted_for(True)
+            table = engine.run(accounted.plan, catalog, cache, cancel=cancel, timeout=limit)
     except BastionError as error:
         if error.ename != "ExecutionError" or error.details.get("cancelled"):
             raise

@@ -226,7 +226,8 @@ def expr_level(expr: dict) -> str:
 # account()
 
 def account(checked: CheckedPlan,
-            unique_keys: Callable[[str, tuple[str, ...]], bool] | None = None) -> AccountedPlan:
+            unique_keys: Callable[[str, tuple[str, ...]], bool] | None = None,
+            exact_dominance: bool = False) -> AccountedPlan:
     """Add the accounting the policy needs to a checked plan.
 
     Parameters
@@ -243,13 +244,19 @@ def account(checked: CheckedPlan,
         The answer only chooses how the exact counts are computed; the engine
         checks it again on the very table the query reads
         (``acct_unique``).  Without it every join counts row ids.
+    exact_dominance : bool, default False
+        Measure dominance exactly (each group's median, and the largest
+        distances from it).  By default a bound from plain aggregates clears
+        most groups at the cost of a sum; a group it cannot clear is marked
+        ``DOMINANCE_UNSURE`` and the executor runs the plan again with
+        ``exact_dominance`` (:func:`owner_console.executor.evaluate`).
 
     Returns
     -------
     AccountedPlan
         The plan to run, with per-source counts, plus each output column's lineage.
     """
-    accountant = _Accountant(checked, unique_keys)
+    accountant = _Accountant(checked, unique_keys, exact_dominance)
     top = accountant.frame(checked.root)
     sources = tuple(accountant.sources)
     hidden: dict[str, tuple[tuple[str, str], ...]] = {}
@@ -295,6 +302,9 @@ _DOMINANCE_FUNCTIONS = ("sum", "mean", "std", "var")
 # DOMINANCE_P_RATIO of the largest (the p-ratio rule).
 DOMINANCE_TOP_TWO = 0.9
 DOMINANCE_P_RATIO = 0.1
+# The value of a dominance column for a group that the cheap bound could not
+# clear (0: not dominated, 1: dominated): measured again exactly.
+DOMINANCE_UNSURE = 2
 # Accounting kinds that fail when too large (the others fail when too small):
 # carried through a later aggregation as their largest value.
 _LARGEST_FAILS = ("dominated",)
@@ -580,9 +590,11 @@ def _hidden_violation(column: str, origins: tuple[tuple[str, str], ...], where: 
 
 
 class _Accountant:
-    def __init__(self, checked: CheckedPlan, unique_keys: Callable[[str, tuple[str, ...]], bool] | None = None):
+    def __init__(self, checked: CheckedPlan, unique_keys: Callable[[str, tuple[str, ...]], bool] | None = None,
+                 exact_dominance: bool = False):
         self.checked = checked
         self.unique_keys = unique_keys
+        self.exact_dominance = exact_dominance
         self.sources: list[Source] = []
         self.serial = 0  # numbers contribution columns, unique in the whole plan
         self.row_indexed = False  # a with_row_index was seen: lineages may hold ROW_ORDER pairs
@@ -692,6 +704,7 @@ class _Accountant:
                 if dominance or shares:
                     column = f"{RESERVED_PREFIX}_d{j}"
                     accounting.append({"expr": "acct_share", "input": masked["input"], "name": column,
+                                       "exact": self.exact_dominance,
                                        "top_two": _millionths(DOMINANCE_TOP_TWO) if dominance else None,
                                        "p_ratio": _millionths(DOMINANCE_P_RATIO) if dominance else None,
                                        "largest": _millionths(min(shares)) if shares else None})
