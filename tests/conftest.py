@@ -205,13 +205,19 @@ def owner_workspace(tmp_path_factory, patients_csv) -> OwnerWorkspace:
     return make_workspace(tmp_path_factory.mktemp("owner") / "workspace", patients_csv)
 
 
+def register_scientists(workspace: Workspace, directory: Path, names: tuple[str, ...],
+                        unregistered: tuple[str, ...] = ()) -> dict[str, KeyPair]:
+    """Key pairs for ``names`` (allow-listed in ``workspace``) and ``unregistered`` (not), under ``directory``."""
+    keys = {name: make_keys(directory / name, name) for name in names + unregistered}
+    for name in names:
+        workspace.add_scientist(name, keys[name].public_file)
+    return keys
+
+
 @pytest.fixture(scope="module")
 def scientist_keys(tmp_path_factory, owner_workspace) -> dict[str, KeyPair]:
-    keys_dir = tmp_path_factory.mktemp("scientists")
-    keys = {name: make_keys(keys_dir / name, name) for name in ("alice", "bob", "mallory")}
-    for name in ("alice", "bob"):
-        owner_workspace.workspace.add_scientist(name, keys[name].public_file)
-    return keys
+    return register_scientists(owner_workspace.workspace, tmp_path_factory.mktemp("scientists"), ("alice", "bob"),
+                               unregistered=("mallory",))
 
 
 @pytest.fixture(scope="module")

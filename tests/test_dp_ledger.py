@@ -18,7 +18,7 @@ import tomli_w
 
 from bastion_kernel import plan as P
 from bastion_kernel.protocol import BastionError
-from conftest import make_keys, run_owner, start_executor
+from conftest import register_scientists, run_owner, start_executor
 from owner_console import dp
 from owner_console.audit import read_entries
 from owner_console.sample_data import generate_patients
@@ -43,9 +43,7 @@ def data(tmp_path):
 
 
 def serve(ws: Workspace, tmp_path, scientists=("alice", "bob", "carol")):
-    keys = {name: make_keys(tmp_path / "keys" / name, name) for name in scientists}
-    for name, pair in keys.items():
-        ws.add_scientist(name, pair.public_file)
+    keys = register_scientists(ws, tmp_path / "keys", tuple(scientists))
     return start_executor(ws.path, keys), keys
 
 

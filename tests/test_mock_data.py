@@ -26,7 +26,7 @@ import pytest
 from bastion_kernel.plan import col, frame_op, length, plan_hash, scan
 from owner_console.audit import read_entries
 
-from conftest import make_keys, make_workspace, start_executor
+from conftest import make_workspace, register_scientists, start_executor
 from test_kernel import DATARESOURCE_MIME, bastion_kernel, connect_scientist, execute, of_type
 
 TIMEOUT = 60
@@ -48,9 +48,7 @@ def owned(tmp_path_factory, patients_csv):
 @pytest.fixture(scope="module")
 def running(owned, tmp_path_factory):
     directory = tmp_path_factory.mktemp("mock-keys")
-    keys = {name: make_keys(directory / name, name) for name in ("alice", "bob")}
-    for pair in keys.values():
-        owned.workspace.add_scientist(pair.name, pair.public_file)
+    keys = register_scientists(owned.workspace, directory, ("alice", "bob"))
     process = start_executor(owned.path, keys)
     try:
         yield process

@@ -40,7 +40,7 @@ from bastion_kernel.plan import col, frame_op, scan
 from owner_console.audit import read_entries
 from owner_console.workspace import DEFAULT_APPROVAL_TTL_SECONDS, Workspace, WorkspaceError
 
-from conftest import make_keys, make_workspace, start_executor
+from conftest import make_workspace, register_scientists, start_executor
 from test_kernel import (DATARESOURCE_MIME, WAITING, bastion_kernel, connect_scientist, execute, of_type,
                          shell_reply)
 
@@ -67,11 +67,7 @@ def owned(tmp_path_factory, patients_csv):
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory, owned):
-    directory = tmp_path_factory.mktemp("unattended-keys")
-    pairs = {name: make_keys(directory / name, name) for name in ("alice", "bob")}
-    for pair in pairs.values():
-        owned.workspace.add_scientist(pair.name, pair.public_file)
-    return pairs
+    return register_scientists(owned.workspace, tmp_path_factory.mktemp("unattended-keys"), ("alice", "bob"))
 
 
 @pytest.fixture(scope="module")
