@@ -1,7 +1,7 @@
 """The scientist's end of the wire: a CURVE-encrypted ZeroMQ DEALER to the executor.
 
 :class:`ExecutorClient` implements the language's ``Session`` over the
-protocol of :mod:`bastion_kernel.protocol`.  It deserializes nothing but the
+protocol of :mod:`bastion_kernel.contract.protocol`.  It deserializes nothing but the
 JSON envelope and, for a ``result``, one Arrow IPC frame (decoded with
 ``polars.read_ipc``: polars on this side only decodes and displays results).
 
@@ -20,7 +20,7 @@ import zmq
 
 from .config import ScientistConfig, load_config
 from .language.values import FetchedTable, RequestStatus
-from .protocol import REPLY_KINDS, BastionError, ProtocolError, decode, encode
+from .contract.protocol import REPLY_KINDS, BastionError, ProtocolError, decode, encode
 
 DEFAULT_POLL_INTERVAL = 1.0
 # Requests an interrupt cancels on the executor (a review wait is left pending instead).

@@ -25,7 +25,7 @@ from .client import ConfiguredSession, review_pending
 from .config import ConfigError
 from .language.interpreter import Interpreter
 from .language.values import HelpText
-from .protocol import BastionError
+from .contract.protocol import BastionError
 
 HISTORY_SESSION = 1  # one in-memory history session per kernel process
 

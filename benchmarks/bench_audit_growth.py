@@ -27,7 +27,7 @@ import tomli_w
 
 from harness import machine, make_keys, start_executor  # noqa: F401 - harness puts tests/ on sys.path
 
-from bastion_kernel.plan import canonical_json, col, fn, frame_op, scan  # noqa: E402
+from bastion_kernel.contract.plan import canonical_json, col, fn, frame_op, scan  # noqa: E402
 from conftest import make_workspace  # noqa: E402
 from owner_console.sample_data import write_patients  # noqa: E402
 

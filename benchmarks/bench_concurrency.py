@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 from harness import RawClient, machine, make_table, percentile, served, summary
 from owner_console.sample_data import write_patients
 

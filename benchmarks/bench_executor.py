@@ -33,7 +33,7 @@ from typing import Callable
 
 import polars as pl
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 from owner_console import decide, engine, policy, validate
 from owner_console.executor import evaluate
 from owner_console.model import Dataset, Policy

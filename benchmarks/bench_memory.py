@@ -25,7 +25,7 @@ from pathlib import Path
 
 import polars as pl
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 from harness import (PeakSampler, RawClient, machine, make_table, proc_status_bytes, process_tree, served,
                      tree_breakdown, tree_memory_bytes)
 

@@ -40,7 +40,7 @@ from typing import Iterator
 
 import polars as pl
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 from harness import PeakSampler, RawClient, machine, make_table, proc_status_bytes, process_tree, served
 
 MB = 1_000_000

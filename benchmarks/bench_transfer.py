@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 from bastion_kernel.language.values import FetchedTable
 from harness import machine, make_table, served
 from owner_console.workspace import Workspace

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import polars as pl
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 from harness import RawClient, machine, percentile, served, summary
 from owner_console.sample_data import write_patients
 from test_kernel import bastion_kernel, connect_scientist

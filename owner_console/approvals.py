@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from bastion_kernel.plan import canonical_json, plan_hash as compute_plan_hash
+from bastion_kernel.contract.plan import canonical_json, plan_hash as compute_plan_hash
 
 STATUSES = ("pending", "approved", "rejected", "released", "expired")
 _SCHEMA_VERSION = 5

@@ -42,7 +42,7 @@ limit, see :mod:`owner_console.limits`).
 
 Plans and long texts, once.  An entry never holds a whole plan: ``append``
 replaces a ``plan`` field by its ``plan_hash`` (SHA-256 of the plan's
-canonical JSON, :func:`bastion_kernel.plan.plan_hash`) and, the first time
+canonical JSON, :func:`bastion_kernel.contract.plan.plan_hash`) and, the first time
 the log meets that plan, writes a ``plan`` entry holding it (under the
 scientist who first sent it), in the same locked write just before the
 entry that refers to it.  A cell ``text``
@@ -62,7 +62,7 @@ string longer than :data:`MAX_FIELD_CHARS` keeps its head and its SHA-256;
 an entry still larger than :data:`MAX_ENTRY_BYTES` has its largest fields
 replaced by their SHA-256 and size.  So an append never fails because of
 what a scientist sent, and every entry but a ``plan`` or ``text`` entry
-(bounded by the wire's limits, :data:`bastion_kernel.plan.MAX_PLAN_BYTES`
+(bounded by the wire's limits, :data:`bastion_kernel.contract.plan.MAX_PLAN_BYTES`
 and ``owner_console.server.MAX_TEXT_CHARS``) is at most
 :data:`MAX_ENTRY_BYTES` long.
 """
@@ -84,7 +84,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from bastion_kernel.plan import canonical_json
+from bastion_kernel.contract.plan import canonical_json
 
 GENESIS = "0" * 64
 EVENTS = ("connection", "query", "decision", "release", "held", "refusal", "error",

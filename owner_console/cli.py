@@ -292,7 +292,7 @@ def _dp_dataset(workspace: Workspace, name: str):
 
 def _dp_ledger(workspace: Workspace, catalog: dict):
     """The workspace's privacy odometer, with spends recorded by dataset name moved onto their data."""
-    from bastion_kernel.protocol import BastionError
+    from bastion_kernel.contract.protocol import BastionError
     from owner_console import dp
 
     ledger = dp.BudgetLedger(workspace.dp_ledger_path)

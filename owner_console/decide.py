@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping
 
 import polars as pl
 
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract.protocol import BastionError
 
 from .model import Decision, Held, Released, strictest_unsafe
 from .policy import DOMINANCE_UNSURE, AccountedPlan, Source, _Rep

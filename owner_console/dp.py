@@ -49,8 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from bastion_kernel import plan as P
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract import plan as P
+from bastion_kernel.contract.protocol import BastionError
 
 from .model import Dataset, Decision, Released
 

@@ -34,8 +34,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import polars as pl
 
-from bastion_kernel import local, plan as P
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract import local, plan as P
+from bastion_kernel.contract.protocol import BastionError
 
 from .model import Dataset
 
@@ -717,7 +717,7 @@ def _resolve(frame: pl.LazyFrame, op: str) -> Any:
 
 
 # ---------------------------------------------------------------- expression tables
-# The expression tables are the language's own (bastion_kernel.local also
+# The expression tables are the language's own (bastion_kernel.contract.local also
 # runs them on the scientist's fetched results); the executor overrides the
 # functions whose failure or size could depend on rows that are never released.
 _DTYPES = local.DTYPES

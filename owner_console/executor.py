@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 
 import polars as pl
 
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract.protocol import BastionError
 
 from . import decide, dp, engine, policy, validate
 from .model import Dataset, Held, Policy, Released

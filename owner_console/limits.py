@@ -22,9 +22,9 @@ most :data:`owner_console.audit.MAX_ENTRY_BYTES` each, a few hundred bytes in
 practice) to the audit log a minute.  A dataset's policy may set its
 own, smaller ``query_timeout_seconds`` (see
 :func:`owner_console.executor.query_timeout`).  The other limits are fixed:
-the envelope size (:data:`bastion_kernel.protocol.MAX_ENVELOPE_BYTES`), the
+the envelope size (:data:`bastion_kernel.contract.protocol.MAX_ENVELOPE_BYTES`), the
 text fields (:data:`owner_console.server.MAX_TEXT_CHARS`), the plan's depth
-and node count (:mod:`bastion_kernel.plan`) and the cell size (the language).
+and node count (:mod:`bastion_kernel.contract.plan`) and the cell size (the language).
 """
 from __future__ import annotations
 

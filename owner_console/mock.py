@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping
 
 import polars as pl
 
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract.protocol import BastionError
 
 from .model import Dataset
 

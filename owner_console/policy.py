@@ -53,8 +53,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
 
-from bastion_kernel import plan as P
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract import plan as P
+from bastion_kernel.contract.protocol import BastionError
 
 from .model import Policy, strictest_unsafe
 from .validate import RESERVED_PREFIX, CheckedPlan

@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract.protocol import BastionError
 from owner_console.model import Dataset, Policy
 from owner_console.workspace import NAME_PATTERN, atomic_write
 

@@ -13,12 +13,12 @@ allow-list gives that key, never to anything in the message itself; a held
 request is served only to the key that asked it.
 
 The edge.  Before anything reaches a handler, a store or a log: the envelope
-(one frame, :func:`bastion_kernel.protocol.decode`), its id (1 to 128
+(one frame, :func:`bastion_kernel.contract.protocol.decode`), its id (1 to 128
 printable ASCII characters: it is logged and audited), the body's fields
 (:data:`BODY_FIELDS`), every string in it (no lone UTF-16 surrogate: valid
 JSON, not Unicode text), every number in a plan (finite: JSON's ``1e400`` is
 no 64-bit float) and the plan's size (at most
-:data:`bastion_kernel.plan.MAX_PLAN_BYTES` of canonical JSON).  Each failure
+:data:`bastion_kernel.contract.plan.MAX_PLAN_BYTES` of canonical JSON).  Each failure
 is a typed error naming where it is, answered and audited like any refusal.
 
 Nothing answered without its audit entry.  A refusal, an internal error, a
@@ -121,9 +121,9 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from bastion_kernel import protocol
-from bastion_kernel.plan import MAX_PLAN_BYTES, PLAN_VERSION, canonical_json, frame_op, plan_hash, scan
-from bastion_kernel.protocol import BastionError, ProtocolError
+from bastion_kernel.contract import protocol
+from bastion_kernel.contract.plan import MAX_PLAN_BYTES, PLAN_VERSION, canonical_json, frame_op, plan_hash, scan
+from bastion_kernel.contract.protocol import BastionError, ProtocolError
 from owner_console import mock
 from owner_console.approvals import (ApprovalError, Request, describe_seconds, effective_reuse, expires_at,
                                      interrupted_release, is_expired, serves_again, sweep_expired, utc_now)
@@ -1009,7 +1009,7 @@ class ExecutorServer:
     def _hold(self, request: _Request, plan: dict, text: str, outcome: Held, ipc: bytes,
               columns: list[list[str]], version: str = "") -> int:
         """Keep a held table in ``results/<id>.arrow`` and queue it for the owner."""
-        from bastion_kernel.plan_text import plan_to_polars_text, plan_tree
+        from bastion_kernel.contract.plan_text import plan_to_polars_text, plan_tree
 
         def write_result(request_id: int) -> str:
             atomic_write(self.workspace.result_path(request_id), ipc, mode=0o600)

@@ -2,7 +2,7 @@
 
 The first step of the executor's one-way path.  Everything arriving here is
 untrusted JSON: the validator walks it once against the tables of
-:mod:`bastion_kernel.plan` (``FRAME_OPS``, ``EXPR_KINDS``, ``EXPR_FUNCTIONS``,
+:mod:`bastion_kernel.contract.plan` (``FRAME_OPS``, ``EXPR_KINDS``, ``EXPR_FUNCTIONS``,
 ``DTYPES``, ...), refuses whatever those tables do not name, and builds a
 fresh copy of the plan that holds only what it checked.  Later layers read
 only that copy.
@@ -25,8 +25,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from bastion_kernel import plan as P
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract import plan as P
+from bastion_kernel.contract.protocol import BastionError
 
 from .model import Dataset
 

@@ -44,7 +44,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract.protocol import BastionError
 
 from . import dp, engine, executor
 from .model import Dataset, Decision, Held, Policy, Released

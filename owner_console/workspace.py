@@ -454,7 +454,7 @@ class Workspace:
         dataset = self.catalog_with_errors()[0].get(name)
         if dataset is None:
             raise WorkspaceError(f"no dataset {name!r} in {self.path} (bastion-owner dataset add registers one)")
-        from bastion_kernel.protocol import BastionError
+        from bastion_kernel.contract.protocol import BastionError
         try:
             schema = source_schema(dataset)
         except BastionError as exc:

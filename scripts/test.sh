@@ -13,6 +13,9 @@ cd "$ROOT"
 
 # With no path given, pytest runs setup.cfg's testpaths (tests/); a path given
 # (scripts/test.sh tests/test_demo.py -k ...) narrows the run instead of adding to it.
+# The trust boundary: the owner's side imports only the kernel's contract (setup.cfg [importlinter]).
+echo "==> lint-imports"
+"$VENV/bin/lint-imports" --no-cache
 echo "==> python -m pytest -p no:cacheprovider $*"
 status=0
 "$PY" -m pytest -p no:cacheprovider "$@" || status=$?

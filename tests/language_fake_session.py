@@ -7,7 +7,7 @@ dataset unless a test set ``schemas`` for that plan's hash.
 from __future__ import annotations
 
 from bastion_kernel.language.values import FetchedTable, RequestStatus
-from bastion_kernel.plan import plan_hash
+from bastion_kernel.contract.plan import plan_hash
 
 PATIENTS_SCHEMA = [["patient_id", "Int64"], ["name", "String"], ["age", "Int64"], ["sex", "String"],
                    ["zip", "String"], ["diagnosis", "String"], ["admission_date", "Date"],
@@ -94,7 +94,7 @@ class LocalTablesSession(FakeSession):
         }
 
     def fetch(self, plan: dict, text: str, wait: bool = True) -> FetchedTable:
-        from bastion_kernel import local
+        from bastion_kernel.contract import local
 
         self.calls.append(("fetch", plan))
         self.fetched.append((plan, text))

@@ -13,7 +13,7 @@ import tomllib
 import pytest
 import tomli_w
 
-from bastion_kernel.plan import col, frame_op, scan
+from bastion_kernel.contract.plan import col, frame_op, scan
 from owner_console.approvals import ApprovalStore, is_expired, record_decision, sweep_expired
 from owner_console.approvals import _SCHEMA_VERSION as approvals_schema_version
 from owner_console.audit import read_entries, verify

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from bastion_kernel.plan import plan_hash, scan
+from bastion_kernel.contract.plan import plan_hash, scan
 from owner_console.approvals import ApprovalError, ApprovalStore
 
 PLAN = {"op": "head", "input": scan("patients"), "n": 5}

@@ -30,7 +30,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 
 pytestmark = pytest.mark.timeout(300)
 

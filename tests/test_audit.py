@@ -201,13 +201,13 @@ def test_cli_verify_catches_each_tampering(tmp_path):
 # -- plans once, entries bounded, any value written safely ----------------------------------------
 
 def _big_plan(values: int = 3000) -> dict:
-    from bastion_kernel.plan import col, fn, frame_op, scan
+    from bastion_kernel.contract.plan import col, fn, frame_op, scan
     return frame_op("filter", input=scan("patients"),
                     predicate=fn("is_in", col("name"), values=[f"name-{i:08d}" for i in range(values)]))
 
 
 def test_a_plan_is_kept_once_and_every_entry_refers_to_it_by_its_hash(tmp_path, key):
-    from bastion_kernel.plan import canonical_json, plan_hash
+    from bastion_kernel.contract.plan import canonical_json, plan_hash
     plan = _big_plan()
     log = AuditLog(tmp_path / "audit.jsonl", key)
     written = [log.append("query", "alice", plan=plan, plan_hash=plan_hash(plan), text=f"cell {i}")
@@ -238,7 +238,7 @@ def test_an_entry_whose_plan_the_log_does_not_hold_fails_verify(tmp_path, key):
 
 
 def test_a_log_with_plans_inline_still_verifies_and_its_plans_are_checked(tmp_path, key):
-    from bastion_kernel.plan import plan_hash
+    from bastion_kernel.contract.plan import plan_hash
     from owner_console.audit import canonical
     plan = {"op": "scan", "dataset": "patients"}
     log = AuditLog(tmp_path / "audit.jsonl", key)

@@ -45,7 +45,7 @@ import nbformat
 import polars as pl
 import pytest
 
-from bastion_kernel.protocol import ERROR_NAMES
+from bastion_kernel.contract.protocol import ERROR_NAMES
 from owner_console import demo
 from owner_console.workspace import Workspace
 

@@ -20,10 +20,10 @@ import polars as pl
 import pytest
 import tomli_w
 
-from bastion_kernel import plan as P
-from bastion_kernel import protocol
-from bastion_kernel.plan import alias, binary, col, fn, frame_op, length, lit, scan
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract import plan as P
+from bastion_kernel.contract import protocol
+from bastion_kernel.contract.plan import alias, binary, col, fn, frame_op, length, lit, scan
+from bastion_kernel.contract.protocol import BastionError
 from owner_console import engine, executor as core
 from owner_console.audit import read_entries
 from owner_console.model import Dataset, Policy

@@ -20,7 +20,7 @@ from bastion_kernel import display
 from bastion_kernel.language import plot
 from bastion_kernel.language.interpreter import Interpreter
 from bastion_kernel.language.values import Chart, FetchedTable, RequestStatus
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract.protocol import BastionError
 from owner_console import executor
 from owner_console.dp import DPPolicy
 from owner_console.model import Dataset, Held, Policy, Released

@@ -7,11 +7,11 @@ import signal
 import pytest
 from polars.testing import assert_frame_equal
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 from bastion_kernel.client import ConfiguredSession, ExecutorClient
 from bastion_kernel.config import ConfigError
 from bastion_kernel.language.values import FetchedTable, RequestStatus
-from bastion_kernel.protocol import BastionError, encode
+from bastion_kernel.contract.protocol import BastionError, encode
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 from bastion_kernel.language.interpreter import Completion, Interpreter
 from bastion_kernel.language.registry import methods_of, properties_of
 from bastion_kernel.language.frame import RemoteFrame

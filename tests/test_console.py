@@ -16,8 +16,8 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from bastion_kernel.plan import col, frame_op, length, scan
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract.plan import col, frame_op, length, scan
+from bastion_kernel.contract.protocol import BastionError
 from owner_console.audit import read_entries
 from owner_console.console import ALL, OwnerConsole
 

@@ -28,7 +28,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from bastion_kernel.plan import col, frame_op, length, scan
+from bastion_kernel.contract.plan import col, frame_op, length, scan
 from owner_console.approvals import ApprovalStore
 from owner_console.audit import read_entries
 from owner_console.console import OwnerConsole

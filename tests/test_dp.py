@@ -13,9 +13,9 @@ import polars as pl
 import pytest
 import tomli_w
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 from bastion_kernel.language.interpreter import Interpreter
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract.protocol import BastionError
 from conftest import make_keys, run_owner, start_executor
 from language_fake_session import FakeSession
 from owner_console import dp, executor

@@ -16,8 +16,8 @@ import polars as pl
 import pytest
 import tomli_w
 
-from bastion_kernel import plan as P
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract import plan as P
+from bastion_kernel.contract.protocol import BastionError
 from conftest import register_scientists, run_owner, start_executor
 from owner_console import dp
 from owner_console.audit import read_entries

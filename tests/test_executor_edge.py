@@ -30,8 +30,8 @@ import pytest
 import tomli_w
 from polars.testing import assert_frame_equal
 
-from bastion_kernel import protocol
-from bastion_kernel.plan import MAX_PLAN_BYTES, canonical_json, col, fn, frame_op, plan_hash, scan
+from bastion_kernel.contract import protocol
+from bastion_kernel.contract.plan import MAX_PLAN_BYTES, canonical_json, col, fn, frame_op, plan_hash, scan
 from owner_console.approvals import ApprovalStore
 from owner_console.audit import MAX_ENTRY_BYTES, read_entries
 

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from bastion_kernel.plan import alias, col, fn, frame_op, length, plan_hash, scan
+from bastion_kernel.contract.plan import alias, col, fn, frame_op, length, plan_hash, scan
 from owner_console.audit import read_entries
 from owner_console.model import Policy
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bastion_kernel.language.interpreter import Interpreter
-from bastion_kernel.protocol import ERROR_NAMES, BastionError
+from bastion_kernel.contract.protocol import ERROR_NAMES, BastionError
 from fuzz_strategies import (CANARY_ATTRIBUTE, CANARY_ENV, CANARY_FILE_TOKEN, CANARY_STATEMENTS, ast_cells,
                              cell_sources)
 from language_fake_session import FakeSession

@@ -15,7 +15,7 @@ import uuid
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 
-from bastion_kernel import protocol
+from bastion_kernel.contract import protocol
 from hypothesis import strategies as st
 
 from fuzz_strategies import plans, wire_messages

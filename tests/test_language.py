@@ -9,14 +9,14 @@ import json
 
 import pytest
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 from bastion_kernel.language.expr import Expr, Then, When
 from bastion_kernel.language.frame import GroupBy, RemoteFrame
 from bastion_kernel.language.interpreter import CellResult, Interpreter
 from bastion_kernel.language.sql import sql_to_plan
 from bastion_kernel.language.values import DatasetList, FetchedTable, RequestStatus
-from bastion_kernel.plan_text import plan_to_polars_text
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract.plan_text import plan_to_polars_text
+from bastion_kernel.contract.protocol import BastionError
 from language_fake_session import PATIENTS_SCHEMA, FakeSession
 
 SCAN = {"op": "scan", "dataset": "patients"}

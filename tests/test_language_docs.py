@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 from bastion_kernel.language.interpreter import Interpreter
 from bastion_kernel.language.registry import doc_index, documented_operations
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract.protocol import BastionError
 from language_fake_session import FakeSession, LocalTablesSession
 
 OPERATIONS = documented_operations()
@@ -96,7 +96,7 @@ def test_inspect_shows_each_docstring():
 
 
 def test_the_language_reference_lists_every_error_name():
-    from bastion_kernel.protocol import ERROR_NAMES
+    from bastion_kernel.contract.protocol import ERROR_NAMES
 
     from pathlib import Path
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from bastion_kernel.language.interpreter import MAX_AST_DEPTH, MAX_CELL_BYTES, Interpreter
-from bastion_kernel.protocol import ERROR_NAMES, BastionError
+from bastion_kernel.contract.protocol import ERROR_NAMES, BastionError
 from language_fake_session import FakeSession
 
 # (cell, ename, (line, col), a fragment of the message)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 from bastion_kernel.language.frame import RemoteFrame
 from bastion_kernel.language.interpreter import Interpreter
 from bastion_kernel.language.sql import sql_to_plan
-from bastion_kernel.plan_text import plan_to_polars_text
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract.plan_text import plan_to_polars_text
+from bastion_kernel.contract.protocol import BastionError
 from language_fake_session import PATIENTS_SCHEMA, FakeSession
 
 SCAN = P.scan("patients")

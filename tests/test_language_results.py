@@ -14,8 +14,8 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from bastion_kernel import local
-from bastion_kernel import plan as P
+from bastion_kernel.contract import local
+from bastion_kernel.contract import plan as P
 from bastion_kernel.language.habits import ATTRIBUTE_HINTS, NAME_HINTS
 from bastion_kernel.language.interpreter import Interpreter, PlanPositions, help_request, place_executor_error
 from bastion_kernel.language.registry import FUNCTIONS, attribute_names
@@ -23,7 +23,7 @@ from bastion_kernel.language.results import LocalGroupBy, notebook_file
 from bastion_kernel.language.values import FetchedTable, HelpText, Printed
 from bastion_kernel.language import expr as expr_module, frame as frame_module
 from bastion_kernel.language.namespaces import PolarsModule, polars_attribute_names
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract.protocol import BastionError
 from language_fake_session import PATIENTS_SCHEMA, FakeSession, LocalTablesSession
 from owner_console.model import Dataset, Policy
 from owner_console.sample_data import generate_patients, write_patients

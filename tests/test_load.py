@@ -22,8 +22,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from bastion_kernel import plan as P
-from bastion_kernel import protocol
+from bastion_kernel.contract import plan as P
+from bastion_kernel.contract import protocol
 from conftest import make_keys, make_workspace, start_executor
 from owner_console.sample_data import write_patients
 from wire import RawClient

@@ -23,7 +23,7 @@ import tomllib
 import polars as pl
 import pytest
 
-from bastion_kernel.plan import col, frame_op, length, plan_hash, scan
+from bastion_kernel.contract.plan import col, frame_op, length, plan_hash, scan
 from owner_console.audit import read_entries
 
 from conftest import make_workspace, register_scientists, start_executor

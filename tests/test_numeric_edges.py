@@ -27,8 +27,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from bastion_kernel import plan as P
-from bastion_kernel import protocol
+from bastion_kernel.contract import plan as P
+from bastion_kernel.contract import protocol
 
 REPLY_SECONDS = 60
 SLOT = "@@NUMBER@@"  # where the raw number token goes in the plan's JSON

@@ -14,8 +14,8 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from bastion_kernel import protocol
-from bastion_kernel.plan import col, frame_op, plan_hash, scan
+from bastion_kernel.contract import protocol
+from bastion_kernel.contract.plan import col, frame_op, plan_hash, scan
 from owner_console.audit import read_entries
 
 TIMEOUT = 60

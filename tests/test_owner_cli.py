@@ -9,7 +9,7 @@ import tomllib
 import polars as pl
 import pytest
 
-from bastion_kernel.plan import scan
+from bastion_kernel.contract.plan import scan
 from owner_console.approvals import ApprovalStore
 from owner_console.audit import read_entries
 from owner_console.model import Policy

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from bastion_kernel import plan as P
-from bastion_kernel.plan_text import plan_to_polars_text, plan_tree
+from bastion_kernel.contract import plan as P
+from bastion_kernel.contract.plan_text import plan_to_polars_text, plan_tree
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -123,7 +123,7 @@ def test_text_is_valid_python(plan):
 
 
 def test_text_never_imports_polars():
-    code = "import sys, bastion_kernel.plan_text; print('polars' in sys.modules)"
+    code = "import sys, bastion_kernel.contract.plan_text; print('polars' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     assert out.stdout.strip() == "False"
 

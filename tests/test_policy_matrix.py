@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-from bastion_kernel import plan as P
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract import plan as P
+from bastion_kernel.contract.protocol import BastionError
 from owner_console import decide, executor, policy, validate
 from owner_console.model import Dataset, Held, Policy, Released
 from owner_console.sample_data import ZIP_CODES, write_patients

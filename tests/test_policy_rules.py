@@ -13,8 +13,8 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from bastion_kernel import plan as P
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract import plan as P
+from bastion_kernel.contract.protocol import BastionError
 from owner_console import decide, engine, executor, policy, validate
 from owner_console.model import Dataset, Held, Policy, Released
 from owner_console.sample_data import write_patients

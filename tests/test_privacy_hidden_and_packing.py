@@ -31,10 +31,10 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 from bastion_kernel.language.interpreter import Interpreter
 from bastion_kernel.language.sql import sql_to_plan
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract.protocol import BastionError
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -33,7 +33,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 from bastion_kernel.language.sql import sql_to_plan
 from owner_console.workspace import WorkspaceError
 

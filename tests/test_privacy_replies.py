@@ -16,8 +16,8 @@ import string
 import polars as pl
 import pytest
 
-from bastion_kernel import plan as P
-from bastion_kernel.protocol import ERROR_CLASSES, ERROR_NAMES, BastionError
+from bastion_kernel.contract import plan as P
+from bastion_kernel.contract.protocol import ERROR_CLASSES, ERROR_NAMES, BastionError
 from owner_console import decide
 from owner_console.audit import read_entries
 

@@ -12,7 +12,7 @@ import zmq
 
 from bastion_kernel import display
 from bastion_kernel.client import ExecutorClient
-from bastion_kernel.protocol import REQUEST_KINDS, decode, encode
+from bastion_kernel.contract.protocol import REQUEST_KINDS, decode, encode
 
 
 class SlowExecutor(threading.Thread):

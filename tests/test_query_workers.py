@@ -21,8 +21,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from bastion_kernel.plan import alias, col, fn, frame_op, scan
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract.plan import alias, col, fn, frame_op, scan
+from bastion_kernel.contract.protocol import BastionError
 from owner_console import dp, engine, executor as core
 from owner_console import workers
 from owner_console.model import Dataset, Held, Policy, Released

@@ -14,7 +14,7 @@ from polars.testing import assert_frame_equal
 
 from bastion_kernel.language.interpreter import Interpreter
 from bastion_kernel.language.values import FetchedTable
-from bastion_kernel.plan import alias, binary, col, fn, frame_op, length, lit, scan
+from bastion_kernel.contract.plan import alias, binary, col, fn, frame_op, length, lit, scan
 from owner_console.audit import read_entries
 
 from conftest import make_keys, make_workspace, start_executor

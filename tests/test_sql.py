@@ -18,9 +18,9 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 from bastion_kernel.language.sql import sql_to_plan
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract.protocol import BastionError
 from owner_console import executor
 from owner_console.model import Dataset, Policy, Released
 from owner_console.sample_data import generate_patients

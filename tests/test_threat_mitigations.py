@@ -27,7 +27,7 @@ from typing import Callable
 import polars as pl
 import pytest
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 from owner_console.audit import read_entries
 from owner_console.workspace import Workspace
 from wire import RawClient

@@ -36,7 +36,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from bastion_kernel.plan import col, frame_op, scan
+from bastion_kernel.contract.plan import col, frame_op, scan
 from owner_console.audit import read_entries
 from owner_console.workspace import DEFAULT_APPROVAL_TTL_SECONDS, Workspace, WorkspaceError
 

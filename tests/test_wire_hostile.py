@@ -11,8 +11,8 @@ import time
 import pytest
 import zmq.auth
 
-from bastion_kernel import protocol
-from bastion_kernel.plan import col, frame_op, scan
+from bastion_kernel.contract import protocol
+from bastion_kernel.contract.plan import col, frame_op, scan
 from owner_console.approvals import ApprovalStore
 from owner_console.audit import read_entries
 

@@ -10,7 +10,7 @@ import uuid
 
 import zmq
 
-from bastion_kernel import protocol
+from bastion_kernel.contract import protocol
 
 
 class RawClient:

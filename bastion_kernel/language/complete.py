@@ -14,8 +14,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bastion_kernel.plan import canonical_json
-from bastion_kernel.plan_text import plan_tree
+from bastion_kernel.contract.plan import canonical_json
+from bastion_kernel.contract.plan_text import plan_tree
 
 from .errors import BastionError
 from .expr import DType, Expr, render_expr

@@ -21,7 +21,7 @@ input column (``Float64`` for numbers and booleans, text otherwise).
 """
 from __future__ import annotations
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 
 from .errors import BastionError, SchemaError
 from .expr import is_number

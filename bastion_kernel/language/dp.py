@@ -7,14 +7,14 @@ only noisy aggregates computed by OpenDP: ``pl.len()`` (noised there),
 Each released query spends part of the scientist's privacy budget;
 ``dp_preview()`` shows what a query would cost and how accurate it would be
 before anything is spent, and ``budget()`` what is left.  The functions here
-only build plans (``dp.*`` functions of :data:`bastion_kernel.plan.EXPR_FUNCTIONS`)
+only build plans (``dp.*`` functions of :data:`bastion_kernel.contract.plan.EXPR_FUNCTIONS`)
 and ask the session; the executor decides everything.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 
 from .errors import SchemaError
 from .expr import Expr, ExprNamespace, check_param, describe_value, render_expr

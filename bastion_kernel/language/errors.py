@@ -1,6 +1,6 @@
 """Errors the language raises: typed, positioned, and helpful.
 
-Every error is a :class:`bastion_kernel.protocol.BastionError` so the kernel
+Every error is a :class:`bastion_kernel.contract.protocol.BastionError` so the kernel
 shows language refusals and executor refusals the same way.  ``details``
 carries ``{"line", "col"}`` (1-based line, 0-based column, as in Python's
 ``ast``) when the offending part of the cell is known.
@@ -21,7 +21,7 @@ import ast
 import difflib
 from typing import Iterable
 
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract.protocol import BastionError
 
 __all__ = ["BastionError", "ParseError", "UnsupportedOperation", "SchemaError", "LimitExceeded",
            "ExecutionError", "suggest", "position_of", "attach_position"]

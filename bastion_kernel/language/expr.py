@@ -1,8 +1,8 @@
 """Expressions of the language: ``col``, ``lit``, ``len``, ``when`` and their methods.
 
-An :class:`Expr` wraps expression dicts of :mod:`bastion_kernel.plan` (one,
+An :class:`Expr` wraps expression dicts of :mod:`bastion_kernel.contract.plan` (one,
 or several for ``col("a", "b")``, which polars expands in a frame context).
-Every expression function of :data:`bastion_kernel.plan.EXPR_FUNCTIONS` is a
+Every expression function of :data:`bastion_kernel.contract.plan.EXPR_FUNCTIONS` is a
 method here, generated from the spec table plus a documentation table, so the
 plan format stays the single source of what exists.
 """
@@ -13,8 +13,8 @@ import math
 import re
 from typing import Any, Callable
 
-from bastion_kernel import plan as P
-from bastion_kernel.plan_text import text_of as render_expr
+from bastion_kernel.contract import plan as P
+from bastion_kernel.contract.plan_text import text_of as render_expr
 
 from .errors import LimitExceeded, SchemaError, UnsupportedOperation
 from .registry import Context, function, method
@@ -422,7 +422,7 @@ def make_function_handler(fn_name: str) -> Callable:
 
     Python arguments map to the spec's parameters by position and by
     (polars') keyword; each is type-checked and defaults come from the spec
-    through :func:`bastion_kernel.plan.fn`.
+    through :func:`bastion_kernel.contract.plan.fn`.
     """
     spec = P.EXPR_FUNCTIONS[fn_name]
     params = [(POLARS_PARAM_NAMES.get((fn_name, name), name), name, ptype) for name, ptype in spec.params]

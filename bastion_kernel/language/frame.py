@@ -1,7 +1,7 @@
 """Remote frames: lazy, polars-shaped, and nothing but a plan.
 
-A :class:`RemoteFrame` holds a plan dict of :mod:`bastion_kernel.plan`.  Its
-methods build new plans with :func:`bastion_kernel.plan.frame_op`; only
+A :class:`RemoteFrame` holds a plan dict of :mod:`bastion_kernel.contract.plan`.  Its
+methods build new plans with :func:`bastion_kernel.contract.plan.frame_op`; only
 ``fetch``, ``save``, ``request`` and the schema properties talk to the
 session (the executor), and no row ever lives on this side except in a
 :class:`FetchedTable` the executor released.
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 
 from .errors import SchemaError, UnsupportedOperation, suggest
-from bastion_kernel.plan_text import plan_to_polars_text, text_of
+from bastion_kernel.contract.plan_text import plan_to_polars_text, text_of
 
 from .expr import (LENGTHS, Expr, check_name, check_plan_size, combine_predicates, describe_value, to_node,
                    to_nodes)

@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 
 from . import complete as completion
 from .errors import (BastionError, ExecutionError, LimitExceeded, ParseError, SchemaError, UnsupportedOperation,

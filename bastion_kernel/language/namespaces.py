@@ -1,7 +1,7 @@
 """Namespaces: ``expr.str``, ``expr.dt`` and the ``pl`` module stand-in.
 
 ``expr.str.<fn>`` and ``expr.dt.<fn>`` are the ``str.*`` and ``dt.*``
-functions of :data:`bastion_kernel.plan.EXPR_FUNCTIONS`.  ``pl`` is not
+functions of :data:`bastion_kernel.contract.plan.EXPR_FUNCTIONS`.  ``pl`` is not
 polars: it is a fixed table of the language's builtin functions and data
 types, so that code copied from polars (``pl.col``, ``pl.len``, ``pl.Int64``)
 works and nothing else does.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bastion_kernel import plan as P
+from bastion_kernel.contract import plan as P
 
 from .errors import UnsupportedOperation, suggest
 from .expr import DTYPE_VALUES, Expr, ExprNamespace, make_function_handler, render_expr

@@ -26,8 +26,8 @@ import functools
 import math
 from typing import Any, Callable
 
-from bastion_kernel import plan as P
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract import plan as P
+from bastion_kernel.contract.protocol import BastionError
 
 from .errors import SchemaError, UnsupportedOperation, suggest
 from .expr import describe_value, is_number, to_node

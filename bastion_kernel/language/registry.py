@@ -19,7 +19,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from bastion_kernel.plan import plan_hash
+from bastion_kernel.contract.plan import plan_hash
 
 from .errors import UnsupportedOperation, suggest
 

@@ -4,7 +4,7 @@ What the executor released belongs to the scientist.  A fetched result (a
 :class:`~bastion_kernel.language.values.FetchedTable`, called ``DataFrame``
 in the language) has the read-only polars operations people use on results;
 each builds the same plan node a remote frame would and runs it in the kernel
-with :mod:`bastion_kernel.local`, on the released table only.  Nothing here
+with :mod:`bastion_kernel.contract.local`, on the released table only.  Nothing here
 talks to the executor: no policy applies, nothing is audited, and the owner's
 rows are never involved.
 
@@ -17,8 +17,8 @@ import importlib.util
 from pathlib import Path, PurePath
 from typing import Any
 
-from bastion_kernel import plan as P
-from bastion_kernel.plan_text import text_of
+from bastion_kernel.contract import plan as P
+from bastion_kernel.contract.plan_text import text_of
 
 from .errors import ExecutionError, SchemaError, UnsupportedOperation
 from .expr import LENGTHS, check_name, combine_predicates, describe_value, to_node, to_nodes
@@ -53,7 +53,7 @@ def released_frame(table: FetchedTable) -> Any:
 
 def _run(table: FetchedTable, op: str, **fields: Any) -> FetchedTable:
     """Run one plan node over the fetched table, in the kernel."""
-    from bastion_kernel import local  # polars is imported when a local operation runs, not with the language
+    from bastion_kernel.contract import local  # polars is imported when a local operation runs, not with the language
     plan = P.frame_op(op, input=P.scan(_THIS), **fields)
     return FetchedTable(frame=local.run(plan, {_THIS: released_frame(table)}), mock=table.mock)
 
@@ -419,7 +419,7 @@ def result_join(ctx: Context, table: FetchedTable, other: Any, on: Any = None, h
     >>> patients.group_by("sex").agg(len()).fetch().join(patients.group_by("sex").agg(col("cost").mean()).fetch(), on="sex")
     """
     right = _fetched(other, "join()")
-    from bastion_kernel import local
+    from bastion_kernel.contract import local
     plan = P.frame_op("join", left=P.scan(_THIS), right=P.scan(_OTHER),
                       **join_fields(on, how, left_on, right_on, suffix))
     return FetchedTable(frame=local.run(plan, {_THIS: released_frame(table), _OTHER: released_frame(right)}),

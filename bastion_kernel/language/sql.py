@@ -8,7 +8,7 @@ follow ``FROM``/``JOIN``), :data:`_EXPRS` (scalar expressions) and
 them is refused by name, and so is any clause of a known node that this module
 does not read (``QUALIFY``, ``TABLESAMPLE``, ``FILTER (WHERE ...)``...): a
 clause is never silently ignored.  Plans are built only with the builders of
-:mod:`bastion_kernel.plan`; nothing here executes SQL.
+:mod:`bastion_kernel.contract.plan`; nothing here executes SQL.
 
 Supported subset
 ----------------
@@ -58,8 +58,8 @@ from typing import Any, Callable, Collection, Mapping
 import sqlglot
 from sqlglot import exp
 
-from bastion_kernel import plan as P
-from bastion_kernel.protocol import BastionError
+from bastion_kernel.contract import plan as P
+from bastion_kernel.contract.protocol import BastionError
 
 _DIALECT = "duckdb"
 # Internal column names (join keys, hidden aggregates, sort keys) start with
@@ -87,7 +87,7 @@ def sql_to_plan(query: str, tables: Mapping[str, list[list[str]]], *,
     Returns
     -------
     dict
-        A frame plan made with :mod:`bastion_kernel.plan`'s builders.
+        A frame plan made with :mod:`bastion_kernel.contract.plan`'s builders.
 
     Raises
     ------

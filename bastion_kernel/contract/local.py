@@ -2,7 +2,7 @@
 
 A fetched result is the scientist's: sorting, filtering or joining it needs
 no policy and never goes back to the executor.  The language builds the same
-plan nodes as for a remote frame (:mod:`bastion_kernel.plan`) over local
+plan nodes as for a remote frame (:mod:`bastion_kernel.contract.plan`) over local
 tables and this module compiles them to polars, through explicit tables keyed
 by the plan's own operation, expression and function names.  Nothing here is
 looked up by a name the scientist chose.
@@ -262,7 +262,7 @@ def run(plan: dict, tables: Mapping[str, pl.DataFrame]) -> pl.DataFrame:
     Parameters
     ----------
     plan : dict
-        A frame node of :mod:`bastion_kernel.plan`.
+        A frame node of :mod:`bastion_kernel.contract.plan`.
     tables : mapping of str to polars.DataFrame
         The released tables the plan's scans read.
 
