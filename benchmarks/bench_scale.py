@@ -8,11 +8,10 @@ is a real ``bastion-owner serve`` on 127.0.0.1, then put under a memory limit
 ``MemoryMax`` would set; the default when it can be written, as root), or with
 ``--limit-kind as`` an address-space limit (``prlimit --pid PID --as=LIMIT``,
 which also counts file mappings: polars maps a Parquet file whole to read it).  Two aggregates are sent to the executor as it is:
-since issue 7's engine change, a Parquet file larger than
+a Parquet file larger than
 ``engine.streaming_threshold()`` (one eighth of the memory the executor may
 use, address-space limit included) is scanned lazily and run on polars'
-streaming engine.  (Before that change the executor read the file whole and
-the process aborted.)
+streaming engine, so it never has to fit in memory whole.
 
 Since queries run in worker processes (:mod:`owner_console.workers`), which
 inherit the limit, the memory figures are the peak PSS of the executor's whole

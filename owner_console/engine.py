@@ -834,7 +834,6 @@ class _Compiler:
             "slice": self._slice, "explode": self._explode,
             # internal operations, built only by owner_console.policy
             "acct_row_id": self._acct_row_id, "acct_columns": self._acct_columns,
-            "acct_select": self._acct_select,
             "acct_person_id": self._acct_person_id, "acct_unique": self._acct_unique,
         }
         self.exprs: dict[str, Callable[[dict], pl.Expr]] = {
@@ -1364,9 +1363,6 @@ class _Compiler:
         else:
             finite = pl.lit(True)
         return finite.cast(ACCOUNT_DTYPE).alias(node["name"])
-
-    def _acct_select(self, node: dict) -> pl.LazyFrame:
-        return self.frame(node["input"]).select([pl.col(c) for c in node["columns"]])
 
 
 def _clearing_factor(node: dict) -> float:

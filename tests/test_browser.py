@@ -49,6 +49,8 @@ from bastion_kernel.contract.protocol import ERROR_NAMES
 from owner_console import demo
 from owner_console.workspace import Workspace
 
+pytestmark = pytest.mark.slow  # starts services or takes seconds: not in the fast tier
+
 ROOT = Path(__file__).resolve().parent.parent
 SCIENTIST_NOTEBOOK = demo.SCIENTIST_NOTEBOOK
 OWNER_NOTEBOOK = demo.OWNER_NOTEBOOK

@@ -33,6 +33,8 @@ from owner_console.workspace import atomic_write
 from conftest import serving
 from test_kernel import bastion_kernel, connect_scientist
 
+pytestmark = pytest.mark.slow  # starts services or takes seconds: not in the fast tier
+
 SLOW = frame_op("group_by",
                 input=frame_op("join", left=scan("patients_open"),
                                right=frame_op("select", input=scan("patients_open"),

@@ -35,6 +35,8 @@ from owner_console.console import OwnerConsole
 
 from conftest import make_keys, make_workspace, start_executor
 
+pytestmark = pytest.mark.slow  # starts services or takes seconds: not in the fast tier
+
 TIMEOUT = 60
 
 

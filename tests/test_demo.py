@@ -32,6 +32,8 @@ from bastion_kernel.config import load_config
 from owner_console.approvals import ApprovalStore
 from owner_console.workspace import Workspace
 
+pytestmark = pytest.mark.slow  # starts services or takes seconds: not in the fast tier
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 STARTUP_SECONDS = 120

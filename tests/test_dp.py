@@ -1,4 +1,4 @@
-"""Differential privacy (issue 9): OpenDP releases, the odometer, routing and the differencing attack.
+"""Differential privacy: OpenDP releases, the odometer, routing and the differencing attack.
 
 Real parts throughout: real OpenDP and polars in-process for the statistics,
 a real workspace on disk for the odometer, and a real ``bastion-owner serve``
@@ -22,7 +22,7 @@ from owner_console import dp, executor
 from owner_console.sample_data import generate_patients
 from owner_console.workspace import Workspace, WorkspaceError
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 ROWS = 200
 DP_TABLE = {"epsilon": 1.0, "epsilon_per_query": 0.1, "max_rows": 10_000,

@@ -24,7 +24,7 @@ from owner_console.audit import read_entries
 from owner_console.sample_data import generate_patients
 from owner_console.workspace import Workspace, WorkspaceError
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 DP_TABLE = {"epsilon": 0.3, "epsilon_per_query": 0.1, "max_rows": 10_000,
             "bounds": {"age": [0, 100]}, "public_keys": {"sex": ["F", "M"]}}

@@ -37,6 +37,8 @@ from owner_console.audit import MAX_ENTRY_BYTES, read_entries
 
 from conftest import make_keys, make_workspace, start_executor
 
+pytestmark = pytest.mark.slow  # starts services or takes seconds: not in the fast tier
+
 TIMEOUT = 60
 
 

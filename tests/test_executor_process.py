@@ -16,6 +16,8 @@ from owner_console.model import Policy
 
 from conftest import make_keys, make_workspace, start_executor
 
+pytestmark = pytest.mark.slow  # starts services or takes seconds: not in the fast tier
+
 
 def _table(frames) -> pl.DataFrame:
     assert len(frames) == 1

@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 
 from fuzz_strategies import plans, wire_messages
 
+pytestmark = pytest.mark.slow  # starts services or takes seconds: not in the fast tier
+
 REPLY_SECONDS = 20
 FUZZ_SETTINGS = settings(max_examples=200, deadline=None, database=None,
                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

@@ -11,6 +11,8 @@ import pytest
 
 from test_kernel import bastion_kernel, connect_scientist
 
+pytestmark = pytest.mark.slow  # starts services or takes seconds: not in the fast tier
+
 
 class BastionKernelTests(jupyter_kernel_test.KernelTests):
     kernel_name = "bastion"

@@ -11,6 +11,8 @@ import pytest
 
 from test_kernel import DATARESOURCE_MIME, bastion_kernel, connect_scientist, execute, of_type, waiting_display
 
+pytestmark = pytest.mark.slow  # starts services or takes seconds: not in the fast tier
+
 
 def held_and_interrupted(km, kc, code: str) -> int:
     """Run a cell that waits for the owner, interrupt it, and return its request number."""

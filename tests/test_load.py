@@ -28,6 +28,8 @@ from conftest import make_keys, make_workspace, start_executor
 from owner_console.sample_data import write_patients
 from wire import RawClient
 
+pytestmark = pytest.mark.slow  # starts services or takes seconds: not in the fast tier
+
 CLIENTS = 50
 SCIENTISTS = ("sci0", "sci1", "sci2", "sci3", "sci4")
 LOAD_SECONDS = 8.0

@@ -29,6 +29,8 @@ from owner_console.audit import read_entries
 from conftest import make_workspace, register_scientists, start_executor
 from test_kernel import DATARESOURCE_MIME, bastion_kernel, connect_scientist, execute, of_type
 
+pytestmark = pytest.mark.slow  # starts services or takes seconds: not in the fast tier
+
 TIMEOUT = 60
 BOUNDS = {"age": (0, 100), "length_of_stay": (0, 60), "cost": (0, 200000)}
 

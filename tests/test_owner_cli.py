@@ -17,6 +17,8 @@ from owner_console.workspace import Workspace, WorkspaceError
 
 from conftest import make_keys, run_owner
 
+pytestmark = pytest.mark.slow  # starts services or takes seconds: not in the fast tier
+
 
 def _assert_user_error(result, *fragments):
     assert result.returncode == 2, (result.stdout, result.stderr)

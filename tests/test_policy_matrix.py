@@ -237,7 +237,9 @@ def test_failing_results_follow_the_unsafe_mode(case_id, plan, phrase, mode, cat
     assert told.endswith(decide.PUBLIC_TEXTS[mode]) and "at least 10" in told
     assert not set(told.replace("10", "")) & set("0123456789"), told
     if mode == "reject":
-        assert result.details["rows"] >= 0 and result.details["sources"] == ["patients"]
+        # The owner's count of rows stays in the error; the scientist's reply carries only public fields.
+        assert isinstance(result.details["rows"], int) and result.details["sources"] == ["patients"]
+        assert set(result.body()["details"]) == {"sources", "min_group_size", "action"}
     else:
         assert result.decision.details["sources"] == ["patients"]
         assert not any(c.startswith(validate.RESERVED_PREFIX) for c in result.table.columns)

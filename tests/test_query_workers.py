@@ -30,7 +30,8 @@ from owner_console.model import Dataset, Held, Policy, Released
 from conftest import serving
 from test_cancel_and_limits import QUICK, SLOW, _audit, _fetch, _replies, _still_serving, config
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads processes from /proc (Linux)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads processes from /proc (Linux)")]
 
 
 @pytest.fixture(scope="module")

@@ -138,6 +138,7 @@ def test_wire_traffic_is_encrypted_no_plaintext_plan_or_result_on_the_wire(execu
         assert secret not in wire, f"{secret[:40]!r} crossed the wire in clear"
 
 
+@pytest.mark.slow
 def test_a_tampered_message_on_the_wire_is_dropped_not_executed(executor):
     marker = f"tamper_{uuid.uuid4().hex[:12]}"
     flipped = []

@@ -44,6 +44,8 @@ from conftest import make_workspace, register_scientists, start_executor
 from test_kernel import (DATARESOURCE_MIME, WAITING, bastion_kernel, connect_scientist, execute, of_type,
                          shell_reply)
 
+pytestmark = pytest.mark.slow  # starts services or takes seconds: not in the fast tier
+
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
 BOUNDS = {"age": (0, 100), "length_of_stay": (0, 60), "cost": (0, 200000)}

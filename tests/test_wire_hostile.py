@@ -18,6 +18,8 @@ from owner_console.audit import read_entries
 
 from wire import RawClient
 
+pytestmark = pytest.mark.slow  # starts services or takes seconds: not in the fast tier
+
 
 def _envelope(**fields) -> bytes:
     message = {"v": 1, "id": "m1", "kind": "hello", "body": {}}
