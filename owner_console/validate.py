@@ -21,7 +21,6 @@ from data or row order, a DP aggregate outside a DP dataset).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -38,10 +37,8 @@ MAX_LIST_LENGTH = 10_000        # values in an ``is_in`` list
 MAX_HEAD = 1_000_000_000
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
-CLOSED_VALUES = ("both", "left", "right", "none")
 QUANTILE_INTERPOLATIONS = ("nearest", "higher", "lower", "midpoint", "linear")
 # polars duration strings such as "1d", "2w", "1mo", "3h30m".
-_INTERVAL = re.compile(r"^(?:[1-9][0-9]{0,5}(?:ns|us|ms|s|m|h|d|w|mo|q|y))+$")
 
 # Per-function limits on parameter values, beyond their JSON type: (low, high).
 _PARAM_RANGES: dict[tuple[str, str], tuple[float, float]] = {
@@ -637,13 +634,13 @@ class _Validator:
         return None if value is None else self._param_number(value, at)
 
     def _param_interval(self, value: Any, at: str) -> str:
-        if not isinstance(value, str) or not _INTERVAL.match(value):
+        if not isinstance(value, str) or not P.INTERVAL.match(value):
             raise _refuse("SchemaError", "expected a duration such as '1d', '2w', '1mo', '1y' or '6h'", at)
         return value
 
     def _param_closed(self, value: Any, at: str) -> str:
-        if not isinstance(value, str) or value not in CLOSED_VALUES:
-            raise _refuse("SchemaError", f"expected one of {', '.join(CLOSED_VALUES)}", at)
+        if not isinstance(value, str) or value not in P.CLOSED_VALUES:
+            raise _refuse("SchemaError", f"expected one of {', '.join(P.CLOSED_VALUES)}", at)
         return value
 
     def _scalar(self, value: Any, at: str) -> Any:

@@ -1,6 +1,8 @@
 """What the language refuses: each refusal has its documented ename, a position and a reason."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bastion_kernel.language.interpreter import MAX_AST_DEPTH, MAX_CELL_BYTES, Interpreter
@@ -183,3 +185,29 @@ def test_language_never_touches_python_attributes(interp):
         with pytest.raises(BastionError) as info:
             interp.run_cell(code)
         assert info.value.ename == "UnsupportedOperation", code
+
+
+@pytest.mark.parametrize("every,accepted", [("1mo", True), ("2w6h", True), ("999999d", True), ("0d", False),
+                                            ("1000000d", False), ("1 fortnight", False), ("d", False)])
+def test_intervals_follow_the_contracts_one_rule(interp, every, accepted):
+    # The kernel refuses exactly the intervals the executor's validator refuses (one rule, in the contract).
+    from bastion_kernel.contract import plan as P
+    from owner_console import validate
+    from owner_console.model import Dataset, Policy
+    assert bool(P.INTERVAL.match(every)) is accepted
+    cell = f'x = col("admission_date").dt.truncate("{every}")'
+    if accepted:
+        interp.run_cell(cell)
+    else:
+        with pytest.raises(BastionError) as refused:
+            interp.run_cell(cell)
+        assert refused.value.ename == "SchemaError"
+    plan = P.frame_op("select", input=P.scan("patients"), exprs=[P.fn("dt.truncate", P.col("admission_date"),
+                                                                       every=every)])
+    catalog = {"patients": Dataset("patients", Path("patients.csv"), "csv", Policy())}
+    if accepted:
+        validate.validate(plan, catalog, dataset_columns=lambda dataset: ["admission_date"])
+    else:
+        with pytest.raises(BastionError) as refused:
+            validate.validate(plan, catalog, dataset_columns=lambda dataset: ["admission_date"])
+        assert refused.value.ename == "SchemaError"

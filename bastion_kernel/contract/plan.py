@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,13 @@ DTYPES = (
     "UInt8", "UInt16", "UInt32", "UInt64",
     "Float32", "Float64", "String", "Boolean", "Date", "Datetime",
 )
+
+# The values of an "interval" parameter (dt.truncate's every): one or more
+# counts of 1 to 999,999 with a unit, as polars reads them ("1d", "2w", "1mo6h").
+# The kernel and the executor both check against this one rule.
+INTERVAL = re.compile(r"^(?:[1-9][0-9]{0,5}(?:ns|us|ms|s|m|h|d|w|mo|q|y))+$")
+# The values of a "closed" parameter (is_between).
+CLOSED_VALUES = ("both", "left", "right", "none")
 
 # Parameter types of expression functions. "expr" is an expression dict; the
 # others are JSON literals checked by the executor.

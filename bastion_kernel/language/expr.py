@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 from typing import Any, Callable
 
 from bastion_kernel.contract import plan as P
@@ -217,8 +216,6 @@ def is_number(value: Any) -> bool:
 # --------------------------------------------------------------------------
 # Parameters of expression functions, by their plan.PARAM_TYPES type.
 
-INTERVAL = re.compile(r"^(\d+(ns|us|ms|mo|s|m|h|d|w|q|y))+$")
-CLOSED = ("both", "left", "right", "none")
 # Where polars reads a bare string as a column name in an expression argument.
 STR_AS_COLUMN = {("is_between", "lower_bound"), ("is_between", "upper_bound"), ("pow", "exponent"),
                  ("sort_by", "by"), ("filter", "predicate"), ("repeat_by", "by"), ("over", "partition_by")}
@@ -262,13 +259,13 @@ def check_param(fn_name: str, param: str, ptype: str, value: Any) -> Any:
             return [literal_node(v)["value"] for v in value]
         raise SchemaError(f"{label} must be a list of literal values, not {describe_value(value)}")
     if ptype == "interval":
-        if isinstance(value, str) and INTERVAL.match(value):
+        if isinstance(value, str) and P.INTERVAL.match(value):
             return value
         raise SchemaError(f"{label} must be an interval such as '1d', '1mo' or '1y', not {describe_value(value)}")
     if ptype == "closed":
-        if value in CLOSED:
+        if value in P.CLOSED_VALUES:
             return value
-        raise SchemaError(f"{label} must be one of {', '.join(repr(c) for c in CLOSED)}")
+        raise SchemaError(f"{label} must be one of {', '.join(repr(c) for c in P.CLOSED_VALUES)}")
     raise UnsupportedOperation(f"{label} has an unknown type {ptype!r}")  # a plan.py table the language does not know
 
 
