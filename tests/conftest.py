@@ -180,19 +180,23 @@ def start_executor(workspace: Path, keys: dict[str, KeyPair], ready_as: str | No
 
 
 @contextlib.contextmanager
-def serving(tmp_path_factory, data_file: Path, scientists: tuple[str, ...] = ("alice", "bob")
-            ) -> Iterator[ExecutorProcess]:
-    """A new workspace over ``data_file`` with ``scientists`` registered, served by a real executor."""
-    owner = make_workspace(tmp_path_factory.mktemp("owner") / "workspace", data_file)
-    keys_dir = tmp_path_factory.mktemp("keys")
-    keys = {name: make_keys(keys_dir / name, name) for name in scientists}
-    for pair in keys.values():
-        owner.workspace.add_scientist(pair.name, pair.public_file)
-    process = start_executor(owner.path, keys, ready_as=scientists[0])
+def running_executor(workspace_path: Path, keys: dict[str, KeyPair], **options) -> Iterator[ExecutorProcess]:
+    """A real executor serving ``workspace_path`` for as long as the block runs."""
+    process = start_executor(workspace_path, keys, **options)
     try:
         yield process
     finally:
         process.stop()
+
+
+@contextlib.contextmanager
+def serving(tmp_path_factory, data_file: Path, scientists: tuple[str, ...] = ("alice", "bob")
+            ) -> Iterator[ExecutorProcess]:
+    """A new workspace over ``data_file`` with ``scientists`` registered, served by a real executor."""
+    owner = make_workspace(tmp_path_factory.mktemp("owner") / "workspace", data_file)
+    keys = register_scientists(owner.workspace, tmp_path_factory.mktemp("keys"), scientists)
+    with running_executor(owner.path, keys, ready_as=scientists[0]) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +226,5 @@ def scientist_keys(tmp_path_factory, owner_workspace) -> dict[str, KeyPair]:
 
 @pytest.fixture(scope="module")
 def executor(owner_workspace, scientist_keys):
-    running = start_executor(owner_workspace.path, scientist_keys)
-    try:
+    with running_executor(owner_workspace.path, scientist_keys) as running:
         yield running
-    finally:
-        running.stop()

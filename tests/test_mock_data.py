@@ -26,7 +26,7 @@ import pytest
 from bastion_kernel.contract.plan import col, frame_op, length, plan_hash, scan
 from owner_console.audit import read_entries
 
-from conftest import make_workspace, register_scientists, start_executor
+from conftest import make_workspace, register_scientists, running_executor
 from test_kernel import DATARESOURCE_MIME, bastion_kernel, connect_scientist, execute, of_type
 
 pytestmark = pytest.mark.slow  # starts services or takes seconds: not in the fast tier
@@ -51,11 +51,8 @@ def owned(tmp_path_factory, patients_csv):
 def running(owned, tmp_path_factory):
     directory = tmp_path_factory.mktemp("mock-keys")
     keys = register_scientists(owned.workspace, directory, ("alice", "bob"))
-    process = start_executor(owned.path, keys)
-    try:
+    with running_executor(owned.path, keys) as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from bastion_kernel.contract.plan import col, frame_op, scan
 from owner_console.audit import read_entries
 from owner_console.workspace import DEFAULT_APPROVAL_TTL_SECONDS, Workspace, WorkspaceError
 
-from conftest import make_workspace, register_scientists, start_executor
+from conftest import make_workspace, register_scientists, running_executor
 from test_kernel import (DATARESOURCE_MIME, WAITING, bastion_kernel, connect_scientist, execute, of_type,
                          shell_reply)
 
@@ -74,11 +74,8 @@ def keys(tmp_path_factory, owned):
 
 @pytest.fixture(scope="module")
 def running(owned, keys):
-    process = start_executor(owned.path, keys)
-    try:
+    with running_executor(owned.path, keys) as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")
