@@ -30,7 +30,6 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable
 
 import ipywidgets as widgets

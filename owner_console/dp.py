@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from bastion_kernel.contract import plan as P
+from bastion_kernel.contract import plan as P, walk
 from bastion_kernel.contract.protocol import BastionError
 
 from .model import Dataset, Decision, Released
@@ -621,8 +621,7 @@ def dp_datasets(plan: Any, catalog: Mapping[str, Dataset]) -> list[str]:
     Walks every JSON object of the plan, not only the fields the validator
     knows, so that no shape of plan can reach a DP dataset past this check.
     """
-    from .engine import source_names  # imported late, as elsewhere here: a workspace CLI needs no engine
-    return sorted(name for name in source_names(plan)
+    return sorted(name for name in walk.source_names(plan)
                   if name in catalog and getattr(catalog[name], "dp", None) is not None)
 
 

@@ -30,11 +30,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import polars as pl
 
-from bastion_kernel.contract import local, plan as P
+from bastion_kernel.contract import local, plan as P, walk
 from bastion_kernel.contract.protocol import BastionError
 
 from .model import Dataset
@@ -436,29 +436,6 @@ def run(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache | None =
                            error_class=type(exc).__name__) from None
 
 
-def plan_nodes(plan: Any) -> Iterator[dict]:
-    """Every JSON object in a plan, frame nodes and expressions alike (any JSON, unchecked; iterative)."""
-    stack: list[Any] = [plan]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            yield item
-            stack.extend(v for v in item.values() if isinstance(v, (dict, list)))
-        elif isinstance(item, list):
-            stack.extend(item)
-
-
-def source_name(node: dict) -> str | None:
-    """The dataset or saved-result name a ``scan`` or ``saved`` node reads, else None."""
-    name = node.get("dataset") if node.get("op") == "scan" else node.get("name") if node.get("op") == "saved" else None
-    return name if isinstance(name, str) else None
-
-
-def source_names(plan: Any) -> set[str]:
-    """The dataset and saved-result names a plan's ``scan`` and ``saved`` nodes read (any JSON, unchecked)."""
-    return {name for node in plan_nodes(plan) if (name := source_name(node)) is not None}
-
-
 # Run queries on polars' streaming engine, not only those over streamed datasets.  Measured on a filtered group-by
 # over a memory-mapped 10M-row table (the memory benchmark's query): 44 ms instead of 70 ms, and 15 MB of working
 # memory instead of 265 MB, which is what lets several queries run at once within the memory target.  Operations
@@ -470,14 +447,14 @@ STREAM_EVERY_QUERY = True
 
 def _streams(plan: dict, catalog: Mapping[str, Dataset]) -> bool:
     """True when the plan runs on the streaming engine (see :data:`STREAM_EVERY_QUERY`, :func:`is_streamed`)."""
-    names = source_names(plan)
+    names = walk.source_names(plan)
     if any(name in catalog and is_streamed(catalog[name]) for name in names):
         return True
     return STREAM_EVERY_QUERY and not _has_cross_join(plan)
 
 
 def _has_cross_join(plan: Any) -> bool:
-    return any(node.get("op") == "join" and node.get("how") == "cross" for node in plan_nodes(plan))
+    return any(node.get("op") == "join" and node.get("how") == "cross" for node in walk.json_objects(plan))
 
 
 def is_polars_panic(exc: BaseException) -> bool:

@@ -121,7 +121,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from bastion_kernel.contract import protocol
+from bastion_kernel.contract import protocol, walk
 from bastion_kernel.contract.plan import MAX_PLAN_BYTES, PLAN_VERSION, canonical_json, frame_op, plan_hash, scan
 from bastion_kernel.contract.protocol import BastionError, ProtocolError
 from owner_console import mock
@@ -849,9 +849,8 @@ class ExecutorServer:
 
     def _lineage(self, plan: dict, scientist: str, owners: dict) -> list[str]:
         """The owner's datasets a (validated) plan reads, through the saved results it reads."""
-        from owner_console.engine import source_names
         found: set[str] = set()
-        for name in source_names(plan):
+        for name in walk.source_names(plan):
             if name in owners:
                 found.add(name)
             else:
@@ -979,8 +978,7 @@ class ExecutorServer:
         owners = self._catalog()
         catalog = mock.mock_catalog({name: record["path"] for name, record in published.items()}, owners,
                                     request.scientist)
-        from owner_console.engine import source_names
-        missing = sorted(source_names(plan) - set(catalog))
+        missing = sorted(walk.source_names(plan) - set(catalog))
         if missing:
             raise BastionError("SchemaError", f"the owner published no mock of {missing[0]!r}; datasets() marks the "
                                               "datasets that have one", dataset=missing[0])
@@ -1151,9 +1149,8 @@ def data_version(plan: Any, catalog: dict, scientist: str) -> str:
     a changed policy is a new version, and an approval of the old one does
     not answer the query on the new one.
     """
-    from owner_console.engine import source_names
     parts = []
-    for name in sorted(source_names(plan)):
+    for name in sorted(walk.source_names(plan)):
         dataset = catalog.get(name)
         if dataset is None:
             return ""

@@ -44,6 +44,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from bastion_kernel.contract import walk
 from bastion_kernel.contract.protocol import BastionError
 
 from . import dp, engine, executor
@@ -464,14 +465,14 @@ _SMALL_QUERY_OPS = frozenset({"scan", "saved", "filter", "select", "with_columns
 def is_small_query(plan: Any, catalog: Mapping[str, Dataset]) -> bool:
     """True when a plan (unchecked JSON: the worker validates it) reads only small files and never joins,
     concatenates or explodes.  Only chooses the kind of worker, never what the plan may do."""
-    for node in engine.plan_nodes(plan):
+    for node in walk.json_objects(plan):
+        if "expr" in node:
+            continue
         op = node.get("op")
-        if op is None:
-            continue  # an expression
         if not isinstance(op, str) or op not in _SMALL_QUERY_OPS:
             return False
         if op in ("scan", "saved"):
-            name = engine.source_name(node)
+            name = walk.source_name(node)
             dataset = catalog.get(name) if name is not None else None
             try:
                 if dataset is None or Path(dataset.path).stat().st_size > SMALL_QUERY_MAX_BYTES:
@@ -484,7 +485,7 @@ def is_small_query(plan: Any, catalog: Mapping[str, Dataset]) -> bool:
 def _query_timeout(plan: Any, catalog: Mapping[str, Dataset], scientist: str | None,
                    workspace_limit: float | None) -> float | None:
     """As :func:`executor.query_timeout`, over the datasets the plan names (the worker validates the plan)."""
-    names = engine.source_names(plan)
+    names = walk.source_names(plan)
     read = executor.for_scientist({name: d for name, d in catalog.items() if name in names}, scientist)
     return executor.query_timeout(read.values(), workspace_limit)
 
