@@ -16,7 +16,7 @@ Bastion's side is measured twice:
 
 Plain polars runs the same query on the same in-memory frame, with its
 default (in-memory) engine and with its streaming engine (Bastion runs
-queries on the streaming engine, see ``engine.STREAM_EVERY_QUERY``).  Prints
+queries on the streaming engine, see ``engine.polars_engine.STREAM_EVERY_QUERY``).  Prints
 the medians and the ratios (target <= 1.10).
 
 Run: ``python benchmarks/bench_executor.py [--rows 10000000] [--repeat 7]``

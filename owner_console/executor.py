@@ -5,8 +5,12 @@ to the table that leaves the owner's side::
 
     checked   = validate.validate(plan, catalog)      # whitelist, schema
     accounted = policy.account(checked)               # per-source counts, lineage
-    table     = engine.run(accounted.plan, catalog)   # polars
+    table     = runner.run(accounted.plan, catalog)   # the datasets' engine (engine.engine_for)
     outcome   = decide.decide(accounted, table)       # Released | Held | PolicyViolation
+
+Only the third step depends on the engine, and only through
+:class:`owner_console.engine.Engine`'s methods: validation reads a dataset's
+columns, accounting its keys' uniqueness, from the same engine.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import Any, Iterable, Mapping
 
 import polars as pl
 
+from bastion_kernel.contract import walk
 from bastion_kernel.contract.protocol import BastionError
 
 from . import decide, dp, engine, policy, validate
@@ -41,7 +46,7 @@ def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str,
     scientist : str
         The authenticated identity, recorded in the decision's details.
     cache : DatasetCache, optional
-        Where datasets are read from; the shared default cache when omitted.
+        Where the polars engine reads datasets from; the shared default cache when omitted.
     cancel : threading.Event, optional
         Set by another thread to cancel the running query.
     timeout : float, optional
@@ -60,26 +65,26 @@ def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str,
         ``UnsupportedOperation``, ``SchemaError``, ``LimitExceeded``,
         ``ExecutionError`` or ``PolicyViolation``.
     """
-    cache = cache or engine.DEFAULT_CACHE
     catalog = for_scientist(catalog, scientist)
     if dp.touches_dp(plan, catalog):
         # A plan that reads a differentially private dataset releases DP aggregates or nothing.
         return dp.evaluate(plan, catalog, scientist, cache)
-    checked = validate.validate(plan, catalog, dataset_columns=cache.columns)
+    runner = engine_of(plan, catalog, cache)
+    checked = validate.validate(plan, catalog, dataset_columns=runner.columns)
 
     def accounted_for(exact_dominance: bool) -> policy.AccountedPlan:
-        return policy.account(checked, unique_keys=lambda name, keys: cache.unique_keys(catalog[name], keys),
+        return policy.account(checked, unique_keys=lambda name, keys: runner.unique_keys(catalog[name], keys),
                               exact_dominance=exact_dominance)
 
     accounted = accounted_for(False)
-    _check_join_rows(checked, catalog, cache)
+    _check_join_rows(checked, catalog, runner)
     limit = query_timeout(checked.datasets.values(), timeout)
     try:
-        table = engine.run(accounted.plan, catalog, cache, cancel=cancel, timeout=limit)
+        table = runner.run(accounted.plan, catalog, cancel=cancel, timeout=limit)
         if decide.needs_exact_dominance(accounted, table):
             # A group the cheap bound could not clear: measure every group's dominance exactly.
             accounted = accounted_for(True)
-            table = engine.run(accounted.plan, catalog, cache, cancel=cancel, timeout=limit)
+            table = runner.run(accounted.plan, catalog, cancel=cancel, timeout=limit)
     except BastionError as error:
         if error.ename != "ExecutionError" or error.details.get("cancelled"):
             raise
@@ -89,14 +94,30 @@ def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str,
     return decide.decide(accounted, table, scientist)
 
 
-def _check_join_rows(checked: validate.CheckedPlan, catalog: Mapping[str, Dataset],
-                     cache: engine.DatasetCache) -> None:
+def engine_of(plan: Any, catalog: Mapping[str, Dataset], cache: engine.DatasetCache | None) -> engine.Engine:
+    """The engine of the datasets a plan's ``scan`` nodes name (:func:`owner_console.engine.engine_for`).
+
+    Read from the unvalidated plan, before the validator, which needs the
+    engine for the datasets' columns; a name outside ``catalog`` is left to
+    the validator to refuse.  Saved results are read by whichever engine
+    runs the plan and do not choose it.
+
+    Raises
+    ------
+    BastionError
+        ``UnsupportedOperation`` when the datasets are on different engines.
+    """
+    names = {walk.source_name(node) for node in walk.json_objects(plan) if node.get("op") == "scan"}
+    return engine.engine_for([catalog[name] for name in sorted(names - {None}) if name in catalog], cache)
+
+
+def _check_join_rows(checked: validate.CheckedPlan, catalog: Mapping[str, Dataset], runner: engine.Engine) -> None:
     """Refuse a plan whose joins would produce more rows than a source's ``max_join_rows``."""
     limits = [d.policy.max_join_rows for d in checked.datasets.values() if d.policy.max_join_rows is not None]
     if not limits:
         return
     limit = min(limits)
-    if any(size > limit for size in engine.join_sizes(checked.root, catalog, cache)):
+    if any(size > limit for size in runner.join_sizes(checked.root, catalog)):
         # The size itself is not told: it is a count over rows that are not released.
         raise BastionError("LimitExceeded", f"a join in this query would produce more than {limit} rows, the "
                                             "most the owner allows; filter or aggregate the sides before joining",
@@ -122,13 +143,13 @@ def schema_of(plan: Any, catalog: Mapping[str, Dataset],
         ``UnsupportedOperation``, ``SchemaError``, ``LimitExceeded`` or
         ``PolicyViolation`` (a hidden column used other than as a join key).
     """
-    cache = cache or engine.DEFAULT_CACHE
     catalog = for_scientist(catalog, scientist)
     if dp.touches_dp(plan, catalog) and dp.is_dp_aggregation(plan):
         return dp.schema_of(plan, catalog, cache)
-    checked = validate.validate(plan, catalog, dataset_columns=cache.columns)
+    runner = engine_of(plan, catalog, cache)
+    checked = validate.validate(plan, catalog, dataset_columns=runner.columns)
     accounted = policy.account(checked)
-    schema = engine.output_schema(checked.root, catalog, cache)
+    schema = runner.output_schema(checked.root, catalog)
     _check_columns([name for name, _ in schema], accounted.columns)
     return [(name, "String" if name in accounted.hidden else dtype) for name, dtype in schema]
 
@@ -157,16 +178,16 @@ def prepare_save(plan: Any, catalog: Mapping[str, Dataset],
     ``scientist``, when given, applies that scientist's policy overrides
     before the policy is inherited.
     """
-    cache = cache or engine.DEFAULT_CACHE
     catalog = for_scientist(catalog, scientist)
     if dp.touches_dp(plan, catalog):
         raise BastionError("PolicyViolation", "a result computed from a differentially private dataset cannot "
                                               "be saved: such a dataset only releases DP aggregates with .fetch()")
-    checked = validate.validate(plan, catalog, dataset_columns=cache.columns)
+    runner = engine_of(plan, catalog, cache)
+    checked = validate.validate(plan, catalog, dataset_columns=runner.columns)
     accounted = policy.account(checked)
     inherited = policy.inherited_policy(accounted)  # refuse before running anything
     try:
-        table = engine.run(accounted.plan, catalog, cache, cancel=cancel,
+        table = runner.run(accounted.plan, catalog, cancel=cancel,
                            timeout=query_timeout(checked.datasets.values(), timeout))
     except BastionError as error:
         if error.ename != "ExecutionError" or error.details.get("cancelled") or inherited.min_group_size <= 1:
@@ -177,8 +198,7 @@ def prepare_save(plan: Any, catalog: Mapping[str, Dataset],
         # the failure is the owner's to read, in the save's audit entry.
         log.warning("a save failed while running and keeps an empty table: %s %s", error.evalue,
                     error.owner_details())
-        empty = pl.DataFrame(schema=engine.compile_plan(checked.root, catalog, cache).collect_schema())
-        return empty.select(accounted.columns), inherited
+        return runner.empty_result(checked.root, catalog).select(accounted.columns), inherited
     _check_columns(table.columns, accounted.columns)
     return table.select(accounted.columns), inherited
 

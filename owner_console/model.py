@@ -209,6 +209,8 @@ class Dataset:
     policy: Policy
     # An owner_console.dp.DPPolicy when the dataset releases only differentially private aggregates.
     dp: Any = None
+    # The engine that reads it and runs plans over it (owner_console.engine.ENGINES); a plan reads one engine's.
+    engine: str = "polars"
 
 
 @dataclass(frozen=True)

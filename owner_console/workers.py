@@ -104,7 +104,7 @@ def _receive(sock: socket.socket) -> tuple[dict, bytes]:
 def _catalog_to_json(catalog: Mapping[str, Dataset]) -> dict:
     data = {}
     for name, d in catalog.items():
-        entry = {"path": str(d.path), "format": d.format, "policy": d.policy.to_dict()}
+        entry = {"path": str(d.path), "format": d.format, "policy": d.policy.to_dict(), "engine": d.engine}
         if d.dp is not None:
             entry["dp"] = d.dp.to_dict()
             entry["ledger"] = None if d.dp.ledger is None else str(d.dp.ledger)
@@ -119,7 +119,7 @@ def _catalog_from_json(data: dict) -> dict[str, Dataset]:
         if "dp" in d:
             dp_policy = dp.DPPolicy.from_dict(d["dp"], ledger=None if d["ledger"] is None else Path(d["ledger"]))
         catalog[name] = Dataset(name=name, path=Path(d["path"]), format=d["format"],
-                                policy=Policy.from_dict(d["policy"]), dp=dp_policy)
+                                policy=Policy.from_dict(d["policy"]), dp=dp_policy, engine=d["engine"])
     return catalog
 
 

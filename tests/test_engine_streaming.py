@@ -1,6 +1,6 @@
 """Large datasets (Parquet or CSV) are scanned lazily and run on polars' streaming engine, with the same results.
 
-The threshold (``engine.STREAMING_MIN_BYTES``) is lowered so that a small
+The threshold (``engine.cache.STREAMING_MIN_BYTES``) is lowered so that a small
 file takes the streaming path; each result is compared with the in-memory
 path and with plain polars.
 """
@@ -14,6 +14,7 @@ from polars.testing import assert_frame_equal
 
 from bastion_kernel.contract import plan as P
 from owner_console import engine, executor
+from owner_console.engine import cache as engine_cache, running
 from owner_console.model import Dataset, Policy
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,7 +41,7 @@ def catalog(table, tmp_path_factory) -> dict[str, Dataset]:
 @pytest.fixture
 def streamed(monkeypatch, catalog):
     """Stream every Parquet file larger than the small lookup table."""
-    monkeypatch.setattr(engine, "STREAMING_MIN_BYTES", catalog["big"].path.stat().st_size)
+    monkeypatch.setattr(engine_cache, "STREAMING_MIN_BYTES", catalog["big"].path.stat().st_size)
     assert engine.is_streamed(catalog["big"]) and not engine.is_streamed(catalog["lookup"])
 
 
@@ -66,7 +67,7 @@ def _released(plan, catalog, **kwargs) -> pl.DataFrame:
 def test_a_streamed_dataset_gives_the_in_memory_result(plan, cancellable, catalog, table, monkeypatch):
     kwargs = {"cancel": threading.Event(), "timeout": 60.0} if cancellable else {}
     in_memory = _released(plan, catalog, **kwargs)
-    monkeypatch.setattr(engine, "STREAMING_MIN_BYTES", catalog["big"].path.stat().st_size)
+    monkeypatch.setattr(engine_cache, "STREAMING_MIN_BYTES", catalog["big"].path.stat().st_size)
     assert engine.is_streamed(catalog["big"])
     streamed = _released(plan, catalog, **kwargs)
     key = in_memory.columns[0]
@@ -112,7 +113,7 @@ def test_the_default_threshold_follows_the_executors_memory_limit():
             "print(before, engine.streaming_threshold(), physical)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     before, after, physical = map(int, out.stdout.split())
-    assert engine.STREAMING_MIN_BYTES is None  # the default: derived from memory
+    assert engine_cache.STREAMING_MIN_BYTES is None  # the default: derived from memory
     assert before <= max(64 * 2**20, physical // 8)
     assert after == max(64 * 2**20, min(before * 8, 8 * 2**30) // 8)
 
@@ -125,7 +126,7 @@ def test_a_large_csv_is_streamed_too_with_the_same_types_and_results(table, tmp_
     in_memory_cache = engine.DatasetCache()
     in_memory = _released(GROUPED, catalog)
     in_memory_schema = in_memory_cache.schema(catalog["big"])
-    monkeypatch.setattr(engine, "STREAMING_MIN_BYTES", (tmp_path / "big.csv").stat().st_size)
+    monkeypatch.setattr(engine_cache, "STREAMING_MIN_BYTES", (tmp_path / "big.csv").stat().st_size)
     assert engine.is_streamed(catalog["big"])
     cache = engine.DatasetCache()
     assert cache.schema(catalog["big"]) == in_memory_schema  # dates parsed the same way
@@ -140,11 +141,11 @@ def test_a_large_csv_is_streamed_too_with_the_same_types_and_results(table, tmp_
 
 def test_a_panic_in_the_streaming_engine_is_answered_by_the_in_memory_engine(patients_csv, caplog):
     # polars 1.36.1's streaming cross join panics on this input (a Rust panic, raised as a BaseException);
-    # if a polars upgrade fixes it, this test says so and the workaround in engine._collect can go.
+    # if a polars upgrade fixes it, this test says so and the workaround in engine.running.collect can go.
     patients = pl.read_csv(patients_csv, try_parse_dates=True)
     query = patients.lazy().join(patients.lazy().select("age").head(10), how="cross", maintain_order="left_right")
     with caplog.at_level("WARNING", logger="bastion.executor"):
-        result = engine._collect(query, streaming=True)
+        result = running.collect(query, streaming=True)
     assert result.equals(query.collect())
     assert "streaming engine failed" in caplog.text
     assert engine.is_polars_panic(caplog.records[0].args[0])
@@ -161,7 +162,7 @@ def test_the_threshold_reads_the_executors_own_cgroup_memory_limit(tmp_path, lay
         limit_file = tmp_path / "memory" / "owner" / "executor" / "memory.limit_in_bytes"
     limit_file.parent.mkdir(parents=True)
     limit_file.write_text(f"{3 * 2**30}\n")
-    assert engine._cgroup_memory_limit(str(proc), str(tmp_path)) == 3 * 2**30
+    assert engine_cache._cgroup_memory_limit(str(proc), str(tmp_path)) == 3 * 2**30
     limit_file.write_text("max\n" if layout == "v2" else "9223372036854771712\n")  # no limit
-    assert engine._cgroup_memory_limit(str(proc), str(tmp_path)) is None
-    assert engine._cgroup_memory_limit(str(tmp_path / "missing"), str(tmp_path)) is None
+    assert engine_cache._cgroup_memory_limit(str(proc), str(tmp_path)) is None
+    assert engine_cache._cgroup_memory_limit(str(tmp_path / "missing"), str(tmp_path)) is None

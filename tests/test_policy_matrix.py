@@ -627,11 +627,13 @@ _BITSET_PLANS = {
 @pytest.mark.parametrize("name", sorted(_BITSET_PLANS))
 def test_row_ids_counted_in_bit_words_give_the_same_counts_as_hash_sets(name, catalog, monkeypatch):
     from owner_console import engine
+    from owner_console.engine import accounting
+    from owner_console.engine.compile import Compiler
 
     plan = _BITSET_PLANS[name]
     cat = catalog(patients=Policy(min_group_size=3), zips=Policy(min_group_size=2))
     accounted = policy.account(validate.validate(plan, cat))
-    compiler = engine._Compiler(cat, engine.DatasetCache())
+    compiler = Compiler(cat, engine.DatasetCache())
     compiled = compiler.frame(accounted.plan)
     assert compiler.row_words and all(compiler.row_words.values())  # every side's ids counted in words
     assert "n_unique" not in compiled.explain()
@@ -642,17 +644,18 @@ def test_row_ids_counted_in_bit_words_give_the_same_counts_as_hash_sets(name, ca
         return table.sort(keys, nulls_last=True) if keys else table
 
     in_words = counts()
-    monkeypatch.setattr(engine, "BITSET_MAX_ROWS", 0)  # every row id through n_unique
+    monkeypatch.setattr(accounting, "BITSET_MAX_ROWS", 0)  # every row id through n_unique
     assert_frame_equal(in_words, counts())
 
 
 def test_row_ids_of_a_large_side_are_counted_in_hash_sets(catalog):
     from owner_console import engine
+    from owner_console.engine.compile import Compiler
 
     cat = catalog(patients=Policy(min_group_size=3), zips=Policy(min_group_size=2))
     joined = op("join", left=zips_scan, right=scan, how="left", left_on=[col("zip")], right_on=[col("zip")],
                 suffix="_p")
-    compiler = engine._Compiler(cat, engine.DatasetCache())
+    compiler = Compiler(cat, engine.DatasetCache())
     compiler.frame(policy.account(validate.validate(op("group_by", input=joined, keys=[col("region")],
                                                        aggs=[length()]), cat)).plan)
     # zips (20 rows): one word; patients (2000 rows): hashed.
@@ -666,6 +669,8 @@ def test_row_ids_of_a_large_side_are_counted_in_hash_sets(catalog):
 def test_bit_word_counts_equal_hash_set_counts_on_random_tables(tmp_path, monkeypatch, left_rows, right_rows, how,
                                                                  seed, group_side):
     from owner_console import engine
+    from owner_console.engine import accounting
+    from owner_console.engine.compile import Compiler
 
     def values(n, salt, zeros=True):
         return [None if (i * 7 + seed + salt) % 11 == 0 else ((i * 13 + seed + salt) % 5 if zeros else i + 1)
@@ -690,10 +695,10 @@ def test_bit_word_counts_equal_hash_set_counts_on_random_tables(tmp_path, monkey
     def counts():
         return engine.run(accounted.plan, cat, engine.DatasetCache()).sort(key, nulls_last=True)
 
-    compiler = engine._Compiler(cat, engine.DatasetCache())
+    compiler = Compiler(cat, engine.DatasetCache())
     assert "n_unique" not in compiler.frame(accounted.plan).explain()  # both sides counted in words
     assert len(compiler.row_words) == 2 and all(compiler.row_words.values())
     in_words = counts()
     with monkeypatch.context() as patched:
-        patched.setattr(engine, "BITSET_MAX_ROWS", 0)
+        patched.setattr(accounting, "BITSET_MAX_ROWS", 0)
         assert_frame_equal(in_words, counts())

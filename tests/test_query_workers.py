@@ -24,6 +24,7 @@ import pytest
 from bastion_kernel.contract.plan import alias, col, fn, frame_op, scan
 from bastion_kernel.contract.protocol import BastionError
 from owner_console import dp, engine, executor as core
+from owner_console.engine import cache as engine_cache
 from owner_console import workers
 from owner_console.model import Dataset, Held, Policy, Released
 
@@ -302,9 +303,9 @@ def test_on_started_is_called_exactly_once_whatever_the_outcome(pool, patients_c
 def test_a_large_source_is_copied_by_a_process_of_its_own(tmp_path, monkeypatch):
     source = tmp_path / "table.csv"
     pl.DataFrame({"x": [1, 2, 3], "d": ["2024-01-02", "2024-02-03", None]}).write_csv(source)
-    monkeypatch.setattr(engine, "COPY_IN_PROCESS_MAX_BYTES", 0)  # as for a file of 64 MB or more
+    monkeypatch.setattr(engine_cache, "COPY_IN_PROCESS_MAX_BYTES", 0)  # as for a file of 64 MB or more
     table = engine.DatasetCache(tmp_path / "shared").frame(Dataset("t", source, "csv", Policy()))
-    assert table.equals(engine._read(Dataset("t", source, "csv", Policy()), str(source)))
+    assert table.equals(engine_cache._read(Dataset("t", source, "csv", Policy()), str(source)))
     assert table.schema["d"] == pl.Date and len(list((tmp_path / "shared").glob("*.arrow"))) == 1
 
 

@@ -1,0 +1,365 @@
+"""Reading datasets for the polars engine: the shared cache, memory-mapped copies and the streaming threshold.
+
+Datasets are read once by :class:`DatasetCache`, shared by every session and
+thread, except large files (:func:`is_streamed`), which are scanned lazily
+and run on polars' streaming engine.  Given a cache directory, the cache
+keeps each dataset as an uncompressed Arrow IPC file there and memory-maps
+it, so that the executor's query worker processes
+(:mod:`owner_console.workers`) share one copy through the operating system's
+page cache.  A large file's copy is written by a short-lived process,
+``python -m owner_console.engine FORMAT SOURCE DESTINATION``
+(:func:`copy_main`).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import polars as pl
+
+from bastion_kernel.contract.protocol import BastionError
+
+from ..model import Dataset
+
+log = logging.getLogger("bastion.executor")
+
+
+class DatasetCache:
+    """Registered datasets, each read once and shared (thread-safe).
+
+    A dataset is keyed by its resolved path, modification time and size, so a
+    file the owner replaces is read again on next use.
+
+    Parameters
+    ----------
+    shared_dir : Path, optional
+        Where to keep each dataset version as an uncompressed Arrow IPC file,
+        memory-mapped by every process that reads it: the table's pages are
+        then held once by the operating system, however many worker
+        processes query it.  Without it, each cache reads datasets into its
+        own process's memory.
+    """
+
+    def __init__(self, shared_dir: Path | None = None) -> None:
+        self._shared_dir = None if shared_dir is None else Path(shared_dir)
+        self._lock = threading.Lock()
+        self._path_locks: dict[str, threading.Lock] = {}
+        self._frames: dict[str, tuple[tuple[int, int], pl.DataFrame]] = {}
+        # path -> (file version checked, {key columns: unique?}): see unique_keys
+        self._unique: dict[str, tuple[tuple[int, int], dict[tuple[str, ...], bool]]] = {}
+
+    def frame(self, dataset: Dataset) -> pl.DataFrame:
+        """The dataset's table (read on first use, then from memory).
+
+        Raises
+        ------
+        BastionError
+            ``ExecutionError`` when the file cannot be read (no path or data in the message).
+        """
+        path = str(Path(dataset.path).resolve())
+        try:
+            stat = Path(path).stat()
+        except OSError as exc:
+            raise BastionError("ExecutionError", f"dataset {dataset.name!r} cannot be read "
+                                                 f"({type(exc).__name__})") from None
+        version = (stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            cached = self._frames.get(path)
+            if cached is not None and cached[0] == version:
+                return cached[1]
+            path_lock = self._path_locks.setdefault(path, threading.Lock())
+        with path_lock:  # one reader per file; other files load in parallel
+            with self._lock:
+                cached = self._frames.get(path)
+                if cached is not None and cached[0] == version:
+                    return cached[1]
+            table = _read(dataset, path) if self._shared_dir is None else self._read_shared(dataset, path, version)
+            with self._lock:
+                self._frames[path] = (version, table)
+            return table
+
+    def _read_shared(self, dataset: Dataset, path: str, version: tuple[int, int]) -> pl.DataFrame:
+        """The dataset memory-mapped from its Arrow IPC copy in the shared directory (written on first use).
+
+        Each file version has its own name, written by one process at a time
+        (a lock file) to a temporary file and renamed into place, so a process
+        never maps a half-written copy.  Copies of older
+        versions are removed; a process still mapping one keeps its pages
+        until it lets go (POSIX unlink semantics).
+        """
+        assert self._shared_dir is not None
+        source_key = hashlib.sha256(path.encode()).hexdigest()[:24]
+        target = self._shared_dir / f"{source_key}-{version[0]}-{version[1]}.arrow"
+        if not target.exists():
+            self._shared_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # One process writes the copy while the others wait for it: several workers reading a large
+            # file at once would each hold it whole in their own memory for a while.
+            with open(self._shared_dir / f".{source_key}.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not target.exists():
+                    partial = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}")
+                    failure = _write_shared_copy(dataset, path, partial)
+                    if failure is not None:
+                        # An unreadable source gets its typed error from _read; a copy that could not be
+                        # written (no room, no rights) leaves this process serving from its own memory.
+                        partial.unlink(missing_ok=True)
+                        log.warning("no shared copy of dataset %r (%s)", dataset.name, failure)
+                        return _read(dataset, path)
+                    os.replace(partial, target)
+                    for stale in self._shared_dir.glob(f"{source_key}-*.arrow"):
+                        if stale != target:
+                            stale.unlink(missing_ok=True)
+        try:
+            # rechunk=False: joining the written batches into one would copy the table out of the mapping.
+            return pl.read_ipc(target, memory_map=True, rechunk=False)
+        except Exception as exc:  # noqa: BLE001 - a damaged copy: drop it, the next use writes it again
+            target.unlink(missing_ok=True)
+            raise BastionError("ExecutionError", f"dataset {dataset.name!r} cannot be read "
+                                                 f"({type(exc).__name__})") from None
+
+    def unique_keys(self, dataset: Dataset, columns: tuple[str, ...], table: pl.DataFrame | None = None) -> bool:
+        """True when no two rows of the dataset share a value of ``columns`` (cached per file version).
+
+        With ``table``, the answer is about that table, and False unless it is
+        the dataset's current version (a file replaced meanwhile).  A streamed
+        dataset answers False (the check would read it whole).  The answer is
+        never released: it only chooses how the policy counts.
+        """
+        if is_streamed(dataset):
+            return False
+        current = self.frame(dataset)
+        if table is not None and table is not current:
+            return False
+        path = str(Path(dataset.path).resolve())
+        columns = tuple(columns)
+        with self._lock:
+            cached = self._frames.get(path)
+            if cached is None or cached[1] is not current:
+                return False  # replaced while we looked
+            version = cached[0]
+            checked = self._unique.get(path)
+            if checked is not None and checked[0] == version and columns in checked[1]:
+                return checked[1][columns]
+        try:
+            unique = not current.select(pl.struct(list(columns)).is_duplicated().any()).item()
+        except Exception:  # noqa: BLE001 - a key that cannot be checked is treated as not unique
+            unique = False
+        with self._lock:
+            checked = self._unique.get(path)
+            if checked is None or checked[0] != version:
+                checked = self._unique[path] = (version, {})
+            checked[1][columns] = unique
+        return unique
+
+    def lazy(self, dataset: Dataset) -> pl.LazyFrame:
+        """A query's input: a lazy scan of a large file (see :func:`is_streamed`), else the cached table."""
+        if is_streamed(dataset):
+            return _source(dataset, str(dataset.path))
+        return self.frame(dataset).lazy()
+
+    def columns(self, dataset: Dataset) -> tuple[str, ...]:
+        """Column names of a dataset."""
+        return tuple(self._schema(dataset).names())
+
+    def schema(self, dataset: Dataset) -> list[tuple[str, str]]:
+        """``[(column, dtype name), ...]`` of a dataset."""
+        return [(name, dtype_name(dtype)) for name, dtype in self._schema(dataset).items()]
+
+    def _schema(self, dataset: Dataset) -> pl.Schema:
+        if not is_streamed(dataset):
+            return self.frame(dataset).schema
+        try:  # the file's footer only: a streamed dataset is never read whole
+            return _source(dataset, str(dataset.path)).collect_schema()
+        except Exception as exc:  # noqa: BLE001 - any reader failure becomes one typed, value-free error
+            raise BastionError("ExecutionError", f"dataset {dataset.name!r} cannot be read "
+                                                 f"({type(exc).__name__})") from None
+
+
+# A Parquet file at least this large is never read into memory: queries scan it
+# lazily and run on polars' streaming engine, in bounded memory (a dataset
+# larger than the executor's memory would otherwise abort the process: Rust
+# aborts on a failed allocation).  Smaller files are read once and shared,
+# which is much faster for repeated queries.  None: one eighth of the memory
+# the executor may use (see streaming_threshold); a Parquet file is typically
+# 2-4x smaller than its table in memory.
+STREAMING_MIN_BYTES: int | None = None
+_STREAMING_FLOOR_BYTES = 64 * 2**20
+
+
+def streaming_threshold() -> int:
+    """The Parquet file size from which a dataset is streamed (see :data:`STREAMING_MIN_BYTES`).
+
+    Derived from the smallest of physical memory, the process's address-space
+    limit and its cgroup's memory limit, read at each call so a limit set
+    while the executor runs (``prlimit``) applies to the next query.
+    """
+    if STREAMING_MIN_BYTES is not None:
+        return STREAMING_MIN_BYTES
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
+    cgroup = _current_cgroup_memory_limit()
+    if cgroup is not None:
+        limits.append(cgroup)
+    return max(_STREAMING_FLOOR_BYTES, min(limits) // 8)
+
+
+_CGROUP_LIMIT_TTL_SECONDS = 1.0
+_cgroup_limit_read: tuple[float, int | None] = (float("-inf"), None)
+
+
+def _current_cgroup_memory_limit() -> int | None:
+    """:func:`_cgroup_memory_limit`, read at most once a second (a query asks several times; each read is
+    about 33 us of file reads)."""
+    global _cgroup_limit_read
+    at, limit = _cgroup_limit_read
+    now = time.monotonic()
+    if now - at > _CGROUP_LIMIT_TTL_SECONDS:
+        limit = _cgroup_memory_limit()
+        _cgroup_limit_read = (now, limit)
+    return limit
+
+
+def _cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """The memory limit of this process's own cgroup (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``).
+
+    Read again (at most once a second, :func:`_current_cgroup_memory_limit`): the
+    owner may move the executor into a cgroup while it runs.
+    """
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        relative = path.lstrip("/")
+        if controllers == "":  # cgroup v2: one unified hierarchy
+            candidates.append(Path(root, relative, "memory.max"))
+        elif "memory" in controllers.split(","):
+            candidates.append(Path(root, "memory", relative, "memory.limit_in_bytes"))
+    limits = []
+    for candidate in candidates:
+        try:
+            text = candidate.read_text().strip()
+        except OSError:
+            continue
+        # "max" (v2) or a huge page-rounded number (v1) means no limit.
+        if text.isdigit() and int(text) < 2**62:
+            limits.append(int(text))
+    return min(limits) if limits else None
+
+
+def is_streamed(dataset: Dataset) -> bool:
+    """True for a dataset whose file is at least :func:`streaming_threshold` bytes (Parquet or CSV).
+
+    A CSV file is typically larger than its table in memory, so the same
+    threshold is conservative for it; it is scanned with the same options as
+    a CSV read whole (:data:`_SOURCES`), so its columns and types are the same.
+    """
+    try:
+        return dataset.format in _SOURCES and Path(dataset.path).stat().st_size >= streaming_threshold()
+    except OSError:
+        return False  # the in-memory path reports the unreadable file
+
+
+# A source file smaller than this is copied inside the process that needs it (a new process would cost more
+# than the copy); a larger one by a short-lived process of its own (see _write_shared_copy).
+COPY_IN_PROCESS_MAX_BYTES = 64 * 2**20
+
+
+def _write_shared_copy(dataset: Dataset, path: str, destination: Path) -> str | None:
+    """Write a dataset's uncompressed Arrow IPC copy; the failure's class name, or None.
+
+    The copy is streamed from the source file (never whole in memory).  A
+    large file is copied by a short-lived process of its own, so that the
+    memory the conversion used (polars' allocator keeps what it freed: about
+    450 MB for a 10M-row Parquet file) is returned as soon as it ends.
+    """
+    if dataset.format not in _SOURCES:
+        return "unsupported format"
+    try:
+        small = Path(path).stat().st_size < COPY_IN_PROCESS_MAX_BYTES
+    except OSError as exc:
+        return type(exc).__name__
+    if small:
+        return _sink_copy(dataset.format, path, str(destination))
+    done = subprocess.run([sys.executable, "-m", "owner_console.engine", dataset.format, path, str(destination)],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if done.returncode == 0:
+        return None
+    return done.stdout.strip()[:64] or f"the copy ended with status {done.returncode}"
+
+
+def _sink_copy(file_format: str, source: str, destination: str) -> str | None:
+    try:
+        _SOURCES[file_format](source).sink_ipc(destination, compression="uncompressed")
+    except Exception as exc:  # noqa: BLE001 - the class only: polars' message can quote the file's values
+        return type(exc).__name__
+    return None
+
+
+def copy_main(argv: list[str]) -> int:
+    """``python -m owner_console.engine FORMAT SOURCE DESTINATION``: see :func:`_write_shared_copy`."""
+    failure = _sink_copy(*argv)
+    if failure is not None:
+        print(failure)
+        return 1
+    return 0
+
+
+_SOURCES: dict[str, Callable[[str], pl.LazyFrame]] = {
+    "csv": lambda p: pl.scan_csv(p, try_parse_dates=True),
+    "parquet": pl.scan_parquet,
+}
+
+
+def _source(dataset: Dataset, path: str) -> pl.LazyFrame:
+    """A lazy scan of a dataset's file (both :func:`_read` and the shared copies read through it)."""
+    scan_file = _SOURCES.get(dataset.format)
+    if scan_file is None:
+        raise BastionError("ExecutionError", f"dataset {dataset.name!r} has an unsupported format")
+    try:
+        return scan_file(path)
+    except Exception as exc:  # noqa: BLE001 - any reader failure becomes one typed, value-free error
+        raise BastionError("ExecutionError", f"dataset {dataset.name!r} cannot be read "
+                                             f"({type(exc).__name__})") from None
+
+
+def source_schema(dataset: Dataset) -> pl.Schema:
+    """A dataset's column names and polars types as the executor reads them (the file's header or footer only)."""
+    try:
+        return _source(dataset, str(dataset.path)).collect_schema()
+    except BastionError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader failure becomes one typed, value-free error
+        raise BastionError("ExecutionError", f"dataset {dataset.name!r} cannot be read "
+                                             f"({type(exc).__name__})") from None
+
+
+def _read(dataset: Dataset, path: str) -> pl.DataFrame:
+    source = _source(dataset, path)
+    try:
+        return source.collect()
+    except Exception as exc:  # noqa: BLE001 - any reader failure becomes one typed, value-free error
+        raise BastionError("ExecutionError", f"dataset {dataset.name!r} cannot be read "
+                                             f"({type(exc).__name__})") from None
+
+
+DEFAULT_CACHE = DatasetCache()
+
+
+def dtype_name(dtype: Any) -> str:
+    """A polars dtype as the text a scientist sees (``Int64``, ``String``, ``Date``...)."""
+    return str(dtype)
+
