@@ -137,6 +137,52 @@ def test_a_grouped_release_has_one_noisy_row_per_public_key(workspace, data):
     assert executor.schema_of(plan, workspace.catalog()) == [(n, str(t)) for n, t in released.table.schema.items()]
 
 
+@pytest.mark.parametrize("unit", [{"max_contributions": 3},
+                                  {"privacy_unit_column": "patient_id", "max_contributions": 2}])
+def test_the_privacy_unit_sets_the_noise_of_a_count(workspace, data, unit):
+    """A count's sensitivity is what one person may contribute: its scale is max_contributions / epsilon."""
+    workspace.add_dataset("unit", data, dp={"epsilon": 1.0, "epsilon_per_query": 0.1, "max_rows": 10_000, **unit})
+    preview = dp.preview(select(P.length(), name="unit"), workspace.catalog(), "alice")
+    assert preview["columns"][0]["scale"] == pytest.approx(unit["max_contributions"] / 0.1, rel=1e-9)
+
+
+@pytest.mark.parametrize("max_contributions", [1, 2])
+def test_an_identifier_column_keeps_at_most_max_contributions_rows_per_person(workspace, data, tmp_path,
+                                                                             max_contributions):
+    """Every patient has three rows; with privacy_unit_column, OpenDP keeps max_contributions of each."""
+    tripled = tmp_path / "tripled.parquet"
+    pl.concat([pl.read_parquet(data)] * 3).write_parquet(tripled)
+    # A large epsilon per query: the noise (scale max_contributions / 500) rounds to nothing.
+    workspace.add_dataset("tripled", tripled, dp={"epsilon": 1000.0, "epsilon_per_query": 500.0, "max_rows": 10_000,
+                                                  "privacy_unit_column": "patient_id",
+                                                  "max_contributions": max_contributions})
+    released = executor.evaluate(select(P.length(), name="tripled"), workspace.catalog(), "alice")
+    assert abs(released.table["len"][0] - ROWS * max_contributions) <= 1
+
+
+def test_a_policy_with_delta_releases_and_charges_its_delta(workspace, data):
+    """(epsilon, delta) per query: the release is calibrated to epsilon and the odometer records the delta."""
+    workspace.add_dataset("approx", data, dp={**DP_TABLE, "epsilon_per_query": 0.5, "delta": 1e-5,
+                                              "delta_per_query": 1e-6})
+    workspace.add_dataset("pure", data, dp={**DP_TABLE, "epsilon_per_query": 0.5})
+    catalog = workspace.catalog()
+
+    def plan(name):
+        return grouped(["sex"], P.length(), P.alias(P.fn("dp.mean", P.col("age")), "mean_age"), frame=scan(name))
+
+    preview = dp.preview(plan("approx"), catalog, "alice")
+    assert preview["delta"] == 1e-6
+    # Public keys need no threshold, so the noise is that of the pure policy with the same epsilon.
+    assert [c["scale"] for c in preview["columns"]] == [c["scale"] for c in dp.preview(plan("pure"), catalog,
+                                                                                         "alice")["columns"]]
+    plan = plan("approx")
+    released = executor.evaluate(plan, catalog, "alice")
+    assert released.table.columns == ["sex", "len", "mean_age"]
+    assert released.decision.details["dp"]["delta_spent"] == 1e-6
+    assert [(row["dataset"], row["epsilon"], row["delta"])
+            for row in dp.BudgetLedger(workspace.dp_ledger_path).history()] == [("approx", 0.5, 1e-6)]
+
+
 # ------------------------------------------------------------------ the odometer
 def test_the_budget_is_spent_exactly_and_refused_when_exhausted(workspace):
     catalog = workspace.catalog()
