@@ -15,7 +15,7 @@ import polars as pl
 from bastion_kernel.contract.protocol import BastionError
 
 from .model import Decision, Held, Released, strictest_unsafe
-from .policy import DOMINANCE_UNSURE, AccountedPlan, Source, _Rep
+from .policy import DOMINANCE_UNSURE, AccountedPlan, Counting, Source
 
 
 # ---------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def _fed(accounted: AccountedPlan) -> list[Source]:
     return [accounted.sources[s] for s in sorted(accounted.reps)]
 
 
-def _protected(accounted: AccountedPlan) -> list[tuple[Source, _Rep]]:
+def _protected(accounted: AccountedPlan) -> list[tuple[Source, Counting]]:
     """The sources with a minimum group size (K > 1) and how the result counts them."""
     return [(accounted.sources[s], rep) for s, rep in sorted(accounted.reps.items())
             if accounted.sources[s].policy.min_group_size > 1]
@@ -473,7 +473,7 @@ def _failing_rows(accounted: AccountedPlan, table: pl.DataFrame, checks: list["_
 @dataclass
 class _SourceCheck:
     source: Source
-    rep: _Rep
+    rep: Counting
     fed_rows: int = 0
     failing: int = 0
     unmatched: int = 0
@@ -481,7 +481,7 @@ class _SourceCheck:
     messages: list[str] = field(default_factory=list)
 
 
-def _check_source(source: Source, rep: _Rep, table: pl.DataFrame, aggregated: bool) -> _SourceCheck:
+def _check_source(source: Source, rep: Counting, table: pl.DataFrame, aggregated: bool) -> _SourceCheck:
     """The group size rule for one source; ``messages`` are for the owner (they hold counts)."""
     check = _SourceCheck(source, rep)
     k = source.policy.min_group_size

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from bastion_kernel.contract import plan as P
 from bastion_kernel.contract.protocol import BastionError
+from bastion_kernel.contract.walk import frame_inputs, walk_exprs
 
 from .model import Dataset
 
@@ -92,7 +93,8 @@ def validate(plan: Any, catalog: Mapping[str, Dataset],
     catalog : Mapping[str, Dataset]
         The datasets this scientist may read, by name.
     dataset_columns : callable, optional
-        ``Dataset -> column names``; defaults to the engine's shared dataset cache.
+        ``Dataset -> column names``; defaults to asking each dataset's engine
+        (:func:`owner_console.engine.engine_for`).
 
     Returns
     -------
@@ -105,8 +107,10 @@ def validate(plan: Any, catalog: Mapping[str, Dataset],
         message naming what was refused and where (``details["at"]``).
     """
     if dataset_columns is None:
-        from . import engine  # the engine owns reading files; imported late to keep this layer light
-        dataset_columns = engine.DEFAULT_CACHE.columns
+        from . import engine  # the engines own reading files; imported late to keep this layer light
+
+        def dataset_columns(dataset: Dataset) -> Sequence[str]:
+            return engine.engine_for([dataset]).columns(dataset)
     return _Validator(catalog, dataset_columns).check(plan)
 
 
@@ -254,13 +258,13 @@ class _Validator:
         return checked
 
     def _input_columns(self, op: str, checked: dict) -> Any:
+        """The columns of the node's checked input frames: both sides of a join, each frame of a concat."""
+        inputs = [self.columns[id(f)] for f in frame_inputs(checked)]
         if op == "join":
-            return (self.columns[id(checked["left"])], self.columns[id(checked["right"])])
+            return tuple(inputs)
         if op == "concat":
-            return [self.columns[id(f)] for f in checked["inputs"]]
-        if "input" in checked:
-            return self.columns[id(checked["input"])]
-        return ()
+            return inputs
+        return inputs[0] if inputs else ()
 
     @staticmethod
     def _columns_for_field(op: str, key: str, checked: dict, inputs: Any) -> Sequence[str]:
@@ -663,31 +667,7 @@ class _Validator:
 
 def _is_constant(expr: dict) -> bool:
     """True for a checked expression built from literals only (no column, no ``len``)."""
-    kind = expr["expr"]
-    if kind in ("col", "len"):
-        return False
-    if kind == "lit":
-        return True
-    if kind == "alias":
-        return _is_constant(expr["input"])
-    if kind == "unary":
-        return _is_constant(expr["operand"])
-    if kind == "binary":
-        return _is_constant(expr["left"]) and _is_constant(expr["right"])
-    if kind == "fn":
-        parts = [expr["input"]]
-        for param, ptype in P.EXPR_FUNCTIONS[expr["name"]].params:
-            if ptype == "expr":
-                parts.append(expr["args"][param])
-            elif ptype == "exprs":
-                parts.extend(expr["args"][param])
-        return all(_is_constant(part) for part in parts)
-    if kind == "when":
-        parts = [p for b in expr["branches"] for p in (b["when"], b["then"])]
-        if expr["otherwise"] is not None:
-            parts.append(expr["otherwise"])
-        return all(_is_constant(part) for part in parts)
-    return False
+    return not any(part["expr"] in ("col", "len") for part in walk_exprs(expr))
 
 
 def _check_exponent(exponent: dict, at: str) -> None:

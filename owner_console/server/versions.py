@@ -1,0 +1,34 @@
+"""The version of the data a plan reads: what a held request and its approval are bound to."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from bastion_kernel.contract import walk
+from bastion_kernel.contract.plan import canonical_json
+
+
+def data_version(plan: Any, catalog: dict, scientist: str) -> str:
+    """The identity of the data a plan reads: each source's file version and policy, hashed ("" if unknown).
+
+    A source's version is its resolved path, size and modification time (as
+    :class:`owner_console.engine.DatasetCache` keys its copies), with the
+    policy (and DP policy) that applies to ``scientist``: a replaced file or
+    a changed policy is a new version, and an approval of the old one does
+    not answer the query on the new one.
+    """
+    parts = []
+    for name in sorted(walk.source_names(plan)):
+        dataset = catalog.get(name)
+        if dataset is None:
+            return ""
+        try:
+            path = Path(dataset.path).resolve()
+            stat = path.stat()
+        except OSError:
+            return ""
+        parts.append([name, str(path), stat.st_size, stat.st_mtime_ns,
+                      dataset.policy.for_scientist(scientist).to_dict(),
+                      dataset.dp.to_dict() if getattr(dataset, "dp", None) is not None else None])
+    return hashlib.sha256(canonical_json(parts)).hexdigest() if parts else ""
