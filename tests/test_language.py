@@ -537,7 +537,7 @@ def test_the_language_imports_neither_ipykernel_zmq_nor_polars():
     import sys
     probe = ("import sys\n"
              "import bastion_kernel.language.interpreter, bastion_kernel.language.complete\n"
-             "from bastion_kernel.language.registry import documented_operations\n"
+             "from bastion_kernel.language.operations import documented_operations\n"
              "documented_operations()\n"
              "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ipykernel', 'zmq', 'polars'))\n"
              "print(','.join(bad))\n")

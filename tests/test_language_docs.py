@@ -9,7 +9,7 @@ import pytest
 
 from bastion_kernel.contract import plan as P
 from bastion_kernel.language.interpreter import Interpreter
-from bastion_kernel.language.registry import doc_index, documented_operations
+from bastion_kernel.language.operations import doc_index, documented_operations
 from bastion_kernel.contract.protocol import BastionError
 from language_fake_session import FakeSession, LocalTablesSession
 

@@ -19,6 +19,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from bastion_kernel.contract import plan as P
+from bastion_kernel.contract.walk import walk
 from bastion_kernel.language.sql import sql_to_plan
 from bastion_kernel.contract.protocol import BastionError
 from owner_console import executor
@@ -353,25 +354,109 @@ def test_hidden_aggregates_and_keys_do_not_leak(run) -> None:
     assert got.height == 3
 
 
+# ------------------------------------ names and types (sqlglot's qualify and annotate_types)
+def test_names_ignore_case(run, oracle) -> None:
+    got = run("SELECT Patient_ID, P.AGE FROM Patients AS p WHERE p.Age > 80")
+    assert got.columns == ["Patient_ID", "AGE"]
+    expected = oracle.execute("SELECT patient_id, age FROM patients WHERE age > 80")
+    assert_same(got.rename({"Patient_ID": "patient_id", "AGE": "age"}), expected, ordered=False)
+
+
+def test_select_aliases_in_where_and_later_items(run, frames) -> None:
+    got = run("SELECT age * 2 AS a, a + 1 AS b FROM patients WHERE a > 150")
+    twice = pl.col("age") * 2
+    expected = frames["patients"].filter(twice > 150).select(twice.alias("a"), (twice + 1).alias("b"))
+    assert got.height > 0
+    assert_same(got, expected, ordered=False)
+
+
+def test_star_over_a_subquery_keeps_its_unique_names(run, frames) -> None:
+    got = run("SELECT * FROM (SELECT p.name, d.name, age + 1, age * 2 FROM patients p "
+              "JOIN diagnoses d ON p.diagnosis = d.diagnosis) t")
+    assert got.columns == ["name", "name_right", "age", "age_1"]
+    expected = (frames["patients"].join(frames["diagnoses"], on="diagnosis", suffix="_right")
+                .select("name", "name_right", (pl.col("age") + 1).alias("age"), (pl.col("age") * 2).alias("age_1")))
+    assert_same(got, expected, ordered=False)
+
+
+def test_with_query_outputs_keep_their_names_and_types(run, frames) -> None:
+    # The date literal is compared with a date: the type of MAX(admission_date) crosses the WITH.
+    got = run("WITH per AS (SELECT zip, COUNT(*), MAX(admission_date) FROM patients GROUP BY zip) "
+              "SELECT zip, count FROM per WHERE max_admission_date >= '2024-06-01'")
+    expected = (frames["patients"].group_by("zip")
+                .agg(pl.len().alias("count"), pl.col("admission_date").max().alias("last"))
+                .filter(pl.col("last") >= datetime.date(2024, 6, 1)).select("zip", "count"))
+    assert got.height > 0
+    assert_same(got, expected, ordered=False)
+
+
+def test_union_order_by_position_and_date_literal(run, frames) -> None:
+    got = run("SELECT admission_date AS d FROM patients WHERE age < 20 UNION ALL "
+              "SELECT admission_date FROM patients WHERE age > 90 ORDER BY d >= '2024-01-01', 1 DESC")
+    p = frames["patients"]
+    union = pl.concat([p.filter(pl.col("age") < 20), p.filter(pl.col("age") > 90)]) \
+        .select(pl.col("admission_date").alias("d"))
+    expected = union.sort([pl.col("d") >= datetime.date(2024, 1, 1), pl.col("d")], descending=[False, True],
+                          nulls_last=True)
+    assert_same(got, expected, ordered=True)
+
+
+def test_using_joins_after_a_right_join_use_the_merged_key(run, frames) -> None:
+    # Patients whose diagnosis has no category come in through the RIGHT JOIN; the next
+    # USING join must match them on the merged key, not on the diagnoses side's (null) copy.
+    got = run("SELECT patient_id, diagnosis, category, n FROM diagnoses d RIGHT JOIN "
+              "(SELECT diagnosis, COUNT(*) AS n FROM patients GROUP BY diagnosis) c USING (diagnosis) "
+              "JOIN patients p USING (diagnosis)")
+    p, d = frames["patients"], frames["diagnoses"]
+    counts = p.group_by("diagnosis").agg(pl.len().alias("n"))
+    expected = (counts.join(d, on="diagnosis", how="left").join(p, on="diagnosis")
+                .select("patient_id", "diagnosis", "category", "n"))
+    assert "migraine" in set(got["diagnosis"])
+    assert_same(got, expected, ordered=False)
+
+
+def test_qualified_star_shows_the_tables_own_using_copy(run, frames) -> None:
+    got = run("SELECT d.* FROM patients p LEFT JOIN diagnoses d USING (diagnosis)")
+    expected = (frames["patients"].join(frames["diagnoses"], on="diagnosis", how="left", coalesce=False,
+                                        suffix="_d")
+                .select(pl.col("diagnosis_d").alias("diagnosis"), "category", pl.col("name_d").alias("name")))
+    assert got["diagnosis"].null_count() > 0
+    assert_same(got, expected, ordered=False)
+
+
+def test_a_hidden_key_joined_with_using_passes_through(files) -> None:
+    # The USING key shown once is the kept side's column itself, not COALESCE of both copies:
+    # a hidden key may pass through a join, and is released masked.
+    hidden = Policy(min_group_size=1, unsafe="log", hidden=frozenset({"patient_id"}))
+    catalog = {name: Dataset(name, files["patients"], "parquet", hidden) for name in ("patients", "again")}
+    tables = {name: [[c, d] for c, d in executor.schema_of(P.scan(name), catalog)] for name in catalog}
+    for query in ("SELECT * FROM patients JOIN again USING (patient_id)",
+                  "SELECT patient_id, a.cost FROM patients LEFT JOIN again a USING (patient_id)"):
+        outcome = executor.evaluate(sql_to_plan(query, tables), catalog, "alice")
+        assert isinstance(outcome, Released), outcome
+        assert "patient_id" in outcome.table.columns
+
+
+def test_columns_sql_cannot_tell_apart_are_refused() -> None:
+    with pytest.raises(BastionError) as caught:
+        sql_to_plan("SELECT age FROM t", {"t": [["Age", "Int64"], ["age", "Int64"]]})
+    assert caught.value.ename == "SchemaError"
+    assert "'Age'" in caught.value.evalue and "'age'" in caught.value.evalue
+
+
 # --------------------------------------------------------------- plan shape
 def test_plans_use_only_whitelisted_names(tables) -> None:
-    def walk(node):
-        if isinstance(node, dict):
-            if "op" in node and "expr" not in node:
-                assert node["op"] in P.FRAME_OPS
-                assert set(node) - {"op"} == set(P.FRAME_OPS[node["op"]])
-            if "expr" in node:
-                assert node["expr"] in P.EXPR_KINDS
-                if node["expr"] == "fn":
-                    assert node["name"] in P.EXPR_FUNCTIONS
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
     for query, _ in SAME_AS_POLARS_SQL:
         plan = sql_to_plan(query, tables)
-        walk(plan)
+        for node in walk(plan):
+            if "expr" in node:
+                assert node["expr"] in P.EXPR_KINDS
+                assert set(node) - {"expr"} == set(P.EXPR_KINDS[node["expr"]])
+                if node["expr"] == "fn":
+                    assert node["name"] in P.EXPR_FUNCTIONS
+            else:
+                assert node["op"] in P.FRAME_OPS
+                assert set(node) - {"op"} == set(P.FRAME_OPS[node["op"]])
         P.canonical_json(plan)  # plain JSON
 
 
@@ -429,6 +514,13 @@ REFUSALS = [
     ("SELECT age AS a, cost AS a FROM patients", "SchemaError", "two columns named 'a'"),
     ("SELECT * FROM patients TABLESAMPLE 10%", "UnsupportedOperation", "SAMPLE"),
     ("SELECT * FROM patients LIMIT age", "UnsupportedOperation", "LIMIT"),
+    ("SELECT * FROM patients p FULL JOIN diagnoses d USING (diagnosis)", "UnsupportedOperation", "FULL JOIN"),
+    ("SELECT * FROM patients p JOIN diagnoses d USING (nosuch)", "SchemaError", "nosuch"),
+    ("SELECT p.nosuch FROM patients p", "SchemaError", "nosuch"),
+    ("SELECT p FROM patients p", "SchemaError", "unknown column 'p'"),
+    ("SELECT patient_id FROM patients ORDER BY 5", "SchemaError", "5"),
+    ("SELECT age FROM patients WHERE age IN (SELECT age FROM (SELECT age FROM patients) s)", "UnsupportedOperation",
+     "IN (subquery)"),
 ]
 
 

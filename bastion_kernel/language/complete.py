@@ -12,7 +12,7 @@ import json
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from bastion_kernel.contract.plan import canonical_json
 from bastion_kernel.contract.plan_text import plan_tree
@@ -22,11 +22,8 @@ from .expr import DType, Expr, render_expr
 from .frame import GroupBy, RemoteFrame
 from .namespaces import PolarsModule, polars_attribute, polars_attribute_names
 from .plot import hidden_columns
-from .registry import BoundOperation, Operation, attribute_names, methods_of, properties_of
+from .registry import BoundOperation, Context, Operation, attribute_names, methods_of, properties_of
 from .values import FetchedTable
-
-if TYPE_CHECKING:
-    from .interpreter import Interpreter
 
 _IDENT_TAIL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$|$")
 _IDENT_CHAR = re.compile(r"[A-Za-z0-9_]")
@@ -38,6 +35,24 @@ DATASET_FUNCTIONS = {"dataset"}
 # Frame methods where a hidden column may appear: as a join key, or passed
 # through unchanged.  Elsewhere the executor refuses it, so it is not offered.
 HIDDEN_COLUMN_METHODS = {"select", "with_columns", "join", "drop", "rename"}
+
+
+class InterpreterView(Protocol):
+    """What completion and inspection read from the interpreter, which passes itself in.
+
+    A protocol rather than an import: the interpreter calls this module, so
+    this module must not import the interpreter.
+    """
+
+    ctx: Context
+    variables: dict[str, Any]
+    builtins: dict[str, Any]
+
+    def evaluate_pure(self, text: str) -> Any:
+        """Evaluate an expression with effects refused (fetch, save, request)."""
+
+    def known_names(self) -> list[str]:
+        """The variable and builtin names a cell can use."""
 
 
 @dataclass
@@ -187,7 +202,7 @@ def _split_callee(callee: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------
 # Completion.
 
-def complete(interp: "Interpreter", code: str, cursor_pos: int) -> Completion:
+def complete(interp: InterpreterView, code: str, cursor_pos: int) -> Completion:
     """Completion matches at the cursor (see the module docstring)."""
     cursor_pos = max(0, min(cursor_pos, len(code)))
     before = code[:cursor_pos]
@@ -208,7 +223,7 @@ def _filter(prefix: str, names: list[str]) -> list[str]:
     return sorted({n for n in names if n.startswith(prefix) and not n.startswith("_")})
 
 
-def _complete_name(interp: "Interpreter", before: str, cursor_pos: int) -> Completion:
+def _complete_name(interp: InterpreterView, before: str, cursor_pos: int) -> Completion:
     prefix = _IDENT_TAIL.search(before).group(0)
     start = cursor_pos - len(prefix)
     head = before[:start].rstrip(" \t")
@@ -232,7 +247,7 @@ def attribute_names_of(value: Any) -> list[str]:
     return attribute_names(type(value))
 
 
-def _resolve(interp: "Interpreter", text: str) -> Any:
+def _resolve(interp: InterpreterView, text: str) -> Any:
     """The value of a receiver's text, evaluated without effects (None if it fails)."""
     if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text) and text in interp.variables:
         return interp.variables[text]
@@ -242,7 +257,7 @@ def _resolve(interp: "Interpreter", text: str) -> Any:
         return None
 
 
-def _complete_in_string(interp: "Interpreter", before: str, state: _ScanState, cursor_pos: int) -> Completion:
+def _complete_in_string(interp: InterpreterView, before: str, state: _ScanState, cursor_pos: int) -> Completion:
     start = state.string_start
     prefix = before[start:]
     empty = Completion([], start, cursor_pos)
@@ -268,7 +283,7 @@ def _complete_in_string(interp: "Interpreter", before: str, state: _ScanState, c
     return empty
 
 
-def _enclosing_frame(interp: "Interpreter", stack: list[_Open]) -> tuple[RemoteFrame | None, str]:
+def _enclosing_frame(interp: InterpreterView, stack: list[_Open]) -> tuple[RemoteFrame | None, str]:
     """The frame whose column method encloses the cursor, and that method's name."""
     for opened in reversed(stack):
         if opened.bracket != "(":
@@ -283,7 +298,7 @@ def _enclosing_frame(interp: "Interpreter", stack: list[_Open]) -> tuple[RemoteF
     return None, ""
 
 
-def _columns(interp: "Interpreter", frame: RemoteFrame | None, method: str = "") -> list[str]:
+def _columns(interp: InterpreterView, frame: RemoteFrame | None, method: str = "") -> list[str]:
     """Column names of a frame (without its hidden ones where ``method`` cannot use them), or of every dataset."""
     if frame is not None:
         names = [name for name, _ in interp.ctx.schema(frame.plan)]
@@ -301,7 +316,7 @@ SQL_KEYWORDS = ("SELECT", "FROM", "WHERE", "GROUP BY", "ORDER BY", "HAVING", "LI
                 "ON", "AS", "AND", "OR", "NOT", "COUNT", "SUM", "AVG", "MIN", "MAX", "DISTINCT", "DESC", "ASC")
 
 
-def _complete_sql(interp: "Interpreter", before: str, cursor_pos: int) -> Completion:
+def _complete_sql(interp: InterpreterView, before: str, cursor_pos: int) -> Completion:
     prefix = _IDENT_TAIL.search(before).group(0)
     start = cursor_pos - len(prefix)
     if "\n" not in before:  # still on the %%sql line
@@ -320,7 +335,7 @@ def _complete_sql(interp: "Interpreter", before: str, cursor_pos: int) -> Comple
 # --------------------------------------------------------------------------
 # Inspection.
 
-def inspect(interp: "Interpreter", code: str, cursor_pos: int, detail_level: int = 0) -> str | None:
+def inspect(interp: InterpreterView, code: str, cursor_pos: int, detail_level: int = 0) -> str | None:
     """Help for what is under the cursor: an operation's docstring or a variable's schema."""
     cursor_pos = max(0, min(cursor_pos, len(code)))
     try:
@@ -352,7 +367,7 @@ def inspect(interp: "Interpreter", code: str, cursor_pos: int, detail_level: int
         return None
 
 
-def _describe_attribute(interp: "Interpreter", receiver_src: str, name: str, detail_level: int) -> str | None:
+def _describe_attribute(interp: InterpreterView, receiver_src: str, name: str, detail_level: int) -> str | None:
     receiver = _resolve(interp, receiver_src)
     if receiver is None:
         return None
@@ -365,7 +380,7 @@ def _describe_attribute(interp: "Interpreter", receiver_src: str, name: str, det
     return operation_help(op) if op else None
 
 
-def _describe_name(interp: "Interpreter", name: str, detail_level: int) -> str | None:
+def _describe_name(interp: InterpreterView, name: str, detail_level: int) -> str | None:
     if name in interp.variables:
         return describe_value(interp, interp.variables[name], detail_level, label=name)
     if name in interp.builtins:
@@ -378,7 +393,7 @@ def operation_help(op: Operation) -> str:
     return f"{op.display_signature()}\n\n{op.doc}"
 
 
-def describe_value(interp: "Interpreter", value: Any, detail_level: int = 0, label: str = "") -> str:
+def describe_value(interp: InterpreterView, value: Any, detail_level: int = 0, label: str = "") -> str:
     """Plain text about a value: a frame's schema and policy, an operation's doc, a repr."""
     if isinstance(value, Operation):
         return operation_help(value)
@@ -401,7 +416,7 @@ def describe_value(interp: "Interpreter", value: Any, detail_level: int = 0, lab
     return f"{label}: {type(value).__name__}\n{repr(value)[:2000]}"
 
 
-def _frame_help(interp: "Interpreter", frame: RemoteFrame, detail_level: int, label: str) -> str:
+def _frame_help(interp: InterpreterView, frame: RemoteFrame, detail_level: int, label: str) -> str:
     lines = [f"{label}: {frame.summary()}", ""]
     try:
         schema = interp.ctx.schema(frame.plan)

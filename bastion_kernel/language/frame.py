@@ -14,6 +14,7 @@ from bastion_kernel.contract import plan as P
 
 from .errors import SchemaError, UnsupportedOperation, suggest
 from bastion_kernel.contract.plan_text import plan_to_polars_text, text_of
+from bastion_kernel.contract.walk import walk_frames
 
 from .expr import (LENGTHS, Expr, check_name, check_plan_size, combine_predicates, describe_value, to_node,
                    to_nodes)
@@ -31,19 +32,8 @@ class RemoteFrame:
 
     def sources(self) -> list[str]:
         """The datasets (and saved results) this frame reads, in plan order."""
-        found: list[str] = []
-        stack = [self.plan]
-        while stack:
-            node = stack.pop()
-            if node.get("op") == "scan":
-                found.append(node["dataset"])
-            elif node.get("op") == "saved":
-                found.append(f"saved:{node['name']}")
-            for key in ("inputs",):
-                stack.extend(reversed(node.get(key, [])))
-            for key in ("right", "left", "input"):
-                if isinstance(node.get(key), dict):
-                    stack.append(node[key])
+        found = [node["dataset"] if node["op"] == "scan" else f"saved:{node['name']}"
+                 for node in walk_frames(self.plan) if node["op"] in ("scan", "saved")]
         return list(dict.fromkeys(found))
 
     def summary(self) -> str:

@@ -25,11 +25,10 @@ from .errors import (BastionError, ExecutionError, LimitExceeded, ParseError, Sc
 from .expr import PYTHON_TYPE_TARGETS, SCALAR_TYPES, DType, Expr, describe_value, to_node
 from .frame import RemoteFrame, fetch_plan, sql_plan
 from .namespaces import POLARS_MODULE, PolarsModule, polars_attribute, polars_attribute_names
-from . import describe, plot  # noqa: F401 - registers frame.describe() and frame.plot
-from . import results  # noqa: F401 - registers the local operations of fetched results
 from .habits import attribute_hint, import_bindings, name_hint
-from . import dp as _dp  # noqa: F401 - registers expr.dp, frame.dp_preview() and budget()
-from .registry import FUNCTIONS, BoundOperation, Context, Operation, attribute_names, methods_of, properties_of
+# FUNCTIONS from .operations: the table once every module has registered its functions.
+from .operations import FUNCTIONS
+from .registry import BoundOperation, Context, Operation, attribute_names, methods_of, properties_of
 from .session import Session
 from .values import HelpText
 

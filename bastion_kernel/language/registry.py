@@ -9,8 +9,10 @@ dicts or it is refused.
 Handlers are plain functions whose first parameter is the :class:`Context`
 (the session and the cell being run) and, for methods and properties, whose
 second is the receiver.  Their numpydoc docstrings are the language's
-documentation (``inspect`` shows them; :func:`documented_operations` lists
-them).
+documentation (``inspect`` shows them;
+:func:`bastion_kernel.language.operations.documented_operations` lists them).
+Modules register their handlers here when imported; this module imports none
+of them (:mod:`.operations` imports them all).
 """
 from __future__ import annotations
 
@@ -222,29 +224,3 @@ def properties_of(cls: type) -> dict[str, Operation]:
 def attribute_names(cls: type) -> list[str]:
     """Methods and properties of a value type, sorted (for completion and suggestions)."""
     return sorted(set(methods_of(cls)) | set(properties_of(cls)))
-
-
-def _load_all() -> None:
-    # Registration happens when the modules defining handlers are imported.
-    from . import describe, dp, expr, frame, habits, namespaces, plot, results  # noqa: F401
-
-
-def documented_operations() -> list[Operation]:
-    """Every public operation of the language, for the doc index and its test.
-
-    Returns
-    -------
-    list of Operation
-        Builtin functions, methods and properties, sorted by qualified name.
-    """
-    _load_all()
-    ops: list[Operation] = list(FUNCTIONS.values())
-    for table in (METHODS, PROPERTIES):
-        for entries in table.values():
-            ops.extend(entries.values())
-    return sorted(ops, key=lambda op: op.qualified_name)
-
-
-def doc_index() -> dict[str, str]:
-    """``{qualified name: docstring}`` for every documented operation."""
-    return {op.qualified_name: op.doc for op in documented_operations()}
