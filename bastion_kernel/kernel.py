@@ -182,12 +182,7 @@ class BastionKernel(Kernel):
         bundle = display.waiting_bundle(request_id, status, reason, elapsed)
         if wait is None:
             self._wait = _Wait(request_id, f"bastion-wait-{uuid.uuid4().hex}", elapsed, int(elapsed), reason)
-            self._send_display("display_data", self._wait.display_id, bundle)
-        else:
-            wait.elapsed = elapsed
-            if int(elapsed) != wait.shown_second:
-                wait.shown_second = int(elapsed)
-                self._send_display("update_display_data", wait.display_id, bundle)
+        self._show_in_place(self._wait, wait is None, elapsed, bundle)
 
     def _on_progress(self, stage: str, elapsed: float) -> None:
         """Called by the client while a reply is slow (``"running"``) and when it arrives (``"done"``)."""
@@ -198,12 +193,17 @@ class BastionKernel(Kernel):
         bundle = display.progress_bundle(stage, elapsed)
         if running is None:
             self._running = _Running(f"bastion-run-{uuid.uuid4().hex}", elapsed, int(elapsed))
-            self._send_display("display_data", self._running.display_id, bundle)
-        else:
-            running.elapsed = elapsed
-            if int(elapsed) != running.shown_second:
-                running.shown_second = int(elapsed)
-                self._send_display("update_display_data", running.display_id, bundle)
+        self._show_in_place(self._running, running is None, elapsed, bundle)
+
+    def _show_in_place(self, shown: _Wait | _Running, new: bool, elapsed: float, bundle: dict) -> None:
+        """Show a new in-place display, or update one, at most once a second."""
+        if new:
+            self._send_display("display_data", shown.display_id, bundle)
+            return
+        shown.elapsed = elapsed
+        if int(elapsed) != shown.shown_second:
+            shown.shown_second = int(elapsed)
+            self._send_display("update_display_data", shown.display_id, bundle)
 
     def _end_running(self, outcome: str) -> None:
         running, self._running = self._running, None

@@ -44,6 +44,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_dataset_add(args: argparse.Namespace) -> int:
     workspace = _workspace(args)
+    if args.engine == "spark" and args.privacy == "dp":
+        raise UsageError("--privacy dp is not available with --engine spark: DP datasets run on polars")
     settings = {"person_id": args.person_id, "max_share": args.max_share,
                 "suppress_small_groups": args.suppress_small_groups}
     dp_policy = _dp_policy(args)
@@ -51,9 +53,12 @@ def cmd_dataset_add(args: argparse.Namespace) -> int:
         settings["bounds"] = _public_bounds(args.bounds)
     dataset = workspace.add_dataset(args.name, args.file, min_group_size=args.min_group_size,
                                     hidden=args.hide, unsafe=args.unsafe, allow_save=not args.no_save,
-                                    dp=dp_policy, dominance=not args.no_dominance,
+                                    dp=dp_policy, dominance=not args.no_dominance, engine=args.engine,
                                     **{k: v for k, v in settings.items() if v not in (None, False)})
-    print(f"registered dataset {dataset.name!r} ({dataset.format}, {dataset.path}): {_policy_text(dataset.policy)}")
+    print(f"registered dataset {dataset.name!r} ({dataset.format}, {dataset.source}): {_policy_text(dataset.policy)}")
+    if dataset.engine == "spark":
+        from owner_console.engine.spark.session import settings_of
+        print(f"its queries run on Spark ({settings_of(workspace).describe()}, the workspace's [spark] settings)")
     if dataset.dp is not None:
         total = "" if dataset.dp.epsilon_total is None else \
             f", {dataset.dp.epsilon_total:g} for all scientists together"
@@ -137,7 +142,7 @@ def cmd_dataset_list(args: argparse.Namespace) -> int:
     catalog, errors = _workspace(args).catalog_with_errors()
     for name in sorted(catalog):
         dataset = catalog[name]
-        print(f"{name}\t{dataset.format}\t{dataset.path}\t{_policy_text(dataset.policy)}")
+        print(f"{name}\t{dataset.format}\t{dataset.source}\t{_policy_text(dataset.policy)}")
     for error in errors:
         print(f"warning: {error}", file=sys.stderr)
     return 0
@@ -217,7 +222,12 @@ def cmd_scientist_list(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from owner_console.server import ExecutorServer  # the engine is loaded only to serve
 
+    from owner_console.engine.spark import session as spark_session
+
     workspace = _workspace(args)
+    # Where Spark datasets run ([spark]); a bad table stops here, naming the key.  Spark itself starts on the
+    # first query of a Spark dataset.
+    spark_session.configure(spark_session.settings_of(workspace))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = ExecutorServer(workspace, bind=args.bind)
@@ -456,9 +466,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     dataset = commands.add_parser("dataset", help="register and list datasets").add_subparsers(
         dest="dataset_command", required=True, metavar="ACTION")
-    p = command(dataset, "add", cmd_dataset_add, "register a CSV or Parquet file with its policy")
+    p = command(dataset, "add", cmd_dataset_add, "register a CSV or Parquet file (on Spark also a directory, a "
+                "Delta table or a catalog table) with its policy")
     p.add_argument("name", type=_name("dataset"), metavar="NAME")
-    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("file", type=Path, metavar="SOURCE",
+                   help="a .csv or .parquet file; with --engine spark also a directory of them, a Delta table's "
+                        "directory, or table:NAME for a table of the Spark catalog (e.g. table:sales.orders)")
+    p.add_argument("--engine", choices=("polars", "spark"), default="polars",
+                   help="spark: queries run on the workspace's Spark ([spark] in config.toml; needs the spark "
+                        "extra and Java 17 or 21); default polars, in the executor")
     p.add_argument("--min-group-size", type=_positive_int, default=10, metavar="K",
                    help="a released row must come from at least K rows (default 10)")
     p.add_argument("--hide", action="append", default=[], metavar="COL", help="a column whose values are never released")

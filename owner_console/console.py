@@ -450,7 +450,7 @@ class OwnerConsole:
         for name in sorted(catalog):
             dataset = catalog[name]
             policy = dataset.policy
-            rows.append((name, dataset.format, str(dataset.path), policy.min_group_size, policy.unsafe,
+            rows.append((name, dataset.format, dataset.source, policy.min_group_size, policy.unsafe,
                          ", ".join(sorted(policy.hidden)) or "none", "yes" if policy.allow_save else "no"))
         text = table_html(("dataset", "format", "file", "min group size (K)", "unsafe results",
                            "hidden columns", "saving allowed"), rows)

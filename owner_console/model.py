@@ -205,12 +205,22 @@ class Dataset:
 
     name: str
     path: Path
-    format: str  # "csv" or "parquet"
+    format: str  # "csv" or "parquet"; on Spark also "delta" or "table"
     policy: Policy
     # An owner_console.dp.DPPolicy when the dataset releases only differentially private aggregates.
     dp: Any = None
     # The engine that reads it and runs plans over it (owner_console.engine.ENGINES); a plan reads one engine's.
     engine: str = "polars"
+    # What the source is (the Spark engine reads more than one file): "file" (a CSV or Parquet file), "directory"
+    # (a directory of CSV or Parquet files read as one table), "delta" (a Delta table's directory) or "table" (a
+    # catalog table named by ``table``; its ``path`` is None).  See owner_console.engine.spark.sources.
+    source_kind: str = "file"
+    table: str | None = None
+
+    @property
+    def source(self) -> str:
+        """Where the data is, as the owner names it: the path, or ``table:NAME`` for a catalog table."""
+        return f"table:{self.table}" if self.source_kind == "table" else str(self.path)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 from bastion_kernel.contract import plan as P
 from bastion_kernel.contract.protocol import BastionError
@@ -118,23 +118,35 @@ def _refuse(ename: str, message: str, at: str, **details: Any) -> BastionError:
     return BastionError(ename, f"{message} (at {at})", at=at, **details)
 
 
+# JSON's types as error messages name them; bool before int, which it subclasses.
+_JSON_TYPE_NAMES = ((type(None), "null"), (bool, "a boolean"), (int, "an integer"), (float, "a number"),
+                    (str, "a string"), (list, "a list"), (dict, "an object"))
+
+
 def _describe(value: Any) -> str:
     """A short type description for error messages (never a long value)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
+    return next((name for kind, name in _JSON_TYPE_NAMES if isinstance(value, kind)), type(value).__name__)
+
+
+def _known(value: Any, allowed: Collection[str], what: str, at: str, detail: str | None = None) -> str:
+    """``value`` if it is one of ``allowed``, else refused, naming it (cut to 64 characters) and what is allowed.
+
+    ``detail`` names the refusal's details entry that repeats it (none without).
+    """
+    if not isinstance(value, str) or value not in allowed:
+        shown = value[:64] if isinstance(value, str) else _describe(value)
+        raise _refuse("UnsupportedOperation", f"unknown {what} {shown!r}; supported: {', '.join(allowed)}", at,
+                      **({detail: shown} if detail else {}))
+    return value
+
+
+def _sized(value: Any, kind: type, expected: str, limit: int, too_long: str, at: str) -> Any:
+    """``value``, refused unless it is a ``kind`` of at most ``limit`` items (``too_long`` names the limit)."""
+    if not isinstance(value, kind):
+        raise _refuse("SchemaError", f"expected {expected}, got {_describe(value)}", at)
+    if len(value) > limit:
+        raise _refuse("LimitExceeded", too_long.format(limit), at)
+    return value
 
 
 class _Validator:
@@ -187,6 +199,20 @@ class _Validator:
         if depth > P.MAX_PLAN_DEPTH:
             raise _refuse("LimitExceeded", f"the plan is nested deeper than {P.MAX_PLAN_DEPTH} levels", at)
 
+    def _kind(self, node: Any, at: str, depth: int, head: str, kinds: Mapping[str, Mapping[str, str]], shape: str,
+              unknown: str, what: str, detail: str | None = None) -> str:
+        """The kind a frame or expression node names in its ``head`` field (``op``, ``expr``).
+
+        Refused unless the node is an object whose kind is one of ``kinds`` and
+        whose fields are exactly that kind's; it counts towards the plan's size.
+        """
+        if not isinstance(node, dict):
+            raise _refuse("UnsupportedOperation", f"expected {shape} (a JSON object), got {_describe(node)}", at)
+        self._count_node(at, depth)
+        kind = _known(node.get(head), kinds, unknown, at, detail)
+        self._exact_fields(node, kinds[kind], head, f"{what} {kind!r}", at)
+        return kind
+
     def _exact_fields(self, node: dict, expected: Mapping[str, str], head: str, what: str, at: str) -> None:
         for key in node:
             if key != head and key not in expected:
@@ -234,16 +260,9 @@ class _Validator:
 
     # ------------------------------------------------------------------ frames
     def _frame(self, node: Any, at: str, depth: int) -> dict:
-        if not isinstance(node, dict):
-            raise _refuse("UnsupportedOperation", f"expected a frame node (a JSON object), got {_describe(node)}", at)
-        self._count_node(at, depth)
-        op = node.get("op")
-        if not isinstance(op, str) or op not in P.FRAME_OPS:
-            shown = op[:64] if isinstance(op, str) else _describe(op)
-            raise _refuse("UnsupportedOperation",
-                          f"unknown frame operation {shown!r}; supported: {', '.join(P.FRAME_OPS)}", at, op=shown)
+        op = self._kind(node, at, depth, "op", P.FRAME_OPS, "a frame node", "frame operation", "operation",
+                        detail="op")
         expected = P.FRAME_OPS[op]
-        self._exact_fields(node, expected, "op", f"operation {op!r}", at)
         # Nested frames first: expressions are checked against their columns.
         checked: dict[str, Any] = {"op": op}
         for key, kind in expected.items():
@@ -349,10 +368,7 @@ class _Validator:
         return mapping
 
     def _join_how_field(self, value: Any, at: str, depth: int, columns: Sequence[str] = ()) -> str:
-        if not isinstance(value, str) or value not in P.JOIN_HOWS:
-            shown = value[:64] if isinstance(value, str) else _describe(value)
-            raise _refuse("UnsupportedOperation", f"unknown join kind {shown!r}; supported: {', '.join(P.JOIN_HOWS)}", at)
-        return value
+        return _known(value, P.JOIN_HOWS, "join kind", at)
 
     # output columns of each op -------------------------------------------------
     def _cols_scan(self, node: dict, inputs: Any, at: str) -> tuple[str, ...]:
@@ -462,15 +478,7 @@ class _Validator:
 
     # ------------------------------------------------------------- expressions
     def _expr(self, node: Any, columns: Sequence[str], at: str, depth: int) -> dict:
-        if not isinstance(node, dict):
-            raise _refuse("UnsupportedOperation", f"expected an expression (a JSON object), got {_describe(node)}", at)
-        self._count_node(at, depth)
-        kind = node.get("expr")
-        if not isinstance(kind, str) or kind not in P.EXPR_KINDS:
-            shown = kind[:64] if isinstance(kind, str) else _describe(kind)
-            raise _refuse("UnsupportedOperation",
-                          f"unknown expression kind {shown!r}; supported: {', '.join(P.EXPR_KINDS)}", at)
-        self._exact_fields(node, P.EXPR_KINDS[kind], "expr", f"expression {kind!r}", at)
+        kind = self._kind(node, at, depth, "expr", P.EXPR_KINDS, "an expression", "expression kind", "expression")
         return self.expr_rules[kind](self, node, columns, at, depth)
 
     def _e_col(self, node: dict, columns: Sequence[str], at: str, depth: int) -> dict:
@@ -485,11 +493,7 @@ class _Validator:
         return {"expr": "len"}
 
     def _e_binary(self, node: dict, columns: Sequence[str], at: str, depth: int) -> dict:
-        op = node["op"]
-        if not isinstance(op, str) or op not in P.BINARY_OPS:
-            shown = op[:64] if isinstance(op, str) else _describe(op)
-            raise _refuse("UnsupportedOperation", f"unknown binary operator {shown!r}; "
-                                                  f"supported: {', '.join(P.BINARY_OPS)}", at)
+        op = _known(node["op"], P.BINARY_OPS, "binary operator", at)
         checked = {"expr": "binary", "op": op,
                    "left": self._expr(node["left"], columns, f"{at}.left", depth + 1),
                    "right": self._expr(node["right"], columns, f"{at}.right", depth + 1)}
@@ -498,11 +502,7 @@ class _Validator:
         return checked
 
     def _e_unary(self, node: dict, columns: Sequence[str], at: str, depth: int) -> dict:
-        op = node["op"]
-        if not isinstance(op, str) or op not in P.UNARY_OPS:
-            shown = op[:64] if isinstance(op, str) else _describe(op)
-            raise _refuse("UnsupportedOperation", f"unknown unary operator {shown!r}; "
-                                                  f"supported: {', '.join(P.UNARY_OPS)}", at)
+        op = _known(node["op"], P.UNARY_OPS, "unary operator", at)
         return {"expr": "unary", "op": op, "operand": self._expr(node["operand"], columns, f"{at}.operand", depth + 1)}
 
     def _e_alias(self, node: dict, columns: Sequence[str], at: str, depth: int) -> dict:
@@ -510,11 +510,7 @@ class _Validator:
         return {"expr": "alias", "input": inner, "name": self._check_column_name(node["name"], f"{at}.name")}
 
     def _e_fn(self, node: dict, columns: Sequence[str], at: str, depth: int) -> dict:
-        name = node["name"]
-        if not isinstance(name, str) or name not in P.EXPR_FUNCTIONS:
-            shown = name[:64] if isinstance(name, str) else _describe(name)
-            raise _refuse("UnsupportedOperation", f"unknown function {shown!r}; supported: "
-                                                  f"{', '.join(P.EXPR_FUNCTIONS)}", at, function=shown)
+        name = _known(node["name"], P.EXPR_FUNCTIONS, "function", at, detail="function")
         if P.EXPR_FUNCTIONS[name].kind == "dp_aggregate":
             # DP aggregates exist only on the DP path (owner_console.dp), which never comes here.
             raise _refuse("PolicyViolation", f"{name} is a differentially private aggregate: it applies only "
@@ -603,11 +599,7 @@ class _Validator:
         return value
 
     def _param_str(self, value: Any, at: str) -> str:
-        if not isinstance(value, str):
-            raise _refuse("SchemaError", f"expected a string, got {_describe(value)}", at)
-        if len(value) > MAX_LITERAL_LENGTH:
-            raise _refuse("LimitExceeded", f"strings are limited to {MAX_LITERAL_LENGTH} characters", at)
-        return value
+        return _sized(value, str, "a string", MAX_LITERAL_LENGTH, "strings are limited to {} characters", at)
 
     def _param_bool(self, value: Any, at: str) -> bool:
         if not isinstance(value, bool):
@@ -615,16 +607,10 @@ class _Validator:
         return value
 
     def _param_dtype(self, value: Any, at: str) -> str:
-        if not isinstance(value, str) or value not in P.DTYPES:
-            shown = value[:64] if isinstance(value, str) else _describe(value)
-            raise _refuse("UnsupportedOperation", f"unknown dtype {shown!r}; supported: {', '.join(P.DTYPES)}", at)
-        return value
+        return _known(value, P.DTYPES, "dtype", at)
 
     def _param_literal_list(self, value: Any, at: str) -> list:
-        if not isinstance(value, list):
-            raise _refuse("SchemaError", f"expected a list of values, got {_describe(value)}", at)
-        if len(value) > MAX_LIST_LENGTH:
-            raise _refuse("LimitExceeded", f"value lists are limited to {MAX_LIST_LENGTH} items", at)
+        _sized(value, list, "a list of values", MAX_LIST_LENGTH, "value lists are limited to {} items", at)
         items = [self._scalar(v, f"{at}[{i}]") for i, v in enumerate(value)]
         kinds = {_scalar_family(v) for v in items if v is not None}
         if len(kinds) > 1:

@@ -355,7 +355,13 @@ class QueryWorkers:
         ``on_started`` is called exactly once, before this returns or raises: as soon as the worker has the
         request, so that the caller's own work (the executor's fsynced ``query`` audit entry) overlaps the
         query's; a query cannot bring the executor down, so nothing is lost by not writing it first.
+
+        A plan over Spark datasets runs in this process instead (:func:`runs_in_executor`).
         """
+        if runs_in_executor(plan, catalog):
+            if on_started is not None:
+                on_started()
+            return executor.evaluate(plan, catalog, scientist, self.cache, cancel=cancel, timeout=timeout)
         header, payload = self._call("evaluate", plan, catalog, scientist, cancel, timeout, on_started)
         kind = Released if header["outcome"] == "released" else Held
         return kind(table=_read_ipc(payload), decision=_decision_from_json(header["decision"]),
@@ -365,6 +371,10 @@ class QueryWorkers:
                      timeout: float | None = None, scientist: str | None = None,
                      on_started: Callable[[], None] | None = None) -> tuple[Any, Policy]:
         """:func:`owner_console.executor.prepare_save` in a worker process (``on_started``: see :meth:`evaluate`)."""
+        if runs_in_executor(plan, catalog):
+            if on_started is not None:
+                on_started()
+            return executor.prepare_save(plan, catalog, self.cache, cancel=cancel, timeout=timeout, scientist=scientist)
         header, payload = self._call("prepare_save", plan, catalog, scientist, cancel, timeout, on_started)
         return _read_ipc(payload), Policy.from_dict(header["policy"])
 
@@ -460,6 +470,17 @@ class QueryWorkers:
 SMALL_QUERY_MAX_BYTES = 16 * 2**20
 _SMALL_QUERY_OPS = frozenset({"scan", "saved", "filter", "select", "with_columns", "group_by", "sort", "head",
                               "slice", "drop", "rename", "drop_nulls", "fill_null", "unique", "with_row_index"})
+
+
+def runs_in_executor(plan: Any, catalog: Mapping[str, Dataset]) -> bool:
+    """True when a plan (unchecked JSON) reads a dataset of an engine other than polars: it runs in the executor's
+    own process, not in a query worker.
+
+    A worker is a polars process.  The Spark engine's driver is the executor's one SparkSession (a JVM per
+    process would cost seconds and 400 MB per worker); Spark runs the query on its own executors, and a cancel
+    or the time limit stops its jobs by their tag (:mod:`owner_console.engine.spark.engine`).
+    """
+    return any(getattr(catalog.get(name), "engine", "polars") != "polars" for name in walk.source_names(plan))
 
 
 def is_small_query(plan: Any, catalog: Mapping[str, Dataset]) -> bool:

@@ -5,12 +5,14 @@ Layout of a workspace ``DIR``::
     DIR/config.toml                  [server] bind = "tcp://127.0.0.1:5555"; approval_ttl_seconds,
                                      approval_reuse ("until_expiry" or "once") and the
                                      limits of owner_console.limits (query_timeout_seconds,
-                                     max_rows_released, max_refusals_per_minute)
+                                     max_rows_released, max_refusals_per_minute); [spark] master or
+                                     remote and [spark.conf] (owner_console.engine.spark.session)
     DIR/keys/server.key              the executor's CURVE public key (give it to scientists)
     DIR/keys/server.key_secret       the executor's CURVE secret key
     DIR/keys/audit_ed25519           the audit log's Ed25519 signing key (PKCS#8 PEM, mode 0600)
     DIR/keys/audit_ed25519.pub       its public key (SubjectPublicKeyInfo PEM), for ``audit verify``
-    DIR/datasets/NAME.toml           one registered dataset: file, format and policy
+    DIR/datasets/NAME.toml           one registered dataset: file, format and policy (a Spark dataset
+                                     also its engine and source kind: owner_console.engine.spark.sources)
     DIR/scientists/NAME.toml         one allow-listed scientist: their CURVE public key
     DIR/mocks/NAME.toml, NAME.parquet  the published mock of dataset NAME (owner_console.mock)
     DIR/approvals.sqlite             held requests (:mod:`owner_console.approvals`)
@@ -54,6 +56,8 @@ DEFAULT_APPROVAL_REUSE = "until_expiry"
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 # File suffixes the executor can scan, and the format name stored for each.
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+# The engines a dataset may name (owner_console.engine.ENGINES runs them; "spark" needs the spark extra).
+ENGINE_NAMES = ("polars", "spark")
 
 
 class WorkspaceError(Exception):
@@ -283,18 +287,21 @@ class Workspace:
     # -- datasets ----------------------------------------------------------
     def add_dataset(self, name: str, file: str | os.PathLike, *, min_group_size: int = 10,
                     hidden: Iterable[str] = (), unsafe: str = "review", allow_save: bool = True,
-                    replace: bool = False, dp: Any = None, **settings: Any) -> Dataset:
-        """Register a CSV or Parquet file under ``name`` with its policy.
+                    replace: bool = False, dp: Any = None, engine: str = "polars", **settings: Any) -> Dataset:
+        """Register a CSV or Parquet file (or, on Spark, another source) under ``name`` with its policy.
 
-        Checks that the file reads and that every hidden column exists, then
+        Checks that the source reads and that every hidden column exists, then
         writes ``datasets/NAME.toml``.
 
         Parameters
         ----------
         name : str
             Dataset name the scientist types in ``dataset(NAME)``.
-        file : path
-            A ``.csv`` or ``.parquet`` file; stored as an absolute path.
+        file : path or str
+            A ``.csv`` or ``.parquet`` file; stored as an absolute path.  With
+            ``engine="spark"`` also a directory of such files, a Delta table's
+            directory or ``table:NAME``, a table of the Spark catalog (see
+            :func:`owner_console.engine.spark.sources.resolve_source`).
         min_group_size, hidden, unsafe, allow_save
             The :class:`owner_console.model.Policy` fields.
         **settings
@@ -306,6 +313,9 @@ class Workspace:
         dp : DPPolicy or dict, optional
             A differential privacy policy (:class:`owner_console.dp.DPPolicy`,
             or its ``[dp]`` table): the dataset then releases only DP aggregates.
+        engine : str
+            ``"polars"`` (the default: the executor reads the file) or
+            ``"spark"`` (the workspace's ``[spark]`` runs its queries).
 
         Returns
         -------
@@ -316,6 +326,14 @@ class Workspace:
         target = self.datasets_dir / f"{name}.toml"
         if target.exists() and not replace:
             raise WorkspaceError(f"dataset {name!r} is already registered ({target})")
+        if engine not in ENGINE_NAMES:
+            raise WorkspaceError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got {engine!r}")
+        if engine == "spark":
+            if dp is not None:
+                raise WorkspaceError("differential privacy (--privacy dp) is not available on the Spark engine; "
+                                     "register the dataset with the polars engine for DP")
+            return self._add_spark_dataset(name, str(file), target, min_group_size=min_group_size, hidden=hidden,
+                                           unsafe=unsafe, allow_save=allow_save, **settings)
         path = Path(file).expanduser().absolute()
         fmt = FORMATS.get(path.suffix.lower())
         if fmt is None:
@@ -331,17 +349,7 @@ class Workspace:
         except (ValueError, TypeError) as exc:
             raise WorkspaceError(str(exc)) from None
         columns = read_columns(path, fmt)
-        missing = sorted(policy.hidden - set(columns))
-        if missing:
-            raise WorkspaceError(f"hidden column {missing[0]!r} is not in {path.name} "
-                                 f"(columns: {', '.join(columns)})")
-        unknown_bounds = sorted(set(policy.bounds) - set(columns))
-        if unknown_bounds:
-            raise WorkspaceError(f"bounds column {unknown_bounds[0]!r} is not in {path.name} "
-                                 f"(columns: {', '.join(columns)})")
-        if policy.person_id is not None and policy.person_id not in columns:
-            raise WorkspaceError(f"person id column {policy.person_id!r} is not in {path.name} "
-                                 f"(columns: {', '.join(columns)})")
+        _check_policy_columns(policy, columns, path.name)
         dp_policy = None
         if dp is not None:
             from owner_console.dp import DPPolicy, check_columns
@@ -363,6 +371,62 @@ class Workspace:
             dp_policy = _replace(dp_policy, ledger=self.dp_ledger_path)
         return Dataset(name=name, path=path, format=fmt, policy=policy, dp=dp_policy)
 
+    def _add_spark_dataset(self, name: str, source: str, target: Path, *, min_group_size: int, hidden: Iterable[str],
+                           unsafe: str, allow_save: bool, **settings: Any) -> Dataset:
+        """:meth:`add_dataset` for the Spark engine: a file, directory, Delta path or ``table:NAME``.
+
+        The columns of a file or directory are read with polars (its header or
+        footer; no Spark starts); those of a Delta table or a catalog table
+        through the workspace's Spark (``[spark]``), which must be reachable.
+        """
+        from owner_console.engine.spark import sources
+
+        if unsafe not in UNSAFE_MODES:
+            raise WorkspaceError(f"unsafe must be one of {', '.join(UNSAFE_MODES)}, got {unsafe!r}")
+        try:
+            policy = Policy(min_group_size=min_group_size, unsafe=unsafe,
+                            hidden=frozenset(hidden), allow_save=allow_save, **settings)
+        except (ValueError, TypeError) as exc:
+            raise WorkspaceError(str(exc)) from None
+        found = sources.resolve_source(source)
+        dataset = Dataset(name=name, path=None if found["path"] is None else Path(found["path"]),
+                          format=found["format"], policy=policy, engine="spark",
+                          source_kind=found["source_kind"], table=found["table"])
+        columns = self._spark_source_columns(dataset)
+        _check_policy_columns(policy, columns, dataset.source)
+        record = {"name": name, "engine": "spark", "source_kind": dataset.source_kind, "format": dataset.format,
+                  **({"table": dataset.table} if dataset.source_kind == "table" else {"path": str(dataset.path)}),
+                  "policy": policy.to_dict()}
+        scientists = record["policy"].pop("scientists", None)
+        if scientists:
+            record["scientists"] = scientists
+        atomic_write(target, tomli_w.dumps(record).encode())
+        return dataset
+
+    def _spark_source_columns(self, dataset: Dataset) -> list[str]:
+        """The columns of a Spark dataset's source: polars for files and directories, Spark for the others."""
+        if dataset.source_kind in ("file", "directory"):
+            from owner_console.engine.spark.sources import data_files
+
+            path = dataset.path
+            first = path if dataset.source_kind == "file" else path / data_files(path)[0][0]
+            return read_columns(first, dataset.format)
+        from bastion_kernel.contract.protocol import BastionError
+        from owner_console.engine.spark import session
+        from owner_console.engine.spark.engine import SparkEngine
+
+        session.configure(session.settings_of(self))
+        session.session()  # a Spark that does not start says why here, as a WorkspaceError
+        try:
+            return list(SparkEngine().columns(dataset))
+        except BastionError as exc:
+            if dataset.format == "delta" and exc.details.get("spark_condition", "").startswith("DATA_SOURCE_NOT_FOUND"):
+                raise WorkspaceError(f"{dataset.source}: this Spark cannot read Delta tables; add Delta Lake to it "
+                                     "(docs/scale-out.md)") from None
+            raise WorkspaceError(f"{dataset.source}: {exc.evalue}"
+                                 f"{'; ' + exc.details['spark_condition'] if 'spark_condition' in exc.details else ''}"
+                                 ) from None
+
     def load_dataset(self, toml_path: Path) -> Dataset:
         """Read one ``datasets/NAME.toml``; raises WorkspaceError naming the file if malformed."""
         data = _read_toml(toml_path)
@@ -371,11 +435,21 @@ class Workspace:
             if name != toml_path.stem:
                 raise WorkspaceError(f"name {name!r} does not match the file name")
             fmt = data.get("format")
-            if fmt not in set(FORMATS.values()):
-                raise WorkspaceError(f"format must be csv or parquet, got {fmt!r}")
             path = data.get("path")
-            if not isinstance(path, str) or not os.path.isabs(path):
-                raise WorkspaceError("path must be an absolute path")
+            engine = data.get("engine", "polars")
+            if engine not in ENGINE_NAMES:
+                raise WorkspaceError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got {engine!r}")
+            source_kind, table = data.get("source_kind", "file"), data.get("table")
+            if engine == "spark":
+                from owner_console.engine.spark.sources import check_record
+                check_record(source_kind, fmt, path, table)
+            else:
+                if fmt not in set(FORMATS.values()):
+                    raise WorkspaceError(f"format must be csv or parquet, got {fmt!r}")
+                if not isinstance(path, str) or not os.path.isabs(path):
+                    raise WorkspaceError("path must be an absolute path")
+                if source_kind != "file" or table is not None:
+                    raise WorkspaceError("a polars dataset is one file: source_kind and table are for Spark")
             policy_data = data.get("policy", {})
             if not isinstance(policy_data, dict):
                 raise WorkspaceError("[policy] must be a table")
@@ -389,12 +463,16 @@ class Workspace:
             if "dp" in data:
                 from owner_console.dp import DPPolicy  # only DP datasets need it
                 dp_policy = DPPolicy.from_dict(data["dp"], ledger=self.dp_ledger_path)
-            extra = set(data) - {"name", "path", "format", "policy", "scientists", "dp"}
+            if dp_policy is not None and engine != "polars":
+                raise WorkspaceError("differential privacy is not available on the Spark engine")
+            extra = set(data) - {"name", "path", "format", "policy", "scientists", "dp", "engine", "source_kind",
+                                 "table"}
             if extra:
                 raise WorkspaceError(f"unknown setting {sorted(extra)[0]!r}")
         except (WorkspaceError, ValueError, TypeError) as exc:
             raise WorkspaceError(f"{toml_path}: {exc}") from None
-        return Dataset(name=name, path=Path(path), format=fmt, policy=policy, dp=dp_policy)
+        return Dataset(name=name, path=None if path is None else Path(path), format=fmt, policy=policy, dp=dp_policy,
+                       engine=engine, source_kind=source_kind, table=table)
 
     def catalog_with_errors(self) -> tuple[dict[str, Dataset], list[WorkspaceError]]:
         """All registered datasets, plus one error per malformed file (which is skipped)."""
@@ -623,6 +701,20 @@ def read_public_key(key_file: str | os.PathLike) -> bytes:
     except Exception as exc:  # pyzmq raises ValueError/OSError/IndexError on bad files
         raise WorkspaceError(f"{key_path}: not a CURVE certificate ({exc})") from None
     return _check_z85_key(public, str(key_path))
+
+
+def _check_policy_columns(policy: Policy, columns: list[str], where: str) -> None:
+    """Refuse a policy that names a column the source does not have (hidden, bounds, person id)."""
+    missing = sorted(policy.hidden - set(columns))
+    if missing:
+        raise WorkspaceError(f"hidden column {missing[0]!r} is not in {where} (columns: {', '.join(columns)})")
+    unknown_bounds = sorted(set(policy.bounds) - set(columns))
+    if unknown_bounds:
+        raise WorkspaceError(f"bounds column {unknown_bounds[0]!r} is not in {where} "
+                             f"(columns: {', '.join(columns)})")
+    if policy.person_id is not None and policy.person_id not in columns:
+        raise WorkspaceError(f"person id column {policy.person_id!r} is not in {where} "
+                             f"(columns: {', '.join(columns)})")
 
 
 def read_columns(path: Path, fmt: str) -> list[str]:

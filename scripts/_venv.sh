@@ -2,14 +2,17 @@
 # (.venv) exists and holds the project with the extras the scripts need.
 #
 # After sourcing: ROOT (the repository) and PY (the venv's python) are set.
-# Idempotent: pip runs only when setup.cfg / pyproject.toml (or the extras)
-# changed since the last successful install, so a second run costs a second.
+# Idempotent: pip runs only when setup.cfg / pyproject.toml changed since the
+# last successful install, or when a script asks for an extra that install
+# did not have, so a second run costs a second.
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
-# Both scripts install the same extras so that running one after the other
-# never reinstalls.
+# The extras every script installs; a script may ask for more
+# (bastion_ensure_venv spark: scripts/test.sh, for the Spark engine's tests).
+# The stamp records what was installed, so a script asking for fewer extras
+# than the last install (demo after test) does not reinstall.
 EXTRAS="demo,test"
 STAMP="$VENV/.bastion-install-stamp"
 
@@ -50,24 +53,44 @@ _bastion_make_venv() {
 }
 
 _bastion_install_hash() {
-    (cd "$ROOT" && cat setup.cfg pyproject.toml 2>/dev/null; echo "extras=$EXTRAS") |
+    (cd "$ROOT" && cat setup.cfg pyproject.toml 2>/dev/null) |
         "$PY" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'
 }
 
+# The stamp: line 1 the hash of setup.cfg + pyproject.toml, line 2 the installed extras (comma-separated).
 bastion_ensure_venv() {
     if [ ! -x "$PY" ]; then
         _bastion_make_venv
     fi
-    local want have=""
+    local extras="$EXTRAS" extra want have="" installed="" missing=""
+    for extra in "$@"; do
+        extras="$extras,$extra"
+    done
     want="$(_bastion_install_hash)"
-    [ -f "$STAMP" ] && have="$(cat "$STAMP")"
-    if [ "$want" != "$have" ]; then
-        echo "==> installing Bastion and its dependencies into .venv (pip install -e '.[$EXTRAS]')"
+    if [ -f "$STAMP" ]; then
+        have="$(sed -n 1p "$STAMP")"
+        installed="$(sed -n 2p "$STAMP")"
+    fi
+    for extra in ${extras//,/ }; do
+        case ",$installed," in
+            *",$extra,"*) ;;
+            *) missing="$missing $extra" ;;
+        esac
+    done
+    if [ "$want" != "$have" ] || [ -n "$missing" ]; then
+        # Keep the extras installed before up to date too (a changed setup.cfg may change their pins).
+        for extra in ${installed//,/ }; do
+            case ",$extras," in
+                *",$extra,"*) ;;
+                *) extras="$extras,$extra" ;;
+            esac
+        done
+        echo "==> installing Bastion and its dependencies into .venv (pip install -e '.[$extras]')"
         local started=$SECONDS
-        "$PY" -m pip install --quiet -e "$ROOT[$EXTRAS]"
-        echo "$want" >"$STAMP"
+        "$PY" -m pip install --quiet -e "$ROOT[$extras]"
+        printf '%s\n%s\n' "$want" "$extras" >"$STAMP"
         echo "==> installed in $((SECONDS - started)) s"
     else
-        echo "==> .venv is up to date (setup.cfg and pyproject.toml unchanged since the last install)"
+        echo "==> .venv is up to date (setup.cfg and pyproject.toml unchanged, extras $extras installed)"
     fi
 }

@@ -5,10 +5,13 @@ set -euo pipefail
 started=$SECONDS
 # shellcheck source=scripts/_venv.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
-bastion_ensure_venv
+bastion_ensure_venv spark  # the spark extra: PySpark, for the Spark engine's tests
 # shellcheck source=scripts/_browser.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_browser.sh"
 bastion_ensure_chromium  # for tests/test_browser.py; skipped there with the reason if absent
+# shellcheck source=scripts/_java.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_java.sh"
+bastion_ensure_java  # for the Spark engine's tests (Java 17 or 21); skipped there with the reason if absent
 cd "$ROOT"
 
 # With no path given, pytest runs setup.cfg's testpaths (tests/); a path given

@@ -10,6 +10,8 @@ files) builds its own with :func:`make_workspace` and :func:`start_executor`.
 Fixtures
 --------
 ``patients_csv``      path of the synthetic patients table (5000 rows, CSV).
+``raw``               that table as plain polars reads it (a module that overrides
+                      ``patients_csv`` gets its own table).
 ``owner_workspace``   an :class:`OwnerWorkspace` with three datasets over that CSV:
                       ``patients`` (K=10, ``name`` hidden, unsafe ``review``),
                       ``patients_strict`` (same, unsafe ``reject``) and
@@ -20,6 +22,10 @@ Fixtures
                       ``client(name)`` gives a :class:`wire.RawClient`, its
                       ``kernel_client(name)`` the kernel's ``ExecutorClient``, its
                       ``owner(*args)`` runs ``bastion-owner`` on its workspace.
+``spark``             this process's one SparkSession for the whole run (``local[2]``,
+                      two shuffle partitions, no UI: the executor's defaults), also the
+                      session the Spark engine uses in this process; skipped, with the
+                      reason, without PySpark or a Java 17 or 21 (:func:`spark_unavailable`).
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import polars as pl
 import pytest
 import zmq.auth
 
@@ -205,6 +212,12 @@ def patients_csv(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def raw(patients_csv) -> pl.DataFrame:
+    """The patients table as plain polars reads it: what the executor's answers are compared with."""
+    return pl.read_csv(patients_csv, try_parse_dates=True)
+
+
+@pytest.fixture(scope="module")
 def owner_workspace(tmp_path_factory, patients_csv) -> OwnerWorkspace:
     return make_workspace(tmp_path_factory.mktemp("owner") / "workspace", patients_csv)
 
@@ -228,3 +241,36 @@ def scientist_keys(tmp_path_factory, owner_workspace) -> dict[str, KeyPair]:
 def executor(owner_workspace, scientist_keys):
     with running_executor(owner_workspace.path, scientist_keys) as running:
         yield running
+
+
+def spark_unavailable() -> str | None:
+    """Why Spark cannot run here (PySpark or a Java 17-21 runtime missing), or None when it can."""
+    import importlib.util
+    import os
+    import re
+    import shutil
+
+    if importlib.util.find_spec("pyspark") is None:
+        return "PySpark is not installed (pip install -e '.[spark]')"
+    java_home = os.environ.get("JAVA_HOME")
+    java = os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
+    if not java or not os.access(java, os.X_OK):
+        return "no Java runtime (install openjdk-17-jre-headless, or set JAVA_HOME to a Java 17 or 21)"
+    banner = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    found = re.search(r'version "(?:1\.)?(\d+)', banner)
+    if found is None or not 17 <= int(found.group(1)) <= 21:
+        return f"Spark 4.0 needs Java 17 or 21, {java} is {found.group(1) if found else 'unknown'}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def spark():
+    reason = spark_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    from owner_console.engine.spark import session
+
+    session.configure(session.SparkSettings(master="local[2]"))
+    spark_session = session.session()
+    yield spark_session
+    session.stop()

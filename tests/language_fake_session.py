@@ -2,10 +2,15 @@
 
 It records what the interpreter asked for and answers with fixed dataset
 descriptions; ``schema`` answers with the schema of the plan's first source
-dataset unless a test set ``schemas`` for that plan's hash.
+dataset unless a test set ``schemas`` for that plan's hash.  ``plan_of`` and
+``refusal`` read what a cell gives.
 """
 from __future__ import annotations
 
+import pytest
+
+from bastion_kernel.contract.protocol import BastionError
+from bastion_kernel.language.frame import RemoteFrame
 from bastion_kernel.language.values import FetchedTable, RequestStatus
 from bastion_kernel.contract.plan import plan_hash
 
@@ -13,6 +18,20 @@ PATIENTS_SCHEMA = [["patient_id", "Int64"], ["name", "String"], ["age", "Int64"]
                    ["zip", "String"], ["diagnosis", "String"], ["admission_date", "Date"],
                    ["length_of_stay", "Int64"], ["cost", "Float64"], ["smoker", "Boolean"]]
 VISITS_SCHEMA = [["patient_id", "Int64"], ["visit_date", "Date"], ["ward", "String"]]
+
+
+def plan_of(interp, code: str) -> dict:
+    """The plan of the remote frame that the cell ``code`` evaluates to."""
+    value = interp.run_cell(code).value
+    assert isinstance(value, RemoteFrame), value
+    return value.plan
+
+
+def refusal(interp, code: str) -> BastionError:
+    """The error that the cell ``code`` is refused with (the test fails if the cell runs)."""
+    with pytest.raises(BastionError) as info:
+        interp.run_cell(code)
+    return info.value
 
 
 class FakeSession:

@@ -24,13 +24,13 @@ Datasets of this module's workspace (all over the synthetic patients table):
 """
 from __future__ import annotations
 
-import io
-
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
 from bastion_kernel.contract import plan as P
+
+from wire import fetch, refused, released
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -42,11 +42,6 @@ TARGET = 1  # the patient_id of the person every attack aims at
 
 
 # ------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def raw(patients_csv) -> pl.DataFrame:
-    return pl.read_csv(patients_csv, try_parse_dates=True)
-
-
 @pytest.fixture(scope="module")
 def bastion(executor, owner_workspace, raw, tmp_path_factory):
     """The module's executor, with the extra datasets of the module docstring registered."""
@@ -63,25 +58,6 @@ def bastion(executor, owner_workspace, raw, tmp_path_factory):
                           scientists={"alice": {"min_group_size": 3}, "bob": {"aggregates_only": True}})
     workspace.add_dataset("limited", csv, min_group_size=1, unsafe="log", max_rows_released=100)
     return executor
-
-
-def fetch(bastion, plan, who: str = "alice"):
-    return bastion.client(who).request("fetch", {"plan": plan, "text": "attack"}, timeout=120)
-
-
-def refused(reply) -> dict:
-    """The reply is a refusal: a PolicyViolation error that carries no table."""
-    kind, body, frames = reply
-    assert kind == "error", (kind, body)
-    assert body["ename"] == "PolicyViolation", body
-    assert frames == []
-    return body
-
-
-def released(reply) -> tuple[pl.DataFrame, dict]:
-    kind, body, frames = reply
-    assert kind == "result", (kind, body)
-    return pl.read_ipc(io.BytesIO(frames[0])), body
 
 
 def wiped(reply, *columns: str) -> pl.DataFrame:

@@ -29,6 +29,12 @@ def _lines(path):
     return path.read_bytes().splitlines(keepends=True)
 
 
+def _verify_rewritten(log, key, lines):
+    """Verify the log once ``lines`` (its lines, tampered with) are written over it."""
+    log.path.write_bytes(b"".join(lines))
+    return verify(log.path, key.public_key())
+
+
 def test_entries_chain_and_verify(tmp_path, key):
     log = _log_with(tmp_path, key)
     entries = list(read_entries(log.path))
@@ -50,8 +56,7 @@ def test_edited_line_is_caught(tmp_path, key):
     log = _log_with(tmp_path, key)
     lines = _lines(log.path)
     lines[2] = lines[2].replace(b'"cell 2"', b'"cell X"')
-    log.path.write_bytes(b"".join(lines))
-    report = verify(log.path, key.public_key())
+    report = _verify_rewritten(log, key, lines)
     assert not report.ok and report.first_bad == 3 and "edited" in report.problem
 
 
@@ -62,8 +67,7 @@ def test_rehashed_edit_fails_the_signature(tmp_path, key):
     entry["text"] = "something else"
     entry["hash"] = entry_hash(entry)
     lines[1] = json.dumps(entry).encode() + b"\n"
-    log.path.write_bytes(b"".join(lines))
-    report = verify(log.path, key.public_key())
+    report = _verify_rewritten(log, key, lines)
     assert not report.ok and report.first_bad == 2 and "signature" in report.problem
 
 
@@ -71,8 +75,7 @@ def test_deleted_line_is_caught(tmp_path, key):
     log = _log_with(tmp_path, key)
     lines = _lines(log.path)
     del lines[1]
-    log.path.write_bytes(b"".join(lines))
-    report = verify(log.path, key.public_key())
+    report = _verify_rewritten(log, key, lines)
     assert not report.ok and report.first_bad == 2
 
 
@@ -80,8 +83,7 @@ def test_swapped_lines_are_caught(tmp_path, key):
     log = _log_with(tmp_path, key)
     lines = _lines(log.path)
     lines[1], lines[3] = lines[3], lines[1]
-    log.path.write_bytes(b"".join(lines))
-    report = verify(log.path, key.public_key())
+    report = _verify_rewritten(log, key, lines)
     assert not report.ok and report.first_bad == 2
 
 

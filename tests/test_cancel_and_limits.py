@@ -13,7 +13,6 @@ import contextlib
 import io
 import threading
 import tomllib
-import uuid
 from types import SimpleNamespace
 
 import polars as pl
@@ -24,7 +23,7 @@ from bastion_kernel.contract import plan as P
 from bastion_kernel.contract import protocol
 from bastion_kernel.contract.plan import alias, binary, col, fn, frame_op, length, lit, scan
 from bastion_kernel.contract.protocol import BastionError
-from owner_console import engine, executor as core
+from owner_console import executor as core
 from owner_console.audit import read_entries
 from owner_console.model import Dataset, Policy
 from owner_console.server import MAX_TEXT_CHARS
@@ -90,11 +89,16 @@ def _audit(running, event, **match):
             if e["event"] == event and all(e.get(k) == v for k, v in match.items())]
 
 
+def _serves(client, text: str) -> None:
+    """A quick query of ``client`` completes."""
+    kind, body, _ = client.request("fetch", {"plan": QUICK, "text": text}, timeout=120)
+    assert kind == "result", body
+
+
 def _still_serving(running):
     bob = running.client("bob")
     assert bob.request("hello", {})[0] == "ok"
-    kind, body, frames = bob.request("fetch", {"plan": QUICK, "text": "after"}, timeout=120)
-    assert kind == "result", body
+    _serves(bob, "after")
 
 
 def test_the_slow_query_really_is_slow(patients_csv):
@@ -141,9 +145,7 @@ def test_a_cancel_message_cancels_a_running_query(running):
     assert cancel["scientist"] == "alice" and cancel["found"] is True
     assert _audit(running, "refusal", request=target)[0]["ename"] == "ExecutionError"
     _still_serving(running)
-    # The same scientist's next query completes too.
-    kind, body, _ = alice.request("fetch", {"plan": QUICK, "text": "again"}, timeout=120)
-    assert kind == "result", body
+    _serves(alice, "again")  # the same scientist's next query completes too
 
 
 def test_only_the_same_scientist_can_cancel(running):

@@ -1,6 +1,7 @@
 """The one plan walker reaches every child the plan tables declare, for every operation and function."""
 
 import doctest
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,17 @@ def _marker(i: int) -> dict:
     return P.col(f"c{i}")
 
 
+def _expr_field(kind: str, i: int) -> tuple[Any, list[dict]]:
+    """A value for a field or argument of type ``kind``, and the expressions in it (none for other types)."""
+    if kind == "expr":
+        marker = _marker(i)
+        return marker, [marker]
+    if kind == "exprs":
+        markers = [_marker(i), _marker(i + 100)]
+        return markers, markers
+    return None, []
+
+
 @pytest.mark.parametrize("op", sorted(P.FRAME_OPS))
 def test_every_frame_field_of_frame_or_expr_type_is_walked(op):
     node, frames, exprs, n = {"op": op}, [], [], 0
@@ -28,14 +40,9 @@ def test_every_frame_field_of_frame_or_expr_type_is_walked(op):
         elif ftype == "frames":
             node[field] = [P.scan(f"d{n}"), P.scan(f"e{n}")]
             frames.extend(node[field])
-        elif ftype == "expr":
-            node[field] = _marker(n)
-            exprs.append(node[field])
-        elif ftype == "exprs":
-            node[field] = [_marker(n), _marker(n + 100)]
-            exprs.extend(node[field])
         else:
-            node[field] = None
+            node[field], found = _expr_field(ftype, n)
+            exprs.extend(found)
     assert walk.frame_inputs(node) == frames
     assert walk.frame_exprs(node) == exprs
     walked = list(walk.walk(node))
@@ -48,14 +55,9 @@ def test_every_expression_argument_of_a_function_is_walked(name):
     spec = P.EXPR_FUNCTIONS[name]
     args, expected = {}, [P.col("input")]
     for i, (param, ptype) in enumerate(spec.params):
-        if ptype == "expr":
-            args[param] = _marker(i)
-            expected.append(args[param])
-        elif ptype == "exprs":
-            args[param] = [_marker(i), _marker(i + 100)]
-            expected.extend(args[param])
-        else:
-            args[param] = spec.defaults.get(param)
+        value, found = _expr_field(ptype, i)
+        args[param] = value if found else spec.defaults.get(param)
+        expected.extend(found)
     node = {"expr": "fn", "name": name, "input": expected[0], "args": args}
     assert walk.expr_children(node) == expected
 

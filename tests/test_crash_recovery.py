@@ -16,6 +16,7 @@ several points and the checks hold wherever it landed.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Iterator
 
 import polars as pl
 import pytest
@@ -33,7 +35,7 @@ from owner_console.approvals import ApprovalStore
 from owner_console.audit import read_entries
 from owner_console.console import OwnerConsole
 
-from conftest import make_keys, make_workspace, start_executor
+from conftest import ExecutorProcess, make_keys, make_workspace, running_executor, start_executor
 
 pytestmark = pytest.mark.slow  # starts services or takes seconds: not in the fast tier
 
@@ -82,6 +84,13 @@ def audit_events(owned) -> list[dict]:
     return list(read_entries(owned.workspace.audit_path))
 
 
+@contextlib.contextmanager
+def restarted_after_crash(owned, keys) -> Iterator[tuple[ExecutorProcess, ApprovalStore]]:
+    """The executor started again after a crash, once its workspace passed :func:`assert_consistent`."""
+    with running_executor(owned.path, keys) as restarted:
+        yield restarted, assert_consistent(owned)
+
+
 def assert_consistent(owned, reopen_log: bool = False) -> ApprovalStore:
     """The checks every restart must pass (see the module docstring); returns the store.
 
@@ -127,9 +136,7 @@ def test_kill_mid_queries_keeps_pending_requests_pending(owned, keys, source, re
             pending_seen.append(body["request_id"])
     sigkill(running)
 
-    restarted = start_executor(owned.path, keys)
-    try:
-        store = assert_consistent(owned)
+    with restarted_after_crash(owned, keys) as (restarted, store):
         pending = {r.id for r in store.list("pending")}
         assert set(earlier) | set(pending_seen) <= pending
         alice = restarted.client("alice")
@@ -147,8 +154,6 @@ def test_kill_mid_queries_keeps_pending_requests_pending(owned, keys, source, re
             if request.query_text.startswith("burst"):
                 assert_frame_equal(held, source.select("age", "cost").head(request.plan["n"]))
         assert_consistent(owned)
-    finally:
-        restarted.stop()
 
 
 def test_kill_right_after_approvals_loses_none(owned, keys, source):
@@ -164,9 +169,7 @@ def test_kill_right_after_approvals_loses_none(owned, keys, source):
     assert running.owner("reject", str(ids[3]), "--reason", "no").returncode == 0
     sigkill(running)  # straight after the decisions: nothing has been fetched yet
 
-    restarted = start_executor(owned.path, keys)
-    try:
-        store = assert_consistent(owned)
+    with restarted_after_crash(owned, keys) as (restarted, store):
         assert [store.get(i).status for i in ids] == ["approved", "pending", "approved", "rejected"]
         for request_id in (ids[0], ids[2]):
             name, n = plans[request_id]
@@ -178,8 +181,6 @@ def test_kill_right_after_approvals_loses_none(owned, keys, source):
         kind, body, _ = restarted.client("alice").request("request_status", {"request_id": ids[1]})
         assert kind == "pending"
         assert_consistent(owned)
-    finally:
-        restarted.stop()
 
 
 def test_kill_during_a_burst_of_audit_writes(owned, keys):
@@ -194,13 +195,9 @@ def test_kill_during_a_burst_of_audit_writes(owned, keys):
         assert time.monotonic() < deadline, "the refusals were never audited"
     sigkill(running)  # the refusals are being written while the replies stream out
 
-    restarted = start_executor(owned.path, keys)
-    try:
-        assert_consistent(owned)
+    with restarted_after_crash(owned, keys) as (restarted, _):
         kind, body, _ = restarted.client("bob").request("hello", {})
         assert kind == "ok"
-    finally:
-        restarted.stop()
 
 
 def test_a_torn_audit_line_left_by_a_crash_is_recovered_on_restart(owned, keys):
@@ -212,15 +209,11 @@ def test_a_torn_audit_line_left_by_a_crash_is_recovered_on_restart(owned, keys):
         handle.write(b'{"event":"query","plan":{"op":"head","input":{"op":"sel')
     assert owned.owner("audit", "verify").returncode == 1
 
-    restarted = start_executor(owned.path, keys)
-    try:
-        assert_consistent(owned)
+    with restarted_after_crash(owned, keys) as (restarted, _):
         [recovered] = [e for e in audit_events(owned) if e["event"] == "recovered"]
         assert recovered["fragment"].startswith('{"event":"query"')
         kind, _, _ = restarted.client("alice").request("hello", {})
         assert kind == "ok"
-    finally:
-        restarted.stop()
 
 
 def test_kill_mid_slow_query(owned, keys):
@@ -233,14 +226,10 @@ def test_kill_mid_slow_query(owned, keys):
         time.sleep(0.005)
     sigkill(running)  # the query was received and audited; whether it finished is unknown
 
-    restarted = start_executor(owned.path, keys)
-    try:
-        assert_consistent(owned)
+    with restarted_after_crash(owned, keys) as (restarted, _):
         kind, body, _ = restarted.client("alice").request("fetch", {"plan": slow_plan(), "text": "again"},
                                                           timeout=TIMEOUT)
         assert kind == "result", body
-    finally:
-        restarted.stop()
 
 
 # -- the owner's tools killed, and writing concurrently with the executor --------------------

@@ -2,7 +2,7 @@
 
 The executor's core (and a real query worker process) is given catalogs
 whose datasets name their engine; only the polars engine exists, so a
-dataset on any other engine (``"spark"`` until that engine registers) is
+dataset on an engine the executor does not have (``"duckdb"`` here) is
 refused with a message naming the engines, whatever the data.
 """
 from __future__ import annotations
@@ -62,11 +62,11 @@ def test_a_plan_over_two_engines_is_refused_naming_them(patients_csv, operation)
 
 
 def test_a_dataset_on_an_engine_the_executor_lacks_is_refused_naming_it(patients_csv):
-    catalog = {"b": Dataset("b", patients_csv, "csv", OPEN, engine="spark")}
+    catalog = {"b": Dataset("b", patients_csv, "csv", OPEN, engine="duckdb")}
     with pytest.raises(BastionError) as caught:
         executor.evaluate(P.scan("b"), catalog, "alice")
     assert caught.value.ename == "UnsupportedOperation"
-    assert "'spark'" in caught.value.evalue and "polars" in caught.value.evalue
+    assert "'duckdb'" in caught.value.evalue and "polars" in caught.value.evalue
 
 
 def test_the_refusal_is_the_same_whatever_the_data(patients_csv, tmp_path):
@@ -86,10 +86,10 @@ def test_the_engine_of_a_dataset_travels_to_a_query_worker(patients_csv, tmp_pat
     # The worker process rebuilds the catalog from JSON: a dataset must stay on its engine there.
     pool = workers.QueryWorkers(tmp_path / "shared", size=1)
     try:
-        catalog = {"b": Dataset("b", patients_csv, "csv", OPEN, engine="spark")}
+        catalog = {"b": Dataset("b", patients_csv, "csv", OPEN, engine="duckdb")}
         with pytest.raises(BastionError) as caught:
             pool.evaluate(P.scan("b"), catalog, "alice")
-        assert caught.value.ename == "UnsupportedOperation" and "'spark'" in caught.value.evalue
+        assert caught.value.ename == "UnsupportedOperation" and "'duckdb'" in caught.value.evalue
     finally:
         pool.close()
 

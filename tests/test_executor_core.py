@@ -29,12 +29,6 @@ def patients_csv(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def raw(patients_csv) -> pl.DataFrame:
-    """The table as plain polars reads it: the reference for every comparison."""
-    return pl.read_csv(patients_csv, try_parse_dates=True)
-
-
-@pytest.fixture(scope="module")
 def open_catalog(patients_csv) -> dict[str, Dataset]:
     """K = 1 and reject: everything is released, and a policy failure would raise instead of passing quietly."""
     return {"patients": Dataset("patients", patients_csv, "csv", Policy(min_group_size=1, unsafe="reject"))}

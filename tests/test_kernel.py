@@ -68,13 +68,15 @@ def bastion_kernel(config: Path, jupyter_path: Path):
         km.shutdown_kernel(now=True)
 
 
-def execute(kc, code: str, on_output=None, silent: bool = False, timeout: float = TIMEOUT):
+def execute(kc, code: str, on_output=None, silent: bool = False, timeout: float = TIMEOUT,
+            allow_stdin: bool | None = None):
     """Run one cell; returns ``(reply content, [iopub output messages])``.
 
     ``on_output(msg)`` sees each output message as it arrives (the cell is
-    still running then).
+    still running then).  ``allow_stdin=False`` runs it as nbconvert and
+    papermill do.
     """
-    msg_id = kc.execute(code, silent=silent, stop_on_error=False)
+    msg_id = kc.execute(code, silent=silent, stop_on_error=False, allow_stdin=allow_stdin)
     outputs = []
     while True:
         msg = kc.get_iopub_msg(timeout=timeout)

@@ -16,11 +16,6 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def raw(patients_csv) -> pl.DataFrame:
-    return pl.read_csv(patients_csv, try_parse_dates=True)
-
-
-@pytest.fixture(scope="module")
 def kc(executor, tmp_path_factory):
     with bastion_kernel(*connect_scientist(executor, tmp_path_factory.mktemp("dave"), "dave")) as (_, client):
         reply, _ = execute(client, 'df = dataset("patients")')

@@ -17,7 +17,7 @@ from bastion_kernel.language.sql import sql_to_plan
 from bastion_kernel.language.values import DatasetList, FetchedTable, RequestStatus
 from bastion_kernel.contract.plan_text import plan_to_polars_text
 from bastion_kernel.contract.protocol import BastionError
-from language_fake_session import PATIENTS_SCHEMA, FakeSession
+from language_fake_session import PATIENTS_SCHEMA, FakeSession, plan_of, refusal
 
 SCAN = {"op": "scan", "dataset": "patients"}
 VISITS = {"op": "scan", "dataset": "visits"}
@@ -49,12 +49,6 @@ def interp(session):
     interpreter = Interpreter(session)
     interpreter.run_cell('patients = dataset("patients")\nvisits = dataset("visits")')
     return interpreter
-
-
-def plan_of(interp, code):
-    value = interp.run_cell(code).value
-    assert isinstance(value, RemoteFrame), value
-    return value.plan
 
 
 def expr_of(interp, code):
@@ -326,9 +320,8 @@ def test_variables_persist_and_builtins_can_be_shadowed(interp):
     interp.run_cell("limit = 3")
     assert plan_of(interp, "patients.head(limit)")["n"] == 3
     interp.run_cell('col = "not a function"')
-    with pytest.raises(BastionError) as info:
-        interp.run_cell('col("a")')
-    assert info.value.ename == "UnsupportedOperation"
+    error = refusal(interp, 'col("a")')
+    assert error.ename == "UnsupportedOperation"
 
 
 def test_properties_ask_the_executor_for_the_schema_once(interp, session):
@@ -383,21 +376,19 @@ def test_save_request_and_datasets(interp, session):
 
 
 def test_unknown_dataset_suggests_the_nearest(interp):
-    with pytest.raises(BastionError) as info:
-        interp.run_cell('dataset("patient")')
-    assert info.value.ename == "SchemaError"
-    assert "did you mean 'patients'?" in info.value.evalue
-    assert info.value.details == {"line": 1, "col": 0}
+    error = refusal(interp, 'dataset("patient")')
+    assert error.ename == "SchemaError"
+    assert "did you mean 'patients'?" in error.evalue
+    assert error.details == {"line": 1, "col": 0}
 
 
 def test_session_errors_pass_through(interp, session):
     def refuse(plan, text):
         raise BastionError("PolicyViolation", "groups too small")
     session.fetch = refuse
-    with pytest.raises(BastionError) as info:
-        interp.run_cell("x = 1\npatients.fetch()")
-    assert info.value.ename == "PolicyViolation"
-    assert info.value.details == {"line": 2, "col": 9}
+    error = refusal(interp, "x = 1\npatients.fetch()")
+    assert error.ename == "PolicyViolation"
+    assert error.details == {"line": 2, "col": 9}
 
 
 def test_keyboard_interrupt_passes_through(interp, session):
@@ -428,12 +419,10 @@ def test_sql_function_gives_a_remote_frame(interp, session):
 
 
 def test_sql_errors_carry_a_cell_position(interp):
-    with pytest.raises(BastionError) as info:
-        interp.run_cell("%%sql\nSELECT nothing FROM nowhere")
-    assert info.value.ename in ("SchemaError", "ParseError", "UnsupportedOperation")
-    with pytest.raises(BastionError) as info:
-        interp.run_cell("%%sql\n")
-    assert info.value.ename == "ParseError"
+    error = refusal(interp, "%%sql\nSELECT nothing FROM nowhere")
+    assert error.ename in ("SchemaError", "ParseError", "UnsupportedOperation")
+    error = refusal(interp, "%%sql\n")
+    assert error.ename == "ParseError"
 
 
 # ---------------------------------------------------------------- argument checking
@@ -481,25 +470,22 @@ ARGUMENT_ERRORS = [
 
 @pytest.mark.parametrize("code,ename,fragment", ARGUMENT_ERRORS, ids=[c for c, _, _ in ARGUMENT_ERRORS])
 def test_argument_errors(interp, code, ename, fragment):
-    with pytest.raises(BastionError) as info:
-        interp.run_cell(code)
-    assert info.value.ename == ename
-    assert fragment in info.value.evalue
-    assert isinstance(info.value.details.get("line"), int) and isinstance(info.value.details.get("col"), int)
+    error = refusal(interp, code)
+    assert error.ename == ename
+    assert fragment in error.evalue
+    assert isinstance(error.details.get("line"), int) and isinstance(error.details.get("col"), int)
 
 
 def test_argument_error_points_at_the_method_name(interp):
-    with pytest.raises(BastionError) as info:
-        interp.run_cell('x = 1\ny = patients.filter(col("age") > 1).head("many")')
-    assert info.value.details == {"line": 2, "col": len('y = patients.filter(col("age") > 1).')}
+    error = refusal(interp, 'x = 1\ny = patients.filter(col("age") > 1).head("many")')
+    assert error.details == {"line": 2, "col": len('y = patients.filter(col("age") > 1).')}
 
 
 def test_plan_size_is_bounded(interp):
     # Doubling an expression would make an enormous plan: it is refused early.
-    with pytest.raises(BastionError) as info:
-        interp.run_cell("e = col('a')\n" + "e = e + e\n" * 40)
-    assert info.value.ename == "LimitExceeded"
-    assert info.value.details["line"] > 1
+    error = refusal(interp, "e = col('a')\n" + "e = e + e\n" * 40)
+    assert error.ename == "LimitExceeded"
+    assert error.details["line"] > 1
 
 
 def test_interpreter_keeps_serving_after_errors(interp):

@@ -79,6 +79,31 @@ def test_examples_are_bastion_cells_that_run(op, tmp_path, monkeypatch):
     assert any(op.name in example for example in examples), examples
 
 
+def _section(doc: str, title: str) -> str:
+    return doc.split(f"{title}\n{'-' * len(title)}\n", 1)[1].split("\n\n", 1)[0]
+
+
+def test_sections_written_once_read_the_same_on_every_operation_that_shares_them():
+    docs = doc_index()
+    for name in ("select", "with_columns", "filter", "sort", "head", "limit", "slice", "unique", "drop_nulls",
+                 "fill_null", "with_row_index", "rename", "drop"):
+        shared = _section(docs[f"RemoteFrame.{name}"], "Parameters")
+        assert _section(docs[f"DataFrame.{name}"], "Parameters") == shared
+        assert "DataFrame" in _section(docs[f"DataFrame.{name}"], "Returns")
+    # An entry a receiver writes itself stays its own, in the shared order.
+    join = _section(docs["DataFrame.join"], "Parameters")
+    assert join.startswith("other : DataFrame\n") and join.endswith(_section(docs["RemoteFrame.join"], "Parameters")
+                                                                       .split("on : ", 1)[1])
+    assert "maintain_order : bool" in _section(docs["DataFrame.group_by"], "Parameters")
+    assert _section(docs["DataFrame.group_by"], "Parameters") != _section(docs["RemoteFrame.group_by"], "Parameters")
+    # Every chart method documents its last parameter, wait, and returns a chart.
+    charts = [name for name in docs if name.startswith("RemoteFrame.plot.")]
+    assert len(charts) == 5
+    for name in charts:
+        assert _section(docs[name], "Parameters").split("\n")[-4].startswith("wait : bool, default True")
+        assert _section(docs[name], "Returns").startswith("Chart\n    Drawn as Vega-Lite")
+
+
 def test_inspect_shows_each_docstring():
     interp = Interpreter(FakeSession())
     interp.run_cell('patients = dataset("patients")\ne = col("a")\nt = patients.fetch()')

@@ -57,14 +57,22 @@ def patients() -> pl.DataFrame:
     return generate_patients(rows=ROWS)
 
 
-@pytest.fixture(scope="module")
-def interp(tmp_path_factory) -> Interpreter:
-    path = write_patients(tmp_path_factory.mktemp("data") / "patients.parquet", rows=ROWS)
+def open_patients_interpreter(tmp_path_factory, rows: int, cell: str) -> Interpreter:
+    """An interpreter over ``rows`` synthetic patients released by an open policy, once ``cell`` ran.
+
+    Its session is :class:`ExecutorSession`: the executor's own functions, in process.
+    """
+    path = write_patients(tmp_path_factory.mktemp("data") / "patients.parquet", rows=rows)
     open_policy = Policy(min_group_size=1, unsafe="log")
     catalog = {"patients": Dataset("patients", path, "parquet", open_policy)}
     interpreter = Interpreter(ExecutorSession(catalog, tmp_path_factory.mktemp("saved")))
-    interpreter.run_cell('p = dataset("patients")')
+    interpreter.run_cell(cell)
     return interpreter
+
+
+@pytest.fixture(scope="module")
+def interp(tmp_path_factory) -> Interpreter:
+    return open_patients_interpreter(tmp_path_factory, ROWS, 'p = dataset("patients")')
 
 
 Query = Callable[[pl.DataFrame], pl.DataFrame]

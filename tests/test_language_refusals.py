@@ -7,7 +7,7 @@ import pytest
 
 from bastion_kernel.language.interpreter import MAX_AST_DEPTH, MAX_CELL_BYTES, Interpreter
 from bastion_kernel.contract.protocol import ERROR_NAMES, BastionError
-from language_fake_session import FakeSession
+from language_fake_session import FakeSession, refusal
 
 # (cell, ename, (line, col), a fragment of the message)
 REFUSALS = [
@@ -97,9 +97,7 @@ def interp():
 
 @pytest.mark.parametrize("code,ename,position,fragment", REFUSALS, ids=[r[0] for r in REFUSALS])
 def test_refusal(interp, code, ename, position, fragment):
-    with pytest.raises(BastionError) as info:
-        interp.run_cell(code)
-    error = info.value
+    error = refusal(interp, code)
     assert error.ename == ename and error.ename in ERROR_NAMES
     assert fragment in error.evalue, error.evalue
     assert (error.details["line"], error.details["col"]) == position, error.evalue
@@ -135,46 +133,39 @@ TYPOS = [
 
 @pytest.mark.parametrize("code,suggestion", TYPOS, ids=[t[0] for t in TYPOS])
 def test_typo_suggestions(interp, code, suggestion):
-    with pytest.raises(BastionError) as info:
-        interp.run_cell(code)
-    assert info.value.ename == "UnsupportedOperation"
-    assert suggestion in info.value.evalue
+    error = refusal(interp, code)
+    assert error.ename == "UnsupportedOperation"
+    assert suggestion in error.evalue
 
 
 def test_typo_points_at_the_misspelled_name(interp):
-    with pytest.raises(BastionError) as info:
-        interp.run_cell("x = 1\nresult = df.filter(col('age') > 1).gruop_by('sex')")
-    assert info.value.details == {"line": 2, "col": len("result = df.filter(col('age') > 1).")}
+    error = refusal(interp, "x = 1\nresult = df.filter(col('age') > 1).gruop_by('sex')")
+    assert error.details == {"line": 2, "col": len("result = df.filter(col('age') > 1).")}
 
 
 def test_cell_size_limit(interp):
-    with pytest.raises(BastionError) as info:
-        interp.run_cell("x = 1\n" * (MAX_CELL_BYTES // 6 + 1))
-    assert info.value.ename == "LimitExceeded"
+    error = refusal(interp, "x = 1\n" * (MAX_CELL_BYTES // 6 + 1))
+    assert error.ename == "LimitExceeded"
 
 
 def test_ast_depth_limit(interp):
     deep = "-" * (MAX_AST_DEPTH + 5) + "1"
-    with pytest.raises(BastionError) as info:
-        interp.run_cell(deep)
-    assert info.value.ename == "LimitExceeded"
+    error = refusal(interp, deep)
+    assert error.ename == "LimitExceeded"
     very_deep = "(" * 5000 + "1" + ")" * 5000
-    with pytest.raises(BastionError) as info:
-        interp.run_cell(very_deep)
-    assert info.value.ename in ("LimitExceeded", "ParseError")
+    error = refusal(interp, very_deep)
+    assert error.ename in ("LimitExceeded", "ParseError")
 
 
 def test_node_budget(interp):
     wide = "x = [" + ", ".join(["1"] * 30000) + "]"
-    with pytest.raises(BastionError) as info:
-        interp.run_cell(wide)
-    assert info.value.ename == "LimitExceeded"
+    error = refusal(interp, wide)
+    assert error.ename == "LimitExceeded"
 
 
 def test_nul_character_is_a_parse_error(interp):
-    with pytest.raises(BastionError) as info:
-        interp.run_cell("x = 1\x00")
-    assert info.value.ename == "ParseError"
+    error = refusal(interp, "x = 1\x00")
+    assert error.ename == "ParseError"
 
 
 def test_language_never_touches_python_attributes(interp):
@@ -182,9 +173,8 @@ def test_language_never_touches_python_attributes(interp):
     # attribute of the value (not in a registry) is refused.
     for code in ("df.plan", "df.sources()", "df.summary", "col('a').nodes", "col('a').map",
                  "col('a').node", "df.group_by('a').frame", "datasets().datasets"):
-        with pytest.raises(BastionError) as info:
-            interp.run_cell(code)
-        assert info.value.ename == "UnsupportedOperation", code
+        error = refusal(interp, code)
+        assert error.ename == "UnsupportedOperation", code
 
 
 @pytest.mark.parametrize("every,accepted", [("1mo", True), ("2w6h", True), ("999999d", True), ("0d", False),

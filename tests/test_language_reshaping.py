@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 
 from bastion_kernel.contract import plan as P
-from bastion_kernel.language.frame import RemoteFrame
 from bastion_kernel.language.interpreter import Interpreter
 from bastion_kernel.language.sql import sql_to_plan
 from bastion_kernel.contract.plan_text import plan_to_polars_text
 from bastion_kernel.contract.protocol import BastionError
-from language_fake_session import PATIENTS_SCHEMA, FakeSession
+from language_fake_session import PATIENTS_SCHEMA, FakeSession, plan_of
 
 SCAN = P.scan("patients")
 col, lit, fn, alias = P.col, P.lit, P.fn, P.alias
@@ -21,12 +20,6 @@ def interp():
     interpreter = Interpreter(FakeSession())
     interpreter.run_cell('patients = dataset("patients")')
     return interpreter
-
-
-def plan_of(interp, code):
-    value = interp.run_cell(code).value
-    assert isinstance(value, RemoteFrame), value
-    return value.plan
 
 
 CASES = [

@@ -27,7 +27,7 @@ from bastion_kernel.contract.protocol import BastionError
 from language_fake_session import PATIENTS_SCHEMA, FakeSession, LocalTablesSession
 from owner_console.model import Dataset, Policy
 from owner_console.sample_data import generate_patients, write_patients
-from test_language_executes import ExecutorSession
+from test_language_executes import ExecutorSession, open_patients_interpreter
 
 ROWS = 600
 
@@ -39,13 +39,11 @@ def patients() -> pl.DataFrame:
 
 @pytest.fixture(scope="module")
 def interp(tmp_path_factory) -> Interpreter:
-    path = write_patients(tmp_path_factory.mktemp("data") / "patients.parquet", rows=ROWS)
-    catalog = {"patients": Dataset("patients", path, "parquet", Policy(min_group_size=1, unsafe="log"))}
-    interpreter = Interpreter(ExecutorSession(catalog, tmp_path_factory.mktemp("saved")))
-    interpreter.run_cell('p = dataset("patients")\n'
-                         'rows = p.select("patient_id", "sex", "age", "diagnosis", "cost", "smoker").fetch()\n'
-                         'by_diagnosis = p.group_by("diagnosis").agg(mean_cost=col("cost").mean()).fetch()')
-    return interpreter
+    return open_patients_interpreter(
+        tmp_path_factory, ROWS,
+        'p = dataset("patients")\n'
+        'rows = p.select("patient_id", "sex", "age", "diagnosis", "cost", "smoker").fetch()\n'
+        'by_diagnosis = p.group_by("diagnosis").agg(mean_cost=col("cost").mean()).fetch()')
 
 
 def released(df: pl.DataFrame) -> pl.DataFrame:

@@ -33,18 +33,17 @@ def op(op_name, **fields):
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("policy")
-    zips = root / "zips.csv"
-    pl.DataFrame({"zip": [int(z) for z in ZIP_CODES],
-                  "region": ["north" if i % 3 else "south" for i in range(len(ZIP_CODES))],
-                  "population": [1000 + 37 * i for i in range(len(ZIP_CODES))]}).write_csv(zips)
-    return {"patients": write_patients(root / "patients.csv", rows=2000), "zips": zips}
+def patients_csv(tmp_path_factory) -> Path:
+    return write_patients(tmp_path_factory.mktemp("policy") / "patients.csv", rows=2000)
 
 
 @pytest.fixture(scope="module")
-def raw(files) -> pl.DataFrame:
-    return pl.read_csv(files["patients"], try_parse_dates=True)
+def files(tmp_path_factory, patients_csv) -> dict[str, Path]:
+    zips = tmp_path_factory.mktemp("policy") / "zips.csv"
+    pl.DataFrame({"zip": [int(z) for z in ZIP_CODES],
+                  "region": ["north" if i % 3 else "south" for i in range(len(ZIP_CODES))],
+                  "population": [1000 + 37 * i for i in range(len(ZIP_CODES))]}).write_csv(zips)
+    return {"patients": patients_csv, "zips": zips}
 
 
 @pytest.fixture(scope="module")

@@ -29,20 +29,19 @@ op = P.frame_op
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
+def patients_csv(tmp_path_factory) -> Path:
+    return write_patients(tmp_path_factory.mktemp("rules") / "patients.csv", rows=2000)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, patients_csv) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("rules")
-    patients = write_patients(root / "patients.csv", rows=2000)
-    raw = pl.read_csv(patients)
+    raw = pl.read_csv(patients_csv)
     # Patient i has i % 4 + 1 visits.
     visits = raw.select("patient_id", "sex", "zip", "cost").join(pl.DataFrame({"visit": [1, 2, 3, 4]}), how="cross")
     visits = visits.filter(pl.col("visit") <= pl.col("patient_id") % 4 + 1)
     visits.write_csv(root / "visits.csv")
-    return {"patients": patients, "visits": root / "visits.csv"}
-
-
-@pytest.fixture(scope="module")
-def raw(files) -> pl.DataFrame:
-    return pl.read_csv(files["patients"], try_parse_dates=True)
+    return {"patients": patients_csv, "visits": root / "visits.csv"}
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ Datasets of this module (over the synthetic patients table of conftest):
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 
@@ -36,6 +35,8 @@ from bastion_kernel.language.interpreter import Interpreter
 from bastion_kernel.language.sql import sql_to_plan
 from bastion_kernel.contract.protocol import BastionError
 
+from wire import fetch, released, send
+
 pytestmark = pytest.mark.timeout(300)
 
 col, lit, fn, binary, alias, length, when = P.col, P.lit, P.fn, P.binary, P.alias, P.length, P.when
@@ -47,11 +48,6 @@ FLIPPED_ROW = 5
 
 
 # ------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def raw(patients_csv) -> pl.DataFrame:
-    return pl.read_csv(patients_csv, try_parse_dates=True)
-
-
 @pytest.fixture(scope="module")
 def bastion(executor, owner_workspace, raw, tmp_path_factory):
     """The module's executor, with the extra datasets of the module docstring registered."""
@@ -70,14 +66,6 @@ def bastion(executor, owner_workspace, raw, tmp_path_factory):
     return executor
 
 
-def send(bastion, kind: str, body: dict, who: str = "alice"):
-    return bastion.client(who).request(kind, body, timeout=120)
-
-
-def fetch(bastion, plan: dict, who: str = "alice", text: str = "attack"):
-    return send(bastion, "fetch", {"plan": plan, "text": text}, who)
-
-
 def comparable(reply) -> str:
     """A reply as the scientist reads it, with the request id (a counter) taken out."""
     kind, body, frames = reply
@@ -91,12 +79,6 @@ def identical(replies: list, same_names: tuple[str, str] = ("packed_twin", "pack
     """Every reply reads the same (twin datasets' names, a plan fact, taken as one)."""
     readings = {comparable(r).replace(*same_names) for r in replies}
     assert len(readings) == 1, "\n".join(sorted(readings))
-
-
-def released(reply) -> tuple[pl.DataFrame, dict]:
-    kind, body, frames = reply
-    assert kind == "result", (kind, body)
-    return pl.read_ipc(io.BytesIO(frames[0])), body
 
 
 def hidden_refused(reply, column: str, use: str) -> dict:

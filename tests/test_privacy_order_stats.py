@@ -27,8 +27,6 @@ Datasets of this module's workspace (over the synthetic patients table):
 """
 from __future__ import annotations
 
-import io
-
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
@@ -37,7 +35,9 @@ from bastion_kernel.contract import plan as P
 from bastion_kernel.language.sql import sql_to_plan
 from owner_console.workspace import WorkspaceError
 
+import wire
 from conftest import make_workspace, run_owner
+from wire import fetch, refused
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -49,11 +49,6 @@ OFFSET = 1e12
 
 
 # ------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def raw(patients_csv) -> pl.DataFrame:
-    return pl.read_csv(patients_csv, try_parse_dates=True)
-
-
 @pytest.fixture(scope="module")
 def top_patient(raw) -> int:
     """The patient with the largest cost: the one whose value a maximum would release."""
@@ -76,24 +71,11 @@ def bastion(executor, owner_workspace, raw, top_patient, tmp_path_factory):
     return executor
 
 
-def fetch(bastion, plan, who: str = "alice"):
-    return bastion.client(who).request("fetch", {"plan": plan, "text": "attack"}, timeout=120)
-
-
-def refused(reply) -> dict:
-    """The reply is a refusal: a PolicyViolation error that carries no table."""
-    kind, body, frames = reply
-    assert kind == "error", (kind, body)
-    assert body["ename"] == "PolicyViolation", body
-    assert frames == []
-    return body
-
-
 def released(reply) -> pl.DataFrame:
-    kind, body, frames = reply
-    assert kind == "result", (kind, body)
+    """The table of a reply released at once, not after a review."""
+    table, body = wire.released(reply)
     assert body["decision"]["action"] == "allow", body
-    return pl.read_ipc(io.BytesIO(frames[0]))
+    return table
 
 
 def without_ids(reply) -> tuple:

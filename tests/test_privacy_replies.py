@@ -29,11 +29,6 @@ TARGET = 1
 
 
 @pytest.fixture(scope="module")
-def raw(patients_csv) -> pl.DataFrame:
-    return pl.read_csv(patients_csv, try_parse_dates=True)
-
-
-@pytest.fixture(scope="module")
 def bastion(executor, owner_workspace):
     workspace, csv = owner_workspace.workspace, owner_workspace.data_file
     workspace.add_dataset("replies_suppressed", csv, min_group_size=10, unsafe="reject", hidden=["name"],

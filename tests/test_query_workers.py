@@ -29,7 +29,7 @@ from owner_console import workers
 from owner_console.model import Dataset, Held, Policy, Released
 
 from conftest import serving
-from test_cancel_and_limits import QUICK, SLOW, _audit, _fetch, _replies, _still_serving, config
+from test_cancel_and_limits import QUICK, SLOW, _audit, _fetch, _replies, _serves, _still_serving, config
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads processes from /proc (Linux)")]
@@ -170,8 +170,7 @@ def test_a_worker_that_dies_mid_query_is_a_typed_error_and_the_executor_serves_o
     assert refusal["ename"] == "LimitExceeded"
     assert running.process.poll() is None
     _still_serving(running)
-    kind, body, _ = alice.request("fetch", {"plan": QUICK, "text": "after the crash"}, timeout=120)
-    assert kind == "result", body
+    _serves(alice, "after the crash")
 
 
 def test_workers_share_one_memory_mapped_copy_of_a_dataset(running):

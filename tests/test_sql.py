@@ -319,12 +319,17 @@ def test_group_by_select_alias(run, frames) -> None:
     assert_same(got, expected, ordered=False)
 
 
+def young_and_old(frames, below: int, above: int) -> pl.DataFrame:
+    """The patients younger than ``below``, then those older than ``above``: a UNION ALL of the two."""
+    p = frames["patients"]
+    return pl.concat([p.filter(pl.col("age") < below), p.filter(pl.col("age") > above)])
+
+
 def test_union_all_orders_and_limits(run, frames) -> None:
     got = run("SELECT patient_id AS id FROM patients WHERE age < 5 UNION ALL "
               "SELECT patient_id FROM patients WHERE age > 95 ORDER BY id DESC LIMIT 7")
-    p = frames["patients"]
-    expected = pl.concat([p.filter(pl.col("age") < 5), p.filter(pl.col("age") > 95)]) \
-        .select(pl.col("patient_id").alias("id")).sort("id", descending=True).head(7)
+    expected = young_and_old(frames, 5, 95).select(pl.col("patient_id").alias("id")) \
+        .sort("id", descending=True).head(7)
     assert_same(got, expected, ordered=True)
 
 
@@ -393,9 +398,7 @@ def test_with_query_outputs_keep_their_names_and_types(run, frames) -> None:
 def test_union_order_by_position_and_date_literal(run, frames) -> None:
     got = run("SELECT admission_date AS d FROM patients WHERE age < 20 UNION ALL "
               "SELECT admission_date FROM patients WHERE age > 90 ORDER BY d >= '2024-01-01', 1 DESC")
-    p = frames["patients"]
-    union = pl.concat([p.filter(pl.col("age") < 20), p.filter(pl.col("age") > 90)]) \
-        .select(pl.col("admission_date").alias("d"))
+    union = young_and_old(frames, 20, 90).select(pl.col("admission_date").alias("d"))
     expected = union.sort([pl.col("d") >= datetime.date(2024, 1, 1), pl.col("d")], descending=[False, True],
                           nulls_last=True)
     assert_same(got, expected, ordered=True)

@@ -41,8 +41,7 @@ from owner_console.audit import read_entries
 from owner_console.workspace import DEFAULT_APPROVAL_TTL_SECONDS, Workspace, WorkspaceError
 
 from conftest import make_workspace, register_scientists, running_executor
-from test_kernel import (DATARESOURCE_MIME, WAITING, bastion_kernel, connect_scientist, execute, of_type,
-                         shell_reply)
+from test_kernel import DATARESOURCE_MIME, WAITING, bastion_kernel, connect_scientist, execute, of_type
 
 pytestmark = pytest.mark.slow  # starts services or takes seconds: not in the fast tier
 
@@ -135,17 +134,7 @@ def backdate(owned, request_id: int, seconds: float) -> None:
 
 def execute_batch(kc, code: str):
     """Run one cell as nbconvert and papermill do (``allow_stdin: false``); ``(reply, outputs)``."""
-    msg_id = kc.execute(code, allow_stdin=False, stop_on_error=False)
-    outputs = []
-    while True:
-        msg = kc.get_iopub_msg(timeout=TIMEOUT)
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            break
-        if msg["msg_type"] not in ("status", "execute_input"):
-            outputs.append(msg)
-    return shell_reply(kc, msg_id), outputs
+    return execute(kc, code, allow_stdin=False, timeout=TIMEOUT)
 
 
 def kernel_env(scientist) -> dict:

@@ -2,12 +2,15 @@
 
 Unlike :class:`bastion_kernel.client.ExecutorClient`, it checks nothing and
 hides nothing, so tests can send malformed or hostile frames and look at the
-exact reply.
+exact reply.  The functions below read the replies of the attack tests, which
+send their plans straight to a real executor.
 """
 from __future__ import annotations
 
+import io
 import uuid
 
+import polars as pl
 import zmq
 
 from bastion_kernel.contract import protocol
@@ -75,3 +78,29 @@ class RawClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def send(executor, kind: str, body: dict, who: str = "alice", timeout: float = 120) -> tuple[str, dict, list[bytes]]:
+    """One request of scientist ``who`` to a running executor (conftest's ``ExecutorProcess``): its reply."""
+    return executor.client(who).request(kind, body, timeout=timeout)
+
+
+def fetch(executor, plan: dict, who: str = "alice", text: str = "attack") -> tuple[str, dict, list[bytes]]:
+    """``fetch`` a plan as scientist ``who``: the reply ``(kind, body, frames)``."""
+    return send(executor, "fetch", {"plan": plan, "text": text}, who)
+
+
+def refused(reply) -> dict:
+    """The reply is a refusal: a PolicyViolation error that carries no table."""
+    kind, body, frames = reply
+    assert kind == "error", (kind, body)
+    assert body["ename"] == "PolicyViolation", body
+    assert frames == []
+    return body
+
+
+def released(reply) -> tuple[pl.DataFrame, dict]:
+    """The reply is a result: its table and its body."""
+    kind, body, frames = reply
+    assert kind == "result", (kind, body)
+    return pl.read_ipc(io.BytesIO(frames[0])), body

@@ -165,9 +165,13 @@ def _names(names: Any) -> str:
 def _frame_text(node: Any) -> str:
     if not isinstance(node, dict):
         return f"<{type(node).__name__}>"
-    handler = _FRAME_TEXT.get(node.get("op"))
+    op = node.get("op")
+    arguments = _ARGUMENTS.get(op) if isinstance(op, str) else None
+    if arguments is not None:
+        return f"{_frame_text(node.get('input'))}.{op}({arguments(node) or ''})"
+    handler = _FRAME_TEXT.get(op)
     if handler is None:
-        return f"<{node.get('op')}>"
+        return f"<{op}>"
     return handler(node)
 
 
@@ -179,10 +183,6 @@ def _sort_args(node: dict) -> str:
     if node.get("nulls_last"):
         parts.append("nulls_last=True")
     return ", ".join(parts)
-
-
-def _sort_text(node: dict) -> str:
-    return f"{_frame_text(node.get('input'))}.sort({_sort_args(node)})"
 
 
 def _join_text(node: dict) -> str:
@@ -204,37 +204,44 @@ def _join_text(node: dict) -> str:
     return f"{left}.join({', '.join(parts)})"
 
 
-def _optional_subset(method: str) -> Callable[[dict], str]:
-    def text(node: dict) -> str:
-        subset = node.get("subset")
-        return f"{_frame_text(node.get('input'))}.{method}({'' if subset is None else _names(subset)})"
-    return text
+def _subset_args(node: dict) -> str | None:
+    subset = node.get("subset")
+    return None if subset is None else _names(subset)
 
 
 def _exprs(node: dict, key: str) -> str:
     return ", ".join(text_of(e) for e in node.get(key) or [])
 
 
+def _group_keys(node: dict) -> str:
+    return ", ".join(_name_or_expr(k) for k in node.get("keys") or [])
+
+
+# The arguments of the one-input operations whose text is ``<input>.<op>(<arguments>)`` and whose tree label
+# is ``<op> <arguments>`` (None: no arguments).
+_ARGUMENTS: dict[str, Callable[[dict], str | None]] = {
+    "filter": lambda n: text_of(n.get("predicate")),
+    "select": lambda n: _exprs(n, "exprs"),
+    "with_columns": lambda n: _exprs(n, "exprs"),
+    "sort": _sort_args,
+    "head": lambda n: _literal(n.get("n")),
+    "slice": lambda n: f"{_literal(n.get('offset'))}, {_literal(n.get('length'))}",
+    "explode": lambda n: _names(n.get("columns") or []),
+    "drop": lambda n: ", ".join(_literal(c) for c in n.get("columns") or []),
+    "rename": lambda n: _literal_map(n.get("mapping")),
+    "drop_nulls": _subset_args,
+    "unique": _subset_args,
+    "fill_null": lambda n: _fill_value(n.get("value")),
+    "with_row_index": lambda n: _literal(n.get("name")),
+}
+
+# The text of the other operations.
 _FRAME_TEXT: dict[str, Callable[[dict], str]] = {
     "scan": lambda n: f"dataset({_literal(n.get('dataset'))}{', mock=True' if n.get('mock') is True else ''})",
     "saved": lambda n: f"saved({_literal(n.get('name'))})",
-    "filter": lambda n: f"{_frame_text(n.get('input'))}.filter({text_of(n.get('predicate'))})",
-    "select": lambda n: f"{_frame_text(n.get('input'))}.select({_exprs(n, 'exprs')})",
-    "with_columns": lambda n: f"{_frame_text(n.get('input'))}.with_columns({_exprs(n, 'exprs')})",
-    "group_by": lambda n: (f"{_frame_text(n.get('input'))}.group_by("
-                           f"{', '.join(_name_or_expr(k) for k in n.get('keys') or [])}).agg({_exprs(n, 'aggs')})"),
-    "sort": _sort_text,
-    "head": lambda n: f"{_frame_text(n.get('input'))}.head({_literal(n.get('n'))})",
-    "slice": lambda n: f"{_frame_text(n.get('input'))}.slice({_literal(n.get('offset'))}, {_literal(n.get('length'))})",
-    "explode": lambda n: f"{_frame_text(n.get('input'))}.explode({_names(n.get('columns') or [])})",
-    "drop": lambda n: f"{_frame_text(n.get('input'))}.drop({', '.join(_literal(c) for c in n.get('columns') or [])})",
-    "rename": lambda n: f"{_frame_text(n.get('input'))}.rename({_literal_map(n.get('mapping'))})",
-    "drop_nulls": _optional_subset("drop_nulls"),
-    "unique": _optional_subset("unique"),
-    "fill_null": lambda n: f"{_frame_text(n.get('input'))}.fill_null({_fill_value(n.get('value'))})",
+    "group_by": lambda n: f"{_frame_text(n.get('input'))}.group_by({_group_keys(n)}).agg({_exprs(n, 'aggs')})",
     "join": _join_text,
     "concat": lambda n: "pl.concat([" + ", ".join(_frame_text(f) for f in n.get("inputs") or []) + "])",
-    "with_row_index": lambda n: f"{_frame_text(n.get('input'))}.with_row_index({_literal(n.get('name'))})",
 }
 
 
@@ -263,34 +270,16 @@ def plan_to_polars_text(plan: dict) -> str:
 # ---------------------------------------------------------------- tree
 def _tree_label(node: dict) -> str:
     op = node.get("op")
+    arguments = _ARGUMENTS.get(op) if isinstance(op, str) else None
+    if arguments is not None:
+        text = arguments(node)
+        return op if text is None else f"{op} {text}"
     if op == "scan":
         return f"scan {_literal(node.get('dataset'))}{' (mock)' if node.get('mock') is True else ''}"
     if op == "saved":
         return f"saved {_literal(node.get('name'))}"
-    if op == "filter":
-        return f"filter {text_of(node.get('predicate'))}"
-    if op in ("select", "with_columns"):
-        return f"{op} {_exprs(node, 'exprs')}"
     if op == "group_by":
-        keys = ", ".join(_name_or_expr(k) for k in node.get("keys") or [])
-        return f"group_by {keys} agg {_exprs(node, 'aggs')}"
-    if op == "sort":
-        return f"sort {_sort_args(node)}"
-    if op == "head":
-        return f"head {_literal(node.get('n'))}"
-    if op == "slice":
-        return f"slice {_literal(node.get('offset'))}, {_literal(node.get('length'))}"
-    if op == "explode":
-        return f"explode {_names(node.get('columns') or [])}"
-    if op == "drop":
-        return f"drop {', '.join(_literal(c) for c in node.get('columns') or [])}"
-    if op == "rename":
-        return f"rename {_literal_map(node.get('mapping'))}"
-    if op in ("drop_nulls", "unique"):
-        subset = node.get("subset")
-        return op if subset is None else f"{op} {_names(subset)}"
-    if op == "fill_null":
-        return f"fill_null {_fill_value(node.get('value'))}"
+        return f"group_by {_group_keys(node)} agg {_exprs(node, 'aggs')}"
     if op == "join":
         how = node.get("how")
         if how == "cross":
@@ -300,8 +289,6 @@ def _tree_label(node: dict) -> str:
         return f"join how={_literal(how)} left_on {left} right_on {right}"
     if op == "concat":
         return "concat"
-    if op == "with_row_index":
-        return f"with_row_index {_literal(node.get('name'))}"
     return f"<{op}>"
 
 
@@ -319,7 +306,7 @@ def plan_tree(plan: dict) -> str:
     Parameters
     ----------
     plan : dict
-        A frame node.
+        A frame node: the top line; its inputs follow, each indented two more spaces.
 
     Returns
     -------

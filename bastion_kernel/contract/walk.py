@@ -28,7 +28,7 @@ Examples
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .plan import EXPR_FUNCTIONS, EXPR_KINDS, FRAME_OPS
 
@@ -92,22 +92,23 @@ def expr_children(expr: dict) -> list[dict]:
     return found
 
 
-def walk_frames(plan: dict) -> Iterator[dict]:
-    """Every frame node of a validated plan, parents before children (iterative: depth is no limit)."""
-    stack = [plan]
+def _depth_first(root: dict, children: Callable[[dict], list[dict]]) -> Iterator[dict]:
+    # Iterative, so that a plan's depth is no limit.
+    stack = [root]
     while stack:
         node = stack.pop()
         yield node
-        stack.extend(reversed(frame_inputs(node)))
+        stack.extend(reversed(children(node)))
+
+
+def walk_frames(plan: dict) -> Iterator[dict]:
+    """Every frame node of a validated plan, parents before children (iterative: depth is no limit)."""
+    return _depth_first(plan, frame_inputs)
 
 
 def walk_exprs(expr: dict) -> Iterator[dict]:
     """Every node of a validated expression tree, parents before children."""
-    stack = [expr]
-    while stack:
-        node = stack.pop()
-        yield node
-        stack.extend(reversed(expr_children(node)))
+    return _depth_first(expr, expr_children)
 
 
 def walk(plan: dict) -> Iterator[dict]:

@@ -123,38 +123,37 @@ def receiver_text(text: str, end: int) -> str:
     """The primary expression that ends at ``end`` (e.g. ``df.filter(x)`` before ``.sel``)."""
     i = end
     while True:
-        j = i
-        while j > 0 and text[j - 1] in " \t\n":
-            j -= 1
+        j = _before_spaces(text, i)
         if j == 0:
             break
         c = text[j - 1]
-        if c in ")]":
-            opening = _matching_open(text, j - 1)
+        if c in ")]\"'":
+            opening = _matching_open(text, j - 1) if c in ")]" else _string_start(text, j - 1)
             if opening is None:
                 break
             i = opening
-            continue
+            if c in ")]":
+                continue  # a call or subscript: what it applies to comes before
+            break  # a string literal starts the expression
         if _IDENT_CHAR.match(c):
             k = j
             while k > 0 and _IDENT_CHAR.match(text[k - 1]):
                 k -= 1
             i = k
-            m = k
-            while m > 0 and text[m - 1] in " \t\n":
-                m -= 1
+            m = _before_spaces(text, k)
             if m > 0 and text[m - 1] == ".":
                 i = m - 1
                 continue
             break
-        if c in "\"'":
-            start = _string_start(text, j - 1)
-            if start is None:
-                break
-            i = start
-            break
         break
     return text[i:end].strip()
+
+
+def _before_spaces(text: str, i: int) -> int:
+    """Where the spaces, tabs and newlines just before ``i`` start (``i`` when there are none)."""
+    while i > 0 and text[i - 1] in " \t\n":
+        i -= 1
+    return i
 
 
 def _string_start(text: str, closing: int) -> int | None:

@@ -19,7 +19,7 @@ from bastion_kernel.contract import plan as P
 from .errors import SchemaError
 from .expr import Expr, ExprNamespace, check_param, describe_value, render_expr
 from .frame import RemoteFrame
-from .registry import Context, function, method, prop
+from .registry import Context, documented_like, function, method, prop
 from .values import FetchedTable
 
 
@@ -89,6 +89,7 @@ def dp_sum(ctx: Context, namespace: DpNamespace, bounds: Any = None) -> Expr:
 
 
 @method(DpNamespace, "mean")
+@documented_like(dp_sum, "Returns")
 def dp_mean(ctx: Context, namespace: DpNamespace, bounds: Any = None) -> Expr:
     """A differentially private mean: a noisy clipped sum over a noisy count.
 
@@ -96,11 +97,6 @@ def dp_mean(ctx: Context, namespace: DpNamespace, bounds: Any = None) -> Expr:
     ----------
     bounds : tuple of two numbers, optional
         ``(lower, upper)`` clipping bounds. Default: the owner's bounds for the column.
-
-    Returns
-    -------
-    Expr
-        An aggregate that only a dataset under differential privacy computes.
 
     Examples
     --------
@@ -110,6 +106,7 @@ def dp_mean(ctx: Context, namespace: DpNamespace, bounds: Any = None) -> Expr:
 
 
 @method(DpNamespace, "quantile")
+@documented_like(dp_sum, "Returns")
 def dp_quantile(ctx: Context, namespace: DpNamespace, quantile: Any = 0.5, candidates: Any = None,
                 bounds: Any = None) -> Expr:
     """A differentially private quantile: one of the candidates, chosen with noise.
@@ -123,11 +120,6 @@ def dp_quantile(ctx: Context, namespace: DpNamespace, quantile: Any = 0.5, candi
         101 evenly spaced values over the bounds.
     bounds : tuple of two numbers, optional
         ``(lower, upper)`` for the default candidates. Default: the owner's bounds.
-
-    Returns
-    -------
-    Expr
-        An aggregate that only a dataset under differential privacy computes.
 
     Examples
     --------

@@ -16,7 +16,7 @@ from bastion_kernel.contract import plan as P
 from bastion_kernel.contract.plan_text import text_of as render_expr
 
 from .errors import LimitExceeded, SchemaError, UnsupportedOperation
-from .registry import Context, function, method
+from .registry import Context, documented_like, function, method
 
 SCALAR_TYPES = (str, int, float, bool, type(None))
 
@@ -686,20 +686,9 @@ def when_then(ctx: Context, pending: When, value: Any) -> Then:
 
 
 @method(Then, "when")
+@documented_like(fn_when, "Parameters", "Returns")
 def then_when(ctx: Context, chain: Then, *predicates: Any, **constraints: Any) -> When:
     """Add another condition to a ``when``/``then`` chain.
-
-    Parameters
-    ----------
-    *predicates : Expr
-        Conditions, combined with ``&``.
-    **constraints : literal
-        ``name=value`` equalities.
-
-    Returns
-    -------
-    When
-        Waiting for ``.then(value)``.
 
     Examples
     --------
@@ -709,13 +698,9 @@ def then_when(ctx: Context, chain: Then, *predicates: Any, **constraints: Any) -
 
 
 @method(Then, "otherwise")
+@documented_like(when_then, "Parameters")
 def then_otherwise(ctx: Context, chain: Then, value: Any) -> Expr:
     """The value where no condition holds; ends the chain.
-
-    Parameters
-    ----------
-    value : Expr or literal
-        A bare string is a column name, as in polars; use ``lit("x")`` for text.
 
     Returns
     -------

@@ -18,7 +18,7 @@ from bastion_kernel.contract.walk import walk_frames
 
 from .expr import (LENGTHS, Expr, check_name, check_plan_size, combine_predicates, describe_value, to_node,
                    to_nodes)
-from .registry import Context, function, method, prop
+from .registry import Context, documented_like, function, method, prop
 from .values import DatasetList, FetchedTable, RequestStatus
 
 
@@ -197,10 +197,15 @@ def frame_group_by(ctx: Context, frame: RemoteFrame, *by: Any, maintain_order: b
     if maintain_order is not False:
         raise UnsupportedOperation("group_by(maintain_order=True) is not available; "
                                    "sort the result with .sort(...) instead")
+    return GroupBy(frame, group_keys(by))
+
+
+def group_keys(by: tuple) -> list[dict]:
+    """The ``keys`` of a group_by node, checked: at least one."""
     keys = to_nodes(list(by), "group_by()", str_as="col")
     if not keys:
         raise SchemaError("group_by() needs at least one key")
-    return GroupBy(frame, keys)
+    return keys
 
 
 @method(GroupBy, "agg")
@@ -229,6 +234,7 @@ def group_by_agg(ctx: Context, grouped: GroupBy, *aggs: Any, **named_aggs: Any) 
 
 
 @method(GroupBy, "len")
+@documented_like(group_by_agg, "Returns")
 def group_by_len(ctx: Context, grouped: GroupBy, name: str | None = None) -> RemoteFrame:
     """The number of rows in each group.
 
@@ -237,17 +243,16 @@ def group_by_len(ctx: Context, grouped: GroupBy, name: str | None = None) -> Rem
     name : str, optional
         Name of the count column (default "len").
 
-    Returns
-    -------
-    RemoteFrame
-        One row per group.
-
     Examples
     --------
     >>> patients.group_by("diagnosis").len()
     """
-    node = P.length() if name is None else P.alias(P.length(), check_name(name, "len()"))
-    return RemoteFrame(P.frame_op("group_by", input=grouped.frame.plan, keys=grouped.keys, aggs=[node]))
+    return RemoteFrame(P.frame_op("group_by", input=grouped.frame.plan, keys=grouped.keys, aggs=count_aggs(name)))
+
+
+def count_aggs(name: Any) -> list[dict]:
+    """The ``aggs`` of ``group_by(...).len(name)``: the rows of each group, named ``name`` (default "len")."""
+    return [P.length() if name is None else P.alias(P.length(), check_name(name, "len()"))]
 
 
 @method(RemoteFrame, "sort")
@@ -316,13 +321,9 @@ def frame_head(ctx: Context, frame: RemoteFrame, n: int = 5) -> RemoteFrame:
 
 
 @method(RemoteFrame, "limit")
+@documented_like(frame_head, "Parameters")
 def frame_limit(ctx: Context, frame: RemoteFrame, n: int = 5) -> RemoteFrame:
     """The first ``n`` rows (the same as ``head``).
-
-    Parameters
-    ----------
-    n : int, default 5
-        Number of rows.
 
     Returns
     -------
@@ -337,6 +338,7 @@ def frame_limit(ctx: Context, frame: RemoteFrame, n: int = 5) -> RemoteFrame:
 
 
 @method(RemoteFrame, "slice")
+@documented_like(frame_head, "Returns")
 def frame_slice(ctx: Context, frame: RemoteFrame, offset: int, length: int | None = None) -> RemoteFrame:
     """The rows from ``offset`` on (negative: from the end), at most ``length`` of them.
 
@@ -347,19 +349,18 @@ def frame_slice(ctx: Context, frame: RemoteFrame, offset: int, length: int | Non
     length : int or None, default None
         Number of rows kept (None: to the end).
 
-    Returns
-    -------
-    RemoteFrame
-        A new lazy frame (individual rows: the owner reviews them).
-
     Examples
     --------
     >>> patients.sort("age").slice(10, 5)
     """
+    return RemoteFrame(P.frame_op("slice", input=frame.plan, **slice_fields(offset, length)))
+
+
+def slice_fields(offset: Any, length: Any) -> dict:
+    """The ``offset`` and ``length`` fields of a slice node, checked."""
     if not isinstance(offset, int) or isinstance(offset, bool):
         raise SchemaError(f"slice() takes a whole number offset, not {describe_value(offset)}")
-    size = None if length is None else _count(length, "slice()")
-    return RemoteFrame(P.frame_op("slice", input=frame.plan, offset=offset, length=size))
+    return {"offset": offset, "length": None if length is None else _count(length, "slice()")}
 
 
 @method(RemoteFrame, "explode")
@@ -412,10 +413,15 @@ def frame_drop(ctx: Context, frame: RemoteFrame, *columns: Any) -> RemoteFrame:
     --------
     >>> patients.drop("name", "zip")
     """
+    return RemoteFrame(P.frame_op("drop", input=frame.plan, columns=drop_columns(columns)))
+
+
+def drop_columns(columns: tuple) -> list[str]:
+    """The ``columns`` of a drop node, checked: at least one."""
     names = _names(list(columns), "drop()")
     if not names:
         raise SchemaError("drop() needs at least one column name")
-    return RemoteFrame(P.frame_op("drop", input=frame.plan, columns=names))
+    return names
 
 
 @method(RemoteFrame, "rename")
@@ -436,10 +442,14 @@ def frame_rename(ctx: Context, frame: RemoteFrame, mapping: dict) -> RemoteFrame
     --------
     >>> patients.rename({"length_of_stay": "stay"})
     """
+    return RemoteFrame(P.frame_op("rename", input=frame.plan, mapping=rename_mapping(mapping)))
+
+
+def rename_mapping(mapping: Any) -> dict[str, str]:
+    """The ``mapping`` of a rename node, checked: ``{old name: new name}``, not empty."""
     if not isinstance(mapping, dict) or not mapping:
         raise SchemaError(f"rename() takes a dict {{old: new}}, not {describe_value(mapping)}")
-    clean = {check_name(k, "rename()"): check_name(v, "rename()") for k, v in mapping.items()}
-    return RemoteFrame(P.frame_op("rename", input=frame.plan, mapping=clean))
+    return {check_name(k, "rename()"): check_name(v, "rename()") for k, v in mapping.items()}
 
 
 @method(RemoteFrame, "drop_nulls")

@@ -32,7 +32,7 @@ from bastion_kernel.contract.protocol import BastionError
 from .errors import SchemaError, UnsupportedOperation, suggest
 from .expr import describe_value, is_number, to_node
 from .frame import RemoteFrame, fetch_plan
-from .registry import Context, method, prop
+from .registry import Context, extend_doc, method, prop
 from .values import Chart, FetchedTable, RequestStatus
 
 MAX_BINS = 200
@@ -201,15 +201,30 @@ class _NotWaited(Exception):
         self.status = status
 
 
-def _status_when_held(chart_method: Callable[..., Chart]) -> Callable[..., Chart | RequestStatus]:
-    """A chart method that, with ``wait=False``, returns a held request's status instead of waiting."""
-    @functools.wraps(chart_method)
-    def run(*args: Any, **kwargs: Any) -> Chart | RequestStatus:
-        try:
-            return chart_method(*args, **kwargs)
-        except _NotWaited as held:
-            return held.status
-    return run
+def _chart_method(fallback: str) -> Callable[[Callable[..., Chart]], Callable[..., Chart | RequestStatus]]:
+    """A chart method that, with ``wait=False``, returns a held request's status instead of waiting.
+
+    Its docstring gains the entry of its last parameter, ``wait``, and its
+    Returns section: a chart with a text table of ``fallback``.
+    """
+    def wrap(chart_method: Callable[..., Chart]) -> Callable[..., Chart | RequestStatus]:
+        @functools.wraps(chart_method)
+        def run(*args: Any, **kwargs: Any) -> Chart | RequestStatus:
+            try:
+                return chart_method(*args, **kwargs)
+            except _NotWaited as held:
+                return held.status
+        extend_doc(run, parameters="""
+            wait : bool, default True
+                False: when the owner must review the chart's numbers, the request's
+                id and status come back at once instead (``request(id)`` fetches
+                the numbers; running the cell again once approved draws the chart).
+            """, returns=f"""
+            Chart
+                Drawn as Vega-Lite, with a text table of {fallback}.
+            """)
+        return run
+    return wrap
 
 
 def _plotted(rows: list[dict], values: list[str], fetcher: _Fetcher, unit: str) -> list[dict]:
@@ -333,7 +348,7 @@ def _spec(mark: Any, encoding: dict, title: str, **extra: Any) -> dict:
 # The chart methods.
 
 @method(PlotNamespace, "hist")
-@_status_when_held
+@_chart_method("the counts as fallback")
 def plot_hist(ctx: Context, plot: PlotNamespace, column: Any, bins: int = 10, by: Any = None,
               range: Any = None, wait: bool = True) -> Chart:  # noqa: A002 - polars' and numpy's name for it
     """A histogram: row counts in equal-width bins of a numeric column.
@@ -355,15 +370,6 @@ def plot_hist(ctx: Context, plot: PlotNamespace, column: Any, bins: int = 10, by
     range : tuple of float, optional
         ``(low, high)`` of the bins; by default the owner's public bounds of
         the column (``--bounds``).  Without either, the chart is refused.
-    wait : bool, default True
-        False: when the owner must review the chart's numbers, the request's
-        id and status come back at once instead (``request(id)`` fetches
-        the numbers; running the cell again once approved draws the chart).
-
-    Returns
-    -------
-    Chart
-        Drawn as Vega-Lite, with a text table of the counts as fallback.
 
     Examples
     --------
@@ -435,7 +441,7 @@ def _grouped_chart(ctx: Context, plot: PlotNamespace, kind: str, x: Any, y: Any,
 
 
 @method(PlotNamespace, "bar")
-@_status_when_held
+@_chart_method("the aggregates as fallback")
 def plot_bar(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str | None = None,
              by: Any = None, wait: bool = True) -> Chart:
     """A bar chart: one aggregate of ``y`` per category of ``x``.
@@ -456,15 +462,6 @@ def plot_bar(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str 
         "n_unique"; by default "mean" of ``y``, or "count" without ``y``.
     by : str or Expr, optional
         A column whose values split each bar (side by side, one colour each).
-    wait : bool, default True
-        False: when the owner must review the chart's numbers, the request's
-        id and status come back at once instead (``request(id)`` fetches
-        the numbers; running the cell again once approved draws the chart).
-
-    Returns
-    -------
-    Chart
-        Drawn as Vega-Lite, with a text table of the aggregates as fallback.
 
     Examples
     --------
@@ -475,7 +472,7 @@ def plot_bar(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str 
 
 
 @method(PlotNamespace, "line")
-@_status_when_held
+@_chart_method("the aggregates as fallback")
 def plot_line(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str | None = None,
               by: Any = None, wait: bool = True) -> Chart:
     """A line chart: one aggregate of ``y`` per value of ``x``, in order of ``x``.
@@ -494,15 +491,6 @@ def plot_line(ctx: Context, plot: PlotNamespace, x: Any, y: Any = None, agg: str
         people share the value.
     by : str or Expr, optional
         A column whose values make one line each.
-    wait : bool, default True
-        False: when the owner must review the chart's numbers, the request's
-        id and status come back at once instead (``request(id)`` fetches
-        the numbers; running the cell again once approved draws the chart).
-
-    Returns
-    -------
-    Chart
-        Drawn as Vega-Lite, with a text table of the aggregates as fallback.
 
     Examples
     --------
@@ -520,7 +508,7 @@ def _default_agg(agg: Any, y: Any, with_value: str) -> Any:
 
 
 @method(PlotNamespace, "box")
-@_status_when_held
+@_chart_method("min, q1, median, q3, max and count")
 def plot_box(ctx: Context, plot: PlotNamespace, x: Any, y: Any, by: Any = None, wait: bool = True) -> Chart:
     """A box plot: min, quartiles and max of ``y`` per category of ``x``.
 
@@ -540,15 +528,6 @@ def plot_box(ctx: Context, plot: PlotNamespace, x: Any, y: Any, by: Any = None, 
         The numeric value summarized.
     by : str or Expr, optional
         A column whose values split each category (side by side, one colour each).
-    wait : bool, default True
-        False: when the owner must review the chart's numbers, the request's
-        id and status come back at once instead (``request(id)`` fetches
-        the numbers; running the cell again once approved draws the chart).
-
-    Returns
-    -------
-    Chart
-        Drawn as Vega-Lite, with a text table of min, q1, median, q3, max and count.
 
     Examples
     --------
@@ -592,7 +571,7 @@ def plot_box(ctx: Context, plot: PlotNamespace, x: Any, y: Any, by: Any = None, 
 
 
 @method(PlotNamespace, "heatmap")
-@_status_when_held
+@_chart_method("the counts as fallback")
 def plot_heatmap(ctx: Context, plot: PlotNamespace, x: Any, y: Any, bins: Any = (20, 20), by: Any = None,
                  range: Any = None, wait: bool = True) -> Chart:  # noqa: A002
     """A 2-D histogram: row counts in a grid of bins of two numeric columns.
@@ -615,15 +594,6 @@ def plot_heatmap(ctx: Context, plot: PlotNamespace, x: Any, y: Any, bins: Any = 
         ``((x_low, x_high), (y_low, y_high))``; an axis given as ``None``
         (or the whole range left out) takes the owner's public bounds of its
         column (``--bounds``).  An axis with neither is refused.
-    wait : bool, default True
-        False: when the owner must review the chart's numbers, the request's
-        id and status come back at once instead (``request(id)`` fetches
-        the numbers; running the cell again once approved draws the chart).
-
-    Returns
-    -------
-    Chart
-        Drawn as Vega-Lite, with a text table of the counts as fallback.
 
     Examples
     --------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -198,27 +199,101 @@ def function(name: str) -> Callable:
     return register
 
 
+# numpydoc's order of the sections an operation's docstring may have.
+_SECTION_ORDER = ("Parameters", "Returns", "Raises", "Notes", "Examples")
+
+
+def _doc_sections(doc: str) -> tuple[str, dict[str, str]]:
+    """A numpydoc docstring as its text before the first section and ``{title: section}``, in order."""
+    lines = inspect.cleandoc(doc).splitlines()
+    starts = [i for i in range(len(lines) - 1)
+              if lines[i] in _SECTION_ORDER and set(lines[i + 1]) == {"-"} and len(lines[i + 1]) >= 3]
+    intro = "\n".join(lines[:starts[0]] if starts else lines).strip()
+    bounds = zip(starts, starts[1:] + [len(lines)])
+    return intro, {lines[start]: "\n".join(lines[start:end]).strip() for start, end in bounds}
+
+
+def _compose_doc(intro: str, sections: dict[str, str]) -> str:
+    return "\n\n".join([intro, *(sections[title] for title in _SECTION_ORDER if title in sections)])
+
+
+def _parameter_entries(section: str) -> dict[str, str]:
+    """The entries of a Parameters section, in order, keyed by what they name (``n``, ``left_on, right_on``)."""
+    entries: dict[str, list[str]] = {}
+    for line in section.splitlines()[2:]:
+        if line and not line[0].isspace():
+            entries[line.split(" : ", 1)[0]] = [line]
+        elif entries:
+            entries[next(reversed(entries))].append(line)
+    return {name: "\n".join(lines) for name, lines in entries.items()}
+
+
+def documented_like(source: Callable, *titles: str) -> Callable:
+    """Give a handler the sections ``titles`` of ``source``'s docstring, so that they are written once.
+
+    For operations of two receivers that take the same parameters with the
+    same meaning (a fetched result's ``select`` and a remote frame's), or
+    return the same thing; the handler's own docstring holds the rest.  A
+    parameter the handler documents itself keeps its own entry, in
+    ``source``'s order.
+    """
+    _, shared = _doc_sections(source.__doc__ or "")
+
+    def document(handler: Callable) -> Callable:
+        intro, sections = _doc_sections(handler.__doc__ or "")
+        for title in titles:
+            if title == "Parameters" and title in sections:
+                own = _parameter_entries(sections[title])
+                entries = {**_parameter_entries(shared[title]), **own}
+                sections[title] = "\n".join(["Parameters", "----------", *entries.values()])
+            else:
+                sections[title] = shared[title]
+        handler.__doc__ = _compose_doc(intro, sections)
+        return handler
+    return document
+
+
+def extend_doc(handler: Callable, *, parameters: str = "", returns: str = "") -> None:
+    """Complete ``handler``'s docstring with text written once for several handlers.
+
+    Parameters
+    ----------
+    handler : callable
+        The handler whose ``__doc__`` is changed.
+    parameters : str, optional
+        Entries appended to its Parameters section (numpydoc text, indented as in a docstring).
+    returns : str, optional
+        The body of its Returns section (numpydoc text, indented as in a docstring).
+    """
+    intro, sections = _doc_sections(handler.__doc__ or "")
+    if parameters:
+        sections["Parameters"] += "\n" + textwrap.dedent(parameters).strip("\n")
+    if returns:
+        sections["Returns"] = "Returns\n-------\n" + textwrap.dedent(returns).strip("\n")
+    handler.__doc__ = _compose_doc(intro, sections)
+
+
 def _registered_bases(cls: type) -> list[type]:
     # Our value classes only: a subclass (Then) inherits its base's (Expr) methods.
     return [c for c in cls.__mro__ if c in METHODS or c in PROPERTIES]
 
 
-def methods_of(cls: type) -> dict[str, Operation]:
-    """Every method a value of ``cls`` has (its own first, then its bases')."""
+def _inherited(cls: type, table: dict[type, dict[str, Operation]]) -> dict[str, Operation]:
     found: dict[str, Operation] = {}
     for base in _registered_bases(cls):
-        for name, op in METHODS.get(base, {}).items():
+        for name, op in table.get(base, {}).items():
             found.setdefault(name, op)
     return found
+
+
+def methods_of(cls: type) -> dict[str, Operation]:
+    """Every method a value of ``cls`` has (its own first, then its bases')."""
+    return _inherited(cls, METHODS)
 
 
 def properties_of(cls: type) -> dict[str, Operation]:
     """Every property a value of ``cls`` has."""
-    found: dict[str, Operation] = {}
-    for base in _registered_bases(cls):
-        for name, op in PROPERTIES.get(base, {}).items():
-            found.setdefault(name, op)
-    return found
+    return _inherited(cls, PROPERTIES)
 
 
 def attribute_names(cls: type) -> list[str]:

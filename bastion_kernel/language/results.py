@@ -21,9 +21,13 @@ from bastion_kernel.contract import plan as P
 from bastion_kernel.contract.plan_text import text_of
 
 from .errors import ExecutionError, SchemaError, UnsupportedOperation
-from .expr import LENGTHS, check_name, combine_predicates, describe_value, to_node, to_nodes
-from .frame import RemoteFrame, _count, _exprs_with_names, _names, join_fields, sort_fields
-from .registry import Context, method, prop
+from .expr import LENGTHS, check_name, combine_predicates, describe_value, to_node
+from .frame import (RemoteFrame, _count, _exprs_with_names, _names, count_aggs, drop_columns, frame_columns,
+                    frame_drop, frame_drop_nulls, frame_dtypes, frame_fill_null, frame_filter, frame_group_by,
+                    frame_head, frame_join, frame_rename, frame_schema, frame_select, frame_shape, frame_slice,
+                    frame_sort, frame_unique, frame_width, frame_with_columns, frame_with_row_index, group_by_len,
+                    group_keys, join_fields, rename_mapping, slice_fields, sort_fields)
+from .registry import Context, documented_like, method, prop
 from .values import FetchedTable
 
 # The scan names of local plans: the receiver, and the right-hand side of a join.
@@ -74,15 +78,9 @@ LENGTHS[FetchedTable] = lambda ctx, table: released_frame(table).height
 # Operations that make a new local table.
 
 @method(FetchedTable, "select")
+@documented_like(frame_select, "Parameters")
 def result_select(ctx: Context, table: FetchedTable, *exprs: Any, **named_exprs: Any) -> FetchedTable:
     """Choose or compute the output columns of a fetched result (in the kernel).
-
-    Parameters
-    ----------
-    *exprs : str, Expr or list of them
-        Column names or expressions.
-    **named_exprs : Expr or literal
-        ``name=expression``: the expression, aliased to ``name``.
 
     Returns
     -------
@@ -97,15 +95,9 @@ def result_select(ctx: Context, table: FetchedTable, *exprs: Any, **named_exprs:
 
 
 @method(FetchedTable, "with_columns")
+@documented_like(frame_with_columns, "Parameters")
 def result_with_columns(ctx: Context, table: FetchedTable, *exprs: Any, **named_exprs: Any) -> FetchedTable:
     """Add or replace columns of a fetched result, keeping the others (in the kernel).
-
-    Parameters
-    ----------
-    *exprs : Expr or list of them
-        Expressions (an expression named like an existing column replaces it).
-    **named_exprs : Expr or literal
-        ``name=expression``.
 
     Returns
     -------
@@ -120,15 +112,9 @@ def result_with_columns(ctx: Context, table: FetchedTable, *exprs: Any, **named_
 
 
 @method(FetchedTable, "filter")
+@documented_like(frame_filter, "Parameters")
 def result_filter(ctx: Context, table: FetchedTable, *predicates: Any, **constraints: Any) -> FetchedTable:
     """Keep the rows of a fetched result where every condition holds (in the kernel).
-
-    Parameters
-    ----------
-    *predicates : Expr
-        Boolean expressions, combined with ``&``.
-    **constraints : literal
-        ``name=value`` equalities, as in polars.
 
     Returns
     -------
@@ -143,20 +129,10 @@ def result_filter(ctx: Context, table: FetchedTable, *predicates: Any, **constra
 
 
 @method(FetchedTable, "sort")
+@documented_like(frame_sort, "Parameters")
 def result_sort(ctx: Context, table: FetchedTable, by: Any, *more_by: Any,
                 descending: bool | list = False, nulls_last: bool = False) -> FetchedTable:
     """Sort the rows of a fetched result (in the kernel).
-
-    Parameters
-    ----------
-    by : str, Expr or list of them
-        Sort keys.
-    *more_by : str or Expr
-        More sort keys.
-    descending : bool or list of bool, default False
-        One flag for all keys, or one per key.
-    nulls_last : bool, default False
-        Put nulls at the end.
 
     Returns
     -------
@@ -171,13 +147,9 @@ def result_sort(ctx: Context, table: FetchedTable, by: Any, *more_by: Any,
 
 
 @method(FetchedTable, "head")
+@documented_like(frame_head, "Parameters")
 def result_head(ctx: Context, table: FetchedTable, n: int = 5) -> FetchedTable:
     """The first ``n`` rows of a fetched result.
-
-    Parameters
-    ----------
-    n : int, default 5
-        Number of rows.
 
     Returns
     -------
@@ -192,13 +164,9 @@ def result_head(ctx: Context, table: FetchedTable, n: int = 5) -> FetchedTable:
 
 
 @method(FetchedTable, "tail")
+@documented_like(frame_head, "Parameters")
 def result_tail(ctx: Context, table: FetchedTable, n: int = 5) -> FetchedTable:
     """The last ``n`` rows of a fetched result.
-
-    Parameters
-    ----------
-    n : int, default 5
-        Number of rows.
 
     Returns
     -------
@@ -214,13 +182,9 @@ def result_tail(ctx: Context, table: FetchedTable, n: int = 5) -> FetchedTable:
 
 
 @method(FetchedTable, "limit")
+@documented_like(frame_head, "Parameters")
 def result_limit(ctx: Context, table: FetchedTable, n: int = 5) -> FetchedTable:
     """The first ``n`` rows of a fetched result (the same as ``head``).
-
-    Parameters
-    ----------
-    n : int, default 5
-        Number of rows.
 
     Returns
     -------
@@ -235,15 +199,9 @@ def result_limit(ctx: Context, table: FetchedTable, n: int = 5) -> FetchedTable:
 
 
 @method(FetchedTable, "slice")
+@documented_like(frame_slice, "Parameters")
 def result_slice(ctx: Context, table: FetchedTable, offset: int, length: int | None = None) -> FetchedTable:
     """The rows of a fetched result from ``offset`` on (negative: from the end), at most ``length`` of them.
-
-    Parameters
-    ----------
-    offset : int
-        Index of the first row kept; a negative offset counts from the end.
-    length : int or None, default None
-        Number of rows kept (None: to the end).
 
     Returns
     -------
@@ -254,19 +212,13 @@ def result_slice(ctx: Context, table: FetchedTable, offset: int, length: int | N
     --------
     >>> patients.group_by("diagnosis").agg(len()).fetch().sort("len").slice(1, 2)
     """
-    if not isinstance(offset, int) or isinstance(offset, bool):
-        raise SchemaError(f"slice() takes a whole number offset, not {describe_value(offset)}")
-    return _run(table, "slice", offset=offset, length=None if length is None else _count(length, "slice()"))
+    return _run(table, "slice", **slice_fields(offset, length))
 
 
 @method(FetchedTable, "unique")
+@documented_like(frame_unique, "Parameters")
 def result_unique(ctx: Context, table: FetchedTable, subset: Any = None) -> FetchedTable:
     """Keep one row of a fetched result per distinct combination of values (the first one).
-
-    Parameters
-    ----------
-    subset : str or list of str, optional
-        Compare only these columns (default: all).
 
     Returns
     -------
@@ -281,13 +233,9 @@ def result_unique(ctx: Context, table: FetchedTable, subset: Any = None) -> Fetc
 
 
 @method(FetchedTable, "drop_nulls")
+@documented_like(frame_drop_nulls, "Parameters")
 def result_drop_nulls(ctx: Context, table: FetchedTable, subset: Any = None) -> FetchedTable:
     """Remove the rows of a fetched result that have a null value.
-
-    Parameters
-    ----------
-    subset : str or list of str, optional
-        Only look at these columns (default: all).
 
     Returns
     -------
@@ -302,13 +250,9 @@ def result_drop_nulls(ctx: Context, table: FetchedTable, subset: Any = None) -> 
 
 
 @method(FetchedTable, "fill_null")
+@documented_like(frame_fill_null, "Parameters")
 def result_fill_null(ctx: Context, table: FetchedTable, value: Any) -> FetchedTable:
     """Replace the nulls of a fetched result with a value (in the columns it fits, as polars does).
-
-    Parameters
-    ----------
-    value : literal or Expr
-        The replacement.
 
     Returns
     -------
@@ -323,13 +267,9 @@ def result_fill_null(ctx: Context, table: FetchedTable, value: Any) -> FetchedTa
 
 
 @method(FetchedTable, "with_row_index")
+@documented_like(frame_with_row_index, "Parameters")
 def result_with_row_index(ctx: Context, table: FetchedTable, name: str = "index") -> FetchedTable:
     """Add a column numbering the rows of a fetched result from 0.
-
-    Parameters
-    ----------
-    name : str, default "index"
-        The column's name.
 
     Returns
     -------
@@ -344,13 +284,9 @@ def result_with_row_index(ctx: Context, table: FetchedTable, name: str = "index"
 
 
 @method(FetchedTable, "rename")
+@documented_like(frame_rename, "Parameters")
 def result_rename(ctx: Context, table: FetchedTable, mapping: dict) -> FetchedTable:
     """Rename columns of a fetched result.
-
-    Parameters
-    ----------
-    mapping : dict
-        ``{old name: new name}``.
 
     Returns
     -------
@@ -361,20 +297,13 @@ def result_rename(ctx: Context, table: FetchedTable, mapping: dict) -> FetchedTa
     --------
     >>> patients.group_by("sex").agg(len()).fetch().rename({"len": "patients"})
     """
-    if not isinstance(mapping, dict) or not mapping:
-        raise SchemaError(f"rename() takes a dict {{old: new}}, not {describe_value(mapping)}")
-    return _run(table, "rename", mapping={check_name(k, "rename()"): check_name(v, "rename()")
-                                          for k, v in mapping.items()})
+    return _run(table, "rename", mapping=rename_mapping(mapping))
 
 
 @method(FetchedTable, "drop")
+@documented_like(frame_drop, "Parameters")
 def result_drop(ctx: Context, table: FetchedTable, *columns: Any) -> FetchedTable:
     """Remove columns of a fetched result.
-
-    Parameters
-    ----------
-    *columns : str or list of str
-        The columns to remove.
 
     Returns
     -------
@@ -385,13 +314,11 @@ def result_drop(ctx: Context, table: FetchedTable, *columns: Any) -> FetchedTabl
     --------
     >>> patients.group_by("sex", "smoker").agg(len()).fetch().drop("smoker")
     """
-    names = _names(list(columns), "drop()")
-    if not names:
-        raise SchemaError("drop() needs at least one column name")
-    return _run(table, "drop", columns=names)
+    return _run(table, "drop", columns=drop_columns(columns))
 
 
 @method(FetchedTable, "join")
+@documented_like(frame_join, "Parameters")
 def result_join(ctx: Context, table: FetchedTable, other: Any, on: Any = None, how: str = "inner",
                 left_on: Any = None, right_on: Any = None, suffix: str = "_right") -> FetchedTable:
     """Join with another fetched result (in the kernel).
@@ -400,14 +327,6 @@ def result_join(ctx: Context, table: FetchedTable, other: Any, on: Any = None, h
     ----------
     other : DataFrame
         The right-hand fetched result.
-    on : str, Expr or list, optional
-        Key columns with the same name on both sides.
-    how : str, default "inner"
-        "inner", "left", "full", "semi", "anti" or "cross".
-    left_on, right_on : str, Expr or list, optional
-        Keys that differ between the sides.
-    suffix : str, default "_right"
-        Added to right-hand column names that clash.
 
     Returns
     -------
@@ -427,13 +346,12 @@ def result_join(ctx: Context, table: FetchedTable, other: Any, on: Any = None, h
 
 
 @method(FetchedTable, "group_by")
+@documented_like(frame_group_by, "Parameters")
 def result_group_by(ctx: Context, table: FetchedTable, *by: Any, maintain_order: bool = False) -> LocalGroupBy:
     """Group the rows of a fetched result by keys; aggregate each group with ``.agg(...)`` (in the kernel).
 
     Parameters
     ----------
-    *by : str, Expr or list of them
-        The grouping keys.
     maintain_order : bool, default False
         Accepted for polars code; the groups always come out in the order
         they first appear, so the same cell gives the same table.
@@ -449,10 +367,7 @@ def result_group_by(ctx: Context, table: FetchedTable, *by: Any, maintain_order:
     """
     if not isinstance(maintain_order, bool):
         raise SchemaError("group_by(): maintain_order must be True or False")
-    keys = to_nodes(list(by), "group_by()", str_as="col")
-    if not keys:
-        raise SchemaError("group_by() needs at least one key")
-    return LocalGroupBy(table, keys)
+    return LocalGroupBy(table, group_keys(by))
 
 
 @method(LocalGroupBy, "agg")
@@ -480,13 +395,9 @@ def local_group_by_agg(ctx: Context, grouped: LocalGroupBy, *aggs: Any, **named_
 
 
 @method(LocalGroupBy, "len")
+@documented_like(group_by_len, "Parameters")
 def local_group_by_len(ctx: Context, grouped: LocalGroupBy, name: str | None = None) -> FetchedTable:
     """The number of rows in each group of a fetched result.
-
-    Parameters
-    ----------
-    name : str, optional
-        Name of the count column (default "len").
 
     Returns
     -------
@@ -497,8 +408,7 @@ def local_group_by_len(ctx: Context, grouped: LocalGroupBy, name: str | None = N
     --------
     >>> patients.group_by("sex", "diagnosis").agg(len()).fetch().group_by("sex").len()
     """
-    node = P.length() if name is None else P.alias(P.length(), check_name(name, "len()"))
-    return _run(grouped.table, "group_by", keys=grouped.keys, aggs=[node])
+    return _run(grouped.table, "group_by", keys=grouped.keys, aggs=count_aggs(name))
 
 
 # --------------------------------------------------------------------------
@@ -610,19 +520,9 @@ def result_write_csv(ctx: Context, table: FetchedTable, file: str) -> None:
 
 
 @method(FetchedTable, "write_parquet")
+@documented_like(result_write_csv, "Parameters", "Returns")
 def result_write_parquet(ctx: Context, table: FetchedTable, file: str) -> None:
     """Write the fetched result to a Parquet file in the notebook's folder.
-
-    Parameters
-    ----------
-    file : str
-        A relative file name inside the notebook's folder (an absolute path,
-        ``..`` or a link leading out of the folder is refused).
-
-    Returns
-    -------
-    None
-        The file is written (and replaced if it existed).
 
     Examples
     --------
@@ -635,13 +535,9 @@ def result_write_parquet(ctx: Context, table: FetchedTable, file: str) -> None:
 # Properties.
 
 @prop(FetchedTable, "shape")
+@documented_like(frame_shape, "Returns")
 def result_shape(ctx: Context, table: FetchedTable) -> tuple:
     """The number of rows and columns of the fetched result.
-
-    Returns
-    -------
-    tuple of int
-        ``(rows, columns)``.
 
     Examples
     --------
@@ -667,13 +563,9 @@ def result_height(ctx: Context, table: FetchedTable) -> int:
 
 
 @prop(FetchedTable, "width")
+@documented_like(frame_width, "Returns")
 def result_width(ctx: Context, table: FetchedTable) -> int:
     """The number of columns of the fetched result.
-
-    Returns
-    -------
-    int
-        How many columns the table has.
 
     Examples
     --------
@@ -683,13 +575,9 @@ def result_width(ctx: Context, table: FetchedTable) -> int:
 
 
 @prop(FetchedTable, "columns")
+@documented_like(frame_columns, "Returns")
 def result_columns(ctx: Context, table: FetchedTable) -> list[str]:
     """The column names of the fetched result.
-
-    Returns
-    -------
-    list of str
-        In order.
 
     Examples
     --------
@@ -699,13 +587,9 @@ def result_columns(ctx: Context, table: FetchedTable) -> list[str]:
 
 
 @prop(FetchedTable, "schema")
+@documented_like(frame_schema, "Returns")
 def result_schema(ctx: Context, table: FetchedTable) -> dict[str, str]:
     """The column names and data types of the fetched result.
-
-    Returns
-    -------
-    dict
-        ``{name: dtype}``, in order.
 
     Examples
     --------
@@ -715,13 +599,9 @@ def result_schema(ctx: Context, table: FetchedTable) -> dict[str, str]:
 
 
 @prop(FetchedTable, "dtypes")
+@documented_like(frame_dtypes, "Returns")
 def result_dtypes(ctx: Context, table: FetchedTable) -> list[str]:
     """The data types of the columns of the fetched result.
-
-    Returns
-    -------
-    list of str
-        In column order.
 
     Examples
     --------

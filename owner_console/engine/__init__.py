@@ -2,9 +2,9 @@
 
 :func:`engine_for` gives the :class:`~owner_console.engine.interface.Engine`
 that reads a plan's datasets (each dataset names its engine,
-``Dataset.engine``).  Only the polars engine exists so far
-(:mod:`.polars_engine`); its public names are re-exported here for callers
-that hold a dataset cache rather than an engine.
+``Dataset.engine``): polars (:mod:`.polars_engine`) or Spark (:mod:`.spark`,
+imported on first use).  The polars engine's public names are re-exported
+here for callers that hold a dataset cache rather than an engine.
 
 Modules: :mod:`.interface` (the abstract engine), :mod:`.cache` (reading
 datasets, shared copies, the streaming threshold), :mod:`.compile` (plan ->
@@ -13,7 +13,7 @@ polars), :mod:`.accounting` (the ``acct_*`` nodes), :mod:`.running`
 
 The settings tests and benchmarks change (``cache.STREAMING_MIN_BYTES``,
 ``cache.COPY_IN_PROCESS_MAX_BYTES``, ``accounting.BITSET_MAX_ROWS``,
-``polars_engine.STREAM_EVERY_QUERY``) are not re-exported: a copy here would
+``polars_engine.STREAM_EVERY_QUERY``, ``polars_engine.IN_MEMORY_MAX_ROWS``) are not re-exported: a copy here would
 take a patch without effect.  Patch them on the module that reads them.
 """
 from __future__ import annotations
@@ -35,10 +35,18 @@ __all__ = ["engine_for", "Engine", "PolarsEngine", "DatasetCache", "DEFAULT_CACH
            "is_polars_panic", "wait_or_stop", "abandoned_queries", "MAX_ABANDONED_QUERIES", "MAX_REPEAT",
            "ACCOUNT_DTYPE", "RESERVED_PREFIX", "ENGINES"]
 
+
+def _spark_engine(cache: DatasetCache | None) -> Engine:
+    # Imported on first use: PySpark is an extra, and an executor without Spark datasets never loads it.
+    from .spark.engine import SparkEngine
+    return SparkEngine(cache)
+
+
 # Each engine by the name datasets give it: a factory given the polars engine's dataset cache (None: the
 # shared one), which other engines ignore.
 ENGINES: dict[str, Callable[[DatasetCache | None], Engine]] = {
     "polars": PolarsEngine,
+    "spark": _spark_engine,
 }
 
 

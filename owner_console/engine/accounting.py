@@ -12,14 +12,19 @@ that compiles them; the compiler dispatches to it through
 """
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import polars as pl
 
+from bastion_kernel.contract import plan as P
 from bastion_kernel.contract.protocol import BastionError
 
 from ..model import Dataset
 from .cache import DatasetCache
+from .facts import FLOAT_MAX, KEY_LEN, UNKNOWN, ColumnFacts, key_dtype_fits, nonzero_mask, share_parts, stat_name
 
 # Accounting columns' names start with this; frame-wide operations never touch them.
 RESERVED_PREFIX = "__bastion"
@@ -32,6 +37,8 @@ _BITS = pl.Series("bits", [1 << i for i in range(64)], dtype=pl.UInt64)
 _ROW_KEEPING_OPS = frozenset({"filter", "sort", "head", "slice", "drop_nulls", "unique", "drop", "rename",
                               "with_columns", "fill_null", "acct_unique"})
 ACCOUNT_DTYPE = pl.Int64  # every accounting column has this dtype, so frames line up in concat
+# The value of an acct_share column for a group the cheap bound could not clear (policy.DOMINANCE_UNSURE).
+UNSURE = 2
 
 
 def _account_distinct(node: dict) -> pl.Expr:
@@ -102,6 +109,131 @@ _ACCOUNT_EXPRS: dict[str, Callable[[dict], pl.Expr]] = {
 }
 
 
+# Frame operations whose output rows are input rows, each value unchanged (some rows dropped or reordered).
+_ROW_SUBSET_OPS = frozenset({"filter", "sort", "head", "slice", "drop_nulls", "unique", "acct_unique"})
+# Frame operations that keep every row and add, replace, drop or rename columns.
+_COLUMN_OPS = frozenset({"drop", "rename", "with_columns", "acct_columns", "with_row_index", "acct_row_id",
+                         "acct_person_id"})
+# Functions that count values: every non-null value contributes to them.
+_COUNTING = ("count", "n_unique", "null_count")
+
+
+def _carried(node: dict, columns: Mapping[str, object]) -> dict[str, object]:
+    """``columns`` (frame column -> anything known of its values) after ``node``, a row-subset or column op.
+
+    A column an expression assigns is dropped (its values may have
+    changed); when an assigned name cannot be told, every column is.
+    """
+    kind = node["op"]
+    if kind == "drop":
+        return {c: v for c, v in columns.items() if c not in node["columns"]}
+    if kind == "rename":
+        return {node["mapping"].get(c, c): v for c, v in columns.items()}
+    if kind in ("with_columns", "acct_columns"):
+        assigned = set()
+        for expr in node["exprs"]:
+            name = (expr["column"] if expr["expr"] == "acct_unmatched" else expr.get("name")) \
+                if expr["expr"].startswith("acct_") else P.output_name(expr)
+            if name is None:
+                return {}
+            assigned.add(name)
+        return {c: v for c, v in columns.items() if c not in assigned}
+    if kind in ("with_row_index", "acct_row_id", "acct_person_id"):
+        return {c: v for c, v in columns.items() if c != node["name"]}
+    return dict(columns)
+
+
+def _plain_column(expr: dict) -> str | None:
+    """The column an expression reads unchanged (``col``, possibly aliased), else None."""
+    while expr["expr"] == "alias":
+        expr = expr["input"]
+    return expr["name"] if expr["expr"] == "col" else None
+
+
+# Expression kinds evaluated row by row from their row's values alone (no aggregate, no window, no function).
+_ELEMENTWISE_KINDS = frozenset({"col", "lit", "alias", "binary", "unary", "when"})
+
+
+def _elementwise(expr: dict) -> bool:
+    """True when ``expr`` is built of columns, literals, operators and ``when`` only."""
+    kind = expr["expr"]
+    if kind not in _ELEMENTWISE_KINDS:
+        return False
+    if kind == "alias":
+        return _elementwise(expr["input"])
+    if kind == "binary":
+        return _elementwise(expr["left"]) and _elementwise(expr["right"])
+    if kind == "unary":
+        return _elementwise(expr["operand"])
+    if kind == "when":
+        parts = [p for b in expr["branches"] for p in (b["when"], b["then"])]
+        parts += [expr["otherwise"]] if expr["otherwise"] is not None else []
+        return all(_elementwise(p) for p in parts)
+    return True
+
+
+def _columns_read(expr: dict) -> set[str]:
+    """The columns an elementwise expression reads."""
+    kind = expr["expr"]
+    if kind == "col":
+        return {expr["name"]}
+    if kind == "alias":
+        return _columns_read(expr["input"])
+    if kind == "binary":
+        return _columns_read(expr["left"]) | _columns_read(expr["right"])
+    if kind == "unary":
+        return _columns_read(expr["operand"])
+    if kind == "when":
+        parts = [p for b in expr["branches"] for p in (b["when"], b["then"])]
+        parts += [expr["otherwise"]] if expr["otherwise"] is not None else []
+        return set().union(*(_columns_read(p) for p in parts))
+    return set()
+
+
+def _widened(low: float, high: float) -> tuple[float, float]:
+    # Bounds of a float computation: its rounding can move a result by a few units in the last place.
+    spread = max(abs(low), abs(high)) * 1e-12 + 1e-300
+    return low - spread, high + spread
+
+
+@dataclass
+class KeySource:
+    """A group_by of a whole cached table by plain key columns, and that table's per-key statistics.
+
+    Every group of the aggregation is a group of the statistics, over the
+    same rows of the same table version, so a check of a plain column reads
+    its value from them (joined by the keys after the aggregation) instead
+    of computing it.  Each read is guarded: a group whose row count in the
+    statistics differs from the aggregation's own (which cannot happen for
+    the same rows) gets a failing value.
+
+    Attributes
+    ----------
+    keys : tuple[str, ...]
+        The key columns, as the table names them.
+    outputs : tuple[str, ...]
+        The same keys, as the aggregation's output names them.
+    columns : Mapping[str, str]
+        Aggregation input column -> the table column whose values it holds unchanged.
+    stats : polars.DataFrame
+        :meth:`DatasetCache.key_stats` of the keys.
+    used : set[str]
+        The statistics the aggregation reads (joined after it).
+    """
+
+    keys: tuple[str, ...]
+    outputs: tuple[str, ...]
+    columns: Mapping[str, str]
+    stats: pl.DataFrame
+    used: set[str] = field(default_factory=set)
+
+    def joined(self, result: pl.LazyFrame) -> pl.LazyFrame:
+        """``result`` (the aggregation) with the statistics it reads, joined by its group keys."""
+        stats = self.stats.lazy().select([pl.col(k).alias(o) for k, o in zip(self.keys, self.outputs)]
+                                         + [pl.col(KEY_LEN)] + [pl.col(c) for c in sorted(self.used)])
+        return result.join(stats, on=list(self.outputs), how="left", nulls_equal=True, maintain_order="left")
+
+
 def _fewest_holders(values: pl.Expr) -> pl.Expr:
     """The fewest times one distinct value (null included) occurs in ``values`` (null when empty)."""
     return values.value_counts(name="count").struct.field("count").min()
@@ -122,10 +254,20 @@ class AccountingCompiler:
     cache: DatasetCache
     scope: pl.LazyFrame | None
     tables: dict[str, pl.DataFrame]
+    scan_tables: dict[int, pl.DataFrame | None]
+    schemas: dict[int, pl.Schema]
+    frame_facts_memo: dict[int, dict[str, ColumnFacts]]
     row_words: dict[str, list[str]]
+    row_frames: dict[str, pl.LazyFrame]
+    origins_memo: dict[int, dict[str, str]]
     extra_aggs: list[pl.Expr] | None
     post_aggs: list[pl.Expr]
     helper_columns: list[str]
+    agg_node: dict | None
+    key_source: KeySource | None
+    len_column: str | None
+    fact_ranges: bool
+    ranged_shares: list[tuple[str, tuple]]
 
     def accounting_ops(self) -> dict[str, Callable[[dict], pl.LazyFrame]]:
         """The internal frame operations, by name, as the compiler dispatches them."""
@@ -136,6 +278,7 @@ class AccountingCompiler:
         """The internal expression kinds, by name, as the compiler dispatches them."""
         return {
             **_ACCOUNT_EXPRS,
+            "acct_len": self._acct_len,
             "acct_distinct": self._acct_distinct,
             "acct_contrib": self._acct_contrib, "acct_share": self._acct_share,
             "acct_held": self._acct_held, "acct_finite": self._acct_finite,
@@ -143,6 +286,235 @@ class AccountingCompiler:
             "acct_max": lambda n: pl.col(n["column"]).max().alias(n["name"]),
         }
 
+    # ------------------------------------------------------------ what is known before running
+    def _frame_facts(self, node: dict) -> dict[str, ColumnFacts]:
+        """What the owner's facts (:meth:`DatasetCache.facts`) prove about a frame's columns, by column.
+
+        A column is known while it holds a dataset column's values unchanged
+        on a subset of its rows (possibly repeated, as by an inner join):
+        every property that holds for all of the table's values holds for
+        them.  A column an operation assigns, a side of a join that may be
+        padded with nulls, or anything after an aggregation is not known.
+        """
+        key = id(node)
+        if key not in self.frame_facts_memo:
+            self.frame_facts_memo[key] = self._measure_frame_facts(node)
+        return self.frame_facts_memo[key]
+
+    def _measure_frame_facts(self, node: dict) -> dict[str, ColumnFacts]:
+        kind = node["op"]
+        if kind == "scan":
+            table = self.scan_tables.get(id(node))
+            facts = None if table is None else self.cache.facts(self.catalog[node["dataset"]], table)
+            return {} if facts is None else dict(facts.columns)
+        if kind in _ROW_SUBSET_OPS or kind in _COLUMN_OPS:
+            return _carried(node, self._frame_facts(node["input"]))
+        if kind == "select":
+            plain = [(P.output_name(e), _plain_column(e)) for e in node["exprs"]]
+            if any(column is None for _, column in plain):
+                return {}  # an aggregate or a computed column: not the input's values
+            inner = self._frame_facts(node["input"])
+            return {name: inner[column] for name, column in plain if column in inner}
+        if kind == "join" and node["how"] in ("inner", "left", "semi", "anti", "cross"):
+            known = dict(self._frame_facts(node["left"]))
+            if node["how"] in ("inner", "cross"):
+                # Right columns keep their names unless the left side has one of them (then suffixed: left out);
+                # the right keys are merged into the left ones.
+                left_names = set(self.schemas[id(node["left"])].names())
+                right_keys = {_plain_column(k) for k in node.get("right_on", [])}
+                for column, facts in self._frame_facts(node["right"]).items():
+                    if column not in left_names and column not in right_keys:
+                        known[column] = facts
+            return known
+        return {}
+
+    def _rows_at_most(self, node: dict) -> int | None:
+        """An upper bound of a frame's row count known without running it, or None."""
+        kind = node["op"]
+        if kind == "scan":
+            table = self.scan_tables.get(id(node))
+            return None if table is None else table.height
+        if kind == "join":
+            left, right = self._rows_at_most(node["left"]), self._rows_at_most(node["right"])
+            if left is None or right is None:
+                return None
+            return left if node["how"] in ("semi", "anti") else left * right + left + right
+        if kind == "concat":
+            bounds = [self._rows_at_most(f) for f in node["inputs"]]
+            return None if any(b is None for b in bounds) else sum(bounds)
+        if kind in _ROW_SUBSET_OPS or kind in _COLUMN_OPS or kind in ("group_by", "select", "fill_null"):
+            bound = self._rows_at_most(node["input"])
+            # None of these adds rows, except that a global select (or aggregation) of no rows gives one.
+            return None if bound is None else max(bound, 1)
+        return None
+
+    def _expr_facts(self, expr: dict) -> ColumnFacts:
+        """What the facts prove about an expression's values over the aggregation's input rows."""
+        if self.agg_node is None:
+            return UNKNOWN
+        kind = expr["expr"]
+        if kind == "alias":
+            return self._expr_facts(expr["input"])
+        if kind == "col":
+            return self._frame_facts(self.agg_node).get(expr["name"], UNKNOWN)
+        if kind == "lit":
+            value = expr["value"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return UNKNOWN
+            return ColumnFacts(nulls=False, zeros=value == 0, finite=True, low=float(value), high=float(value),
+                               smallest=abs(float(value)) or None)
+        if kind == "when":
+            branches = [b["then"] for b in expr["branches"]]
+            parts = [self._expr_facts(b) for b in branches]
+            if expr["otherwise"] is not None:
+                parts.append(self._expr_facts(expr["otherwise"]))
+            if any(p.magnitude is None for p in parts):
+                return UNKNOWN
+            smallest = [p.smallest for p in parts]
+            return ColumnFacts(nulls=expr["otherwise"] is None or any(p.nulls for p in parts),
+                               zeros=any(p.zeros for p in parts), finite=True,
+                               low=min(p.low for p in parts), high=max(p.high for p in parts),
+                               smallest=None if None in smallest else min(smallest))
+        if kind == "binary" and expr["op"] in ("add", "sub", "mul"):
+            left, right = self._expr_facts(expr["left"]), self._expr_facts(expr["right"])
+            if left.magnitude is None or right.magnitude is None:
+                return UNKNOWN
+            # Bounds hold for Float64 results only: integer arithmetic wraps around.
+            if self._result_dtype(expr) != pl.Float64:
+                return UNKNOWN
+            if expr["op"] == "add":
+                low, high = left.low + right.low, left.high + right.high
+            elif expr["op"] == "sub":
+                low, high = left.low - right.high, left.high - right.low
+            else:
+                corners = [a * b for a in (left.low, left.high) for b in (right.low, right.high)]
+                low, high = min(corners), max(corners)
+            if not (math.isfinite(low) and math.isfinite(high)):
+                return UNKNOWN
+            low, high = _widened(low, high)
+            return ColumnFacts(nulls=left.nulls or right.nulls, zeros=True, finite=True, low=low, high=high)
+        return UNKNOWN
+
+    def _result_dtype(self, expr: dict) -> pl.DataType | None:
+        """The dtype of an expression over the current scope; None when its types do not fit (reported by the
+        operation's own schema, naming the operation)."""
+        try:
+            return self._dtype(self.expr(expr), "aggregation")
+        except BastionError:
+            return None
+
+    def _finite_proved(self, call: dict, dtype: pl.DataType) -> bool:
+        """True when the facts prove aggregate ``call`` (of type ``dtype``) finite, and an integer sum unwrapped.
+
+        With every input value finite and |x| <= M over at most N rows: a
+        min or max is an input value; a median or quantile lies between two
+        (their mean stays below 2M); a sum or mean is at most N * M, a
+        variance at most N * (2M)**2 (whatever its ddof), each computed with
+        a rounding error far below the margin of two taken here.
+        """
+        if self.agg_node is None:
+            return False
+        magnitude = self._expr_facts(call["input"]).magnitude
+        rows = self._rows_at_most(self.agg_node)
+        if magnitude is None or rows is None:
+            return False
+        rows = max(rows, 1)
+        name = call["name"]
+        if dtype.is_integer():
+            return name == "sum" and magnitude * rows <= _INTEGER_RANGE[str(dtype)][1] / 2
+        if dtype != pl.Float64:
+            return False
+        limit = FLOAT_MAX / 4
+        if name in ("min", "max"):
+            return True
+        if name in ("median", "quantile"):
+            return magnitude < limit
+        if name in ("sum", "mean"):
+            return magnitude * rows < limit
+        if name in ("std", "var"):
+            return (2 * magnitude) * (2 * magnitude) * rows < limit  # (a float ** overflows with an error)
+        return False
+
+    # ------------------------------------------------------------ per-key statistics
+    def _key_source(self, node: dict) -> KeySource | None:
+        """Per-key statistics for a group_by of a whole cached table by plain, exactly comparable key columns.
+
+        The aggregation's input must hold every row of the table once
+        (sorted, columns added, dropped or renamed: no filter, no join);
+        statistics are fetched for the plain columns the accounting checks.
+        """
+        if any(n["expr"] == "acct_share" and n["exact"] for n in node["aggs"]):
+            return None  # the exact measure reshapes the input (AccountingCompiler._with_distances)
+        found = self._whole_table(node["input"])
+        if found is None:
+            return None
+        dataset, table, columns = found
+        keys, outputs = [], []
+        for key in node["keys"]:
+            column = _plain_column(key)
+            if column not in columns or not key_dtype_fits(table.schema[columns[column]]):
+                return None
+            keys.append(columns[column])
+            outputs.append(P.output_name(key))
+        if not keys or len(set(keys)) != len(keys) or len(set(outputs)) != len(outputs):
+            return None
+        wanted: dict[str, list[str]] = {"basic": [], "held": []}
+        for agg in node["aggs"]:
+            kind = agg["expr"]
+            if kind == "acct_contrib" and agg["kind"] == "implicit" and not agg["padded"] or \
+                    kind == "acct_share" and not agg["exact"]:
+                column, group = _plain_column(agg["input"]), "basic"
+            elif kind == "acct_held" and agg["kind"] == "implicit" and agg["call"]["name"] in ("min", "max"):
+                column, group = _plain_column(agg["call"]["input"]), "held"
+            else:
+                continue
+            if column in columns:
+                wanted[group].append(columns[column])
+        if not wanted["basic"] and not wanted["held"]:
+            return None
+        stats = self.cache.key_stats(dataset, table, tuple(keys), tuple(dict.fromkeys(wanted["basic"])),
+                                     tuple(dict.fromkeys(wanted["held"])))
+        if stats is None:
+            return None
+        return KeySource(keys=tuple(keys), outputs=tuple(outputs), columns=columns, stats=stats)
+
+    def _whole_table(self, node: dict) -> tuple[Dataset, pl.DataFrame, dict[str, str]] | None:
+        """``(dataset, table, {frame column: table column})`` when a frame is a whole cached table, each row once."""
+        chain = []
+        while node["op"] in ("sort", "drop", "rename", "with_columns", "with_row_index"):
+            chain.append(node)
+            node = node["input"]
+        table = self.scan_tables.get(id(node)) if node["op"] == "scan" else None
+        if table is None:
+            return None
+        columns: dict = {c: c for c in table.columns}
+        for step in reversed(chain):
+            columns = _carried(step, columns)
+        return self.catalog[node["dataset"]], table, columns
+
+    def _key_stat(self, expr: dict, stat: str) -> pl.Expr | None:
+        """The per-key statistic ``stat`` of the plain column ``expr`` reads, for use after the aggregation."""
+        source = self.key_source
+        column = _plain_column(expr) if source is not None and self.extra_aggs is not None else None
+        if column is None or column not in source.columns:
+            return None
+        name = stat_name(source.columns[column], stat)
+        if name not in source.stats.columns:
+            return None
+        source.used.add(name)
+        return pl.col(name)
+
+    def _key_guarded(self, value: pl.Expr, failing: int) -> pl.Expr:
+        """``value`` (read from per-key statistics) where the group's row counts agree, else ``failing``."""
+        same = pl.col(KEY_LEN).cast(pl.Int64) == self._group_len().cast(pl.Int64)
+        return pl.when(same).then(value).otherwise(pl.lit(failing, dtype=ACCOUNT_DTYPE))
+
+    def _from_key_stats(self, node: dict, value: pl.Expr, failing: int) -> pl.Expr | None:
+        """Give ``node``'s column ``value`` after the aggregation (guarded); its placeholder in the aggregation."""
+        self.post_aggs.append(self._key_guarded(value, failing).alias(node["name"]))
+        return self._placeholder(node)
+
+    # ------------------------------------------------------------ exact dominance
     def _with_distances(self, frame: pl.LazyFrame, keys: list[pl.Expr] | None,
                         nodes: list[dict]) -> tuple[pl.LazyFrame, list[pl.Expr] | None]:
         """Give ``frame`` the columns the dominance checks of an aggregation read (:meth:`_acct_share`).
@@ -192,14 +564,17 @@ class AccountingCompiler:
         bound = self._row_bound(node["input"])
         if bound is None or bound > BITSET_MAX_ROWS or name in self.row_words:
             self.row_words[name] = []  # unknown, too many, or a second branch: ids are counted by hashing
+            self.row_frames.pop(name, None)
             return frame
         # At most BITSET_MAX_ROWS rows here: the words cost nothing to make, and then travel with the ids.
         ids = pl.col(name)
         words = [f"{name}__bits{w}" for w in range(bound // 64 + 1)]
         self.row_words[name] = words
-        return frame.with_columns(
+        frame = frame.with_columns(
             pl.when(ids // 64 == w).then(pl.lit(_BITS).gather(ids % 64)).otherwise(pl.lit(0, dtype=pl.UInt64))
             .alias(word) for w, word in enumerate(words))
+        self.row_frames[name] = frame  # the rows the ids number, for masks of their values (_row_masks)
+        return frame
 
     def _row_bound(self, node: dict) -> int | None:
         """An upper bound of a frame's row count known without running it, or None.
@@ -219,7 +594,8 @@ class AccountingCompiler:
             return None
         return table.height if bound is None else min(bound, table.height)
 
-    def _distinct_ids(self, node: dict, mask: pl.Expr | None) -> pl.Expr | None:
+    def _distinct_ids(self, node: dict, mask: pl.Expr | None,
+                      masked_by: tuple[dict, str] | None = None) -> pl.Expr | None:
         """The number of distinct row ids of ``node["column"]`` in a group (where ``mask``), from bit words.
 
         Registers one ``bitwise_or`` aggregation per word and returns the
@@ -228,20 +604,114 @@ class AccountingCompiler:
         input (a select, concat or saved result in between dropped them).
         Exact: distinct ids >= 1 set distinct bits, rows of other sources
         (null ids) have null words, and 0 ids (no partner) are never set.
+        ``masked_by``: ``(value node, mode)`` the mask was built from, which
+        may let it be applied to the ids' bits instead (:meth:`_row_masks`).
         """
         words = self.row_words.get(node["column"], [])
         if self.extra_aggs is None or not words or \
                 not set(words) <= set(self.scope.collect_schema().names()):
             return None
         zero = pl.lit(0, dtype=pl.UInt64)
+        row_masks = None if mask is None or masked_by is None else self._row_masks(node["column"], *masked_by)
         parts = []
         for index, word in enumerate(words):
-            part = f"{node['name']}__or{index}"
-            value = pl.col(word) if mask is None else pl.when(mask).then(pl.col(word)).otherwise(zero)
-            self.extra_aggs.append(value.bitwise_or().alias(part))
-            self.helper_columns.append(part)
-            parts.append(pl.col(part).bitwise_count_ones().fill_null(0).cast(ACCOUNT_DTYPE))
+            if mask is None or row_masks is not None:
+                # The plain OR of a word: one aggregation, whichever counts read it.
+                part = self._shared_agg(f"{word}__or", pl.col(word).bitwise_or())
+            else:
+                part = self._helper_agg(node, f"or{index}", pl.when(mask).then(pl.col(word)).otherwise(zero)
+                                        .bitwise_or())
+            present = part if row_masks is None else part & pl.lit(row_masks[index], dtype=pl.UInt64)
+            parts.append(present.bitwise_count_ones().fill_null(0).cast(ACCOUNT_DTYPE))
         return pl.sum_horizontal(parts)
+
+    def _row_masks(self, rid: str, value_node: dict, mode: str) -> list[int] | None:
+        """Per word of row ids ``rid``, the bits of the rows where a mask of ``value_node`` holds, or None.
+
+        When the mask reads only columns that hold the values of the rows
+        the ids number (the small side of a join, joined unchanged), it is
+        a property of each id: the ids in a group where it holds are the
+        group's ids AND these bits, so the aggregation ORs the plain words
+        (shared with the source's own count) instead of masked ones.  The
+        bits are measured on that small frame (at most BITSET_MAX_ROWS
+        rows) while compiling.  ``mode``: ``"nonzero"`` or ``"present"``
+        (:meth:`_mask_of`).
+        """
+        frame = self.row_frames.get(rid)
+        if frame is None or self.agg_node is None or not _elementwise(value_node):
+            return None
+        origins = self._frame_origins(self.agg_node)
+        if any(origins.get(column) != rid for column in _columns_read(value_node)):
+            return None
+        scope = self.scope
+        try:
+            value = self._on(frame).expr(value_node)
+            mask = self._mask_of(value, self._dtype(value, "aggregation"), mode)
+            words = self.row_words[rid]
+            zero = pl.lit(0, dtype=pl.UInt64)
+            row = frame.select([pl.when(mask).then(pl.col(w)).otherwise(zero).bitwise_or().alias(w) for w in words]) \
+                .collect().row(0)
+        except Exception:  # noqa: BLE001 - measured ahead only to save work: the masked words are exact too
+            return None
+        finally:
+            self.scope = scope
+        return [int(bits or 0) for bits in row]
+
+    @staticmethod
+    def _mask_of(value: pl.Expr, dtype: pl.DataType, mode: str) -> pl.Expr:
+        """The contribution mask of ``value``: ``"present"`` (not null) or ``"nonzero"`` (:func:`nonzero_mask`)."""
+        return value.is_not_null() if mode == "present" else nonzero_mask(value, dtype)
+
+    def _frame_origins(self, node: dict) -> dict[str, str]:
+        """Frame column -> the row-id column (with bit words) whose row holds its value, for columns known so.
+
+        A column of a frame that gets row ids (:meth:`_acct_row_id`) holds a
+        value of the row its id numbers; it keeps that origin through
+        operations that keep or subset rows and through inner, left and
+        cross joins (unless renamed by a suffix or merged as a key).
+        """
+        key = id(node)
+        if key not in self.origins_memo:
+            self.origins_memo[key] = self._measure_origins(node)
+        return self.origins_memo[key]
+
+    def _measure_origins(self, node: dict) -> dict[str, str]:
+        kind = node["op"]
+        if kind == "acct_row_id" and self.row_words.get(node["name"]) and node["name"] in self.row_frames:
+            return {c: node["name"] for c in self.schemas[id(node["input"])].names()
+                    if not c.startswith(RESERVED_PREFIX)}
+        if kind in _ROW_SUBSET_OPS or kind in _COLUMN_OPS:
+            return _carried(node, self._frame_origins(node["input"]))
+        if kind == "join" and node["how"] in ("inner", "left", "cross"):
+            known = dict(self._frame_origins(node["left"]))
+            left_names = set(self.schemas[id(node["left"])].names())
+            right_keys = {_plain_column(k) for k in node.get("right_on", [])}
+            for column, origin in self._frame_origins(node["right"]).items():
+                if column not in left_names and column not in right_keys:
+                    known[column] = origin
+            return known
+        return {}
+
+    def _group_len(self) -> pl.Expr:
+        """Inside an aggregation, each group's row count for use after it: computed once (each ``len()`` in
+        ``agg`` costs about as much as a sum), the scientist's own ``len()`` when the aggregation has one."""
+        if self.len_column is None:
+            self.len_column = f"{RESERVED_PREFIX}_len"
+            self._shared_agg(self.len_column, pl.len())
+        return pl.col(self.len_column)
+
+    def _acct_len(self, node: dict) -> pl.Expr | None:
+        if self.extra_aggs is None:
+            return pl.len().alias(node["name"])
+        self.post_aggs.append(self._group_len().alias(node["name"]))
+        return self._placeholder(node)
+
+    def _shared_agg(self, name: str, expr: pl.Expr) -> pl.Expr:
+        """Compute ``expr`` in the aggregation once as helper column ``name`` (reserved), whoever asks for it."""
+        if name not in self.helper_columns:
+            self.extra_aggs.append(expr.alias(name))
+            self.helper_columns.append(name)
+        return pl.col(name)
 
     def _helper_agg(self, node: dict, label: str, expr: pl.Expr) -> pl.Expr:
         """Compute ``expr`` in the aggregation as a helper column; the column, for an expression after it."""
@@ -250,7 +720,7 @@ class AccountingCompiler:
         self.helper_columns.append(name)
         return pl.col(name)
 
-    def _acct_distinct(self, node: dict) -> pl.Expr:
+    def _acct_distinct(self, node: dict) -> pl.Expr | None:
         count = self._distinct_ids(node, None)
         if count is None:
             return _account_distinct(node)
@@ -268,11 +738,11 @@ class AccountingCompiler:
         self.post_aggs.append(count.alias(node["name"]))
         return self._placeholder(node)
 
-    def _placeholder(self, node: dict) -> pl.Expr:
-        # Stands in the aggregation for a count computed after it (dropped then).
-        name = f"{node['name']}__placeholder"
-        self.helper_columns.append(name)
-        return pl.lit(0, dtype=pl.UInt32).alias(name)
+    @staticmethod
+    def _placeholder(node: dict) -> None:
+        # What a node computed after the aggregation (by an entry of post_aggs named after it) compiles to
+        # inside it: nothing (Compiler._aggregate puts its column in the node's place).
+        return None
 
     def _acct_columns(self, node: dict) -> pl.LazyFrame:
         frame = self.frame(node["input"])
@@ -297,7 +767,7 @@ class AccountingCompiler:
         rank = pl.col(node["column"]).rank("dense").cast(ACCOUNT_DTYPE)
         return frame.with_columns(rank.fill_null(rank.max().fill_null(0) + 1).alias(node["name"]))
 
-    def _acct_contrib(self, node: dict) -> pl.Expr:
+    def _acct_contrib(self, node: dict) -> pl.Expr | None:
         """How many source rows (or people) made a real contribution to an aggregate.
 
         A row contributes when its input value is not null, not zero (a
@@ -308,48 +778,95 @@ class AccountingCompiler:
         """
         value = self.expr(node["input"])
         dtype = self._dtype(value, "aggregation")
-        present = value.is_not_null()
-        if node["function"] in ("count", "n_unique", "null_count"):
-            mask = present
-        else:
-            if dtype == pl.Boolean:
-                mask = present & value
-            elif dtype.is_numeric():
-                mask = present & (value != 0)
-            else:
-                mask = present
+        numeric = dtype == pl.Boolean or dtype.is_numeric()
+        counting = node["function"] in _COUNTING
+        if node["kind"] == "implicit" and not node["padded"]:
+            counted = self._key_stat(node["input"], "nonzero" if numeric and not counting else "count")
+            if counted is not None:
+                return self._from_key_stats(node, counted, 0)
         if node["padded"]:
-            mode = value.drop_nulls().mode().first()
-            mask = mask & ((value != mode).fill_null(True) | ((value == mode).sum() <= 1))
-        return self._contributors(node, mask)
+            # Ties for most common are broken by the smallest value: the same rows count on every run and engine.
+            common = value.drop_nulls().mode().min()
+            padding = (value != common).fill_null(True) | ((value == common).sum() <= 1)
+            mask = value.is_not_null() if counting or not numeric else nonzero_mask(value, dtype)
+            return self._contributors(node, mask & padding)
+        # The owner's facts may prove the mask the same as a simpler one's (of a product's other factor), or
+        # every value present (and not zero): then the mask is every row.
+        mode = "present" if counting or not numeric else "nonzero"
+        masked = self._mask_input(node["input"], mode)
+        if masked is not node["input"]:
+            value = self.expr(masked)
+            dtype = self._dtype(value, "aggregation")
+        facts = self._expr_facts(masked)
+        if mode == "nonzero" and not facts.zeros:
+            mode = "present"
+        if mode == "present" and not facts.nulls:
+            mode = None
+        mask = None if mode is None else self._mask_of(value, dtype, mode)
+        return self._contributors(node, mask, None if mode is None else (masked, mode))
 
-    def _contributors(self, node: dict, mask: pl.Expr) -> pl.Expr:
+    def _mask_input(self, expr: dict, mode: str) -> dict:
+        """An expression whose contribution mask (``mode``) equals ``expr``'s on every row, by the facts.
+
+        For a product ``x * y`` where ``x`` is never null (and, for
+        ``"nonzero"``, never zero, finite, and the product a double that
+        cannot round to zero: the smallest non-zero magnitudes of both
+        factors multiply to more than 1e-300): the product is null exactly
+        where ``y`` is, and zero exactly where ``y`` is (an inf or NaN ``y``
+        gives an inf or NaN product, non-zero like ``y``).  Else ``expr``.
+        """
+        inner = expr
+        while inner["expr"] == "alias":
+            inner = inner["input"]
+        if inner["expr"] != "binary" or inner["op"] != "mul" or self.agg_node is None:
+            return expr
+        for other, keep in ((inner["left"], inner["right"]), (inner["right"], inner["left"])):
+            known = self._expr_facts(other)
+            if known.nulls:
+                continue
+            if mode == "present":
+                return self._mask_input(keep, mode)
+            kept = self._expr_facts(keep)
+            if known.zeros or not known.finite or known.smallest is None or kept.smallest is None \
+                    or known.smallest * kept.smallest <= 1e-300:
+                continue
+            if self._result_dtype(inner) == pl.Float64:
+                return self._mask_input(keep, mode)
+        return expr
+
+    def _contributors(self, node: dict, mask: pl.Expr | None,
+                      masked_by: tuple[dict, str] | None = None) -> pl.Expr | None:
         """The source rows (people) of ``node["column"]`` among the rows where ``mask`` holds, per group.
 
         ``implicit``: the rows; ``rid``: distinct row (person) ids; ``count``:
         the summed counts of aggregated rows when they are fed by disjoint
         source rows, else the rows.  Null when no row of the group comes from
-        the source (after a concat).
+        the source (after a concat).  ``mask`` None: every row; a null in
+        ``mask`` counts as false.  ``masked_by``: see :meth:`_distinct_ids`.
         """
         column = node["column"]
         if node["kind"] == "implicit":
-            return mask.sum().alias(node["name"])
+            if mask is None and self.extra_aggs is not None:
+                self.post_aggs.append(self._group_len().alias(node["name"]))
+                return self._placeholder(node)
+            return (pl.len() if mask is None else mask.sum()).alias(node["name"])
         if node["kind"] == "rid":
-            counted = self._distinct_ids(node, mask)
+            counted = self._distinct_ids(node, mask, masked_by)
             if counted is not None:
-                fed = self._helper_agg(node, "fed", pl.col(column).is_not_null().any())
-                self.post_aggs.append(pl.when(fed).then(counted).alias(node["name"]))
+                # No "fed" guard: ids are null only after a concat, and no words reach an aggregation through one
+                # (Compiler._concat drops them), so every group is fed by this source.
+                self.post_aggs.append(counted.alias(node["name"]))
                 return self._placeholder(node)
             rid = pl.col(column)
-            count = rid.filter(mask & (rid > 0)).n_unique()
+            count = rid.filter((rid > 0) if mask is None else mask & (rid > 0)).n_unique()
         else:
             counts = pl.col(column)
-            fed = mask & (counts > 0)
+            fed = (counts > 0) if mask is None else mask & (counts > 0)
             count = counts.filter(fed).sum() if node["exact"] else fed.sum()
         # A group with no row of this source (after a concat) was not fed by it.
         return pl.when(pl.col(column).is_not_null().any()).then(count).alias(node["name"])
 
-    def _acct_held(self, node: dict) -> pl.Expr:
+    def _acct_held(self, node: dict) -> pl.Expr | None:
         """How many source rows (people) hold the value an order statistic releases, per group.
 
         For ``min``, ``max``, ``median`` and ``quantile``: the contributors
@@ -362,6 +879,10 @@ class AccountingCompiler:
         the people behind its value.
         """
         call = node["call"]
+        if node["kind"] == "implicit" and call["name"] in ("min", "max"):
+            held = self._key_stat(call["input"], f"held_{call['name']}")
+            if held is not None:
+                return self._from_key_stats(node, held, 0)
         value = self.expr(call["input"])
         column = node["column"]
         if call["name"] != "n_unique":
@@ -381,7 +902,7 @@ class AccountingCompiler:
             fewest = counts.filter(kept & (counts > 0)).min()
         return pl.when(pl.col(column).is_not_null().any()).then(fewest).alias(node["name"])
 
-    def _acct_share(self, node: dict) -> pl.Expr:
+    def _acct_share(self, node: dict) -> pl.Expr | None:
         """Whether a contribution dominates an aggregate: 0 no, 1 yes, 2 unsure (measure exactly).
 
         Each contribution's distance is taken from its group's median, so
@@ -401,20 +922,50 @@ class AccountingCompiler:
         ordinary values are cleared this way; a group that is not is 2, and
         the executor measures the plan again with ``exact``.  A variance or
         range that is not a finite number is 1 (fail closed).
+
+        When the owner's facts bound the values (finite, within [low, high]
+        over the whole table), the range of the facts stands for each
+        group's: it is at least as large, so a group it clears the group's
+        own range clears too, and the flag is otherwise the same (1 exactly
+        when n * var is not finite), or 2 where the group's own range might
+        still clear it.  That saves two aggregations; the engine runs the
+        query again with groups' own ranges when a group is left at 2
+        (``ranged_shares``, :meth:`PolarsEngine.run`).
         """
         name = node["name"]
-        value = self.expr(node["input"]).cast(pl.Float64, strict=False)
         inside = self.extra_aggs is not None
         if not node["exact"]:
-            parts = {"n": value.count(), "var": value.var(ddof=0), "max": value.max(), "min": value.min()}
+            stats = {label: self._key_stat(node["input"], stat)
+                     for label, stat in (("n", "count"), ("var", "var"), ("max", "max"), ("min", "min"))}
+            if all(part is not None for part in stats.values()):
+                return self._from_key_stats(node, _bound_flag(node, stats), 1)
+            raw = self.expr(node["input"])
+            try:
+                dtype = self._dtype(raw, "aggregation")
+            except BastionError:
+                dtype = pl.Null  # a type error: the aggregation's own schema reports it, naming the operation
+            parts, cast_after = share_parts(raw, dtype)
+            facts = self._expr_facts(node["input"])
+            counted = not facts.nulls  # no null to leave out of the count: the group's length
+            ranged = inside and self.fact_ranges and facts.magnitude is not None
+            if ranged:
+                miss = self._range_key(node)
+                ranged = miss not in self.cache.range_misses
+            if ranged:
+                del parts["max"], parts["min"]
+                self.ranged_shares.append((name, miss))
+            if counted:
+                del parts["n"]
             if inside:
                 parts = {label: self._helper_agg(node, label, expr) for label, expr in parts.items()}
-            spread = parts["max"] - parts["min"]
-            spread_total = parts["n"].cast(pl.Float64) * parts["var"]
-            flag = (pl.when(~spread_total.is_finite() | ~spread.is_finite()).then(1)
-                    .when((spread == 0) | (spread_total >= _clearing_factor(node) * spread ** 2)).then(0)
-                    .otherwise(2))
-            return self._finish_share(node, flag, inside)
+            if counted:
+                parts["n"] = self._group_len() if inside else pl.len()
+            if ranged:
+                parts["max"], parts["min"] = pl.lit(facts.high, dtype=pl.Float64), pl.lit(facts.low, dtype=pl.Float64)
+            elif cast_after:
+                parts["max"], parts["min"] = parts["max"].cast(pl.Float64), parts["min"].cast(pl.Float64)
+            return self._finish_share(node, _bound_flag(node, parts), inside)
+        value = self.expr(node["input"]).cast(pl.Float64, strict=False)
         if inside and f"{name}__distance" in self.scope.collect_schema().names():
             def part(label: str, expr: pl.Expr) -> pl.Expr:
                 return self._helper_agg(node, label, expr)
@@ -446,31 +997,61 @@ class AccountingCompiler:
             dominated = dominated | ((total > 0) & (top_one > total * node["largest"] / 1_000_000))
         return self._finish_share(node, dominated.fill_null(False).cast(ACCOUNT_DTYPE), inside)
 
-    def _finish_share(self, node: dict, flag: pl.Expr, inside: bool) -> pl.Expr:
+    def _range_key(self, node: dict) -> tuple:
+        """What identifies a share measure whose facts' range once left a group unsure (``range_misses``)."""
+        tables = tuple(sorted(id(t) for t in self.scan_tables.values() if t is not None))
+        return json.dumps(node["input"], sort_keys=True), json.dumps(self.agg_node, sort_keys=True,
+                                                                     default=str)[:10_000], tables
+
+    def _finish_share(self, node: dict, flag: pl.Expr, inside: bool) -> pl.Expr | None:
         # Inside an aggregation the flag combines helper aggregations: it is computed after it.
         if not inside:
             return flag.alias(node["name"])
         self.post_aggs.append(flag.alias(node["name"]))
         return self._placeholder(node)
 
-    def _acct_finite(self, node: dict) -> pl.Expr:
+    def _acct_finite(self, node: dict) -> pl.Expr | None:
         """1 when an aggregate is finite and did not overflow, else 0 (inf, -inf, NaN, a wrapped integer sum)."""
         call = node["call"]
         aggregate = self.expr(call)
         dtype = self._dtype(aggregate, "aggregation")
+        checked = dtype.is_float() or (dtype.is_integer() and call["name"] == "sum")
+        inside = self.extra_aggs is not None
+        if not checked or self._finite_proved(call, dtype):
+            finite = pl.lit(1, dtype=ACCOUNT_DTYPE).alias(node["name"])
+            if not inside:
+                return finite
+            self.post_aggs.append(finite)
+            return self._placeholder(node)
         if dtype.is_float():
-            finite = aggregate.is_finite().fill_null(True)
-        elif dtype.is_integer() and call["name"] == "sum":
+            # Inside an aggregation, the aggregate is the scientist's own (polars computes it once) and is
+            # tested after it: an elementwise test of an aggregate inside ``agg`` is off polars' fast path.
+            value = self._helper_agg(node, "value", aggregate) if inside else aggregate
+            finite = value.is_finite().fill_null(True)
+        else:
             # polars wraps an integer sum around on overflow: the same sum in
             # floating point says whether it left the type's range (with a
             # margin for the float's rounding).
             low, high = _INTEGER_RANGE[str(dtype)]
             approximate = self.expr(call["input"]).cast(pl.Float64, strict=False).sum()
+            if inside:
+                approximate = self._helper_agg(node, "approximate", approximate)
             finite = approximate.is_between(low * _RANGE_MARGIN, high * _RANGE_MARGIN).fill_null(True)
-        else:
-            finite = pl.lit(True)
-        return finite.cast(ACCOUNT_DTYPE).alias(node["name"])
+        finite = finite.cast(ACCOUNT_DTYPE).alias(node["name"])
+        if not inside:
+            return finite
+        self.post_aggs.append(finite)
+        return self._placeholder(node)
 
+
+
+def _bound_flag(node: dict, parts: Mapping[str, pl.Expr]) -> pl.Expr:
+    """The dominance bound's flag from a group's count, variance, max and min (see ``_acct_share``)."""
+    spread = parts["max"] - parts["min"]
+    spread_total = parts["n"].cast(pl.Float64) * parts["var"]
+    return (pl.when(~spread_total.is_finite() | ~spread.is_finite()).then(1)
+            .when((spread == 0) | (spread_total >= _clearing_factor(node) * spread ** 2)).then(0)
+            .otherwise(UNSURE))
 
 
 def _clearing_factor(node: dict) -> float:

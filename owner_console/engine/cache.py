@@ -12,8 +12,10 @@ page cache.  A large file's copy is written by a short-lived process,
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import resource
@@ -29,8 +31,45 @@ import polars as pl
 from bastion_kernel.contract.protocol import BastionError
 
 from ..model import Dataset
+from .facts import KEY_LEN, MAX_KEY_GROUPS, ColumnFacts, TableFacts, stat_name, table_facts
+from .facts import key_stats as measure_key_stats
 
 log = logging.getLogger("bastion.executor")
+
+
+def _write_shared(target: Path | None, write: Callable[[Any], object]) -> None:
+    """Write a file of the shared directory whole or not at all (a temporary file renamed into place)."""
+    if target is None:
+        return
+    partial = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        with open(partial, "wb") as handle:
+            write(handle)
+        os.replace(partial, target)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        log.warning("could not keep %s in the shared directory (%s)", target.name, type(exc).__name__)
+
+
+def _facts_json(facts: TableFacts) -> dict:
+    return {"rows": facts.rows, "columns": {name: dataclasses.asdict(c) for name, c in facts.columns.items()}}
+
+
+def _read_facts(source: Path | None) -> TableFacts | None:
+    """Facts another process of the shared directory measured, or None (none yet, or unreadable)."""
+    if source is None:
+        return None
+    try:
+        kept = json.loads(source.read_bytes())
+        return TableFacts(rows=kept["rows"], columns={name: ColumnFacts(**c) for name, c in kept["columns"].items()})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# A table with fewer rows gets no per-key statistics (DatasetCache.key_stats): joining them costs more than computing
+# the checks (an accounted group-by, in process: 0.2 ms slower at 5,000 rows, 0.3 ms faster at 20,000; benchmarks/
+# RESULTS.md, section 19).
+KEY_STATS_MIN_ROWS = 20_000
 
 
 class DatasetCache:
@@ -47,15 +86,29 @@ class DatasetCache:
         then held once by the operating system, however many worker
         processes query it.  Without it, each cache reads datasets into its
         own process's memory.
+    facts : bool, default True
+        Measure owner-side facts of each table version (:meth:`facts`,
+        :meth:`key_stats`), which let the engine prove some accounting
+        checks cannot fail and compute them more cheaply.  Off, every check
+        is computed in full (the same values, more slowly).
     """
 
-    def __init__(self, shared_dir: Path | None = None) -> None:
+    def __init__(self, shared_dir: Path | None = None, facts: bool = True) -> None:
         self._shared_dir = None if shared_dir is None else Path(shared_dir)
+        self.use_facts = facts
         self._lock = threading.Lock()
         self._path_locks: dict[str, threading.Lock] = {}
         self._frames: dict[str, tuple[tuple[int, int], pl.DataFrame]] = {}
+        self._paths: dict[int, str] = {}  # id(cached table) -> its path, for facts about a table a query read
         # path -> (file version checked, {key columns: unique?}): see unique_keys
         self._unique: dict[str, tuple[tuple[int, int], dict[tuple[str, ...], bool]]] = {}
+        # path -> (file version measured, its facts): see facts
+        self._facts: dict[str, tuple[tuple[int, int], TableFacts]] = {}
+        # path -> (file version measured, {key columns: per-key statistics, None when too many groups})
+        self._key_stats: dict[str, tuple[tuple[int, int], dict[tuple[str, ...], pl.DataFrame | None]]] = {}
+        # Dominance measures whose facts' range left a group unsure once: measured with groups' own ranges
+        # from then on (see AccountingCompiler._acct_share); forgotten when it grows past RANGE_MISSES_KEPT.
+        self.range_misses: set[tuple] = set()
 
     def frame(self, dataset: Dataset) -> pl.DataFrame:
         """The dataset's table (read on first use, then from memory).
@@ -84,7 +137,11 @@ class DatasetCache:
                     return cached[1]
             table = _read(dataset, path) if self._shared_dir is None else self._read_shared(dataset, path, version)
             with self._lock:
+                replaced = self._frames.get(path)
+                if replaced is not None:
+                    self._paths.pop(id(replaced[1]), None)
                 self._frames[path] = (version, table)
+                self._paths[id(table)] = path
             return table
 
     def _read_shared(self, dataset: Dataset, path: str, version: tuple[int, int]) -> pl.DataFrame:
@@ -115,8 +172,10 @@ class DatasetCache:
                         log.warning("no shared copy of dataset %r (%s)", dataset.name, failure)
                         return _read(dataset, path)
                     os.replace(partial, target)
-                    for stale in self._shared_dir.glob(f"{source_key}-*.arrow"):
-                        if stale != target:
+                    # Older versions' copies, facts and per-key statistics.
+                    current = f"{source_key}-{version[0]}-{version[1]}."
+                    for stale in self._shared_dir.glob(f"{source_key}-*"):
+                        if not stale.name.startswith(current):
                             stale.unlink(missing_ok=True)
         try:
             # rechunk=False: joining the written batches into one would copy the table out of the mapping.
@@ -159,6 +218,101 @@ class DatasetCache:
                 checked = self._unique[path] = (version, {})
             checked[1][columns] = unique
         return unique
+
+    def _version_of(self, dataset: Dataset, table: pl.DataFrame) -> tuple[str, tuple[int, int]] | None:
+        """``(path, file version)`` when ``table`` is the current cached table of its file, else None.
+
+        Found from the table itself (no file system call: this is on the
+        path of every query); ``dataset`` names it in messages only.
+        """
+        with self._lock:
+            path = self._paths.get(id(table))
+            cached = None if path is None else self._frames.get(path)
+        if cached is None or cached[1] is not table:
+            return None  # replaced meanwhile, or not this cache's table
+        return path, cached[0]
+
+    def facts(self, dataset: Dataset, table: pl.DataFrame) -> TableFacts | None:
+        """:class:`~owner_console.engine.facts.TableFacts` of ``table``, the dataset's current table.
+
+        Measured once per file version (one pass of simple aggregates).
+        None when facts are off, or ``table`` is not the current version
+        (a file replaced meanwhile): the caller then computes every check.
+        The facts are the owner's and only choose how a check is computed.
+        """
+        if not self.use_facts:
+            return None
+        found = self._version_of(dataset, table)
+        if found is None:
+            return None
+        path, version = found
+        with self._lock:
+            known = self._facts.get(path)
+            if known is not None and known[0] == version:
+                return known[1]
+        shared = self._shared_file(path, version, "facts.json")
+        measured = _read_facts(shared)
+        if measured is None:
+            measured = table_facts(table)
+            _write_shared(shared, lambda f: f.write(json.dumps(_facts_json(measured)).encode()))
+        with self._lock:
+            self._facts[path] = (version, measured)
+        return measured
+
+    def _shared_file(self, path: str, version: tuple[int, int], suffix: str) -> Path | None:
+        """Where the processes sharing this cache's directory keep something about one file version (None: no
+        shared directory).  Each worker process then measures facts once per version between them."""
+        if self._shared_dir is None:
+            return None
+        source_key = hashlib.sha256(path.encode()).hexdigest()[:24]
+        return self._shared_dir / f"{source_key}-{version[0]}-{version[1]}.{suffix}"
+
+    def key_stats(self, dataset: Dataset, table: pl.DataFrame, keys: tuple[str, ...],
+                  columns: tuple[str, ...], held: tuple[str, ...] = ()) -> pl.DataFrame | None:
+        """Per group of ``keys`` in ``table``, the accounting's aggregates of ``columns`` and ``held`` (see
+        :func:`~owner_console.engine.facts.key_stats`), kept per file version and key.
+
+        None when facts are off, ``table`` is not the dataset's current
+        version, or the key has more than ``MAX_KEY_GROUPS`` groups.  The
+        first request for a key counts its groups; each column is measured
+        once per key, in one pass for the columns asked together.
+        """
+        if not self.use_facts or not keys or table.height < KEY_STATS_MIN_ROWS:
+            return None
+        found = self._version_of(dataset, table)
+        if found is None:
+            return None
+        path, version = found
+        shared = self._shared_file(path, version,
+                                   f"stats-{hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:16]}.arrow")
+        with self._lock:
+            known = self._key_stats.get(path)
+            if known is None or known[0] != version:
+                known = self._key_stats[path] = (version, {})
+            stats = known[1].get(keys, False)
+        if stats is None:
+            return None
+        if stats is False and shared is not None and shared.exists():
+            try:
+                stats = pl.read_ipc(shared, memory_map=False)
+            except Exception:  # noqa: BLE001 - a damaged file: measured again below, and rewritten
+                stats = False
+        if stats is False:
+            counts = table.lazy().group_by(list(keys)).agg(pl.len().alias(KEY_LEN)).collect(engine="streaming")
+            stats = counts if counts.height <= MAX_KEY_GROUPS else None
+            with self._lock:
+                known[1][keys] = stats
+            if stats is None:
+                return None
+        missing = tuple(c for c in dict.fromkeys(columns) if stat_name(c, "count") not in stats.columns)
+        missing_held = tuple(c for c in dict.fromkeys(held) if stat_name(c, "held_min") not in stats.columns)
+        if missing or missing_held:
+            measured = measure_key_stats(table, keys, missing, missing_held).drop(KEY_LEN)
+            stats = stats.join(measured, on=list(keys), how="left", nulls_equal=True, maintain_order="left")
+            _write_shared(shared, stats.write_ipc)
+        with self._lock:
+            known[1][keys] = stats
+        return stats
 
     def lazy(self, dataset: Dataset) -> pl.LazyFrame:
         """A query's input: a lazy scan of a large file (see :func:`is_streamed`), else the cached table."""

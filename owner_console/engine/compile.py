@@ -18,7 +18,7 @@ from bastion_kernel.contract import local, plan as P, walk
 from bastion_kernel.contract.protocol import BastionError
 
 from ..model import Dataset
-from .accounting import RESERVED_PREFIX, AccountingCompiler, cast_accounting
+from .accounting import RESERVED_PREFIX, AccountingCompiler, KeySource, cast_accounting
 from .cache import DEFAULT_CACHE, DatasetCache, is_streamed
 
 MAX_REPEAT = 1_000  # largest count repeat_by honours (explode sizes are not pre-checked like joins)
@@ -29,7 +29,9 @@ def compile_plan(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache
 
     Schema problems (a type that does not fit, a join on mismatched key types)
     surface here, node by node, as ``SchemaError``; no data is read except the
-    cached datasets themselves.
+    cached datasets themselves (and, with facts on, their facts).  The
+    dominance bound uses the facts' ranges where they exist: see
+    :meth:`PolarsEngine.run` for when that query is run again without them.
     """
     return Compiler(catalog, cache or DEFAULT_CACHE).frame(plan)
 
@@ -77,13 +79,31 @@ _FUNCTIONS: dict[str, _Fn] = {
 class Compiler(AccountingCompiler):
     """Compiles one plan's frame nodes and expressions to polars, reading datasets through ``cache``."""
 
-    def __init__(self, catalog: Mapping[str, Dataset], cache: DatasetCache):
+    def __init__(self, catalog: Mapping[str, Dataset], cache: DatasetCache, fact_ranges: bool = True):
         self.catalog = catalog
         self.cache = cache
+        # The dominance bound may use the facts' ranges (AccountingCompiler._acct_share); the share columns
+        # that did, with what identifies them in cache.range_misses.
+        self.fact_ranges = fact_ranges
+        self.ranged_shares: list[tuple[str, tuple]] = []
         self.scope: pl.LazyFrame | None = None  # the input of the expressions being compiled
         self.tables: dict[str, pl.DataFrame] = {}  # dataset -> the table its latest scan reads
+        # id(scan node) -> the table that scan reads (None: two tables for one node), for facts about it.
+        self.scan_tables: dict[int, pl.DataFrame | None] = {}
+        self.frame_facts_memo: dict[int, dict] = {}  # id(frame node) -> what is known of its columns
+        self.schemas: dict[int, pl.Schema] = {}  # id(frame node) -> its compiled schema
+        # What chooses polars' engine for the query (polars_engine.streams): a large file scanned lazily, a cross
+        # join, and the tables read whole (by identity).
+        self.streamed_input = False
+        self.cross_join = False
+        self.inputs: dict[int, pl.DataFrame] = {}
+        self.agg_node: dict | None = None  # while an aggregation is compiled: the plan node of its input
+        self.key_source: KeySource | None = None  # while a group_by is compiled: its per-key statistics
+        self.len_column: str | None = None  # while an aggregation is compiled: its groups' length, once asked for
         # Row-id column -> its bit-word columns (see accounting.BITSET_MAX_ROWS).
         self.row_words: dict[str, list[str]] = {}
+        self.row_frames: dict[str, pl.LazyFrame] = {}  # row-id column -> the frame its ids number (with its words)
+        self.origins_memo: dict[int, dict[str, str]] = {}  # id(frame node) -> column -> row-id column of its value
         # While an aggregation is compiled: extra aggregations, and expressions evaluated on its output.
         self.extra_aggs: list[pl.Expr] | None = None
         self.post_aggs: list[pl.Expr] = []
@@ -116,7 +136,8 @@ class Compiler(AccountingCompiler):
 
     def frame(self, node: dict) -> pl.LazyFrame:
         result = self.ops[node["op"]](node)
-        resolve_schema(result, node["op"])  # surface type errors at the node that causes them
+        # Surface type errors at the node that causes them; kept for what the accounting knows of a frame.
+        self.schemas[id(node)] = resolve_schema(result, node["op"])
         return result
 
     def expr(self, node: dict) -> pl.Expr:
@@ -185,12 +206,23 @@ class Compiler(AccountingCompiler):
     def _scan(self, node: dict) -> pl.LazyFrame:
         dataset = self.catalog[node["dataset"]]
         if is_streamed(dataset):
+            self.streamed_input = True
             return self.cache.lazy(dataset)
         table = self.tables[node["dataset"]] = self.cache.frame(dataset)  # for acct_unique
+        self.inputs[id(table)] = table
+        seen = self.scan_tables.setdefault(id(node), table)
+        if seen is not table:
+            self.scan_tables[id(node)] = None
         return table.lazy()
 
     def _saved(self, node: dict) -> pl.LazyFrame:
-        return self.cache.lazy(self.catalog[node["name"]])
+        dataset = self.catalog[node["name"]]
+        if is_streamed(dataset):
+            self.streamed_input = True
+            return self.cache.lazy(dataset)
+        table = self.cache.frame(dataset)
+        self.inputs[id(table)] = table
+        return table.lazy()
 
     def _filter(self, node: dict) -> pl.LazyFrame:
         frame = self.frame(node["input"])
@@ -198,7 +230,8 @@ class Compiler(AccountingCompiler):
 
     def _select(self, node: dict) -> pl.LazyFrame:
         frame, _ = self._with_distances(self.frame(node["input"]), None, node["exprs"])
-        return self._aggregate(frame, lambda exprs: frame.select(exprs), node["exprs"])
+        self.agg_node = node["input"]
+        return self._aggregate(frame, lambda exprs: frame.select(exprs), node["exprs"], "select")
 
     def _with_columns(self, node: dict) -> pl.LazyFrame:
         frame = self.frame(node["input"])
@@ -208,28 +241,43 @@ class Compiler(AccountingCompiler):
         frame = self.frame(node["input"])
         self._on(frame)
         frame, keys = self._with_distances(frame, self._exprs(node["keys"]), node["aggs"])
-        return self._aggregate(frame, lambda aggs: frame.group_by(keys).agg(aggs), node["aggs"])
+        self.agg_node = node["input"]
+        self.key_source = self._key_source(node)
+        return self._aggregate(frame, lambda aggs: frame.group_by(keys).agg(aggs), node["aggs"], "group_by")
 
     def _aggregate(self, frame: pl.LazyFrame, apply: Callable[[list[pl.Expr]], pl.LazyFrame],
-                   nodes: list[dict]) -> pl.LazyFrame:
+                   nodes: list[dict], op: str) -> pl.LazyFrame:
         """``apply`` the compiled expressions (a select or a group_by's agg), then finish the accounting.
 
         Distinct row ids counted in bit words (:meth:`_distinct_ids`) add
         aggregations of their own and are combined after the aggregation:
         elementwise work inside ``agg`` takes polars off its fast path.
+        Checks read from per-key statistics (:meth:`_key_source`) are
+        joined after the aggregation too, by the group keys.
         """
         self._on(frame)
         self.extra_aggs, self.post_aggs, self.helper_columns = [], [], []
+        # The scientist's own len() gives the groups' length to the accounting (AccountingCompiler._group_len).
+        self.len_column = next((P.output_name(n) for n in nodes
+                                if n["expr"] == "len" or n["expr"] == "alias" and n["input"]["expr"] == "len"), None)
         try:
-            result = apply(self._exprs(nodes) + self.extra_aggs)
+            # A node computed after the aggregation compiles to None (AccountingCompiler._placeholder): nothing
+            # stands for it inside (a literal there takes polars' in-memory engine off its fast path).
+            compiled = self._exprs(nodes)
+            kept = [expr for expr in compiled if expr is not None]
+            result = apply(kept + self.extra_aggs)
             if self.post_aggs:
-                # Each count takes its placeholder's place, so the columns keep the order of the plan.
-                order = [c.removesuffix("__placeholder") if c.endswith("__placeholder") else c
-                         for c in result.collect_schema().names()
-                         if c.endswith("__placeholder") or c not in self.helper_columns]
+                # The group keys come first, then one column per node, in the order of the plan.
+                names = [c for c in resolve_schema(result, op).names() if c not in self.helper_columns]
+                keys = len(names) - len(kept)
+                produced = iter(names[keys:])
+                order = names[:keys] + [next(produced) if expr is not None else node["name"]
+                                        for node, expr in zip(nodes, compiled)]
+                if self.key_source is not None and self.key_source.used:
+                    result = self.key_source.joined(result)
                 result = result.with_columns(self.post_aggs).select(order)
         finally:
-            self.extra_aggs = None
+            self.extra_aggs, self.key_source, self.agg_node = None, None, None
         return cast_accounting(result, nodes)
 
     def _sort(self, node: dict) -> pl.LazyFrame:
@@ -278,6 +326,7 @@ class Compiler(AccountingCompiler):
     def _join(self, node: dict) -> pl.LazyFrame:
         left, right = self.frame(node["left"]), self.frame(node["right"])
         if node["how"] == "cross":
+            self.cross_join = True
             return left.join(right, how="cross", suffix=node["suffix"])
         left_on = self._on(left)._exprs(node["left_on"])
         right_on = self._on(right)._exprs(node["right_on"])

@@ -8,6 +8,7 @@ an argument, for callers that hold a cache rather than an engine.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,7 +19,8 @@ from bastion_kernel.contract.protocol import BastionError
 
 from ..model import Dataset
 from .cache import DEFAULT_CACHE, DatasetCache, dtype_name, is_streamed
-from .compile import compile_plan, resolve_schema
+from .accounting import UNSURE
+from .compile import Compiler, compile_plan, resolve_schema
 from .interface import Engine
 from .running import collect, collect_cancellable, is_polars_panic
 
@@ -29,6 +31,16 @@ from .running import collect, collect_cancellable, is_polars_panic
 # explicitly (Compiler._join), as the in-memory engine does.  Cross joins stay on the in-memory engine: polars
 # 1.36's streaming cross join panics on some inputs.
 STREAM_EVERY_QUERY = True
+# What the scientist is told of any failure while running, on every engine: whether and how a query fails can
+# depend on rows that are never released, and the engines' own messages can quote values.
+DATA_FAILURE = ("the query failed while running, for example on an operation whose types do not fit; the message is "
+                "the same for every failure because what failed can depend on rows that are not released")
+# Queries whose inputs (the cached tables they scan) hold at most this many rows together run on the in-memory
+# engine, which starts faster: measured on accounted group-bys, filtered group-bys and joins (benchmarks/RESULTS.md,
+# section 19), 0.1-0.5 ms faster up to about 20,000 rows, the same near 50,000, slower beyond.
+IN_MEMORY_MAX_ROWS = 20_000
+# How many dominance measures a cache remembers as not cleared by the facts' ranges (see PolarsEngine.run).
+RANGE_MISSES_KEPT = 1_000
 
 
 class PolarsEngine(Engine):
@@ -80,7 +92,7 @@ class PolarsEngine(Engine):
                 continue
             left = compile_plan(node["left"], catalog, self.cache)
             right = compile_plan(node["right"], catalog, self.cache)
-            streaming = _streams(node, catalog)
+            streaming = _streams(node, catalog, self.cache)
             if node["how"] == "cross":
                 sizes.append(int(collect(left.select(pl.len()), streaming).item()) *
                              int(collect(right.select(pl.len()), streaming).item()))
@@ -104,8 +116,41 @@ class PolarsEngine(Engine):
 
     def run(self, plan: dict, catalog: Mapping[str, Dataset], *,
             cancel: threading.Event | None = None, timeout: float | None = None) -> pl.DataFrame:
-        query = compile_plan(plan, catalog, self.cache)
-        streaming = _streams(plan, catalog)
+        """See :meth:`Engine.run`.
+
+        A dominance bound computed with the facts' ranges
+        (``AccountingCompiler._acct_share``) that leaves a group unsure is
+        measured again with the groups' own ranges: the query runs a second
+        time without the facts' ranges (within the same time limit), and the
+        measure is remembered so that later queries skip the first try.
+        """
+        started = time.monotonic()
+        compiler = Compiler(catalog, self.cache)
+        query = compiler.frame(plan)
+        streaming = _streams_compiled(compiler)
+        table = self._collect(query, streaming, cancel, timeout)
+        unsure = [miss for name, miss in compiler.ranged_shares
+                  if name in table.columns and bool((table.get_column(name) == UNSURE).any())]
+        if not unsure:
+            return table
+        if len(self.cache.range_misses) >= RANGE_MISSES_KEPT:
+            self.cache.range_misses.clear()
+        self.cache.range_misses.update(unsure)
+        remaining = None if timeout is None else timeout - (time.monotonic() - started)
+        try:
+            if remaining is not None and remaining <= 0:
+                raise BastionError("LimitExceeded", "", limit="query_timeout_seconds")
+            return self._collect(Compiler(catalog, self.cache, fact_ranges=False).frame(plan), streaming, cancel,
+                                 remaining)
+        except BastionError as error:
+            if error.ename != "LimitExceeded" or error.details.get("limit") != "query_timeout_seconds":
+                raise
+            # Told as the one query's limit it is (the time left is not the scientist's to learn).
+            raise BastionError("LimitExceeded", f"the query ran longer than {timeout:g} s and was cancelled",
+                               limit="query_timeout_seconds", seconds=timeout) from None
+
+    def _collect(self, query: pl.LazyFrame, streaming: bool, cancel: threading.Event | None,
+                 timeout: float | None) -> pl.DataFrame:
         try:
             if cancel is None and timeout is None:
                 return collect(query, streaming)
@@ -117,19 +162,37 @@ class PolarsEngine(Engine):
         except BaseException as exc:  # noqa: BLE001 - polars messages can quote data values: keep only the class
             if not isinstance(exc, Exception) and not is_polars_panic(exc):
                 raise  # KeyboardInterrupt, SystemExit
-            raise BastionError("ExecutionError",
-                               "the query failed while running, for example on an operation whose types do not fit; "
-                               "the message is the same for every failure because what failed can depend on rows "
-                               "that are not released",
-                               error_class=type(exc).__name__) from None
+            raise BastionError("ExecutionError", DATA_FAILURE, error_class=type(exc).__name__) from None
 
 
-def _streams(plan: dict, catalog: Mapping[str, Dataset]) -> bool:
-    """True when the plan runs on the streaming engine (see :data:`STREAM_EVERY_QUERY`, :func:`is_streamed`)."""
+def _streams(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache) -> bool:
+    """True when the plan runs on the streaming engine (see :data:`STREAM_EVERY_QUERY`, :func:`is_streamed`,
+    :data:`IN_MEMORY_MAX_ROWS`)."""
     names = walk.source_names(plan)
     if any(name in catalog and is_streamed(catalog[name]) for name in names):
         return True
-    return STREAM_EVERY_QUERY and not _has_cross_join(plan)
+    if not STREAM_EVERY_QUERY or _has_cross_join(plan):
+        return False
+    rows = 0
+    for name in names:
+        if name not in catalog:
+            return True
+        try:
+            rows += cache.frame(catalog[name]).height  # read already: the plan was compiled
+        except BastionError:
+            return True
+        if rows > IN_MEMORY_MAX_ROWS:
+            return True
+    return False
+
+
+def _streams_compiled(compiler: Compiler) -> bool:
+    """:func:`_streams` for a plan ``compiler`` has compiled, from what it saw (no second walk of the plan)."""
+    if compiler.streamed_input:
+        return True
+    if not STREAM_EVERY_QUERY or compiler.cross_join:
+        return False
+    return sum(table.height for table in compiler.inputs.values()) > IN_MEMORY_MAX_ROWS
 
 
 def _has_cross_join(plan: Any) -> bool:

@@ -284,14 +284,8 @@ class _Accountant:
             return _Frame(out, columns, lineage, _tainted(inner.reps, node["exprs"], self._row_order(inner)),
                           inner.aggregated, {**inner.contribs, **contribs})
         # A global aggregate: one row computed from all input rows.
-        individual = ("individual" in levels or tainting(node["exprs"], self._row_order(inner))
-                      or any(rep.tainted for rep in inner.reps.values()))
-        out = {**node, "input": inner.node, "exprs": node["exprs"] + self._group_counts(inner.reps, True)
-               + accounting + carried(inner.contribs)}
-        reps = self._grouped_reps(inner.reps, individual)
-        if individual:
-            out = self._one_row_each(out, reps)
-        return _Frame(out, columns, lineage, reps, not individual, {**inner.contribs, **contribs})
+        individual = "individual" in levels or tainting(node["exprs"], self._row_order(inner))
+        return self._aggregated(node, "exprs", inner, columns, lineage, individual, accounting, contribs)
 
     def _group_by(self, node: dict) -> _Frame:
         inner = self.frame(node["input"])
@@ -302,12 +296,22 @@ class _Accountant:
         # An aggregation that is not a reduction (an implicit list of values,
         # first/last/mode) puts individual values in the result.
         individual = (any(expr_level(e) in ("row", "individual") for e in node["aggs"])
-                      or tainting(node["keys"] + node["aggs"], self._row_order(inner))
-                      or any(rep.tainted for rep in inner.reps.values()))
+                      or tainting(node["keys"] + node["aggs"], self._row_order(inner)))
         refuse_reshaping(node["keys"], "group_by keys")
         accounting, contribs = self.contributions.of(node["aggs"], inner.reps, inner.lineage)
-        out = {**node, "input": inner.node, "aggs": node["aggs"] + self._group_counts(inner.reps, False)
-               + accounting + carried(inner.contribs)}
+        return self._aggregated(node, "aggs", inner, columns, lineage, individual, accounting, contribs)
+
+    def _aggregated(self, node: dict, exprs_key: str, inner: _Frame, columns: tuple[str, ...], lineage: dict,
+                    individual: bool, accounting: list[dict], contribs: dict) -> _Frame:
+        """The frame of a global aggregate (a select; ``exprs_key`` "exprs") or a group_by (``exprs_key`` "aggs").
+
+        Each group counts its rows per source, beside the accounting; a result
+        with individual values in it (``individual``, or a tainted input)
+        becomes one row per person for the release rules.
+        """
+        individual = individual or any(rep.tainted for rep in inner.reps.values())
+        counts = self._group_counts(inner.reps, exprs_key == "exprs")
+        out = {**node, "input": inner.node, exprs_key: node[exprs_key] + counts + accounting + carried(inner.contribs)}
         reps = self._grouped_reps(inner.reps, individual)
         if individual:
             out = self._one_row_each(out, reps)

@@ -23,6 +23,14 @@ def data_version(plan: Any, catalog: dict, scientist: str) -> str:
         dataset = catalog.get(name)
         if dataset is None:
             return ""
+        if getattr(dataset, "engine", "polars") != "polars":
+            # A directory, a Delta table or a catalog table: its engine knows its version.
+            from owner_console.engine import engine_for
+            source = engine_for([dataset]).data_version(dataset)
+            if not source:
+                return ""
+            parts.append([name, source, dataset.policy.for_scientist(scientist).to_dict(), None])
+            continue
         try:
             path = Path(dataset.path).resolve()
             stat = path.stat()
