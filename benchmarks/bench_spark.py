@@ -1,0 +1,158 @@
+"""Policy-checked execution on Spark vs plain PySpark, same session, same Parquet files (issue 18 target).
+
+Two workloads, as in ``bench_executor.py`` (its ``make_tables``):
+
+1. a group-by aggregate (mean, sum, len per group) over a 10M-row table;
+2. a 10M x 7 table inner-joined with a 100 x 5 table, then aggregated.
+
+Bastion's side is ``owner_console.executor.evaluate`` on datasets registered
+with ``engine="spark"`` over the Parquet files, with the default policy
+(minimum group size 10, dominance on): validate -> account -> compile to
+DataFrame calls -> one Spark job with the policy's counts -> decide.  Plain
+PySpark is the DataFrame-API equivalent of each query on the very same
+SparkSession (``owner_console.engine.spark.session.session()``, the object the
+engine runs on), reading the same files, its result fetched with
+``.toArrow()`` as the engine's is.  Every function runs once per round,
+rounds interleaved, medians over the rounds after one warm-up round
+(target: ratio <= 1.25).  Bastion's time is then split into its stages: the
+plan checks, compiling the plan to a DataFrame (Spark analyses it), the Spark
+job (``toArrow`` of the compiled frame) and the decision.
+
+Run: ``python benchmarks/bench_spark.py [--rows 10000000] [--repeat 7]``
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from bench_executor import interleaved, load, make_tables
+
+from bastion_kernel.contract import plan as P
+from owner_console import decide, policy, validate
+from owner_console.engine.spark import session as spark_session
+from owner_console.engine.spark.compile import to_polars
+from owner_console.engine.spark.engine import SparkEngine
+from owner_console.executor import evaluate
+from owner_console.model import Dataset, Policy
+
+TARGET = 1.25
+
+
+def report(name: str, times: dict[str, list[float]], baseline: str) -> None:
+    """Every median, and each Bastion side's ratio to plain PySpark."""
+    medians = {label: statistics.median(values) for label, values in times.items()}
+    print(f"{name}:")
+    for label, median in medians.items():
+        line = f"  {label}: median {median * 1000:.1f} ms (min {min(times[label]) * 1000:.1f})"
+        if label != baseline:
+            ratio = median / medians[baseline]
+            line += f", ratio {ratio:.3f} (target <= {TARGET:.2f}: {'met' if ratio <= TARGET else 'NOT met'})"
+        print(line)
+
+
+def planned(frame) -> None:
+    """Spark's optimizer and physical planning of a classic frame, without running it."""
+    frame._jdf.queryExecution().executedPlan()
+
+
+def stages(name: str, plan: dict, catalog: dict, runner: SparkEngine, repeat: int) -> None:
+    # Where Bastion's time goes: the plan checks (the unique-key check is cached per data
+    # version after the warm-up), compiling the accounted plan (Spark analyses each call),
+    # the Spark job on that fresh frame (Spark's optimizer and physical planning, then the
+    # job), the decision.  (Running a frame again is no measure of execution: Spark skips
+    # the shuffle stages it already ran for that physical plan.)
+    def checks():
+        return policy.account(validate.validate(plan, catalog, dataset_columns=runner.columns),
+                              unique_keys=lambda source, keys: runner.unique_keys(catalog[source], keys))
+
+    accounted = checks()
+    compiled = runner._compiled(accounted.plan, catalog)
+    arrow = compiled.frame.toArrow()
+    table = to_polars(arrow, compiled.schema)
+    times = interleaved({
+        "validate+account": checks,
+        "compile (DataFrame built, analysed)": lambda: runner._compiled(accounted.plan, catalog),
+        "compile + Catalyst planning": lambda: planned(runner._compiled(accounted.plan, catalog).frame),
+        "compile + Spark job (toArrow)": lambda: runner._compiled(accounted.plan, catalog).frame.toArrow(),
+        "to_polars+decide": lambda: decide.decide(accounted, to_polars(arrow, compiled.schema), "bench"),
+    }, repeat)
+    medians = {label: statistics.median(values) * 1000 for label, values in times.items()}
+    print(f"  {name} stages: " + ", ".join(f"{label} {ms:.1f} ms" for label, ms in medians.items()))
+    print(f"  {name} accounting columns: {[c for c in table.columns if c not in accounted.columns]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--repeat", type=int, default=7)
+    args = parser.parse_args()
+    import pyspark
+    from pyspark.sql import functions as F
+
+    start = time.perf_counter()
+    spark = spark_session.session()  # the engine's session: plain PySpark runs on this very object
+    started = time.perf_counter() - start
+    print(f"machine: {platform.machine()}, python {platform.python_version()}, pyspark {pyspark.__version__}, "
+          f"master {spark.sparkContext.master}, shuffle partitions {spark.conf.get('spark.sql.shuffle.partitions')}, "
+          f"rows {args.rows:,}; session start {started:.1f} s; load {load()}")
+    runner = SparkEngine()
+    assert runner.spark() is spark
+    with tempfile.TemporaryDirectory() as tmp:
+        big_path, small_path = make_tables(args.rows, Path(tmp))
+        rules = Policy(min_group_size=10, unsafe="review")  # the defaults: dominance on
+        catalog = {"big": Dataset("big", big_path, "parquet", rules, engine="spark"),
+                   "small": Dataset("small", small_path, "parquet", rules, engine="spark")}
+        big = spark.read.parquet(str(big_path))
+        small = spark.read.parquet(str(small_path))
+
+        def measure(name: str, short: str, plan: dict, plain: Callable[[], object]) -> None:
+            start = time.perf_counter()
+            first = evaluate(plan, catalog, "bench")
+            cold = time.perf_counter() - start
+            assert first.decision.action == "allow", first.decision
+            expected = plain()
+            assert first.table.height == expected.num_rows, (first.table.height, expected.num_rows)
+            times = interleaved({
+                "plain PySpark (same session, toArrow)": plain,
+                "bastion evaluate on Spark": lambda: evaluate(plan, catalog, "bench"),
+            }, args.repeat)
+            report(name, times, "plain PySpark (same session, toArrow)")
+            print(f"  first Bastion query (schemas, data versions, key checks measured on the way): "
+                  f"{cold * 1000:.0f} ms")
+            stages(short, plan, catalog, runner, args.repeat)
+
+        group_plan = P.frame_op("group_by", input=P.scan("big"), keys=[P.col("group")], aggs=[
+            P.alias(P.fn("mean", P.col("a")), "mean_a"), P.alias(P.fn("sum", P.col("c")), "sum_c"),
+            P.alias(P.length(), "n")])
+
+        def plain_group():
+            return big.groupBy("group").agg(F.mean("a").alias("mean_a"), F.sum("c").alias("sum_c"),
+                                            F.count(F.lit(1)).alias("n")).toArrow()
+
+        measure(f"group-by over {args.rows:,} rows", "group-by", group_plan, plain_group)
+
+        join_plan = P.frame_op(
+            "group_by",
+            input=P.frame_op("join", left=P.scan("big"), right=P.scan("small"), how="inner",
+                             left_on=[P.col("key")], right_on=[P.col("key")], suffix="_right"),
+            keys=[P.col("region")],
+            aggs=[P.alias(P.fn("mean", P.binary("mul", P.col("a"), P.col("w1"))), "mean_aw"),
+                  P.alias(P.fn("sum", P.col("w2")), "sum_w2"), P.alias(P.length(), "n")])
+
+        def plain_join():
+            return (big.join(small, on="key", how="inner")
+                    .groupBy("region").agg(F.mean(F.col("a") * F.col("w1")).alias("mean_aw"),
+                                           F.sum("w2").alias("sum_w2"), F.count(F.lit(1)).alias("n"))
+                    .toArrow())
+
+        measure(f"{args.rows:,} x 7 join 100 x 5, then aggregate", "join", join_plan, plain_join)
+    print(f"load at the end: {load()}")
+
+
+if __name__ == "__main__":
+    main()
