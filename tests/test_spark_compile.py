@@ -32,7 +32,7 @@ from owner_console.policy import account
 from owner_console.sample_data import generate_patients
 from owner_console.validate import validate
 
-pytestmark = pytest.mark.spark
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
 OPEN = Policy(min_group_size=1, dominance=False)
 STRICT = Policy(min_group_size=5)
