@@ -23,7 +23,7 @@ from bastion_kernel.contract.protocol import BastionError
 from owner_console import engine, executor, policy, validate
 from owner_console.model import Dataset, Held, Policy
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 col, lit, fn, binary, alias, length = P.col, P.lit, P.fn, P.binary, P.alias, P.length
 ROWS = 24_000  # at least cache.KEY_STATS_MIN_ROWS: group-bys of the whole table read per-key statistics

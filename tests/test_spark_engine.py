@@ -42,7 +42,7 @@ from owner_console.workspace import Workspace, WorkspaceError, atomic_write
 
 from conftest import register_scientists, run_owner, running_executor, spark_unavailable
 
-pytestmark = pytest.mark.spark
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
 # The polars engine's text for every failure while running (owner_console.engine.polars_engine).
 DATA_FAILURE_TEXT = ("the query failed while running, for example on an operation whose types do not fit; the message "
