@@ -137,13 +137,7 @@ def _spark_present():
 
 
 # ---------------------------------------------------------------- the policy matrix (test_policy_matrix.py)
-# polars leaves a group_by's row order open, the Spark engine sorts the groups by their keys: an index over the
-# groups numbers them differently (and on polars differently from run to run), so xfail is not strict.
-ROW_ORDER_OF_GROUPS = pytest.mark.xfail(strict=False, reason=(
-    "with_row_index over a group_by: polars returns the groups in an unspecified order, the Spark engine sorted by "
-    "key, so the released (i, sex) pairs differ between engines (and between polars runs)"))
-FAILING_CASES = [pytest.param(case_id, plan, phrase, mode, id=f"{case_id}-{mode}",
-                              marks=[ROW_ORDER_OF_GROUPS] if case_id == "with_row_index" else [])
+FAILING_CASES = [pytest.param(case_id, plan, phrase, mode, id=f"{case_id}-{mode}")
                  for case_id, plan, phrase in FAILING for mode in ("reject", "review")
                  if mode == "reject" or case_id in ("small_groups", "with_row_index")]
 

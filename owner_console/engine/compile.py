@@ -243,7 +243,10 @@ class Compiler(AccountingCompiler):
         frame, keys = self._with_distances(frame, self._exprs(node["keys"]), node["aggs"])
         self.agg_node = node["input"]
         self.key_source = self._key_source(node)
-        return self._aggregate(frame, lambda aggs: frame.group_by(keys).agg(aggs), node["aggs"], "group_by")
+        grouped = self._aggregate(frame, lambda aggs: frame.group_by(keys).agg(aggs), node["aggs"], "group_by")
+        # polars leaves the groups' order open: sorted by their keys (nulls first, as the Spark engine does),
+        # a row index, head or first over groups gives the same answer on every run and engine.
+        return grouped.sort([P.output_name(key) for key in node["keys"]], nulls_last=False, maintain_order=False)
 
     def _aggregate(self, frame: pl.LazyFrame, apply: Callable[[list[pl.Expr]], pl.LazyFrame],
                    nodes: list[dict], op: str) -> pl.LazyFrame:
