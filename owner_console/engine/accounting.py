@@ -19,12 +19,13 @@ from typing import Callable, Mapping
 
 import polars as pl
 
-from bastion_kernel.contract import plan as P
+from bastion_kernel.contract import plan as P, walk
 from bastion_kernel.contract.protocol import BastionError
 
 from ..model import Dataset
 from .cache import DatasetCache
 from .facts import FLOAT_MAX, KEY_LEN, UNKNOWN, ColumnFacts, key_dtype_fits, nonzero_mask, share_parts, stat_name
+from .join_stats import MAX_SMALL_ROWS, SMALL_ROWS, Term, group_stats
 
 # Accounting columns' names start with this; frame-wide operations never touch them.
 RESERVED_PREFIX = "__bastion"
@@ -226,12 +227,49 @@ class KeySource:
     columns: Mapping[str, str]
     stats: pl.DataFrame
     used: set[str] = field(default_factory=set)
+    # Over a join (join_stats.group_stats): computed inputs' statistics by the input (its JSON), and the small
+    # side's row-id column, whose distinct ids per group are counted from its rows there.
+    derived: Mapping[str, str] = field(default_factory=dict)
+    row_id: str | None = None
+
+    def stat_column(self, expr: dict, stat: str) -> str | None:
+        """The column of statistic ``stat`` of what ``expr`` computes, or None when there is none."""
+        column = _plain_column(expr)
+        base = self.columns.get(column) if column is not None else self.derived.get(_expr_key(expr))
+        name = None if base is None else stat_name(base, stat)
+        return name if name in self.stats.columns else None
 
     def joined(self, result: pl.LazyFrame) -> pl.LazyFrame:
         """``result`` (the aggregation) with the statistics it reads, joined by its group keys."""
         stats = self.stats.lazy().select([pl.col(k).alias(o) for k, o in zip(self.keys, self.outputs)]
                                          + [pl.col(KEY_LEN)] + [pl.col(c) for c in sorted(self.used)])
         return result.join(stats, on=list(self.outputs), how="left", nulls_equal=True, maintain_order="left")
+
+
+def _expr_key(expr: dict) -> str:
+    return json.dumps(expr, sort_keys=True)
+
+
+def _term_kind(dtype: pl.DataType) -> str:
+    return "boolean" if dtype == pl.Boolean else "number" if dtype.is_numeric() else "other"
+
+
+def _product_exact(term: Term, small: pl.DataFrame, facts: ColumnFacts | None) -> bool:
+    """True unless ``term`` is a product whose statistics from the parts' might differ from the rows'.
+
+    The table's column must be finite with a known range and smallest
+    non-zero magnitude; each small-side value finite, and its product with
+    them neither rounding to zero nor large enough for a square to overflow.
+    """
+    if term.left is None or term.right is None:
+        return True
+    if facts is None or facts.magnitude is None or facts.smallest is None:
+        return False
+    values = small[term.right].drop_nulls()
+    if not values.is_finite().all():
+        return False
+    scales = values.filter(values != 0).abs()
+    return scales.is_empty() or (scales.min() * facts.smallest > 1e-300 and scales.max() * facts.magnitude < 1e150)
 
 
 def _fewest_holders(values: pl.Expr) -> pl.Expr:
@@ -256,6 +294,7 @@ class AccountingCompiler:
     tables: dict[str, pl.DataFrame]
     scan_tables: dict[int, pl.DataFrame | None]
     schemas: dict[int, pl.Schema]
+    compiled: dict[int, pl.LazyFrame]
     frame_facts_memo: dict[int, dict[str, ColumnFacts]]
     row_words: dict[str, list[str]]
     row_frames: dict[str, pl.LazyFrame]
@@ -447,7 +486,7 @@ class AccountingCompiler:
             return None  # the exact measure reshapes the input (AccountingCompiler._with_distances)
         found = self._whole_table(node["input"])
         if found is None:
-            return None
+            return self._join_key_source(node)
         dataset, table, columns = found
         keys, outputs = [], []
         for key in node["keys"]:
@@ -492,17 +531,137 @@ class AccountingCompiler:
             columns = _carried(step, columns)
         return self.catalog[node["dataset"]], table, columns
 
-    def _key_stat(self, expr: dict, stat: str) -> pl.Expr | None:
-        """The per-key statistic ``stat`` of the plain column ``expr`` reads, for use after the aggregation."""
+    def _key_stat(self, expr: dict | None, stat: str) -> pl.Expr | None:
+        """The per-key statistic ``stat`` of what ``expr`` computes, for use after the aggregation.
+
+        ``expr`` None: a statistic of the source itself (the small side's rows over a join).
+        """
         source = self.key_source
-        column = _plain_column(expr) if source is not None and self.extra_aggs is not None else None
-        if column is None or column not in source.columns:
+        if source is None or self.extra_aggs is None:
             return None
-        name = stat_name(source.columns[column], stat)
-        if name not in source.stats.columns:
+        name = stat_name("", stat) if expr is None else source.stat_column(expr, stat)
+        if name is None or name not in source.stats.columns:
             return None
         source.used.add(name)
         return pl.col(name)
+
+    def _join_key_source(self, node: dict) -> KeySource | None:
+        """Per-group statistics for a group_by of a whole cached table inner-joined with a small side whose join
+        key is unique, grouped by the small side's columns (:func:`join_stats.group_stats`).
+
+        The aggregates the accounting checks are covered when they read a
+        plain column of either side, or the product of a double of the
+        table by a double of the small side that the facts prove exact: the
+        table's column finite, and each small-side value finite, its product
+        with the column's smallest non-zero magnitude not rounding to zero
+        and with its largest far from overflowing.
+        """
+        join = node["input"]
+        if join["op"] != "join" or join["how"] != "inner" or join["right"]["op"] != "acct_unique":
+            return None
+        found = self._whole_table(join["left"])
+        small_input = join["right"]["input"]
+        row_id = small_input["name"] if small_input["op"] == "acct_row_id" else None
+        small_bound = self._row_bound(small_input["input"] if row_id is not None else small_input)
+        if found is None or small_bound is None or small_bound > MAX_SMALL_ROWS:
+            return None
+        dataset, table, carried = found
+        left_keys = [_plain_column(k) for k in join["left_on"]]
+        right_keys = [_plain_column(k) for k in join["right_on"]]
+        left_schema, right_schema = self.schemas[id(join["left"])], self.schemas[id(join["right"])]
+        if None in left_keys or None in right_keys or set(join["right"]["columns"]) != set(right_keys) or \
+                any(k not in carried or not key_dtype_fits(table.schema[carried[k]]) or
+                    right_schema.get(r) != table.schema[carried[k]] for k, r in zip(left_keys, right_keys)):
+            return None
+        # The joined frame's columns: the left's as they are, the right's but its keys (merged), suffixed
+        # where the left has the name.
+        left_names = set(left_schema.names())
+        small_of: dict[str, str] = {}
+        for column in right_schema.names():
+            output = column + join["suffix"] if column in left_names else column
+            if column not in right_keys and output not in left_names:
+                small_of[output] = column
+        groups = []
+        for key in node["keys"]:
+            column = _plain_column(key)
+            if column in left_keys:
+                column = right_keys[left_keys.index(column)]
+            elif column in small_of:
+                column = small_of[column]
+            else:
+                return None  # a key of the table's other columns: its groups split the key groups
+            groups.append((column, P.output_name(key)))
+        if not groups or len({o for _, o in groups}) != len(groups):
+            return None
+        covered: dict[str, tuple[dict, Term]] = {}
+        for agg in node["aggs"]:
+            kind = agg["expr"]
+            if kind == "acct_share" and not agg["exact"] or kind == "acct_contrib" and not agg["padded"] and (
+                    agg["kind"] == "implicit" or agg["kind"] == "rid" and agg["column"] == row_id):
+                term = self._join_term(agg["input"], carried, small_of, left_schema, right_schema)
+                if term is not None:
+                    covered[_expr_key(agg["input"])] = (agg["input"], term)
+        if not covered:
+            return None
+        table_keys = tuple(carried[k] for k in left_keys)
+
+        def measure() -> tuple[pl.DataFrame | None, tuple[str, ...]]:
+            left_columns = tuple(dict.fromkeys(t.left for _, t in covered.values() if t.left is not None))
+            stats = self.cache.key_stats(dataset, table, table_keys, left_columns)
+            wanted = {stat_name(t.left, s) for _, t in covered.values() if t.left is not None
+                      for s in (("count", "nonzero", "mean", "var", "max", "min") if t.numeric else ("count",))}
+            if stats is None or not wanted <= set(stats.columns):
+                return None, ()  # no statistics, or kept from before they had every part
+            small_columns = list(dict.fromkeys(right_keys + [c for c, _ in groups]
+                                               + [t.right for _, t in covered.values() if t.right is not None]))
+            try:
+                small = self.compiled[id(join["right"])].select(small_columns).collect()
+            except Exception:  # noqa: BLE001 - read ahead only to save work: the query computes it all otherwise
+                return None, ()
+            facts = self.cache.facts(dataset, table)
+            exact = tuple(key for key, (_, term) in covered.items()
+                          if _product_exact(term, small, None if facts is None else facts.columns.get(term.left)))
+            if not exact:
+                return None, ()
+            return group_stats(small, right_keys, stats, table_keys, groups, [covered[k][1] for k in exact]), exact
+
+        # The same small side, groups and terms over the same table versions give the same statistics.
+        sources = [(dataset, table)] + [
+            (self.catalog[n["dataset"]], self.scan_tables.get(id(n))) if n["op"] == "scan" else
+            (self.catalog[n["name"]], None) for n in walk.json_objects(join["right"])
+            if "expr" not in n and n.get("op") in ("scan", "saved")]
+        per_group, exact = self.cache.remembered(
+            ("join_stats", _expr_key(join["right"]), tuple(groups), tuple(right_keys), table_keys,
+             tuple((key, term) for key, (_, term) in covered.items())), sources, measure)
+        if per_group is None:
+            return None
+        covered = {key: covered[key] for key in exact}
+        plain = {_plain_column(expr): term.name for expr, term in covered.values() if _plain_column(expr)}
+        derived = {key: term.name for key, (expr, term) in covered.items() if not _plain_column(expr)}
+        outputs = tuple(o for _, o in groups)
+        return KeySource(keys=outputs, outputs=outputs, columns=plain, stats=per_group, derived=derived,
+                         row_id=row_id)
+
+    @staticmethod
+    def _join_term(expr: dict, carried: Mapping[str, str], small_of: Mapping[str, str], left_schema: pl.Schema,
+                   right_schema: pl.Schema) -> Term | None:
+        """What an aggregate over a join reads, as a :class:`join_stats.Term`, or None when not covered."""
+        column = _plain_column(expr)
+        if column in small_of:
+            return Term(f"right:{column}", None, small_of[column], _term_kind(right_schema[small_of[column]]))
+        if column is not None:
+            return Term(f"left:{column}", carried[column], None, _term_kind(left_schema[column])) \
+                if column in carried and column in left_schema else None
+        while expr["expr"] == "alias":
+            expr = expr["input"]
+        if expr["expr"] != "binary" or expr["op"] != "mul":
+            return None
+        factors = (_plain_column(expr["left"]), _plain_column(expr["right"]))
+        for big, small in (factors, factors[::-1]):
+            if big in carried and big in left_schema and big not in small_of and small in small_of and \
+                    left_schema[big] == pl.Float64 and right_schema[small_of[small]] == pl.Float64:
+                return Term(f"product:{big}*{small}", carried[big], small_of[small], "number")
+        return None
 
     def _key_guarded(self, value: pl.Expr, failing: int) -> pl.Expr:
         """``value`` (read from per-key statistics) where the group's row counts agree, else ``failing``."""
@@ -721,6 +880,12 @@ class AccountingCompiler:
         return pl.col(name)
 
     def _acct_distinct(self, node: dict) -> pl.Expr | None:
+        source = self.key_source
+        if source is not None and node["column"] == source.row_id and \
+                not (node["taintable"] or node["nullable"] or node["global"]):
+            rows = self._key_stat(None, SMALL_ROWS)
+            if rows is not None:
+                return self._from_key_stats(node, rows, 0)
         count = self._distinct_ids(node, None)
         if count is None:
             return _account_distinct(node)
@@ -780,8 +945,11 @@ class AccountingCompiler:
         dtype = self._dtype(value, "aggregation")
         numeric = dtype == pl.Boolean or dtype.is_numeric()
         counting = node["function"] in _COUNTING
-        if node["kind"] == "implicit" and not node["padded"]:
-            counted = self._key_stat(node["input"], "nonzero" if numeric and not counting else "count")
+        source = self.key_source
+        if not node["padded"] and (node["kind"] == "implicit" or node["kind"] == "rid" and source is not None
+                                   and node["column"] == source.row_id):
+            stat = "nonzero" if numeric and not counting else "count"
+            counted = self._key_stat(node["input"], stat if node["kind"] == "implicit" else f"{stat}_rows")
             if counted is not None:
                 return self._from_key_stats(node, counted, 0)
         if node["padded"]:

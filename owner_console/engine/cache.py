@@ -23,15 +23,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Hashable, Sequence
 
 import polars as pl
 
 from bastion_kernel.contract.protocol import BastionError
 
 from ..model import Dataset
-from .facts import KEY_LEN, MAX_KEY_GROUPS, ColumnFacts, TableFacts, stat_name, table_facts
+from .facts import KEY_LEN, MAX_KEY_GROUPS, ColumnFacts, TableFacts, stat_name, stats_of, table_facts
 from .facts import key_stats as measure_key_stats
 
 log = logging.getLogger("bastion.executor")
@@ -70,6 +71,8 @@ def _read_facts(source: Path | None) -> TableFacts | None:
 # the checks (an accounted group-by, in process: 0.2 ms slower at 5,000 rows, 0.3 ms faster at 20,000; benchmarks/
 # RESULTS.md, section 19).
 KEY_STATS_MIN_ROWS = 20_000
+# Derived values (DatasetCache.remembered) kept, the least recently used dropped first.
+DERIVED_KEPT = 64
 
 
 class DatasetCache:
@@ -109,6 +112,8 @@ class DatasetCache:
         # Dominance measures whose facts' range left a group unsure once: measured with groups' own ranges
         # from then on (see AccountingCompiler._acct_share); forgotten when it grows past RANGE_MISSES_KEPT.
         self.range_misses: set[tuple] = set()
+        # What the compiler derives from tables (join_stats), by what it was asked and the tables' versions.
+        self._derived: OrderedDict[tuple, Any] = OrderedDict()
 
     def frame(self, dataset: Dataset) -> pl.DataFrame:
         """The dataset's table (read on first use, then from memory).
@@ -232,6 +237,33 @@ class DatasetCache:
             return None  # replaced meanwhile, or not this cache's table
         return path, cached[0]
 
+    def remembered(self, key: Hashable, sources: Sequence[tuple[Dataset, pl.DataFrame | None]],
+                   compute: Callable[[], Any]) -> Any:
+        """``compute()``, kept for ``key`` while each of ``sources`` (dataset, the table read) is current.
+
+        A value derived from cached tables only, so the same key over the
+        same file versions gives the same value: computed once, then reused
+        until a file changes.  Not kept when facts are off or a table is not
+        the dataset's current one.
+        """
+        versions = []
+        for dataset, table in sources:
+            found = None if table is None or not self.use_facts else self._version_of(dataset, table)
+            if found is None:
+                return compute()
+            versions.append(found)
+        full_key = (key, tuple(versions))
+        with self._lock:
+            if full_key in self._derived:
+                self._derived.move_to_end(full_key)
+                return self._derived[full_key]
+        value = compute()
+        with self._lock:
+            self._derived[full_key] = value
+            while len(self._derived) > DERIVED_KEPT:
+                self._derived.popitem(last=False)
+        return value
+
     def facts(self, dataset: Dataset, table: pl.DataFrame) -> TableFacts | None:
         """:class:`~owner_console.engine.facts.TableFacts` of ``table``, the dataset's current table.
 
@@ -304,10 +336,14 @@ class DatasetCache:
                 known[1][keys] = stats
             if stats is None:
                 return None
-        missing = tuple(c for c in dict.fromkeys(columns) if stat_name(c, "count") not in stats.columns)
+        # A column is measured again when a statistic is missing (kept by an older version of the engine).
+        missing = tuple(c for c in dict.fromkeys(columns)
+                        if any(stat_name(c, s) not in stats.columns for s in stats_of(c, table.schema[c])
+                               if not s.startswith("held_")))
         missing_held = tuple(c for c in dict.fromkeys(held) if stat_name(c, "held_min") not in stats.columns)
         if missing or missing_held:
             measured = measure_key_stats(table, keys, missing, missing_held).drop(KEY_LEN)
+            stats = stats.drop([c for c in measured.columns if c in stats.columns and c not in keys])
             stats = stats.join(measured, on=list(keys), how="left", nulls_equal=True, maintain_order="left")
             _write_shared(shared, stats.write_ipc)
         with self._lock:

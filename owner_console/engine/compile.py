@@ -92,6 +92,7 @@ class Compiler(AccountingCompiler):
         self.scan_tables: dict[int, pl.DataFrame | None] = {}
         self.frame_facts_memo: dict[int, dict] = {}  # id(frame node) -> what is known of its columns
         self.schemas: dict[int, pl.Schema] = {}  # id(frame node) -> its compiled schema
+        self.compiled: dict[int, pl.LazyFrame] = {}  # id(frame node) -> its query (a join's small side is read)
         # What chooses polars' engine for the query (polars_engine.streams): a large file scanned lazily, a cross
         # join, and the tables read whole (by identity).
         self.streamed_input = False
@@ -138,6 +139,7 @@ class Compiler(AccountingCompiler):
         result = self.ops[node["op"]](node)
         # Surface type errors at the node that causes them; kept for what the accounting knows of a frame.
         self.schemas[id(node)] = resolve_schema(result, node["op"])
+        self.compiled[id(node)] = result
         return result
 
     def expr(self, node: dict) -> pl.Expr:

@@ -172,7 +172,7 @@ KEY_LEN = "__bastion_stat_len"
 # The statistics key_stats gives per column: for every type "count" (non-null values); for numbers and
 # booleans also the rest.
 STATS_ALL = ("count",)
-STATS_NUMERIC = ("count", "nonzero", "var", "max", "min", "held_min", "held_max")
+STATS_NUMERIC = ("count", "nonzero", "var", "max", "min", "mean", "held_min", "held_max")
 
 
 def stats_of(column: str, dtype: pl.DataType) -> tuple[str, ...]:
@@ -206,6 +206,8 @@ def key_stats(table: pl.DataFrame, keys: tuple[str, ...], columns: tuple[str, ..
         for label in ("var", "max", "min"):
             part = parts[label].cast(pl.Float64) if cast_after and label != "var" else parts[label]
             aggs.append(part.alias(stat_name(column, label)))
+        # The mean combines key groups' variances into a union's (join_stats.group_stats).
+        aggs.append(x.cast(pl.Float64).mean().alias(stat_name(column, "mean")))
     stats = frame.group_by(list(keys)).agg(aggs).collect(engine="streaming")
     if held:
         extremes = frame.group_by(list(keys)).agg(
