@@ -142,7 +142,7 @@ def cmd_dataset_list(args: argparse.Namespace) -> int:
     catalog, errors = _workspace(args).catalog_with_errors()
     for name in sorted(catalog):
         dataset = catalog[name]
-        print(f"{name}\t{dataset.format}\t{dataset.source}\t{_policy_text(dataset.policy)}")
+        print(f"{name}\t{dataset.format}\t{dataset.source}\t{dataset.engine}\t{_policy_text(dataset.policy)}")
     for error in errors:
         print(f"warning: {error}", file=sys.stderr)
     return 0

@@ -82,6 +82,7 @@ def test_dataset_add_csv_and_parquet(fresh, patients_csv, tmp_path):
     listing = run_owner(fresh, "dataset", "list")
     assert listing.returncode == 0
     assert [line.split("\t")[0] for line in listing.stdout.splitlines()] == ["patients", "pq"]
+    assert [line.split("\t")[3] for line in listing.stdout.splitlines()] == ["polars", "polars"]
 
 
 def test_dataset_add_refuses_bad_input(fresh, patients_csv, tmp_path):
