@@ -311,7 +311,10 @@ class Compiler(AccountingCompiler):
 
     def _unique(self, node: dict) -> pl.LazyFrame:
         frame = self.frame(node["input"])
-        return frame.unique(node["subset"] if node["subset"] is not None else self._user_columns(frame))
+        # The first row of each set of duplicates, in row order (as the Spark engine): polars' default keeps any
+        # one of them, in any order, and the other columns' values would change from run to run.
+        return frame.unique(node["subset"] if node["subset"] is not None else self._user_columns(frame),
+                            keep="first", maintain_order=True)
 
     def _fill_null(self, node: dict) -> pl.LazyFrame:
         # Same column choice as polars' LazyFrame.fill_null, limited to the scientist's columns.

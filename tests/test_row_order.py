@@ -1,10 +1,13 @@
-"""Groups come sorted by their keys, nulls first: the language's row order after a ``group_by`` is defined.
+"""Row order is defined where polars leaves it open: after a ``group_by`` and a ``unique``.
 
 polars itself returns groups in whatever order its hash tables leave them,
-which changes from run to run; a row index, ``head`` or ``first`` over the
-groups would then release a different answer (and a different decision) for
-the same plan.  The engine sorts the groups by their keys, as the Spark
-engine does, so those answers are a function of the plan and the data only.
+and ``unique`` keeps any one row of each set of duplicates, in any order;
+both change from run to run, and a row index, ``head`` or ``first`` over
+them (or the other columns of a ``unique``) would release a different
+answer, and a different decision, for the same plan.  The engine sorts
+groups by their keys (nulls first) and keeps the first row of duplicates in
+row order, as the Spark engine does, so those answers are a function of the
+plan and the data only.
 """
 from __future__ import annotations
 
@@ -66,3 +69,12 @@ def test_head_of_groups_through_the_executor_is_the_smallest_keys(executor):
     assert table["sex"].to_list() == sorted(table["sex"].to_list()) and table.height == 2
     again, _ = released(fetch(executor, plan))
     assert again.equals(table)
+
+
+def test_unique_keeps_the_first_row_of_duplicates_in_row_order(keyed):
+    catalog, frame = keyed
+    plan = P.frame_op("unique", input=P.scan("keyed"), subset=["s"])
+    expected = frame.unique(subset=["s"], keep="first", maintain_order=True)
+    for _ in range(3):
+        table = executor.evaluate(plan, catalog, "alice").table
+        assert table.equals(expected)
