@@ -1,13 +1,13 @@
-"""Row order is defined where polars leaves it open: after a ``group_by`` and a ``unique``.
+"""Row order is defined where polars leaves it open: after a ``group_by``, a ``unique`` and a sort's ties.
 
 polars itself returns groups in whatever order its hash tables leave them,
 and ``unique`` keeps any one row of each set of duplicates, in any order;
 both change from run to run, and a row index, ``head`` or ``first`` over
 them (or the other columns of a ``unique``) would release a different
 answer, and a different decision, for the same plan.  The engine sorts
-groups by their keys (nulls first) and keeps the first row of duplicates in
-row order, as the Spark engine does, so those answers are a function of the
-plan and the data only.
+groups by their keys (nulls first), keeps the first row of duplicates in
+row order, and sorts stably (ties keep their order), as the Spark engine
+does, so those answers are a function of the plan and the data only.
 """
 from __future__ import annotations
 
@@ -78,3 +78,12 @@ def test_unique_keeps_the_first_row_of_duplicates_in_row_order(keyed):
     for _ in range(3):
         table = executor.evaluate(plan, catalog, "alice").table
         assert table.equals(expected)
+
+
+def test_a_sort_keeps_tied_rows_in_their_order(keyed):
+    catalog, frame = keyed
+    # Five distinct values of s over 6,000 rows: nearly every row ties; v tells the rows apart.
+    plan = P.frame_op("sort", input=P.scan("keyed"), by=[P.col("s")], descending=[True], nulls_last=True)
+    expected = frame.sort("s", descending=True, nulls_last=True, maintain_order=True)
+    for _ in range(3):
+        assert executor.evaluate(plan, catalog, "alice").table.equals(expected)

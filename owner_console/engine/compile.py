@@ -287,8 +287,9 @@ class Compiler(AccountingCompiler):
 
     def _sort(self, node: dict) -> pl.LazyFrame:
         frame = self.frame(node["input"])
+        # Stable: rows that tie keep their order (polars' default leaves ties in any order, run to run).
         return frame.sort(self._on(frame)._exprs(node["by"]), descending=node["descending"],
-                          nulls_last=node["nulls_last"])
+                          nulls_last=node["nulls_last"], maintain_order=True)
 
     def _head(self, node: dict) -> pl.LazyFrame:
         return self.frame(node["input"]).head(node["n"])
