@@ -182,8 +182,8 @@ def frame_group_by(ctx: Context, frame: RemoteFrame, *by: Any, maintain_order: b
     *by : str, Expr or list of them
         The grouping keys.
     maintain_order : bool, default False
-        Only False: the executor does not keep the first-seen order; sort
-        the result with ``.sort(...)`` instead.
+        Only False: the groups come sorted by their keys (nulls first), not
+        in the order they were first seen.
 
     Returns
     -------
