@@ -44,8 +44,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_dataset_add(args: argparse.Namespace) -> int:
     workspace = _workspace(args)
-    if args.engine == "spark" and args.privacy == "dp":
-        raise UsageError("--privacy dp is not available with --engine spark: DP datasets run on polars")
+    if args.engine == "spark" and args.privacy == "dp" and not Path(args.file).is_file():
+        raise UsageError(f"{args.file}: --privacy dp with --engine spark needs one CSV or Parquet file (privacy "
+                         "spending is charged to a file's content; a directory or a table has none to hash)")
     settings = {"person_id": args.person_id, "max_share": args.max_share,
                 "suppress_small_groups": args.suppress_small_groups}
     dp_policy = _dp_policy(args)

@@ -68,7 +68,8 @@ def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str,
     catalog = for_scientist(catalog, scientist)
     if dp.touches_dp(plan, catalog):
         # A plan that reads a differentially private dataset releases DP aggregates or nothing.
-        return dp.evaluate(plan, catalog, scientist, cache)
+        return dp.evaluate(plan, catalog, scientist, cache, cancel=cancel,
+                           timeout=query_timeout([catalog[n] for n in dp.dp_datasets(plan, catalog)], timeout))
     runner = engine_of(plan, catalog, cache)
     checked = validate.validate(plan, catalog, dataset_columns=runner.columns)
 

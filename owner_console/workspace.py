@@ -58,6 +58,9 @@ NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 # The engines a dataset may name (owner_console.engine.ENGINES runs them; "spark" needs the spark extra).
 ENGINE_NAMES = ("polars", "spark")
+# Privacy spending is charged to a file's content (owner_console.dp.ledger): a DP dataset is one file.
+SPARK_DP_NEEDS_A_FILE = ("differential privacy on the Spark engine needs one CSV or Parquet file: privacy spending "
+                         "is charged to the file's content, and a directory or a table has none to hash")
 
 
 class WorkspaceError(Exception):
@@ -329,11 +332,8 @@ class Workspace:
         if engine not in ENGINE_NAMES:
             raise WorkspaceError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got {engine!r}")
         if engine == "spark":
-            if dp is not None:
-                raise WorkspaceError("differential privacy (--privacy dp) is not available on the Spark engine; "
-                                     "register the dataset with the polars engine for DP")
             return self._add_spark_dataset(name, str(file), target, min_group_size=min_group_size, hidden=hidden,
-                                           unsafe=unsafe, allow_save=allow_save, **settings)
+                                           unsafe=unsafe, allow_save=allow_save, dp=dp, **settings)
         path = Path(file).expanduser().absolute()
         fmt = FORMATS.get(path.suffix.lower())
         if fmt is None:
@@ -372,7 +372,7 @@ class Workspace:
         return Dataset(name=name, path=path, format=fmt, policy=policy, dp=dp_policy)
 
     def _add_spark_dataset(self, name: str, source: str, target: Path, *, min_group_size: int, hidden: Iterable[str],
-                           unsafe: str, allow_save: bool, **settings: Any) -> Dataset:
+                           unsafe: str, allow_save: bool, dp: Any = None, **settings: Any) -> Dataset:
         """:meth:`add_dataset` for the Spark engine: a file, directory, Delta path or ``table:NAME``.
 
         The columns of a file or directory are read with polars (its header or
@@ -392,11 +392,24 @@ class Workspace:
         dataset = Dataset(name=name, path=None if found["path"] is None else Path(found["path"]),
                           format=found["format"], policy=policy, engine="spark",
                           source_kind=found["source_kind"], table=found["table"])
+        if dp is not None and dataset.source_kind != "file":
+            raise WorkspaceError(SPARK_DP_NEEDS_A_FILE)
         columns = self._spark_source_columns(dataset)
         _check_policy_columns(policy, columns, dataset.source)
+        dp_policy = None
+        if dp is not None:
+            from dataclasses import replace as _replace
+
+            from owner_console.dp import DPPolicy, check_columns
+            try:
+                dp_policy = dp if isinstance(dp, DPPolicy) else DPPolicy.from_dict(dp)
+                check_columns(dp_policy, columns, dataset.source)
+            except (ValueError, TypeError) as exc:
+                raise WorkspaceError(str(exc)) from None
+            dataset = _replace(dataset, dp=_replace(dp_policy, ledger=self.dp_ledger_path))
         record = {"name": name, "engine": "spark", "source_kind": dataset.source_kind, "format": dataset.format,
                   **({"table": dataset.table} if dataset.source_kind == "table" else {"path": str(dataset.path)}),
-                  "policy": policy.to_dict()}
+                  "policy": policy.to_dict(), **({"dp": dp_policy.to_dict()} if dp_policy is not None else {})}
         scientists = record["policy"].pop("scientists", None)
         if scientists:
             record["scientists"] = scientists
@@ -463,8 +476,8 @@ class Workspace:
             if "dp" in data:
                 from owner_console.dp import DPPolicy  # only DP datasets need it
                 dp_policy = DPPolicy.from_dict(data["dp"], ledger=self.dp_ledger_path)
-            if dp_policy is not None and engine != "polars":
-                raise WorkspaceError("differential privacy is not available on the Spark engine")
+            if dp_policy is not None and source_kind != "file":
+                raise WorkspaceError(SPARK_DP_NEEDS_A_FILE)
             extra = set(data) - {"name", "path", "format", "policy", "scientists", "dp", "engine", "source_kind",
                                  "table"}
             if extra:

@@ -12,11 +12,23 @@ The context, its privacy unit, its loss and its margins come from the policy
 only; a plan contributes nothing but which aggregates to compute, over which
 public keys, after which row filters.  The context bounds the loss of this
 one query (the scientist's total is the odometer's job).
+
+On an engine that cannot run OpenDP's lazyframe end to end (Spark: the data
+is not a polars LazyFrame), the same measurement is built and calibrated over
+an empty LazyFrame of the dataset's schema (OpenDP reads only the schema to
+build it), so the noise scales are the polars engine's.  The engine computes
+the exact values the measurement adds noise to
+(:meth:`~owner_console.engine.interface.Engine.dp_exact`), and
+:meth:`Mechanism.release_exact` adds the noise with OpenDP's public
+measurements (``make_laplace``, integer or float as the measurement's own
+summary says) at the measurement's scale of each part::
+
+    noise = dp.m.make_laplace(dp.vector_domain(dp.atom_domain(T=...)), dp.l1_distance(T=...), scale)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from bastion_kernel.contract import walk
 from bastion_kernel.contract.protocol import BastionError
@@ -43,6 +55,7 @@ class Mechanism:
 
     context: Any
     measurement: Any
+    noise: Mapping[str, tuple[str, Any]] | None = None  # exact part -> (its polars dtype, OpenDP's noise on it)
 
     def release(self):
         """Run the measurement once on the data, through the context (its filter checks the loss again)."""
@@ -56,6 +69,32 @@ class Mechanism:
         summary = refusing_opendp_errors(lambda: opendp().summarize_polars_measurement(self.measurement, alpha),
                                          "analyse")
         return summary.to_dicts()
+
+    def release_exact(self, exact: Any, query: DPQuery):
+        """The released table from an engine's exact values (:meth:`Engine.dp_exact`), OpenDP's noise on each part.
+
+        A count and a sum are their part with noise; a mean is its noisy sum
+        over its noisy row count, as OpenDP's ``dp.mean`` releases it.
+        """
+        import polars as pl
+
+        if self.noise is None:
+            raise BastionError("UnsupportedOperation", "this measurement releases through OpenDP's lazyframe only")
+        noisy: dict[int, dict[str, Any]] = {}  # aggregate (by identity) -> its parts ("len", "sum") with noise
+        for part in query.exact_parts():
+            dtype, measurement = self.noise[part.name]
+            values = exact.get_column(part.name).to_list()
+            noisy.setdefault(id(part.aggregate), {})[part.kind] = pl.Series(
+                part.name, refusing_opendp_errors(lambda: measurement(values), "release"), dtype=_dtype(dtype))
+        columns = [exact.get_column(k) for k in query.keys]
+        for aggregate in query.aggregates:
+            parts = noisy[id(aggregate)]
+            if aggregate.function == "dp.mean":
+                value = parts["sum"].cast(pl.Float64) / parts["len"].cast(pl.Float64)
+            else:
+                value = parts["len" if aggregate.function == "len" else "sum"]
+            columns.append(value.alias(aggregate.name))
+        return pl.DataFrame(columns)
 
 
 def opendp():
@@ -84,7 +123,69 @@ def build(query: DPQuery, cache: Any) -> Mechanism:
                                            output_measure=space.output_measure, lazyframe=lazyframe,
                                            global_scale=scale)
 
-    return Mechanism(context, refusing_opendp_errors(lambda: calibrate(make, d_in, d_out), "analyse"))
+    measurement = refusing_opendp_errors(lambda: calibrate(make, d_in, d_out), "analyse")
+    if _runs_lazyframe(query):
+        return Mechanism(context, measurement)
+    return Mechanism(context, measurement, _exact_noise(query, measurement, dp))
+
+
+def _runs_lazyframe(query: DPQuery) -> bool:
+    """True when the query's engine runs OpenDP's lazyframe end to end (no engine given: the polars cache)."""
+    return query.engine is None or query.engine.opendp_lazyframe
+
+
+# The OpenDP atom type of each polars type whose sums and counts OpenDP's polars plugins noise.
+_OPENDP_TYPES = {"Int32": "i32", "Int64": "i64", "UInt32": "u32", "UInt64": "u64", "Float32": "f32",
+                 "Float64": "f64"}
+# What OpenDP's summary calls each exact part (lowercased): a count alone, a sum, a mean's count.
+_SUMMARY_NAMES = {("len", "len"): "frame length", ("dp.sum", "sum"): "sum", ("dp.mean", "sum"): "sum",
+                  ("dp.mean", "len"): "length"}
+
+
+def _exact_noise(query: DPQuery, measurement: Any, dp: Any) -> dict[str, tuple[str, Any]]:
+    """OpenDP's public noise measurement of each exact part, at the calibrated measurement's scale of that part.
+
+    The scale and the distribution (integer or float Laplace, or Gaussian)
+    are read from ``summarize_polars_measurement`` of the calibrated
+    measurement, the part's type is the polars type OpenDP's plugin noises
+    (a count: UInt32; a sum: its column's type).
+
+    Raises
+    ------
+    BastionError
+        ``UnsupportedOperation`` for ``dp.quantile`` (its noise is on scores
+        of candidates that OpenDP computes inside its measurement) and for a
+        part OpenDP's summary does not describe as expected.
+    """
+    for aggregate in query.aggregates:
+        if aggregate.function == "dp.quantile":
+            raise BastionError("UnsupportedOperation", f"dp.quantile ({aggregate.name!r}) is not available on the "
+                                                       f"{query.engine.name} engine: OpenDP selects a quantile "
+                                                       "inside its own measurement, from scores it computes over "
+                                                       "the rows; use dp.sum, dp.mean or pl.len() here",
+                               function="dp.quantile", engine=query.engine.name)
+    rows = refusing_opendp_errors(lambda: dp.summarize_polars_measurement(measurement, 0.05).to_dicts(), "analyse")
+    described = {(row["column"], str(row["aggregate"]).lower()): row for row in rows}
+    noise = {}
+    for part in query.exact_parts():
+        dtype = "UInt32" if part.kind == "len" else query.column_dtypes[part.column]
+        row = described.get((part.aggregate.name, _SUMMARY_NAMES[(part.aggregate.function, part.kind)]))
+        kind = _OPENDP_TYPES.get(dtype)
+        if row is None or kind is None:
+            raise BastionError("UnsupportedOperation", f"{part.aggregate.function} of {dtype} values is not "
+                                                       f"available on the {query.engine.name} engine")
+        distribution, scale = str(row["distribution"]), float(row["scale"])
+        floating = kind.startswith("f")
+        if distribution.startswith("Float") != floating or not distribution.endswith(("Laplace", "Gaussian")):
+            raise BastionError("UnsupportedOperation", f"OpenDP's {distribution} noise of {part.aggregate.name!r} "
+                                                       f"is not available on the {query.engine.name} engine")
+        domain = dp.vector_domain(dp.atom_domain(T=kind, nan=False) if floating else dp.atom_domain(T=kind))
+        if distribution.endswith("Laplace"):
+            make = lambda: dp.m.make_laplace(domain, dp.l1_distance(T=kind), scale)  # noqa: E731
+        else:
+            make = lambda: dp.m.make_gaussian(domain, dp.l2_distance(T=kind), scale)  # noqa: E731
+        noise[part.name] = (dtype, refusing_opendp_errors(make, "analyse"))
+    return noise
 
 
 def _lazyframe(query: DPQuery, cache: Any, dp: Any) -> tuple[Any, Any, Any, Any]:
@@ -94,7 +195,12 @@ def _lazyframe(query: DPQuery, cache: Any, dp: Any) -> tuple[Any, Any, Any, Any]
     from .. import engine
 
     policy: DPPolicy = query.dataset.dp
-    data = (cache or engine.DEFAULT_CACHE).frame(query.dataset).lazy()
+    if _runs_lazyframe(query):
+        data = (cache or engine.DEFAULT_CACHE).frame(query.dataset).lazy()
+    else:
+        # Building and calibrating read only the schema: an empty frame of the dataset's columns and polars types.
+        name = query.dataset.name
+        data = query.engine.empty_result({"op": "scan", "dataset": name}, {name: query.dataset}).lazy()
     if policy.privacy_unit_column:
         unit = dp.unit_of(contributions=1, identifier=pl.col(policy.privacy_unit_column))
     else:
@@ -112,7 +218,7 @@ def _lazyframe(query: DPQuery, cache: Any, dp: Any) -> tuple[Any, Any, Any, Any]
     for predicate in query.predicates:
         frame = frame.filter(_predicate(predicate))
     exprs = [_aggregate(a) for a in query.aggregates]
-    frame = frame.group_by(query.keys).agg(exprs).with_keys(_key_set(query)) if query.keys else frame.select(exprs)
+    frame = frame.group_by(query.keys).agg(exprs).with_keys(key_set(query)) if query.keys else frame.select(exprs)
     return context, frame.polars_plan, unit[1], privacy_loss[1]
 
 
@@ -176,7 +282,7 @@ def refusing_opendp_errors(call: Callable[[], Any], what: str):
         raise BastionError("UnsupportedOperation", f"OpenDP cannot {what} this query: {message[:300]}") from None
 
 
-def _key_set(query: DPQuery):
+def key_set(query: DPQuery):
     """Every combination of the keys' public values (the owner's), in the keys' column types."""
     import polars as pl
 

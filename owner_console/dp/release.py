@@ -6,10 +6,16 @@ the K-anonymity path (``executor.evaluate`` routes it)::
     query     = translate(plan, catalog)             # the DP subset, or a typed refusal
     mechanism = mechanism.build(query)               # calibrated to the policy's loss per query
     ledger.charge(scientist, data, policy)           # refused *before* anything runs
-    table     = mechanism.release()
+    table     = mechanism.release()                  # OpenDP's lazyframe, end to end (the polars engine)
+    table     = mechanism.release_exact(engine.dp_exact(query, ...))   # or the engine's exact values + OpenDP's noise
+
+The route is the engine's capability (``Engine.opendp_lazyframe``), never its
+name; the policy, the calibration, the ledger and the replies are the same on
+both.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -78,14 +84,24 @@ def _accuracy_per_column(rows: list[dict], query: DPQuery) -> list[dict]:
     return columns
 
 
-def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str, cache: Any = None) -> Released:
+def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str, cache: Any = None, *,
+             cancel: threading.Event | None = None, timeout: float | None = None) -> Released:
     """Release a DP query: translate, charge the odometer, run OpenDP.
+
+    On the polars engine OpenDP runs the calibrated measurement over the
+    dataset's LazyFrame; on an engine without that capability (Spark) the
+    engine computes the exact values per public key
+    (:meth:`~owner_console.engine.interface.Engine.dp_exact`, stopped by
+    ``cancel`` or after ``timeout`` seconds) and OpenDP's public noise
+    measurements add the noise at the same scales.
 
     The budget is charged before the query runs (a refused charge runs
     nothing); a query that fails after the charge keeps it spent, as DP
     accounting requires.  In the executor a DP query runs in a worker process
     (:mod:`owner_console.workers`) like any other: a cancel or the time limit
-    kills it, and a charge already made stays spent.
+    kills it, and a charge already made stays spent.  A Spark dataset's query
+    runs in the executor's process, as every Spark plan does; a cancel or the
+    time limit stops its Spark job, and the charge stays spent likewise.
 
     Raises
     ------
@@ -99,7 +115,11 @@ def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str, cache: A
     name = query.dataset.name
     ledger, version = account_of(query.dataset, catalog)
     spent = ledger.charge(scientist, version, name, policy, P.plan_hash(plan))
-    table = calibrated.release()
+    if query.engine is None or query.engine.opendp_lazyframe:
+        table = calibrated.release()
+    else:
+        exact = query.engine.dp_exact(query, catalog, cancel=cancel, timeout=timeout)
+        table = calibrated.release_exact(exact, query)
     table = table.select(query.keys + [a.name for a in query.aggregates])
     if query.keys:
         table = table.sort(query.keys)  # post-processing: a stable order for the public keys

@@ -14,7 +14,8 @@ may move a sum).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from bastion_kernel.contract import plan as P, walk
@@ -60,9 +61,34 @@ class Aggregate:
     args: dict         # checked: lower, upper (and quantile, candidates)
 
 
+@dataclass(frozen=True)
+class ExactPart:
+    """One exact value OpenDP's polars measurement adds noise to, per public key (see :meth:`DPQuery.exact_parts`).
+
+    ``kind`` is ``"len"`` (the group's rows, nulls included) or ``"sum"``
+    (the sum of ``column`` with each value clamped to ``[lower, upper]`` and
+    a null or NaN counted as ``fill``, the bounds' midpoint).  The bounds are
+    in the column's type as OpenDP casts them: truncated toward zero for a
+    whole-number column, with the midpoint's division truncated too.
+    """
+
+    name: str
+    aggregate: Aggregate
+    kind: str
+    column: str | None = None
+    lower: int | float | None = None
+    upper: int | float | None = None
+    fill: int | float | None = None
+
+
 @dataclass
 class DPQuery:
-    """A plan in the DP subset, as the OpenDP mechanism needs it (:func:`translate`)."""
+    """A plan in the DP subset, as the OpenDP mechanism needs it (:func:`translate`).
+
+    ``engine`` is the :class:`~owner_console.engine.interface.Engine` that
+    reads the dataset (its schema, and the exact values on an engine without
+    OpenDP's end-to-end lazyframe).
+    """
 
     dataset: Dataset
     predicates: list[dict]  # validated filter predicates over the scan, innermost first
@@ -70,6 +96,55 @@ class DPQuery:
     aggregates: list[Aggregate]
     key_dtypes: dict[str, str]
     column_dtypes: dict[str, str]
+    engine: Any = field(default=None, compare=False, repr=False)
+
+    def exact_parts(self) -> list[ExactPart]:
+        """The exact values the noise is added to, one or two per aggregate, in the aggregates' order.
+
+        What OpenDP 0.16's polars plugins compute before their noise (found
+        by running them): ``pl.len()`` is the group's rows; ``dp.sum`` the
+        sum of the clamped column, a null or NaN imputed with the midpoint of
+        the bounds; ``dp.mean`` that sum and the group's rows (nulls
+        included), divided after their noise.  ``dp.quantile`` has no part
+        here: its noise is on scores over candidates (see docs/dp.md).
+        """
+        parts = []
+        for index, aggregate in enumerate(self.aggregates):
+            if aggregate.function in ("dp.sum", "dp.mean"):
+                lower, upper, fill = _opendp_bounds(aggregate.args["lower"], aggregate.args["upper"],
+                                                    self.column_dtypes[aggregate.column])
+                parts.append(ExactPart(f"__dp_{index}_sum", aggregate, "sum", aggregate.column, lower, upper, fill))
+            if aggregate.function in ("len", "dp.mean"):
+                parts.append(ExactPart(f"__dp_{index}_len", aggregate, "len"))
+        return parts
+
+    def key_frame(self):
+        """Every combination of the keys' public values (the owner's), in the keys' column types (polars).
+
+        Raises
+        ------
+        BastionError
+            ``ExecutionError`` when a public value does not fit its column.
+        """
+        from .mechanism import key_set
+        return key_set(self).collect()
+
+
+def _opendp_bounds(lower: Any, upper: Any, dtype: str) -> tuple[Any, Any, Any]:
+    """Clamping bounds and the null imputation of a sum as OpenDP applies them to a column of ``dtype``."""
+    if dtype.startswith(("Int", "UInt")):
+        low, high = int(lower), int(upper)  # int() truncates toward zero, as OpenDP's cast does
+        total = low + high
+        return low, high, total // 2 if total >= 0 else -((-total) // 2)
+    low, high = float(lower), float(upper)
+    if dtype == "Float32":
+        low, high = _float32(low), _float32(high)
+        return low, high, _float32((low + high) / 2)
+    return low, high, (low + high) / 2
+
+
+def _float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def _refuse_shape(dataset: str, what: str) -> BastionError:
@@ -106,8 +181,8 @@ def translate(plan: Any, catalog: Mapping[str, Dataset], cache: Any = None) -> D
     if not is_dp_aggregation(plan):
         shown = plan.get("op") if isinstance(plan, dict) and isinstance(plan.get("op"), str) else "this query"
         raise _refuse_shape(name, f"the query ends in {str(shown)[:32]!r}, not in an aggregation")
-    cache = cache or engine.DEFAULT_CACHE
-    checked = validate.validate(plan.get("input"), catalog, dataset_columns=cache.columns)
+    runner = engine.engine_for([dataset], cache)
+    checked = validate.validate(plan.get("input"), catalog, dataset_columns=runner.columns)
     # The rows part: only filters over the scan (a filter has one input, so the frames form a chain).
     frames = list(walk.walk_frames(checked.root))
     source = next(node for node in frames if node["op"] != "filter")
@@ -115,7 +190,7 @@ def translate(plan: Any, catalog: Mapping[str, Dataset], cache: Any = None) -> D
         raise _refuse_shape(name, f"{source['op']!r} before the aggregation is not supported; "
                                   "a join or any other combination with a DP dataset is refused")
     predicates = [node["predicate"] for node in reversed(frames[:-1])]
-    schema = dict(cache.schema(dataset))
+    schema = dict(runner.schema(dataset))
     hidden = dataset.policy.hidden
     if plan["op"] == "group_by":
         fields = {"op", "input", "keys", "aggs"}
@@ -146,7 +221,7 @@ def translate(plan: Any, catalog: Mapping[str, Dataset], cache: Any = None) -> D
     if len(set(out)) != len(out):
         raise BastionError("SchemaError", "two output columns have the same name; give one of them another "
                                           "name with .alias()")
-    return DPQuery(dataset, predicates, keys, aggregates, {k: schema[k] for k in keys}, schema)
+    return DPQuery(dataset, predicates, keys, aggregates, {k: schema[k] for k in keys}, schema, runner)
 
 
 def _aggregate(node: Any, index: int, dataset: str, policy: DPPolicy, schema: dict[str, str],

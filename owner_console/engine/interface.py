@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from typing import Mapping
+from typing import Any, Mapping
 
 import polars as pl
+
+from bastion_kernel.contract.protocol import BastionError
 
 from ..model import Dataset
 
@@ -33,6 +35,10 @@ class Engine(ABC):
     """
 
     name: str
+    # True when OpenDP's polars measurement can run end to end over the dataset's LazyFrame (the polars engine):
+    # the DP path then releases with ``context(measurement).collect()``; otherwise it asks :meth:`dp_exact` for
+    # the exact values and adds OpenDP's noise to them (:mod:`owner_console.dp.release`).
+    opendp_lazyframe: bool = False
 
     # ------------------------------------------------------------ datasets
     @abstractmethod
@@ -133,3 +139,35 @@ class Engine(ABC):
         BastionError
             ``SchemaError`` as :meth:`output_schema`.
         """
+
+    # ------------------------------------------------------------ differential privacy
+    def dp_exact(self, query: Any, catalog: Mapping[str, Dataset], *,
+                 cancel: threading.Event | None = None, timeout: float | None = None) -> pl.DataFrame:
+        """The exact values OpenDP's polars measurement of a DP query would add noise to, per public key.
+
+        What to compute is the query's (:class:`owner_console.dp.translate.DPQuery`):
+        over the dataset's rows, each privacy unit's rows truncated to
+        ``max_contributions`` (a uniform random choice, as OpenDP's
+        ``truncate_per_group``) when the policy names a privacy unit column,
+        then the query's filters, then per combination of the keys' public
+        values (:meth:`~owner_console.dp.translate.DPQuery.key_frame`, missing
+        groups included with zeros) each part of
+        :meth:`~owner_console.dp.translate.DPQuery.exact_parts`: a row count,
+        or the sum of a column clamped to its bounds with nulls (and NaN)
+        counted as the bounds' midpoint.  Nothing here is released: the DP
+        path adds OpenDP's noise to it.
+
+        Returns
+        -------
+        polars.DataFrame
+            The key columns (in their types), then one column per exact part,
+            named as the part: one row per key combination.
+
+        Raises
+        ------
+        BastionError
+            ``UnsupportedOperation`` on an engine without it (the default);
+            otherwise as :meth:`run`.
+        """
+        raise BastionError("UnsupportedOperation", f"differentially private queries do not run on the "
+                                                   f"{self.name} engine", engine=self.name)

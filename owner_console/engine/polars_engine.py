@@ -54,6 +54,7 @@ class PolarsEngine(Engine):
     """
 
     name = "polars"
+    opendp_lazyframe = True
 
     def __init__(self, cache: DatasetCache | None = None) -> None:
         self.cache = cache or DEFAULT_CACHE
