@@ -28,6 +28,7 @@ new key) refuses the old key on its next message, open connection or not.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import os
@@ -341,23 +342,10 @@ class Workspace:
                                  f"expected one of {', '.join(sorted(FORMATS))}")
         if not path.is_file():
             raise WorkspaceError(f"{path}: no such file")
-        if unsafe not in UNSAFE_MODES:
-            raise WorkspaceError(f"unsafe must be one of {', '.join(UNSAFE_MODES)}, got {unsafe!r}")
-        try:
-            policy = Policy(min_group_size=min_group_size, unsafe=unsafe,
-                            hidden=frozenset(hidden), allow_save=allow_save, **settings)
-        except (ValueError, TypeError) as exc:
-            raise WorkspaceError(str(exc)) from None
+        policy = _new_policy(min_group_size, unsafe, hidden, allow_save, settings)
         columns = read_columns(path, fmt)
         _check_policy_columns(policy, columns, path.name)
-        dp_policy = None
-        if dp is not None:
-            from owner_console.dp import DPPolicy, check_columns
-            try:
-                dp_policy = dp if isinstance(dp, DPPolicy) else DPPolicy.from_dict(dp)
-                check_columns(dp_policy, columns, path.name)
-            except (ValueError, TypeError) as exc:
-                raise WorkspaceError(str(exc)) from None
+        dp_policy = _new_dp_policy(dp, columns, path.name)
         record = {"name": name, "path": str(path), "format": fmt, "policy": policy.to_dict()}
         if dp_policy is not None:
             record["dp"] = dp_policy.to_dict()
@@ -367,8 +355,7 @@ class Workspace:
             record["scientists"] = scientists
         atomic_write(target, tomli_w.dumps(record).encode())
         if dp_policy is not None:
-            from dataclasses import replace as _replace
-            dp_policy = _replace(dp_policy, ledger=self.dp_ledger_path)
+            dp_policy = dataclasses.replace(dp_policy, ledger=self.dp_ledger_path)
         return Dataset(name=name, path=path, format=fmt, policy=policy, dp=dp_policy)
 
     def _add_spark_dataset(self, name: str, source: str, target: Path, *, min_group_size: int, hidden: Iterable[str],
@@ -381,13 +368,7 @@ class Workspace:
         """
         from owner_console.engine.spark import sources
 
-        if unsafe not in UNSAFE_MODES:
-            raise WorkspaceError(f"unsafe must be one of {', '.join(UNSAFE_MODES)}, got {unsafe!r}")
-        try:
-            policy = Policy(min_group_size=min_group_size, unsafe=unsafe,
-                            hidden=frozenset(hidden), allow_save=allow_save, **settings)
-        except (ValueError, TypeError) as exc:
-            raise WorkspaceError(str(exc)) from None
+        policy = _new_policy(min_group_size, unsafe, hidden, allow_save, settings)
         found = sources.resolve_source(source)
         dataset = Dataset(name=name, path=None if found["path"] is None else Path(found["path"]),
                           format=found["format"], policy=policy, engine="spark",
@@ -396,17 +377,9 @@ class Workspace:
             raise WorkspaceError(SPARK_DP_NEEDS_A_FILE)
         columns = self._spark_source_columns(dataset)
         _check_policy_columns(policy, columns, dataset.source)
-        dp_policy = None
-        if dp is not None:
-            from dataclasses import replace as _replace
-
-            from owner_console.dp import DPPolicy, check_columns
-            try:
-                dp_policy = dp if isinstance(dp, DPPolicy) else DPPolicy.from_dict(dp)
-                check_columns(dp_policy, columns, dataset.source)
-            except (ValueError, TypeError) as exc:
-                raise WorkspaceError(str(exc)) from None
-            dataset = _replace(dataset, dp=_replace(dp_policy, ledger=self.dp_ledger_path))
+        dp_policy = _new_dp_policy(dp, columns, dataset.source)
+        if dp_policy is not None:
+            dataset = dataclasses.replace(dataset, dp=dataclasses.replace(dp_policy, ledger=self.dp_ledger_path))
         record = {"name": name, "engine": "spark", "source_kind": dataset.source_kind, "format": dataset.format,
                   **({"table": dataset.table} if dataset.source_kind == "table" else {"path": str(dataset.path)}),
                   "policy": policy.to_dict(), **({"dp": dp_policy.to_dict()} if dp_policy is not None else {})}
@@ -714,6 +687,31 @@ def read_public_key(key_file: str | os.PathLike) -> bytes:
     except Exception as exc:  # pyzmq raises ValueError/OSError/IndexError on bad files
         raise WorkspaceError(f"{key_path}: not a CURVE certificate ({exc})") from None
     return _check_z85_key(public, str(key_path))
+
+
+def _new_policy(min_group_size: int, unsafe: str, hidden: Iterable[str], allow_save: bool,
+                settings: dict[str, Any]) -> Policy:
+    """A dataset's policy from ``dataset add``'s options, or a WorkspaceError naming what is wrong."""
+    if unsafe not in UNSAFE_MODES:
+        raise WorkspaceError(f"unsafe must be one of {', '.join(UNSAFE_MODES)}, got {unsafe!r}")
+    try:
+        return Policy(min_group_size=min_group_size, unsafe=unsafe, hidden=frozenset(hidden), allow_save=allow_save,
+                      **settings)
+    except (ValueError, TypeError) as exc:
+        raise WorkspaceError(str(exc)) from None
+
+
+def _new_dp_policy(dp: Any, columns: Iterable[str], source: str) -> Any:
+    """A dataset's DP policy (a DPPolicy or its dict) checked against its columns; None without one."""
+    if dp is None:
+        return None
+    from owner_console.dp import DPPolicy, check_columns
+    try:
+        dp_policy = dp if isinstance(dp, DPPolicy) else DPPolicy.from_dict(dp)
+        check_columns(dp_policy, columns, source)
+    except (ValueError, TypeError) as exc:
+        raise WorkspaceError(str(exc)) from None
+    return dp_policy
 
 
 def _check_policy_columns(policy: Policy, columns: list[str], where: str) -> None:
