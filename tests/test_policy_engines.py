@@ -262,17 +262,11 @@ ATTACKS = {
 }
 
 
-# The Spark engine's join does not keep polars' row order (left rows in order, then their matches): a head() after
-# a join releases other rows.
-JOIN_ROW_ORDER = pytest.mark.xfail(strict=True, reason=(
-    "head(3) after an inner join on the hidden name: polars releases age2 = [46, 46, 46] (the first left rows with "
-    "their matches in order), the Spark engine [46, 46, 62]: the join's output order is not the polars engine's"))
 # Left out of the parametrization to keep the file near a minute (each is covered by a sibling): the same
 # plans run through the executor-process test or differ from a kept one only in the aggregate.
 SLOW_OR_REDUNDANT = {"concat_duplicates_one_row", "indicator_max", "indicator_n_unique", "min_of_groups_of_one",
                      "honest_filtered_mean_in_agg", "sort_then_head_one"}
-ATTACK_CASES = [pytest.param(name, id=name, marks=[JOIN_ROW_ORDER] if name == "hidden_as_join_key" else [])
-                for name in sorted(ATTACKS) if name not in SLOW_OR_REDUNDANT]
+ATTACK_CASES = [name for name in sorted(ATTACKS) if name not in SLOW_OR_REDUNDANT]
 
 
 @pytest.mark.parametrize("name", ATTACK_CASES)

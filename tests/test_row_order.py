@@ -87,3 +87,22 @@ def test_a_sort_keeps_tied_rows_in_their_order(keyed):
     expected = frame.sort("s", descending=True, nulls_last=True, maintain_order=True)
     for _ in range(3):
         assert executor.evaluate(plan, catalog, "alice").table.equals(expected)
+
+
+def test_head_after_a_join_is_the_first_rows_in_left_right_order(tmp_path):
+    # polars 1.36's in-memory engine pushes the head into the join and returns the first right row with its left
+    # matches ([0, 0, 0] here); the engine runs such a query without slice pushdown.
+    names = pl.DataFrame({"name": [f"n{(i * 37) % 50}" for i in range(300)], "age": list(range(300))})
+    path = tmp_path / "names.parquet"
+    names.write_parquet(path)
+    catalog = {"names": Dataset("names", path, "parquet", Policy(min_group_size=1, unsafe="reject"))}
+    right = P.frame_op("select", input=P.scan("names"), exprs=[P.alias(P.col("name"), "n2"),
+                                                              P.alias(P.col("age"), "age2")])
+    joined = P.frame_op("join", left=P.scan("names"), right=right, how="inner", left_on=[P.col("name")],
+                        right_on=[P.col("n2")], suffix="_r")
+    for limited in (P.frame_op("head", input=joined, n=3), P.frame_op("slice", input=joined, offset=1, length=3)):
+        table = executor.evaluate(limited, catalog, "alice").table
+        expected = names.join(names.rename({"name": "n2", "age": "age2"}), left_on="name", right_on="n2",
+                              how="inner", maintain_order="left_right")
+        expected = expected.head(3) if limited["op"] == "head" else expected.slice(1, 3)
+        assert table["age2"].to_list() == expected["age2"].to_list()

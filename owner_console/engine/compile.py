@@ -97,6 +97,9 @@ class Compiler(AccountingCompiler):
         # join, and the tables read whole (by identity).
         self.streamed_input = False
         self.cross_join = False
+        # A head or slice compiled after a join: run without slice pushdown (running.optimizations).
+        self.joined = False
+        self.sliced_join = False
         self.inputs: dict[int, pl.DataFrame] = {}
         self.agg_node: dict | None = None  # while an aggregation is compiled: the plan node of its input
         self.key_source: KeySource | None = None  # while a group_by is compiled: its per-key statistics
@@ -292,10 +295,14 @@ class Compiler(AccountingCompiler):
                           nulls_last=node["nulls_last"], maintain_order=True)
 
     def _head(self, node: dict) -> pl.LazyFrame:
-        return self.frame(node["input"]).head(node["n"])
+        frame = self.frame(node["input"])
+        self.sliced_join = self.sliced_join or self.joined
+        return frame.head(node["n"])
 
     def _slice(self, node: dict) -> pl.LazyFrame:
-        return self.frame(node["input"]).slice(node["offset"], node["length"])
+        frame = self.frame(node["input"])
+        self.sliced_join = self.sliced_join or self.joined
+        return frame.slice(node["offset"], node["length"])
 
     def _explode(self, node: dict) -> pl.LazyFrame:
         return self.frame(node["input"]).explode(node["columns"])
@@ -334,6 +341,7 @@ class Compiler(AccountingCompiler):
 
     def _join(self, node: dict) -> pl.LazyFrame:
         left, right = self.frame(node["left"]), self.frame(node["right"])
+        self.joined = True
         if node["how"] == "cross":
             self.cross_join = True
             return left.join(right, how="cross", suffix=node["suffix"])

@@ -129,7 +129,7 @@ class PolarsEngine(Engine):
         compiler = Compiler(catalog, self.cache)
         query = compiler.frame(plan)
         streaming = _streams_compiled(compiler)
-        table = self._collect(query, streaming, cancel, timeout)
+        table = self._collect(query, streaming, cancel, timeout, compiler.sliced_join)
         unsure = [miss for name, miss in compiler.ranged_shares
                   if name in table.columns and bool((table.get_column(name) == UNSURE).any())]
         if not unsure:
@@ -142,7 +142,7 @@ class PolarsEngine(Engine):
             if remaining is not None and remaining <= 0:
                 raise BastionError("LimitExceeded", "", limit="query_timeout_seconds")
             return self._collect(Compiler(catalog, self.cache, fact_ranges=False).frame(plan), streaming, cancel,
-                                 remaining)
+                                 remaining, compiler.sliced_join)
         except BastionError as error:
             if error.ename != "LimitExceeded" or error.details.get("limit") != "query_timeout_seconds":
                 raise
@@ -151,11 +151,11 @@ class PolarsEngine(Engine):
                                limit="query_timeout_seconds", seconds=timeout) from None
 
     def _collect(self, query: pl.LazyFrame, streaming: bool, cancel: threading.Event | None,
-                 timeout: float | None) -> pl.DataFrame:
+                 timeout: float | None, exact_slices: bool) -> pl.DataFrame:
         try:
             if cancel is None and timeout is None:
-                return collect(query, streaming)
-            return collect_cancellable(query, cancel, timeout, streaming)
+                return collect(query, streaming, exact_slices)
+            return collect_cancellable(query, cancel, timeout, streaming, exact_slices)
         except BastionError:
             raise
         except MemoryError:

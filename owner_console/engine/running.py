@@ -27,13 +27,14 @@ def is_polars_panic(exc: BaseException) -> bool:
     return type(exc).__name__ == "PanicException"
 
 
-def collect(query: pl.LazyFrame, streaming: bool) -> pl.DataFrame:
+def collect(query: pl.LazyFrame, streaming: bool, exact_slices: bool = False) -> pl.DataFrame:
     """Collect ``query`` in this thread, on polars' streaming engine when ``streaming``.
 
     A panic of the streaming engine is answered by the in-memory engine.
+    ``exact_slices``: no slice is pushed down the query (see :func:`optimizations`).
     """
     if not streaming:
-        return query.collect()
+        return query.collect(optimizations=optimizations(exact_slices))
     try:
         return query.collect(engine="streaming")
     except BaseException as exc:  # noqa: BLE001 - pyo3's PanicException derives from BaseException
@@ -43,7 +44,21 @@ def collect(query: pl.LazyFrame, streaming: bool) -> pl.DataFrame:
         # is the reference, so the query is answered there (a streamed dataset's query may then need more memory,
         # which costs at most the worker process that runs it).
         log.warning("polars' streaming engine failed on a query (%s); ran it on the in-memory engine", exc)
-        return query.collect()
+        return query.collect(optimizations=optimizations(exact_slices))
+
+
+def optimizations(exact_slices: bool) -> pl.QueryOptFlags:
+    """polars' optimizations for the in-memory engine.
+
+    ``exact_slices``: without slice pushdown.  polars 1.36's in-memory
+    engine pushes a ``head`` or ``slice`` into a join kept in
+    ``left_right`` order and then returns other rows than the first ones of
+    that order (pola-rs/polars#28419); the query is exact without it.
+    """
+    flags = pl.QueryOptFlags()
+    if exact_slices:
+        flags.slice_pushdown = False
+    return flags
 
 
 # While a query runs, the worker waits on its completion event and wakes at
@@ -107,12 +122,13 @@ class _Running:
     ``collect(background=True)`` ignores the streaming engine.
     """
 
-    def __init__(self, query: pl.LazyFrame, streaming: bool):
+    def __init__(self, query: pl.LazyFrame, streaming: bool, exact_slices: bool = False):
         self._done = threading.Event()
         self._abandoned = False
         self._result: pl.DataFrame | None = None
         self._error: BaseException | None = None
-        self._handle = None if streaming else query.collect(background=True)
+        self._handle = None if streaming else query.collect(background=True,
+                                                            optimizations=optimizations(exact_slices))
         _QUERY_THREADS.submit(self._collect, query)
 
     def _collect(self, query: pl.LazyFrame) -> None:
@@ -153,7 +169,7 @@ class _Running:
 
 
 def collect_cancellable(query: pl.LazyFrame, cancel: threading.Event | None,
-                        timeout: float | None, streaming: bool = False) -> pl.DataFrame:
+                        timeout: float | None, streaming: bool = False, exact_slices: bool = False) -> pl.DataFrame:
     """Collect on a helper thread, giving up at ``timeout`` or when ``cancel`` is set.
 
     Giving up frees the calling worker thread at once.  polars 1.36 only
@@ -166,7 +182,7 @@ def collect_cancellable(query: pl.LazyFrame, cancel: threading.Event | None,
                                             "try again in a little while", limit="abandoned_queries")
     if cancel is not None and cancel.is_set():
         raise BastionError("ExecutionError", "the query was cancelled at your request", cancelled=True)
-    running = _Running(query, streaming)
+    running = _Running(query, streaming, exact_slices)
     deadline = None if timeout is None else time.monotonic() + timeout
     wait_or_stop(running.wait, running.abandon, cancel, deadline, timeout)
     return running.outcome()
