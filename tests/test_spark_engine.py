@@ -14,6 +14,7 @@ aggregated by sex.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import subprocess
@@ -35,8 +36,12 @@ from owner_console import executor as core
 from owner_console.engine import engine_for
 from owner_console.engine.polars_engine import PolarsEngine
 from owner_console.engine.spark import session as spark_session
-from owner_console.engine.spark.engine import SparkEngine
+from owner_console.engine.spark import sources
+from owner_console.engine.spark.compile import compile_result, to_polars
+from owner_console.engine.spark.engine import SparkEngine, _collect
 from owner_console.model import Dataset, Policy
+from owner_console.policy import account
+from owner_console.validate import validate
 from owner_console.server.versions import data_version as request_data_version
 from owner_console.workspace import Workspace, WorkspaceError, atomic_write
 
@@ -132,7 +137,7 @@ def test_dataset_add_engine_spark_registers_files_and_directories_with_every_pol
     ("mixed", (), "must hold files of one format"),
     ("empty", (), "holds no .csv or .parquet file"),
     ("other", (), "notes.txt is not a .csv or .parquet file"),
-    ("parquet", ("--privacy", "dp", "--epsilon", "1"), "--privacy dp is not available with --engine spark"),
+    ("other", ("--privacy", "dp", "--epsilon", "1"), "--privacy dp with --engine spark needs one CSV or Parquet file"),
 ])
 def test_dataset_add_engine_spark_refuses_with_a_clear_error(tmp_path, files, source, options, message):
     workspace = tmp_path / "ws"
@@ -325,6 +330,143 @@ def test_the_time_limit_stops_the_spark_job_as_limit_exceeded(spark_catalog, spa
     _no_jobs_after(spark)
     assert raised.value.ename == "LimitExceeded" and raised.value.details["limit"] == "query_timeout_seconds"
     assert elapsed < 2.0 + 5.0, elapsed
+
+
+def _accounted(plan: dict, catalog: dict, engine) -> dict:
+    """The plan as the executor runs it: validated, then accounted by the policy."""
+    checked = validate(plan, catalog, dataset_columns=engine.columns)
+    return account(checked, unique_keys=lambda name, keys: engine.unique_keys(catalog[name], keys)).plan
+
+
+def _physical(frame) -> str:
+    return frame._jdf.queryExecution().executedPlan().toString()
+
+
+@pytest.mark.slow
+def test_a_kept_compiled_plan_answers_alike_and_stays_cancellable(spark_catalog, spark):
+    engine = engine_for([spark_catalog["patients_spark"]])
+    plan = _accounted(grouped("patients_spark"), spark_catalog, engine)
+    kept = engine._compiled(plan, spark_catalog)
+    assert engine._compiled(plan, spark_catalog) is kept  # no second compile of the same plan and data
+    first, second = engine.run(plan, spark_catalog), engine.run(plan, spark_catalog)
+    assert_frame_equal(first, second)
+    assert_frame_equal(core.evaluate(grouped("patients_spark"), spark_catalog, "alice").table.sort("sex"),
+                       core.evaluate(grouped("patients"), spark_catalog, "alice").table.sort("sex"), check_exact=False)
+    # The slow query is compiled and kept by a first run stopped at its time limit; the kept plan's run is then
+    # cancelled as a fresh one is: its jobs carry the run's own tag.
+    with pytest.raises(BastionError) as limited:
+        core.evaluate(slow("patients_spark"), spark_catalog, "alice", timeout=1.0)
+    assert limited.value.ename == "LimitExceeded"
+    _no_jobs_after(spark)
+    cancel = threading.Event()
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = core.evaluate(slow("patients_spark"), spark_catalog, "alice", cancel=cancel)
+        except BastionError as exc:
+            outcome["error"] = exc
+        outcome["ended"] = time.monotonic()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    _wait_for_a_job(spark)
+    time.sleep(0.5)
+    cancelled_at = time.monotonic()
+    cancel.set()
+    thread.join(60)
+    _no_jobs_after(spark)
+    assert outcome["error"].details == {"cancelled": True}
+    assert outcome["ended"] - cancelled_at < 3.0
+
+
+@pytest.mark.slow
+def test_a_scan_whose_row_order_nothing_reads_skips_the_file_metadata(spark_catalog):
+    engine = engine_for([spark_catalog["patients_spark"]])
+    aggregated = engine._compiled(_accounted(grouped("patients_spark"), spark_catalog, engine), spark_catalog)
+    assert "row_index" not in _physical(aggregated.frame) and "file_path" not in _physical(aggregated.frame)
+    rows = frame_op("head", input=frame_op("select", input=scan("patients_spark"), exprs=[col("age")]), n=3)
+    ordered = engine._compiled(_accounted(rows, spark_catalog, engine), spark_catalog)
+    assert "row_index" in _physical(ordered.frame)
+
+
+@pytest.mark.slow
+def test_a_result_sorted_on_the_executors_side_comes_in_sparks_order(spark_catalog):
+    # run() fetches the rows unsorted with their order columns and sorts them with polars: the same order as
+    # the compiled frame's own sort in Spark.
+    engine = engine_for([spark_catalog["patients_spark"]])
+    rows = frame_op("head", input=frame_op("sort", input=scan("patients_spark"), by=[col("diagnosis"), col("age")],
+                                           descending=[True, False], nulls_last=True), n=40)
+    plans = [frame_op("select", input=rows, exprs=[col("diagnosis"), col("age"), col("cost")]),
+             frame_op("group_by", input=scan("patients_spark"), keys=[col("zip"), col("sex")],
+                      aggs=[alias(length(), "n")])]
+    for plan in plans:
+        accounted = _accounted(plan, spark_catalog, engine)
+        compiled = engine._compiled(accounted, spark_catalog)
+        assert compiled.fetch is not None
+        assert_frame_equal(engine.run(accounted, spark_catalog), to_polars(compiled.frame.toArrow(), compiled.schema))
+
+
+@pytest.fixture(scope="module")
+def regions(tmp_path_factory, files) -> dict[str, dict[str, Dataset]]:
+    """``{engine: catalog}``: the patients table and a 20-row table of regions by zip code, unique on zip."""
+    directory = tmp_path_factory.mktemp("regions")
+    zips = sorted(pl.read_parquet(files["parquet"])["zip"].unique().to_list())
+    path = directory / "regions.parquet"
+    pl.DataFrame({"zip": zips, "region": [f"r{i % 3}" for i in range(len(zips))],
+                  "weight": [float(i % 4) for i in range(len(zips))]}).write_parquet(path)
+    rules = Policy(min_group_size=10, hidden={"name"}, unsafe="review")
+    return {engine: {"patients": Dataset("patients", files["parquet"], "parquet", rules, engine=engine),
+                     "regions": Dataset("regions", path, "parquet", Policy(min_group_size=2), engine=engine)}
+            for engine in ("polars", "spark")}
+
+
+REGION_JOIN = frame_op("group_by", input=frame_op("join", left=scan("patients"), right=scan("regions"), how="inner",
+                                                  left_on=[col("zip")], right_on=[col("zip")], suffix="_r"),
+                       keys=[col("region")], aggs=[alias(fn("mean", binary("mul", col("cost"), col("weight"))), "m"),
+                                                   alias(fn("sum", col("weight")), "w"), alias(length(), "n")])
+
+
+@pytest.mark.slow
+def test_a_join_on_a_small_unique_side_counts_its_rows_as_bits_with_the_polars_counts(regions):
+    replies = {engine: core.evaluate(REGION_JOIN, catalog, "alice") for engine, catalog in regions.items()}
+    assert replies["spark"].decision.detail == replies["polars"].decision.detail
+    assert_frame_equal(replies["spark"].table.sort("region"), replies["polars"].table.sort("region"),
+                       check_exact=False)
+    engine = engine_for([regions["spark"]["patients"]])
+    plan = _accounted(REGION_JOIN, regions["spark"], engine)
+    compiled = engine._compiled(plan, regions["spark"])
+    physical = _physical(compiled.frame)
+    # Distinct small-side rows per group from OR-ed bit words: no distinct count (Expand + second aggregation).
+    assert "bit_or" in physical and "Expand" not in physical
+    # The big side is read without its row-order metadata; the accounting columns equal the polars engine's.
+    assert_frame_equal(engine.run(plan, regions["spark"]).sort("region"),
+                       engine_for([regions["polars"]["patients"]]).run(plan, regions["polars"]).sort("region"),
+                       check_exact=False)
+
+
+@pytest.mark.slow
+def test_a_small_side_with_more_rows_than_counted_fails_as_changed(regions, spark):
+    # The row count is read from the Parquet footer before the job; a file that grew in between must not leave
+    # rows without their bit (an undercount): the job fails and the query is told to run again.
+    engine = engine_for([regions["spark"]["patients"]])
+    plan = _accounted(REGION_JOIN, regions["spark"], engine)
+    compiled = compile_result(plan, regions["spark"], spark,
+                              lambda dataset, ordered=True: sources.read(spark, dataset, ordered=ordered),
+                              row_count=lambda dataset: 5 if dataset.name == "regions" else None)
+    with pytest.raises(BastionError) as raised:
+        _collect(spark, compiled.frame, None, None, None, compiled.changed_datasets)
+    assert raised.value.details.get("changed") is True
+
+
+@pytest.mark.slow
+def test_the_unique_key_check_runs_under_the_time_limit(spark_catalog):
+    limited = dataclasses.replace(spark_catalog["patients_parts"],
+                                  policy=dataclasses.replace(spark_catalog["patients_parts"].policy,
+                                                             query_timeout_seconds=1e-9))
+    with pytest.raises(BastionError) as raised:
+        SparkEngine().unique_keys(limited, ("patient_id", "zip"))
+    assert raised.value.ename == "LimitExceeded"
 
 
 @pytest.mark.slow

@@ -25,7 +25,8 @@ from pyspark.sql import functions as F
 
 from bastion_kernel.contract.protocol import BastionError
 
-from ..accounting import _INTEGER_RANGE, _RANGE_MARGIN, _clearing_factor
+from ..accounting import _INTEGER_RANGE, _RANGE_MARGIN, _ROW_KEEPING_OPS, BITSET_MAX_ROWS, _clearing_factor
+from . import sources
 from .expressions import Scope, _over, column, shape_of
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 # Row ids: a split's number times this, plus the row's place in its split, plus one (0 and null mean
 # "no partner" and "not from this source").
 _SPLIT_STRIDE = 1 << 33
+_WORD_BITS = 63
 _PERSON_BUCKETS = 1024
 _PERSON_STRIDE = 1 << 40
 # The failure a job raises when a join key the policy relied on is repeated (see unique_rows).
@@ -60,6 +62,17 @@ class AccountingOps:
         frame = self.frame(node["input"])
         name = node["name"]
         source = frame.rows
+        bound = self._row_bound(node["input"]) if self.row_id_uses.get(name, 0) == 1 else None
+        if bound is not None and source is not None:
+            rows, index = bound
+            # At most BITSET_MAX_ROWS rows: one partition (no shuffle), which the row numbering and the key
+            # uniqueness check above (a window by key) then need no exchange for.
+            frame.df = frame.df.coalesce(1)
+            # One Parquet file: its row index + 1 is an id within 1..rows already, no numbering needed.
+            frame.df, frame.words[name] = row_words(self, frame.df, frame.sort_columns(), name, rows,
+                                                    column(source.row) + F.lit(1) if index else None)
+            frame.columns = [*frame.columns, name]
+            return frame
         if source is None:
             # Not a subset of one scan's rows (cannot happen in a plan the policy built): number the rows in
             # their order, exact, on one partition.
@@ -69,6 +82,28 @@ class AccountingOps:
             frame.df = row_ids(self, frame.df, source, name)
         frame.columns = [*frame.columns, name]
         return frame
+
+    def _row_bound(self, node: dict) -> tuple[int, bool] | None:
+        """At most how many rows a frame holds, when it is a small source's rows (at most
+        :data:`BITSET_MAX_ROWS`, known without a job: ``row_count``), else None (as the polars engine's); and
+        whether the source is one Parquet file whose every row index is below that bound."""
+        limit = None
+        while node["op"] in _ROW_KEEPING_OPS:
+            step = node["n"] if node["op"] == "head" else node["length"] if node["op"] == "slice" else None
+            if step is not None:
+                limit = max(step, 0) if limit is None else min(limit, max(step, 0))
+            node = node["input"]
+        if node["op"] != "scan" or self.row_count is None:
+            return None
+        dataset = self.catalog.get(node["dataset"])
+        rows = None if dataset is None else self.row_count(dataset)
+        if rows is None:
+            return None
+        if rows <= BITSET_MAX_ROWS and sources.source_kind(dataset) == "file" and dataset.format == "parquet" \
+                and getattr(dataset, "engine", "spark") == "spark":
+            return rows, True
+        bound = rows if limit is None else min(rows, limit)
+        return (bound, False) if bound <= BITSET_MAX_ROWS else None
 
     def _acct_person_id(self, node: dict) -> "Frame":
         frame = self.frame(node["input"])
@@ -103,6 +138,28 @@ def row_ids(compiler: Any, df: Any, source: Any, name: str) -> Any:
     return joined.withColumn(name, ids).drop(split_file, split_block, first_row, split)
 
 
+def row_words(compiler: Any, df: Any, order: list[Column], name: str, bound: int,
+              ids: Column | None = None) -> tuple[Any, list[str]]:
+    """``df`` (at most ``bound`` rows, one small source's) with ``name``: ids 1, 2, 3... in row order (or
+    ``ids``, distinct ids of the rows within 1..bound), and the
+    ids as bits of ``bound / 63`` hidden words, so that a group's distinct ids are counted by OR-ing words
+    (:func:`_distinct_rows`) rather than by a distinct count (an Expand and a second aggregation in Spark).
+
+    Numbered on one partition: the frame is small.  A frame with more rows than ``bound`` (the source grew
+    after it was counted) fails the job as "changed" (:data:`CHANGED_MARKER`): no id may go without its bit.
+    """
+    if ids is None:
+        ids = F.row_number().over(Window.orderBy(*(order or [F.lit(0)]))).cast("long")
+    df = df.withColumn(name, F.when(ids > F.lit(bound), F.raise_error(F.lit(CHANGED_MARKER))).otherwise(ids))
+    place = column(name) - F.lit(1)
+    words = [compiler.hidden(f"bits{w}") for w in range((bound + _WORD_BITS - 1) // _WORD_BITS or 1)]
+    # 63 bits a word, the sign bit unused: a power of two below 2^63 is exact as a double, then as a long.
+    bit = F.pow(F.lit(2.0), place % F.lit(_WORD_BITS)).cast("long")
+    df = df.select("*", *[F.when(F.floor(place / F.lit(_WORD_BITS)) == F.lit(w), bit)
+                          .otherwise(F.lit(0).cast("long")).alias(word) for w, word in enumerate(words)])
+    return df, words
+
+
 def unique_rows(df: Any, keys: list[str]) -> Any:
     """``df`` whose first key fails the job when two rows share a key (the uniqueness the policy relied on)."""
     repeated = F.count(F.lit(1)).over(Window.partitionBy(*[column(k) for k in keys])) > 1
@@ -130,6 +187,23 @@ def _distinct(value: Column, window: Any) -> Column:
     return F.size(F.collect_set(value).over(window))
 
 
+def _distinct_rows(scope: Scope, rid: str, mask: Column | None, window: Any) -> Column:
+    """The distinct ids >= 1 of row-id column ``rid`` in a group (where ``mask`` holds): OR-ed bit words when
+    the frame carries them (:func:`row_words`), else a distinct count."""
+    c = column(rid)
+    words = scope.frame.words.get(rid)
+    if window is not None or not words or not set(words) <= set(scope.df.columns):
+        return _distinct(F.when(c > 0, c) if mask is None else F.when(mask & (c > 0), c), window)
+    zero = F.lit(0).cast("long")
+    # A word is 0 for an id <= 0 (no partner) and for a null id (a row of another source).
+    counts = [F.coalesce(F.bit_count(F.bit_or(column(w) if mask is None else F.when(mask, column(w)).otherwise(zero))),
+                         F.lit(0)).cast("long") for w in words]
+    total = counts[0]
+    for count in counts[1:]:
+        total = total + count
+    return total
+
+
 def _guarded(node: dict, c: Column, count: Column, window: Any) -> Column:
     # The polars engine's order: an empty group is fed by 0 rows; a group with no row of this source is null;
     # a group with an unmatched join row is 0.
@@ -145,6 +219,9 @@ def _guarded(node: dict, c: Column, count: Column, window: Any) -> Column:
 
 def _acct_distinct(scope: Scope, node: dict, window: Any) -> Column:
     c = column(node["column"])
+    if window is None and scope.frame.words.get(node["column"]):
+        # Ids are >= 1 here unless taintable or nullable, where those alone are counted: the same count.
+        return _guarded(node, c, _distinct_rows(scope, node["column"], None, window), window)
     counted = F.when(c > 0, c) if node["taintable"] or node["nullable"] else c
     return _guarded(node, c, _distinct(counted, window), window)
 
@@ -206,7 +283,7 @@ def _contributors(scope: Scope, node: dict, mask: Column, window: Any) -> Column
         return _over(F.count(F.when(mask, F.lit(1))), window)
     c = column(node["column"])
     if kind == "rid":
-        count = _distinct(F.when(mask & (c > 0), c), window)
+        count = _distinct_rows(scope, node["column"], mask, window)
     else:
         fed = mask & (c > 0)
         count = F.coalesce(_over(F.sum(F.when(fed, c)), window), F.lit(0)) if node["exact"] else \
@@ -251,7 +328,10 @@ def _acct_share(scope: Scope, node: dict, window: Any) -> Column:
     if not node["exact"]:
         n = _over(F.count(value), window).cast("double")
         variance = _over(F.var_pop(value), window)
-        spread = _largest(scope, value, window) - _over(F.min(value), window)
+        dtype = scope.dtype(node["input"])
+        # A value that is not a float is never NaN: its plain max is polars' (one aggregate less).
+        largest = _largest(scope, value, window) if dtype is None or dtype.is_float() else _over(F.max(value), window)
+        spread = largest - _over(F.min(value), window)
         spread_total = n * variance
         factor = _clearing_factor(node)
         return (F.when(~_is_finite(spread_total) | ~_is_finite(spread), F.lit(1))

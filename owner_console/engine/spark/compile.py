@@ -27,6 +27,7 @@ columns, never from ``monotonically_increasing_id`` alone.
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -50,6 +51,8 @@ __all__ = ["compile_plan", "compile_result", "CompiledPlan", "to_polars", "is_ch
 
 # Hidden columns of the compiled frames (order columns, windows computed first...): never in a result.
 HIDDEN_PREFIX = f"{RESERVED_PREFIX}_spark"
+# The order columns of a result fetched unsorted (CompiledPlan.fetch).
+SORT_PREFIX = f"{HIDDEN_PREFIX}_sort"
 # The session settings the compiled plans assume: polars' arithmetic and casts (no error on overflow, a bad
 # cast or a division by zero), and timestamps read as UTC.
 SESSION_CONF = {"spark.sql.ansi.enabled": "false"}
@@ -91,6 +94,8 @@ class Frame:
     rows: RowSource | None = None
     # Columns no two rows share a value of (a group_by's keys): a join on them repeats no row of the other side.
     unique: tuple[str, ...] | None = None
+    # Row-id column -> hidden bit words of its ids (a small source's rows as bits: :func:`.accounting.row_words`).
+    words: dict[str, list[str]] = field(default_factory=dict)
 
     def sort_columns(self) -> list[Column]:
         return [o.column() for o in self.order]
@@ -99,6 +104,7 @@ class Frame:
         names = [o.name for o in self.order]
         if self.rows is not None:
             names += [self.rows.file, self.rows.block, self.rows.row]
+        names += [word for words in self.words.values() for word in words]
         return list(dict.fromkeys(names))
 
     def project(self, values: list[Column]) -> Any:
@@ -114,6 +120,11 @@ class CompiledPlan:
     frame: Any
     schema: pl.Schema
     changed_datasets: tuple[str, ...] = ()
+    # For the engine's run: the result unsorted, with its order columns (SORT_PREFIX0, 1, ...) after the
+    # result's, and each one's (descending, nulls_last); sorted on the executor's side by :func:`fetched_to_polars`,
+    # which spares Spark a stage.  None when the result has no order or an order column polars may sort otherwise.
+    fetch: Any = None
+    fetch_order: tuple[tuple[bool, bool], ...] = ()
 
 
 def compile_plan(plan: dict, catalog: Mapping[str, Dataset], session: Any,
@@ -152,8 +163,17 @@ def compile_plan(plan: dict, catalog: Mapping[str, Dataset], session: Any,
 
 
 def compile_result(plan: dict, catalog: Mapping[str, Dataset], session: Any,
-                   read: Callable[[Dataset], Any]) -> CompiledPlan:
-    """:func:`compile_plan`, with the result's polars schema (for :func:`to_polars` and ``output_schema``)."""
+                   read: Callable[[Dataset], Any],
+                   row_count: Callable[[Dataset], int | None] | None = None) -> CompiledPlan:
+    """:func:`compile_plan`, with the result's polars schema (for :func:`to_polars` and ``output_schema``).
+
+    ``row_count(dataset)``, when given, is the number of rows the dataset's
+    source holds as the caller knows it without a Spark job (a Parquet
+    footer), or None: the rows of a source with at most
+    :data:`..accounting.BITSET_MAX_ROWS` rows are counted per group as bits
+    (:func:`.accounting.row_words`), as the polars engine counts them.  A
+    run that finds more rows than that fails as "changed".
+    """
     _apply_session_conf(session)
     # Every source the plan reads (json_objects: the walker's tables do not name the accounting nodes).
     names = sorted({walk.source_name(node) for node in walk.json_objects(plan)
@@ -167,6 +187,9 @@ def compile_result(plan: dict, catalog: Mapping[str, Dataset], session: Any,
     types = PolarsTypes(catalog, schemas)
     schema = types.schema(plan)
     compiler = SparkCompiler(catalog, reader, types, first_reads, ordered)
+    compiler.row_count = row_count
+    compiler.row_id_uses = Counter(node.get("name") for node in walk.json_objects(plan)
+                                   if node.get("op") == "acct_row_id")
     frame = compiler.frame(plan)
     # The polars engine's result may carry helper columns of its own (bit words of row ids): not results.
     schema = pl.Schema([(name, dtype) for name, dtype in schema.items()
@@ -175,10 +198,39 @@ def compile_result(plan: dict, catalog: Mapping[str, Dataset], session: Any,
         raise BastionError("ExecutionError", "the Spark engine compiled columns other than the polars engine's "
                                              "for this plan (an internal error; the owner's log has the plan)",
                            engine="spark")
-    df = frame.df.orderBy(*frame.sort_columns()) if frame.order else frame.df
-    result = df.select(*[column(name).cast(spark_type(dtype, f"column {name!r}")).alias(name)
-                         for name, dtype in schema.items()])
-    return CompiledPlan(result, schema, tuple(sorted(compiler.checked_datasets)))
+    # The result is fetched whole into the executor: sorted in one partition, which spares the job that a
+    # global sort runs first to sample its range bounds.
+    df = frame.df.repartition(1).sortWithinPartitions(*frame.sort_columns()) if frame.order else frame.df
+    values = [column(name).cast(spark_type(dtype, f"column {name!r}")).alias(name) for name, dtype in schema.items()]
+    result = df.select(*values)
+    fetch, fetch_order = None, ()
+    if frame.order and _sorts_alike(frame):
+        fetch = frame.df.select(*values, *[column(o.name).alias(f"{SORT_PREFIX}{i}") for i, o in enumerate(frame.order)])
+        fetch_order = tuple((o.descending, o.nulls_last) for o in frame.order)
+    return CompiledPlan(result, schema, tuple(sorted(compiler.checked_datasets)), fetch, fetch_order)
+
+
+def fetched_to_polars(table: Any, compiled: CompiledPlan) -> pl.DataFrame:
+    """The Arrow table of ``compiled.fetch`` as :func:`to_polars` gives ``compiled.frame``'s: sorted by its order
+    columns, which are then dropped."""
+    frame = pl.from_arrow(table, rechunk=False)
+    keys = [f"{SORT_PREFIX}{i}" for i in range(len(compiled.fetch_order))]
+    if keys:
+        frame = frame.sort(keys, descending=[d for d, _ in compiled.fetch_order],
+                           nulls_last=[n for _, n in compiled.fetch_order], maintain_order=True).drop(keys)
+    return _cast_to(frame, compiled.schema)
+
+
+def _sorts_alike(frame: Frame) -> bool:
+    """True when polars orders every order column's values as Spark does: whole numbers, strings (both by
+    their bytes), booleans, dates and timestamps.  Floats are left to Spark (NaN and -0.0 ties)."""
+    from pyspark.sql import types as T
+
+    fields = {f.name: f.dataType for f in frame.df.schema.fields}
+    alike = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.StringType, T.BooleanType, T.DateType,
+             T.TimestampType, T.TimestampNTZType)
+    return all(isinstance(fields.get(o.name), alike)
+               and getattr(fields[o.name], "collation", "UTF8_BINARY") == "UTF8_BINARY" for o in frame.order)
 
 
 def to_polars(table: Any, schema: pl.Schema) -> pl.DataFrame:
@@ -190,6 +242,10 @@ def to_polars(table: Any, schema: pl.Schema) -> pl.DataFrame:
     frame = pl.from_arrow(table, rechunk=False)
     if not isinstance(frame, pl.DataFrame):  # pragma: no cover - from_arrow of a table is a frame
         frame = frame.to_frame()
+    return _cast_to(frame, schema)
+
+
+def _cast_to(frame: pl.DataFrame, schema: pl.Schema) -> pl.DataFrame:
     casts = {name: dtype for name, dtype in schema.items() if frame.schema.get(name) != dtype}
     return frame.cast(casts, strict=False) if casts else frame
 
@@ -224,6 +280,8 @@ class SparkCompiler(accounting.AccountingOps):
         self.unread = dict(first_reads or {})  # a first read of each source, used by its first scan
         self.serial = 0
         self.checked_datasets: set[str] = set()
+        self.row_count: Callable[[Dataset], int | None] | None = None
+        self.row_id_uses: Counter = Counter()  # acct_row_id name -> nodes making it
         self.ops: dict[str, Callable[[dict], Frame]] = {
             "scan": self._scan, "saved": self._scan, "filter": self._filter, "select": self._select,
             "with_columns": self._with_columns, "group_by": self._group_by, "sort": self._sort,
@@ -318,7 +376,8 @@ class SparkCompiler(accounting.AccountingOps):
         names = [expr_name(e) for e in exprs]
         if row_level:
             values = [self.row_value(scope, e).alias(n) for e, n in zip(exprs, names)]
-            return Frame(frame.project(values), names, frame.order, frame.rows)
+            kept = {rid: words for rid, words in frame.words.items() if rid in names}
+            return Frame(frame.project(values), names, frame.order, frame.rows, words=kept)
         for expr in exprs:
             if not expr["expr"].startswith("acct_") and _bare_mode(expr):
                 raise unsupported("mode", "outside group_by().agg() polars answers mode() with one row per most "
@@ -489,7 +548,7 @@ class SparkCompiler(accounting.AccountingOps):
                 condition = pair if condition is None else condition & pair
             joined = left_df.join(right_df, condition, _JOIN_HOWS[how])
         if how in ("semi", "anti"):
-            return Frame(joined, list(left.columns), left.order, left.rows)
+            return Frame(joined, list(left.columns), left.order, left.rows, words=dict(left.words))
         merged = {k["name"] for k in node["right_on"]} if how in ("inner", "left") else set()
         values = [column(c) for c in left.columns]
         names = list(left.columns)
@@ -505,7 +564,10 @@ class SparkCompiler(accounting.AccountingOps):
         keys = {k["name"] for k in node["right_on"]}
         rows = left.rows if how in ("inner", "left") and right.unique is not None and set(right.unique) <= keys \
             else None
-        frame = Frame(joined, names, order, rows)
+        # A row-id column on both sides (its right one renamed by the suffix) has no words it alone owns.
+        words = {rid: w for rid, w in {**left.words, **right.words}.items()
+                 if rid in names and not (rid in left.columns and rid in right.columns)}
+        frame = Frame(joined, names, order, rows, words=words)
         frame.df = frame.project(values)
         return frame
 

@@ -28,10 +28,13 @@ condition, the executor's log the first line of Spark's message.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any, Mapping
 
 import polars as pl
@@ -88,7 +91,7 @@ class SparkEngine(Engine):
             if cached is not None:
                 return list(cached)
         try:
-            struct = sources.read(self.spark(), dataset, version).schema
+            struct = sources.read(self.spark(), dataset, version, ordered=False).schema
         except Exception as exc:  # noqa: BLE001 - Spark's message can name paths or values: keep the class
             if _spark_failure(exc) is None:
                 raise
@@ -113,11 +116,19 @@ class SparkEngine(Engine):
             with _cache_lock:
                 if key in _unique:
                     return _unique[key]
+        timeout = _time_limit([dataset])
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            frame = sources.read(self.spark(), dataset, version)
+            spark = self.spark()
+            frame = sources.read(spark, dataset, version, ordered=False)
             repeated = frame.groupBy(*[F.col(_quoted(c)) for c in columns]) \
                 .agg(F.count(F.lit(1)).alias("__bastion_rows")).where(F.col("__bastion_rows") > 1).limit(1)
-            unique = len(repeated.take(1)) == 0
+            # Under a job tag and the dataset's time limit, as a query is.
+            unique = len(_tagged(spark, lambda: repeated.take(1), None, deadline, timeout)) == 0
+        except BastionError as error:
+            if error.ename == "LimitExceeded":
+                raise
+            return False  # a key that cannot be checked is treated as not unique
         except Exception:  # noqa: BLE001 - a key that cannot be checked is treated as not unique
             return False
         if version:
@@ -148,6 +159,9 @@ class SparkEngine(Engine):
         from pyspark.sql import functions as F
 
         sizes = []
+        timeout = _time_limit([catalog[name] for name in walk.source_names(plan) if name in catalog])
+        deadline = None if timeout is None else time.monotonic() + timeout
+        spark = self.spark()
         for node in walk.walk_frames(plan):
             if node["op"] != "join" or node["how"] in ("semi", "anti"):
                 continue
@@ -155,7 +169,8 @@ class SparkEngine(Engine):
             right = self._compiled(node["right"], catalog).frame
             try:
                 if node["how"] == "cross":
-                    sizes.append(int(left.count()) * int(right.count()))
+                    counts = _tagged(spark, lambda: (left.count(), right.count()), None, deadline, timeout)
+                    sizes.append(int(counts[0]) * int(counts[1]))
                     continue
                 keys = [f"k{i}" for i in range(len(node["left_on"]))]
                 left_counts = left.groupBy(*[F.col(_quoted(k["name"])).alias(n)
@@ -169,10 +184,12 @@ class SparkEngine(Engine):
                     total = matched.select(F.sum(F.col("l") * F.col("r")))
                 else:  # left and full: unmatched left rows appear once
                     total = matched.select(F.sum(F.col("l") * F.coalesce(F.col("r"), F.lit(1))))
-                size = int(total.first()[0] or 0)
+                size = int(_tagged(spark, total.first, None, deadline, timeout)[0] or 0)
                 if node["how"] == "full":
                     unmatched = right_counts.join(left_counts, on=keys, how="left_anti").select(F.sum("r"))
-                    size += int(unmatched.first()[0] or 0)
+                    size += int(_tagged(spark, unmatched.first, None, deadline, timeout)[0] or 0)
+            except BastionError:
+                raise  # stopped at the time limit, or a failure already told as the fixed error
             except Exception as exc:  # noqa: BLE001 - a failed count is a failed query, told alike
                 raise _execution_error(exc, self.spark()) from None
             sizes.append(size)
@@ -181,18 +198,35 @@ class SparkEngine(Engine):
     # ------------------------------------------------------------ running
     def run(self, plan: dict, catalog: Mapping[str, Dataset], *,
             cancel: threading.Event | None = None, timeout: float | None = None) -> pl.DataFrame:
-        from .compile import to_polars
+        from .compile import fetched_to_polars, to_polars
 
         if cancel is not None and cancel.is_set():
             raise BastionError("ExecutionError", CANCELLED, cancelled=True)
         # The time limit counts from here: building and analysing the DataFrame is part of the query.
         deadline = None if timeout is None else time.monotonic() + timeout
-        compiled = self._compiled(plan, catalog)
-        table = _collect(self.spark(), compiled.frame, cancel, deadline, timeout, tuple(compiled.changed_datasets))
+        spark = self.spark()
+        compiled = self._compiled(plan, catalog, spark)
+        # Fetched unsorted with its order columns when polars sorts them as Spark would (a Spark stage less).
+        fetch = compiled.fetch if compiled.fetch is not None else compiled.frame
         try:
+            frame = _fresh(spark, fetch)
+        except Exception as exc:  # noqa: BLE001 - the session is gone
+            if _spark_failure(exc) is None:
+                raise
+            raise _execution_error(exc, spark) from None
+        table = _collect(spark, frame, cancel, deadline, timeout, tuple(compiled.changed_datasets))
+        try:
+            if compiled.fetch is not None:
+                return fetched_to_polars(table, compiled)
             return to_polars(table, compiled.schema)
         except Exception as exc:  # noqa: BLE001 - whether a value fits its column's type depends on the data
             raise _execution_error(exc) from None
+
+    def dp_exact(self, query: Any, catalog: Mapping[str, Dataset], *,
+                 cancel: threading.Event | None = None, timeout: float | None = None) -> pl.DataFrame:
+        """See :meth:`Engine.dp_exact` and :mod:`.dp` (truncation, filters, clamped sums per public key)."""
+        from .dp import exact_aggregates
+        return exact_aggregates(self, query, catalog, cancel=cancel, timeout=timeout)
 
     # ------------------------------------------------------------ helpers
     def spark(self) -> Any:
@@ -216,19 +250,31 @@ class SparkEngine(Engine):
             return ""
         return self.data_version(dataset)
 
-    def _compiled(self, plan: dict, catalog: Mapping[str, Dataset]) -> Any:
+    def _compiled(self, plan: dict, catalog: Mapping[str, Dataset], spark: Any = None) -> Any:
         """The plan compiled (:func:`.compile.compile_result`: its DataFrame, its polars schema and the datasets
-        whose key uniqueness the job checks), its sources read by :func:`.sources.read`."""
+        whose key uniqueness the job checks), its sources read by :func:`.sources.read`.
+
+        Kept per (plan, the sources and their data versions, session) in a small LRU (:data:`COMPILED_KEPT`):
+        classic PySpark analyses every DataFrame call over Py4J, a few tenths of a second per accounted plan.
+        A plan reading a source without a data version (a catalog table, a saved result) is compiled each time.
+        """
         from .compile import compile_result
 
-        spark = self.spark()
+        spark = spark if spark is not None else self.spark()
         versions: dict[str, str] = {}
+        key = self._compiled_key(plan, catalog, versions)
+        if key is not None:
+            with _cache_lock:
+                found = _compiled_plans.get(key)
+                if found is not None and found[0] is spark:
+                    _compiled_plans.move_to_end(key)
+                    return found[1]
 
-        def read(dataset: Dataset) -> Any:
+        def read(dataset: Dataset, ordered: bool = True) -> Any:
             if dataset.name not in versions:
                 versions[dataset.name] = self._path_version(dataset)
             try:
-                frame = sources.read(spark, dataset, versions[dataset.name])
+                frame = sources.read(spark, dataset, versions[dataset.name], ordered=ordered)
                 frame.schema  # noqa: B018 - a Spark Connect frame is analysed only when asked: read fails here
             except Exception as exc:  # noqa: BLE001 - Spark's message can name paths or values: keep the class
                 if _spark_failure(exc) is None:
@@ -236,8 +282,13 @@ class SparkEngine(Engine):
                 raise _unreadable(dataset, exc) from None
             return frame
 
+        def row_count(dataset: Dataset) -> int | None:
+            if dataset.name not in versions:
+                versions[dataset.name] = self._path_version(dataset)
+            return sources.row_count(dataset, versions[dataset.name])
+
         try:
-            return compile_result(plan, catalog, spark, read)
+            compiled = compile_result(plan, catalog, spark, read, row_count)
         except Exception as exc:  # noqa: BLE001 - classic Spark analyses each call as it is made
             kind = _spark_failure(exc)
             if kind is None:
@@ -245,6 +296,34 @@ class SparkEngine(Engine):
             if kind == "analysis":
                 raise _schema_error(exc, plan) from None
             raise _execution_error(exc, spark) from None
+        if key is not None:
+            with _cache_lock:
+                _compiled_plans[key] = (spark, compiled)
+                _compiled_plans.move_to_end(key)
+                while len(_compiled_plans) > COMPILED_KEPT:
+                    _compiled_plans.popitem(last=False)
+        return compiled
+
+    def _compiled_key(self, plan: dict, catalog: Mapping[str, Dataset], versions: dict[str, str]) -> tuple | None:
+        """The compile cache's key of ``plan`` (``versions`` gets each source's data version), or None when a
+        source has no data version to key it by."""
+        names = sorted({walk.source_name(node) for node in walk.json_objects(plan)
+                        if node.get("op") in ("scan", "saved")} - {None})
+        sources_read = []
+        for name in names:
+            dataset = catalog.get(name)
+            if dataset is None:
+                return None
+            version = versions[name] = self._path_version(dataset)
+            if not version:
+                return None
+            sources_read.append((name, _identity(dataset), dataset.format, getattr(dataset, "engine", "spark"),
+                                 version))
+        try:
+            text = json.dumps(plan, sort_keys=True, allow_nan=True)
+        except (TypeError, ValueError):  # a value JSON cannot hold: not worth keeping
+            return None
+        return hashlib.sha256(text.encode()).hexdigest(), tuple(sources_read)
 
 
 # ---------------------------------------------------------------- shared state
@@ -252,6 +331,16 @@ class SparkEngine(Engine):
 _cache_lock = threading.Lock()
 _schemas: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
 _unique: dict[tuple[str, str, tuple[str, ...]], bool] = {}
+# Compiled plans (see SparkEngine._compiled): key -> (the session they were built on, CompiledPlan).
+COMPILED_KEPT = 64
+_compiled_plans: "OrderedDict[tuple, tuple[Any, Any]]" = OrderedDict()
+
+
+def _time_limit(datasets: list[Dataset]) -> float | None:
+    """The smallest ``query_timeout_seconds`` of the datasets' policies (the executor's rule), or None."""
+    limits = [getattr(d.policy, "query_timeout_seconds", None) for d in datasets]
+    limits = [float(t) for t in limits if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0]
+    return min(limits) if limits else None
 
 
 def _identity(dataset: Dataset) -> str:
@@ -263,6 +352,19 @@ def _quoted(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
+def _fresh(spark: Any, frame: Any) -> Any:
+    """A new classic DataFrame over ``frame``'s analysed plan (a few ms): each run plans and executes anew, as a
+    freshly compiled frame would, rather than re-running the kept frame's physical plan (whose shuffle output,
+    or the state a cancelled run left, it would reuse).  A Spark Connect frame is a plan sent anew at each run."""
+    if spark_session.is_connect(spark):
+        return frame
+    from pyspark.sql import DataFrame
+
+    jdf = spark._jvm.org.apache.spark.sql.classic.Dataset.ofRows(spark._jsparkSession,
+                                                                 frame._jdf.queryExecution().analyzed())
+    return DataFrame(jdf, spark)
+
+
 def _collect(spark: Any, frame: Any, cancel: threading.Event | None, deadline: float | None,
              timeout: float | None, changed_datasets: tuple[str, ...] = ()) -> Any:
     """``frame.toArrow()`` under a job tag of its own, stopped on ``cancel`` or at ``deadline`` (``time.monotonic``;
@@ -271,6 +373,13 @@ def _collect(spark: Any, frame: Any, cancel: threading.Event | None, deadline: f
     ``changed_datasets``: the datasets whose join keys the job checks are still unique (``acct_unique``); a
     failed check is told as the polars engine tells it.
     """
+    return _tagged(spark, frame.toArrow, cancel, deadline, timeout, changed_datasets)
+
+
+def _tagged(spark: Any, action: Any, cancel: threading.Event | None, deadline: float | None,
+            timeout: float | None, changed_datasets: tuple[str, ...] = ()) -> Any:
+    """``action()`` (one or more Spark actions, run in this thread) under a job tag of its own, stopped on
+    ``cancel`` or at ``deadline``: see :func:`_collect`."""
     # Stopped before it started (a cancel or the deadline while the plan was compiled): no job at all.
     if cancel is not None and cancel.is_set():
         raise _stop_error("cancelled", timeout)
@@ -296,7 +405,7 @@ def _collect(spark: Any, frame: Any, cancel: threading.Event | None, deadline: f
     try:
         if watchdog is not None:
             watchdog.start()
-        table = frame.toArrow()
+        table = action()
     except Exception as exc:  # noqa: BLE001 - Spark's message may quote data values
         if stopped:
             raise _stop_error(stopped[0], timeout) from None

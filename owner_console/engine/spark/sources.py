@@ -133,7 +133,7 @@ _schemas: dict[tuple[str, str, str], Any] = {}
 _schemas_lock = threading.Lock()
 
 
-def read(spark: Any, dataset: Dataset, version: str | None = None) -> Any:
+def read(spark: Any, dataset: Dataset, version: str | None = None, ordered: bool = True) -> Any:
     """The dataset as a DataFrame: its columns, then :data:`ORDER_COLUMNS` (see the module docstring).
 
     Parameters
@@ -147,11 +147,30 @@ def read(spark: Any, dataset: Dataset, version: str | None = None) -> Any:
         directory source's schema is kept per version, so that Spark infers
         it once (a job: a Parquet footer, a pass over CSV data), not at every
         query.
+    ordered : bool
+        False when nothing reads the rows' order or identity (the compiler's
+        ``ordered_sources``): the row-order columns are left out, since
+        Spark reads every file's metadata as soon as ``_metadata`` is
+        referenced (about a fifth of a scan).
     """
     from pyspark.sql import functions as F
 
     if getattr(dataset, "engine", "spark") != "spark":
         return _read_owner_file(spark, dataset)
+    frame = _source_frame(spark, dataset, version)
+    if not ordered:
+        return frame
+    metadata = frame.metadataColumn("_metadata")
+    if dataset.format == "csv":
+        block, row = metadata.getField("file_block_start"), F.monotonically_increasing_id()
+    else:
+        block, row = F.lit(0).cast("long"), metadata.getField("row_index")
+    return frame.select("*", metadata.getField("file_path").alias(ROW_FILE), block.alias(ROW_BLOCK),
+                        row.alias(ROW_INDEX))
+
+
+def _source_frame(spark: Any, dataset: Dataset, version: str | None) -> Any:
+    """A Spark dataset's own columns, as its source gives them."""
     kind = source_kind(dataset)
     if kind == "table":
         frame = spark.read.table(_quoted_table(dataset.table))
@@ -161,13 +180,36 @@ def read(spark: Any, dataset: Dataset, version: str | None = None) -> Any:
         frame = _read_files(spark, dataset, version)
     else:
         raise BastionError("ExecutionError", f"dataset {dataset.name!r} has a format the Spark engine cannot read")
-    metadata = frame.metadataColumn("_metadata")
-    if dataset.format == "csv":
-        block, row = metadata.getField("file_block_start"), F.monotonically_increasing_id()
-    else:
-        block, row = F.lit(0).cast("long"), metadata.getField("row_index")
-    return frame.select("*", metadata.getField("file_path").alias(ROW_FILE), block.alias(ROW_BLOCK),
-                        row.alias(ROW_INDEX))
+    return frame
+
+
+# Row counts of Parquet sources, by (path, data version).
+_row_counts: dict[tuple[str, str], int | None] = {}
+
+
+def row_count(dataset: Dataset, version: str | None) -> int | None:
+    """The rows a Parquet file or directory source holds, from its files' footers (read by the executor, no
+    Spark job), kept per data version; None for any other source, without a version, or unreadable."""
+    if getattr(dataset, "engine", "spark") != "spark" or dataset.format != "parquet" or not version \
+            or source_kind(dataset) not in ("file", "directory"):
+        return None
+    key = (str(dataset.path), version)
+    with _schemas_lock:
+        if key in _row_counts:
+            return _row_counts[key]
+    import pyarrow.parquet as pq
+
+    path = Path(dataset.path)
+    try:
+        files = [path / name for name, _, _ in data_files(path)] if path.is_dir() else [path]
+        rows = sum(pq.ParquetFile(file).metadata.num_rows for file in files)
+    except Exception:  # noqa: BLE001 - a footer pyarrow cannot read: Spark will say so when it reads the file
+        rows = None
+    with _schemas_lock:
+        for stale in [k for k in _row_counts if k[0] == key[0]]:
+            del _row_counts[stale]
+        _row_counts[key] = rows
+    return rows
 
 
 def _read_owner_file(spark: Any, dataset: Dataset) -> Any:
