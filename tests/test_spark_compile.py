@@ -183,6 +183,10 @@ ELEMENTWISE = {
     "over_first": fn("over", fn("first", col("s")), partition_by=[col("b")]),
     "over_rows": fn("over", binary("mul", col("i"), lit(2)), partition_by=[col("g")]),
     "date_diff": binary("sub", col("d"), fn("min", col("d"))),
+    "q_over": fn("over", fn("quantile", col("f"), quantile=0.3, interpolation="nearest"), partition_by=[col("g")]),
+    "minus_q": binary("sub", col("i"), fn("quantile", col("i"), quantile=0.5, interpolation="lower")),
+    "q_d_over": fn("over", fn("quantile", col("d"), quantile=0.5, interpolation="midpoint"), partition_by=[col("b")]),
+    "mean_t_over": fn("over", fn("mean", col("t")), partition_by=[col("b")]),
 }
 
 
@@ -199,6 +203,12 @@ AGGREGATIONS = {
     "median_f": fn("median", col("f")), "median_b": fn("median", col("b")), "min_f": fn("min", col("f")),
     "max_f": fn("max", col("f")), "max_s": fn("max", col("s")), "min_b": fn("min", col("b")),
     "max_t": fn("max", col("t")), "std_f": fn("std", col("f")), "var_i": fn("var", col("i"), ddof=2),
+    # Of dates and times, polars answers a Datetime (describe() asks for these).
+    "mean_d": fn("mean", col("d")), "median_d": fn("median", col("d")), "mean_t": fn("mean", col("t")),
+    "median_t": fn("median", col("t")), "q_d": fn("quantile", col("d"), quantile=0.25, interpolation="nearest"),
+    "q_t": fn("quantile", col("t"), quantile=0.3, interpolation="linear"),
+    "mean_dur": fn("mean", binary("sub", col("d"), fn("min", col("d")))),
+    "median_dur": fn("median", binary("sub", col("t"), fn("min", col("t")))),
     "std_0": fn("std", col("i32"), ddof=0),
     **{f"q_{m}": fn("quantile", col("i"), quantile=0.3, interpolation=m)
        for m in ("nearest", "higher", "lower", "midpoint", "linear")},
@@ -466,6 +476,26 @@ def test_a_sequence_outside_an_aggregation_is_refused_naming_it(spark, data_dir,
     with pytest.raises(BastionError) as refused:
         _compile(spark, account(validate(plan, on_polars, polars_engine.DEFAULT_CACHE.columns)).plan, on_spark)
     assert refused.value.ename == "UnsupportedOperation" and refused.value.details["function"] == function
+
+
+@pytest.mark.parametrize("expr", [
+    fn("str.slice", col("i"), offset=0, length=2), fn("str.to_date", col("i32"), format="%Y", strict=False),
+    fn("str.to_lowercase", col("d")), fn("dt.year", col("s")), fn("dt.hour", col("d")),
+    fn("dt.truncate", col("f"), every="1mo"),
+], ids=["slice_int", "to_date_int", "lower_date", "year_str", "hour_date", "truncate_float"])
+def test_a_function_on_values_polars_does_not_run_it_on_fails_the_query_on_both(spark, data_dir, expr):
+    # polars' schema takes these, and its query fails while running; Spark would cast the input and answer.
+    from owner_console.engine.spark.engine import SparkEngine
+
+    plan = frame_op("select", input=scan("edge"), exprs=[alias(expr, "x")])
+    on_polars, on_spark = _datasets(data_dir)
+    accounted = account(validate(plan, on_polars, polars_engine.DEFAULT_CACHE.columns)).plan
+    failures = []
+    for run, catalog in ((polars_engine.run, on_polars), (SparkEngine().run, on_spark)):
+        with pytest.raises(BastionError) as failed:
+            run(accounted, catalog)
+        failures.append((failed.value.ename, failed.value.evalue))
+    assert failures[0] == failures[1] and failures[0][0] == "ExecutionError"
 
 
 def test_a_type_error_is_the_polars_engines_schema_error(spark, data_dir):

@@ -185,6 +185,7 @@ class Scope:
         self.aggregation = False
         self.added: list[str] = []
         self._positions: dict[str, Column] = {}
+        self._ranks: dict[str, tuple[Column, Column]] = {}
         compiler.types.prepare(frame_node, exprs)
 
     # -- helpers ---------------------------------------------------------------
@@ -223,6 +224,18 @@ class Scope:
         if found is None:
             found = self._positions[key] = self.pre(
                 F.row_number().over(self.window(partition).orderBy(*self.order())), "pos")
+        return found
+
+    def ranks(self, value: Column) -> tuple[Column, Column]:
+        """Each row's rank by ``value`` in its group (from 0, nulls last) and the group's count of values.
+
+        One sort per value and group, whichever quantiles of it are asked for.
+        """
+        key = repr([str(value)] + [str(c) for c in self.partition])
+        found = self._ranks.get(key)
+        if found is None:
+            rank = self.pre(F.row_number().over(self.window().orderBy(value.asc_nulls_last())) - 1, "rank")
+            found = self._ranks[key] = (rank, self.pre(F.count(value).over(self.window()), "count"))
         return found
 
     def fit(self, value: Column, node: dict, wrap: bool = False) -> Column:
@@ -1044,6 +1057,46 @@ ELEMENTWISE: dict[str, Callable[[Scope, dict, Column, dict], Column]] = {
 }
 
 
+def _is_text(dtype: pl.DataType) -> bool:
+    return dtype == pl.String
+
+
+def _is_date_or_datetime(dtype: pl.DataType) -> bool:
+    return dtype == pl.Date or isinstance(dtype, pl.Datetime)
+
+
+def _is_datetime(dtype: pl.DataType) -> bool:
+    return isinstance(dtype, pl.Datetime)
+
+
+# The input types polars runs these functions on.  polars' schema accepts any input, and its query fails
+# while running (for every input, even no rows); Spark would cast the input and answer.  Here the function
+# fails the job for any other input, on the first row it meets (Spark has no failure without a row).
+_INPUT_TYPES: dict[str, Callable[[pl.DataType], bool]] = {
+    **{name: _is_text for name in ("str.len_chars", "str.to_lowercase", "str.to_uppercase", "str.slice",
+                                   "str.replace", "str.strip_chars", "str.to_date", "str.to_datetime")},
+    **{name: _is_date_or_datetime for name in ("dt.year", "dt.month", "dt.day", "dt.weekday", "dt.truncate")},
+    "dt.hour": _is_datetime,
+}
+
+
+def _failing_on_other_types(name: str, accepts: Callable[[pl.DataType], bool]
+                            ) -> Callable[[Scope, dict, Column, dict], Column]:
+    builder = ELEMENTWISE[name]
+
+    def build(scope: Scope, node: dict, value: Column, args: dict) -> Column:
+        dtype = scope.dtype(node["input"])
+        if dtype is None or accepts(dtype):
+            return builder(scope, node, value, args)
+        failure = F.raise_error(F.lit(f"{name} of {dtype} values fails on the polars engine"))
+        result = scope.dtype(node)
+        return failure if result is None or isinstance(result, pl.Null) else failure.cast(spark_type(result))
+    return build
+
+
+ELEMENTWISE.update({name: _failing_on_other_types(name, accepts) for name, accepts in _INPUT_TYPES.items()})
+
+
 # ---------------------------------------------------------------- sequences (inside an aggregation)
 def _sequence_input(scope: Scope, node: dict, allow_mask: bool = True) -> Seq:
     seq = scope.row(node["input"])
@@ -1107,12 +1160,37 @@ SEQUENCE: dict[str, Callable[[Scope, dict], Seq]] = {
 
 
 # ---------------------------------------------------------------- aggregations
-def _numeric_input(scope: Scope, node: dict, seq: Seq) -> Column:
+def _numeric_input(scope: Scope, node: dict, seq: Seq, temporal: bool = False) -> Column:
+    """The values an arithmetic aggregate reads; ``temporal``: dates and times as polars counts them.
+
+    polars averages a Date as its number of days, a Datetime as its count of
+    microseconds and a Duration as its count of its unit (:func:`_temporal_result`
+    makes the answer a Datetime or a Duration again).
+    """
     dtype = scope.dtype(node["input"])
+    value = seq.masked()
+    if temporal and (dtype == pl.Date or isinstance(dtype, pl.Datetime)):
+        return F.unix_date(value) if dtype == pl.Date else F.unix_micros(value.cast("timestamp"))
+    if temporal and isinstance(dtype, pl.Duration):
+        return value
     if dtype is None or not (dtype.is_numeric() or dtype == pl.Boolean):
         raise unsupported(node["name"], f"{node['name']} of {dtype} values")
-    value = seq.masked()
     return value.cast("double") if dtype == pl.Boolean else value
+
+
+def _temporal_result(scope: Scope, node: dict, result: Column) -> Column:
+    """A mean, median or quantile of dates or times (a count, :func:`_numeric_input`) as polars types it.
+
+    polars: of a Date a Datetime in microseconds (the days times a day's
+    microseconds, cut toward zero), of a Datetime a Datetime, of a Duration a
+    Duration (the cast to the node's type cuts its count toward zero).
+    """
+    dtype = scope.dtype(node["input"])
+    if dtype == pl.Date:
+        result = result * F.lit(float(86_400_000_000))
+    elif not isinstance(dtype, pl.Datetime):
+        return result
+    return F.timestamp_micros(result.cast("long"))
 
 
 def _distinct_only(node: dict, seq: Seq, allowed: bool) -> None:
@@ -1138,15 +1216,16 @@ def _agg_sum(scope: Scope, node: dict, seq: Seq, window: Any) -> Column:
 
 def _agg_mean(scope: Scope, node: dict, seq: Seq, window: Any) -> Column:
     _distinct_only(node, seq, window is None)
-    value = _numeric_input(scope, node, seq)
+    value = _numeric_input(scope, node, seq, temporal=True)
     if seq.distinct:
-        return F.sum_distinct(value) / F.count_distinct(value)
-    return _over(F.avg(value), window)
+        return _temporal_result(scope, node, F.sum_distinct(value) / F.count_distinct(value))
+    return _temporal_result(scope, node, _over(F.avg(value), window))
 
 
 def _agg_median(scope: Scope, node: dict, seq: Seq, window: Any) -> Column:
     _distinct_only(node, seq, False)
-    return _over(F.median(_numeric_input(scope, node, seq).cast("double")), window)
+    median = _over(F.median(_numeric_input(scope, node, seq, temporal=True).cast("double")), window)
+    return _temporal_result(scope, node, median)
 
 
 def _agg_extreme(largest: bool) -> Callable[..., Column]:
@@ -1174,20 +1253,32 @@ def _agg_var(root: bool) -> Callable[..., Column]:
 
 def _agg_quantile(scope: Scope, node: dict, seq: Seq, window: Any) -> Column:
     _distinct_only(node, seq, False)
-    value = _numeric_input(scope, node, seq).cast("double")
+    value = _numeric_input(scope, node, seq, temporal=True).cast("double")
     q, method = node["args"]["quantile"], node["args"]["interpolation"]
     if method == "linear":
-        return _over(F.percentile(value, F.lit(float(q))), window)
-    ordered = F.sort_array(_over(F.collect_list(value), window))
-    at = (F.size(ordered) - 1).cast("double") * F.lit(float(q))
-    lower, higher = F.get(ordered, F.floor(at).cast("int")), F.get(ordered, F.ceil(at).cast("int"))
+        return _temporal_result(scope, node, _over(F.percentile(value, F.lit(float(q))), window))
+    if window is None:
+        ordered = F.sort_array(F.collect_list(value))
+        count = F.size(ordered)
+
+        def ranked(index: Column) -> Column:
+            return F.get(ordered, index)
+    else:
+        # As a window, a sorted list of the group's values would be sorted again on every row (n² work):
+        # the rows are ranked once instead (nulls after every value), and the value of a rank picked.
+        rank, count = scope.ranks(value)
+
+        def ranked(index: Column) -> Column:
+            return F.max(F.when(rank == index, value)).over(window)
+    at = (count - 1).cast("double") * F.lit(float(q))
+    lower, higher = ranked(F.floor(at).cast("int")), ranked(F.ceil(at).cast("int"))
     if method == "lower":
-        return lower
+        return _temporal_result(scope, node, lower)
     if method == "higher":
-        return higher
+        return _temporal_result(scope, node, higher)
     if method == "midpoint":
-        return (lower + higher) / 2
-    return F.get(ordered, F.round(at).cast("int"))  # nearest: half away from zero
+        return _temporal_result(scope, node, (lower + higher) / 2)
+    return _temporal_result(scope, node, ranked(F.round(at).cast("int")))  # nearest: half away from zero
 
 
 def _agg_count(scope: Scope, node: dict, seq: Seq, window: Any) -> Column:

@@ -114,6 +114,9 @@ class _EmptyTables:
     def key_stats(self, *args: Any, **kwargs: Any) -> None:
         return None
 
+    def remembered(self, key: Any, sources: Any, compute: Any) -> Any:
+        return compute()  # nothing is kept: computed from the (absent) statistics above
+
 
 class PolarsTypes:
     """The polars engine's types for a plan's frames and expressions, over empty tables.
