@@ -13,6 +13,8 @@ import logging
 import math
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -220,6 +222,34 @@ def cmd_scientist_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_spark_early(workspace: Workspace) -> None:
+    """Start Spark and read the Spark datasets' schemas in the background, when the workspace has any.
+
+    Starting a JVM and inferring a CSV's schema take many seconds; done
+    while the executor already serves, the scientist's first question about
+    a Spark dataset does not wait for them (nor run into the kernel's timeout).
+    """
+    catalog, _ = workspace.catalog_with_errors()
+    on_spark = [dataset for dataset in catalog.values() if dataset.engine == "spark"]
+    if not on_spark:
+        return
+
+    def start() -> None:
+        from owner_console.engine import engine_for
+
+        log = logging.getLogger("bastion.executor")
+        started = time.monotonic()
+        for dataset in on_spark:
+            try:
+                engine_for([dataset]).schema(dataset)
+            except Exception as exc:  # noqa: BLE001 - the first query reports it to the scientist, typed
+                log.warning("Spark dataset %r not read ahead (%s)", dataset.name, type(exc).__name__)
+        log.info("Spark started and %d Spark dataset(s) read ahead in %.1f s", len(on_spark),
+                 time.monotonic() - started)
+
+    threading.Thread(target=start, name="spark-start", daemon=True).start()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from owner_console.server import ExecutorServer  # the engine is loaded only to serve
 
@@ -236,6 +266,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         endpoint = server.start()
     except OSError as exc:
         raise UsageError(str(exc)) from None
+
+    _start_spark_early(workspace)
 
     def request_stop(signum, _frame) -> None:
         server.stop()

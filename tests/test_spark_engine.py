@@ -554,6 +554,16 @@ def spark_executor(tmp_path_factory, files):
 
 
 @pytest.mark.slow
+def test_serve_starts_spark_and_reads_the_spark_datasets_ahead_of_the_first_query(spark_executor):
+    # In the background: the executor answered "ready" before; the first question does not wait for a JVM.
+    deadline = time.monotonic() + 120
+    while "Spark started and 3 Spark dataset(s) read ahead" not in spark_executor.log_file.read_text():
+        assert time.monotonic() < deadline, spark_executor.log_file.read_text()[-2000:]
+        time.sleep(0.5)
+    assert "not read ahead" not in spark_executor.log_file.read_text()
+
+
+@pytest.mark.slow
 def test_an_executor_serves_a_spark_dataset_with_the_polars_answer(spark_executor):
     alice = spark_executor.client("alice")
     started = time.monotonic()
