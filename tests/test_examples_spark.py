@@ -269,9 +269,9 @@ def rows(resource: dict, source: str) -> list[dict] | dict:
     keys, cut = sorted_by(source)
     if not keys or not all(key in row for row in found for key in keys):
         return found
-    # polars' sort is not stable: rows tied on the keys come in an order of its choosing, and a cut after
-    # the sort (head, limit, slice, tail) keeps any of them.  The keys, in their order, are the answer;
-    # without a cut, the rows too, as a set.
+    # A sort the kernel computes on a fetched result is plain polars', which is not stable: rows tied on the keys
+    # come in an order of its choosing, and a cut after the sort (head, limit, slice, tail) keeps any of them.
+    # The keys, in their order, are the answer; without a cut, the rows too, as a set.
     ordered_keys = [[row[key] for key in keys] for row in found]
     return {"sort keys": ordered_keys} if cut else {"sort keys": ordered_keys, "rows": canonical(found)}
 
