@@ -11,14 +11,16 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import logging
+import threading
 import traceback
 import uuid
 from dataclasses import dataclass
 from importlib import metadata
 
+from ipykernel.iostream import OutStream
 from ipykernel.kernelapp import IPKernelApp
 from ipykernel.kernelbase import Kernel
-from traitlets import Float
+from traitlets import DottedObjectName, Float
 
 from . import display
 from .client import ConfiguredSession, review_pending
@@ -141,8 +143,26 @@ class BastionKernel(Kernel):
             if not silent:
                 self.send_response(self.iopub_socket, "execute_result", {
                     "execution_count": self.execution_count, "data": bundle, "metadata": {}})
+                self._wait_until_published()
         return {"status": "ok", "execution_count": self.execution_count,
                 "payload": payload, "user_expressions": {}}
+
+    def _wait_until_published(self, timeout: float = 1.0) -> None:
+        """Wait until ipykernel's IO thread has handed what this cell published to the IOPub socket.
+
+        IOPub messages are sent from a thread of their own, which needs the
+        interpreter lock: left alone it would send the cell's result only
+        once this thread blocks again, after the reply and the status
+        messages are made.  Waiting here hands it over at once, so the result
+        is shown first.
+        """
+        io_thread = getattr(self.iopub_socket, "io_thread", None)
+        thread = getattr(io_thread, "thread", None)
+        if thread is None or not thread.is_alive() or thread is threading.current_thread():
+            return
+        sent = threading.Event()
+        io_thread.schedule(sent.set)
+        sent.wait(timeout)
 
     def _error_reply(self, ename: str, evalue: str, traceback_lines: list[str]) -> dict:
         content = {"ename": ename, "evalue": evalue, "traceback": traceback_lines}
@@ -303,6 +323,30 @@ class _DropUnencryptedWarning(logging.Filter):
         return not str(record.msg).startswith(_UNENCRYPTED_WARNING)
 
 
+class QuietOutStream(OutStream):
+    """ipykernel's ``sys.stdout``/``sys.stderr``, whose ``flush`` is free when nothing was written since the last.
+
+    ipykernel flushes both streams after every cell, and each flush waits for
+    a round trip through its IO thread.  A Bastion cell prints through
+    IOPub messages (:meth:`BastionKernel._on_output`), not through these
+    streams, so those round trips would only cost every cell two thread
+    switches each.  Whatever is written (a library's warning, output of the
+    process's file descriptors) is flushed as before.
+    """
+
+    _written = False
+
+    def write(self, string: str) -> int | None:
+        written = super().write(string)
+        self._written = True  # (after the text is buffered: a flush that sees the flag sends it)
+        return written
+
+    def flush(self) -> None:
+        if self._written:
+            self._written = False
+            super().flush()
+
+
 class BastionKernelApp(IPKernelApp):
     """ipykernel's application, with its warning about unencrypted TCP explained where it does not apply.
 
@@ -315,18 +359,53 @@ class BastionKernelApp(IPKernelApp):
     stays, because it is true there.
     """
 
+    outstream_class = DottedObjectName("bastion_kernel.kernel.QuietOutStream", allow_none=True,
+                                       help="The importstring for the OutStream factory").tag(config=True)
+
+    def initialize(self, argv=None) -> None:
+        super().initialize(argv)
+        self._log_only_what_is_shown()
+
+    def _log_only_what_is_shown(self) -> None:
+        """Make the logger drop what its handlers would drop.
+
+        traitlets leaves the application's logger at DEBUG and filters in its
+        handlers, so ipykernel's debug lines (several per message, each with
+        the message's content) were made into records on every cell and then
+        thrown away.
+        """
+        levels = [handler.level for handler in self.log.handlers]
+        if levels and not self.log.propagate and self.log.level < min(levels):
+            self.log.setLevel(min(levels))
+
     def init_sockets(self) -> None:
         if self.transport != "tcp" or self.curve_secretkey is not None or not _is_loopback(self.ip):
             super().init_sockets()
-            return
-        quiet = _DropUnencryptedWarning()
-        self.log.addFilter(quiet)
-        try:
-            super().init_sockets()
-        finally:
-            self.log.removeFilter(quiet)
-        self.log.info("Jupyter talks to this kernel over local TCP on %s (loopback: nothing leaves this machine); "
-                      "queries to the data owner's executor use their own CURVE-encrypted connection", self.ip)
+        else:
+            quiet = _DropUnencryptedWarning()
+            self.log.addFilter(quiet)
+            try:
+                super().init_sockets()
+            finally:
+                self.log.removeFilter(quiet)
+            self.log.info("Jupyter talks to this kernel over local TCP on %s (loopback: nothing leaves this machine); "
+                          "queries to the data owner's executor use their own CURVE-encrypted connection", self.ip)
+        self._drop_shell_channel_thread()
+
+    def _drop_shell_channel_thread(self) -> None:
+        """Read shell messages on the main thread, as a kernel without subshells does.
+
+        ipykernel 7 receives every shell message on a thread of its own and
+        hands it to the main thread over an inproc socket, so that subshells can
+        run beside it.  This kernel runs one cell at a time and has no subshells
+        (``create_subshell_request`` refuses), so that hop would only add a
+        thread switch to every cell; ipykernel serves the shell socket from the
+        main thread when there is no such thread.
+        """
+        thread = getattr(self, "shell_channel_thread", None)
+        if thread is not None and not thread.is_alive():
+            self.shell_channel_thread = None
+            thread.io_loop.close(all_fds=True)
 
 
 def _is_loopback(host: str) -> bool:

@@ -14,13 +14,18 @@ DEALER (no kernel), a cell without the executor (``1``: Jupyter's own messaging,
 the floor any kernel pays), the span inside the kernel from ``execute_input``
 to ``execute_result`` (their header stamps: parse, plan, the executor's round
 trip, Arrow decoding, rendering), and the time until the kernel is idle again.
+It also prints the CPU time each process spends per cell (the kernel, the
+executor, its query workers, jupyter_client here): on a machine shared with
+other work, wall times also measure waiting for a core, CPU times do not.
 
 Then the two large workloads of ``bench_executor.py`` as whole cells, kernel
 to displayed table (target: <= 1.25 x plain polars): a group-by over a
 ``--rows`` table, and that table joined with a 100-row one then aggregated.
 Each round sends the cell and runs plain polars with its in-memory and its
-streaming engine on the same in-memory frames; medians of ``--large-repeat``
-rounds after two warm-up rounds, against the faster plain engine.
+streaming engine on the same in-memory frames (the order rotates from round
+to round, so that no function always runs just after the same other one);
+medians of ``--large-repeat`` rounds after two warm-up rounds, against the
+faster plain engine.
 
 Run: ``python benchmarks/bench_whole_path.py [--repeat 300] [--rows 10000000] [--large-repeat 7]``
 """
@@ -37,7 +42,7 @@ import polars as pl
 
 from bastion_kernel.contract import plan as P
 from bench_executor import load, make_tables
-from harness import RawClient, machine, percentile, served, summary
+from harness import RawClient, cpu_seconds, machine, percentile, process_tree, served, summary
 from owner_console.sample_data import write_patients
 from test_kernel import bastion_kernel, connect_scientist
 
@@ -106,7 +111,9 @@ def large_cells(kc, raw: RawClient, big: pl.LazyFrame, small: pl.LazyFrame, repe
                     plain(big, small, engine)
                     return time.perf_counter() - start
                 measured[engine] = run_plain
-            for label, fn in measured.items():
+            order = list(measured.items())
+            shift = round_index % len(order)  # each function takes each place in turn: no place favours one
+            for label, fn in order[shift:] + order[:shift]:
                 seconds = fn()
                 if round_index >= 2:  # two warm-up rounds: the executor's copies, facts, caches
                     times[label].append(seconds)
@@ -205,23 +212,32 @@ def main() -> None:
                              "small": (small_path, {"min_group_size": 10, "unsafe": "review"})})
         with served(datasets, ["bench"], tmp) as running:
             config, jupyter_path = connect_scientist(running, tmp / "carol", "carol")
-            with bastion_kernel(config, jupyter_path) as (_km, kc):
+            with bastion_kernel(config, jupyter_path) as (km, kc):
                 time_cell(kc, 'patients = dataset("patients")', expect_result=False)
                 for _ in range(10):  # warm-up: caches, sockets, the first audit writes
                     time_cell(kc, CELL)
                     plain_aggregate(frame)
                 bastion, plain, overhead, in_kernel, idle = [], [], [], [], []
+                executor_pid, kernel_pid = running.process.pid, km.provisioner.process.pid
+                workers = process_tree(executor_pid)[1:]
+                cpu_before = (cpu_seconds([kernel_pid]), cpu_seconds([executor_pid]), cpu_seconds(workers),
+                              time.process_time())
+                plain_cpu = 0.0
                 for _ in range(args.repeat):
                     timings = cell_timings(kc, CELL)
                     b = timings["result"]
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     plain_aggregate(frame)
                     p = time.perf_counter() - start
+                    plain_cpu += time.process_time() - start_cpu
                     bastion.append(b)
                     plain.append(p)
                     overhead.append(b - p)
                     in_kernel.append(timings["in_kernel"])
                     idle.append(timings["idle"])
+                cpu_after = (cpu_seconds([kernel_pid]), cpu_seconds([executor_pid]), cpu_seconds(workers),
+                             time.process_time() - plain_cpu)
+                cpu_per_cell = [(after - before) / args.repeat for before, after in zip(cpu_before, cpu_after)]
                 # The floor: a cell the kernel answers without the executor.
                 local = [time_cell(kc, "1") for _ in range(10 + args.repeat)][10:]
                 keys = running.keys["bench"]
@@ -247,6 +263,9 @@ def main() -> None:
     print(f"breakdown, in the kernel: execute_input to execute_result (header stamps) {summary(in_kernel)}; "
           f"a cell without the executor ('1') through jupyter_client {summary(local)}; "
           f"the benchmark cell until the kernel is idle {summary(idle)}")
+    print("CPU per cell (user + system, all threads; comparable when other work shares the machine): kernel "
+          f"{cpu_per_cell[0] * 1000:.2f} ms, executor {cpu_per_cell[1] * 1000:.2f} ms, its query workers "
+          f"{cpu_per_cell[2] * 1000:.2f} ms, jupyter_client in this process {cpu_per_cell[3] * 1000:.2f} ms")
     print(f"overhead (paired, per iteration): median {median * 1000:.2f} ms "
           f"(target <= 5 ms: {'met' if median <= 0.005 else 'NOT met'}), p99 {p99 * 1000:.2f} ms "
           f"(target <= 20 ms: {'met' if p99 <= 0.020 else 'NOT met'})")

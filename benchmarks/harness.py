@@ -28,7 +28,7 @@ from owner_console.workspace import Workspace  # noqa: E402
 from wire import RawClient  # noqa: E402
 
 __all__ = ["ExecutorProcess", "KeyPair", "RawClient", "machine", "make_table", "served", "percentile",
-           "summary", "proc_status_bytes"]
+           "summary", "proc_status_bytes", "cpu_seconds", "process_tree"]
 
 
 def machine() -> str:
@@ -56,6 +56,23 @@ def proc_status_bytes(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise KeyError(field)
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User plus system CPU time of processes (all their threads), from ``/proc/PID/stat``; gone ones count 0.
+
+    CPU time is what a benchmark can compare when other work shares the
+    machine: a wall time then also measures waiting for a core.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return total / tick
 
 
 def process_tree(pid: int) -> list[int]:

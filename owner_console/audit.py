@@ -17,7 +17,11 @@ that matters.
 
 Several processes append (the executor and the owner's command line): each
 append takes an exclusive ``fcntl.flock`` on the file, reads the last entry's
-hash under the lock, then writes, flushes and fsyncs the new line.
+hash under the lock, then writes, flushes and fsyncs the new line.  An
+append may leave its fsync to the next one (``sync=False``: the executor's
+``query`` entry, written while the query runs, is made durable by the fsync
+of that request's decision, refusal or error, or by :meth:`AuditLog.sync`,
+before anything is answered): one fsync per request.
 
 Torn lines.  A crash in the middle of a write can leave a last line without
 its newline (every complete line was fsynced before the lock was released, so
@@ -116,10 +120,13 @@ _TAIL_CHUNK = 64 * 1024
 _FRAGMENT_KEPT = 4096
 
 
+# One encoder for every canonical form (json.dumps would build one per call, with these options).
+_CANONICAL_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical(entry: dict) -> bytes:
     """The byte form that is hashed (and written): sorted keys, no spaces, UTF-8."""
-    return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
+    return _CANONICAL_ENCODER.encode(entry).encode("utf-8")
 
 
 def entry_hash(entry: dict) -> str:
@@ -165,6 +172,8 @@ class AuditLog:
         # The plans and texts the file holds, as ("plan" | "text", sha256): (device, inode), the offset
         # read up to, and the set; read from the file on first use, then kept up with its growth.
         self._contents: tuple[tuple[int, int], int, set[tuple[str, str]]] | None = None
+        # True while entries written with ``sync=False`` wait for an fsync (see :meth:`sync`).
+        self._unsynced = False
         if self.path.exists() and self.path.stat().st_size > 0:
             self.recover()
 
@@ -207,12 +216,25 @@ class AuditLog:
             "reason": "an incomplete last line (a write torn by a crash) was cut off"})
         return recovered, canonical(recovered) + b"\n"
 
-    def _write(self, handle, data: bytes, last: dict) -> None:
+    def _write(self, handle, data: bytes, last: dict, sync: bool = True) -> None:
         handle.write(data)
         handle.flush()
-        os.fsync(handle.fileno())
         stat = os.fstat(handle.fileno())
+        if sync:
+            os.fsync(handle.fileno())  # every earlier write to the file too: nothing is left unsynced
+            self._unsynced = False
+        else:
+            self._unsynced = True
         self._tail_cache = ((stat.st_dev, stat.st_ino, stat.st_size), last["hash"], last["seq"])
+
+    def sync(self) -> None:
+        """Make every entry this log wrote without ``sync`` durable (one fsync; nothing if none is pending)."""
+        with self._lock:
+            if not self._unsynced:
+                return
+            with open(self.path, "rb") as handle:
+                os.fsync(handle.fileno())
+            self._unsynced = False
 
     def append(self, event: str, scientist: str | None = None, **fields: Any) -> dict:
         """Append one entry and return it (with ``seq``, ``hash`` and ``sig``).
@@ -224,7 +246,8 @@ class AuditLog:
         """
         return self.append_many([(event, scientist, fields)])[0]
 
-    def append_many(self, entries: Iterable[tuple[str, str | None, Mapping[str, Any]]]) -> list[dict]:
+    def append_many(self, entries: Iterable[tuple[str, str | None, Mapping[str, Any]]], *,
+                    sync: bool = True) -> list[dict]:
         """Append several entries, chained in order, in one locked write (one fsync).
 
         Parameters
@@ -233,6 +256,11 @@ class AuditLog:
             As the arguments of :meth:`append`.  Entries that
             belong together (a ``decision`` and its ``release``) cost one
             fsync instead of one each; all are on disk when this returns.
+        sync : bool
+            False: written (a crash of the process loses nothing) but not
+            fsynced; the next synced append, or :meth:`sync`, makes it
+            durable.  For an entry that must be on disk only before something
+            that depends on it is answered: the caller syncs before it answers.
 
         Returns
         -------
@@ -286,7 +314,7 @@ class AuditLog:
                     data += canonical(entry) + b"\n"
                     prev, last_seq = entry["hash"], entry["seq"]
                 # One write: the recovery record, the plans and the entries land together.
-                self._write(handle, data, written[-1])
+                self._write(handle, data, written[-1], sync=sync or torn)
                 if contents and self._contents is not None:
                     # Read up to the end just before this write: what was written is known.
                     held.update(new_contents)
@@ -361,7 +389,7 @@ def _safe(value: Any, depth: int = 0) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if depth < 32:
-        if isinstance(value, Mapping):
+        if type(value) is dict or isinstance(value, Mapping):  # (a plain dict skips the slower abstract check)
             return {_safe(str(key)): _safe(item, depth + 1) for key, item in value.items()}
         if isinstance(value, (list, tuple)):
             return [_safe(item, depth + 1) for item in value]
@@ -382,6 +410,8 @@ def _bounded(fields: dict) -> dict:
         return value
 
     fields = {key: cut(value) for key, value in fields.items()}
+    if len(canonical(fields)) <= MAX_ENTRY_BYTES - 1024:
+        return fields  # (the whole is at least the sum of its values: nothing to replace)
     sizes = {key: len(canonical(value)) for key, value in fields.items()}
     while sum(sizes.values()) > MAX_ENTRY_BYTES - 1024:  # room for seq, time, hashes and signature
         largest = max(sizes, key=sizes.__getitem__)

@@ -87,7 +87,10 @@ def _receive_exactly(sock: socket.socket, size: int) -> bytes:
     view = memoryview(buffer)
     received = 0
     while received < size:
-        n = sock.recv_into(view[received:])
+        try:
+            n = sock.recv_into(view[received:])
+        except ConnectionResetError:  # the other end died with bytes it had not read yet
+            n = 0
         if n == 0:
             raise WorkerDied("the other end closed the connection")
         received += n
@@ -258,13 +261,14 @@ class _Worker:
             if not self._renice(0):  # lowering the nice value needs privileges the executor may not have
                 return False
             self.background = False
-        if _status_bytes(self.process.pid, "RssAnon") > RECYCLE_PRIVATE_BYTES:
+        anonymous, virtual = _memory_bytes(self.process.pid)
+        if anonymous > RECYCLE_PRIVATE_BYTES:
             return False
         # Under an address-space limit (inherited from the executor), polars' streaming engine keeps large
         # virtual reservations after a query; a worker past half the limit would fail its next query's
         # allocations (ENOMEM), so a fresh worker takes it instead.
         soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-        return soft == resource.RLIM_INFINITY or _status_bytes(self.process.pid, "VmSize") <= soft // 2
+        return soft == resource.RLIM_INFINITY or virtual <= soft // 2
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -293,16 +297,21 @@ def _threads_of_tree(pid: int) -> list[int]:
     return found
 
 
-def _status_bytes(pid: int, field: str) -> int:
-    """A ``kB`` field of ``/proc/PID/status`` in bytes (0 where unknown)."""
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _memory_bytes(pid: int) -> tuple[int, int]:
+    """``(anonymous resident, virtual size)`` of a process in bytes, from ``/proc/PID/statm`` ((0, 0) where unknown).
+
+    Checked after every query: one short read, where ``/proc/PID/status`` is some fifty lines to parse.
+    ``statm`` counts resident and shared (file and shmem) pages; their difference is ``RssAnon``.
+    """
     try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            size, resident, shared = statm.read().split()[:3]
+        return (int(resident) - int(shared)) * _PAGE_BYTES, int(size) * _PAGE_BYTES
+    except (OSError, ValueError):
+        return 0, 0
 
 
 class QueryWorkers:
@@ -358,11 +367,12 @@ class QueryWorkers:
 
         A plan over Spark datasets runs in this process instead (:func:`runs_in_executor`).
         """
-        if runs_in_executor(plan, catalog):
+        names = walk.source_names(plan)
+        if _other_engine(names, catalog):
             if on_started is not None:
                 on_started()
             return executor.evaluate(plan, catalog, scientist, self.cache, cancel=cancel, timeout=timeout)
-        header, payload = self._call("evaluate", plan, catalog, scientist, cancel, timeout, on_started)
+        header, payload = self._call("evaluate", plan, catalog, scientist, cancel, timeout, on_started, names)
         kind = Released if header["outcome"] == "released" else Held
         return kind(table=_read_ipc(payload), decision=_decision_from_json(header["decision"]),
                     notes=list(header["notes"]), ipc=payload)
@@ -371,11 +381,12 @@ class QueryWorkers:
                      timeout: float | None = None, scientist: str | None = None,
                      on_started: Callable[[], None] | None = None) -> tuple[Any, Policy]:
         """:func:`owner_console.executor.prepare_save` in a worker process (``on_started``: see :meth:`evaluate`)."""
-        if runs_in_executor(plan, catalog):
+        names = walk.source_names(plan)
+        if _other_engine(names, catalog):
             if on_started is not None:
                 on_started()
             return executor.prepare_save(plan, catalog, self.cache, cancel=cancel, timeout=timeout, scientist=scientist)
-        header, payload = self._call("prepare_save", plan, catalog, scientist, cancel, timeout, on_started)
+        header, payload = self._call("prepare_save", plan, catalog, scientist, cancel, timeout, on_started, names)
         return _read_ipc(payload), Policy.from_dict(header["policy"])
 
     def warm(self) -> None:
@@ -396,7 +407,7 @@ class QueryWorkers:
     # -- dispatch -------------------------------------------------------
     def _call(self, op: str, plan: Any, catalog: Mapping[str, Dataset], scientist: str | None,
               cancel: threading.Event | None, timeout: float | None,
-              on_started: Callable[[], None] | None) -> tuple[dict, bytes]:
+              on_started: Callable[[], None] | None, names: set[str]) -> tuple[dict, bytes]:
         announced = False
 
         def announce() -> None:
@@ -409,7 +420,7 @@ class QueryWorkers:
         try:
             if cancel is not None and cancel.is_set():
                 raise BastionError("ExecutionError", "the query was cancelled at your request", cancelled=True)
-            timeout = _query_timeout(plan, catalog, scientist, timeout)
+            timeout = _query_timeout(names, catalog, scientist, timeout)
             deadline = None if timeout is None else time.monotonic() + timeout
             worker = self._acquire("small" if is_small_query(plan, catalog) else "regular")
             reusable = False
@@ -480,7 +491,11 @@ def runs_in_executor(plan: Any, catalog: Mapping[str, Dataset]) -> bool:
     process would cost seconds and 400 MB per worker); Spark runs the query on its own executors, and a cancel
     or the time limit stops its jobs by their tag (:mod:`owner_console.engine.spark.engine`).
     """
-    return any(getattr(catalog.get(name), "engine", "polars") != "polars" for name in walk.source_names(plan))
+    return _other_engine(walk.source_names(plan), catalog)
+
+
+def _other_engine(names: set[str], catalog: Mapping[str, Dataset]) -> bool:
+    return any(getattr(catalog.get(name), "engine", "polars") != "polars" for name in names)
 
 
 def is_small_query(plan: Any, catalog: Mapping[str, Dataset]) -> bool:
@@ -503,11 +518,12 @@ def is_small_query(plan: Any, catalog: Mapping[str, Dataset]) -> bool:
     return True
 
 
-def _query_timeout(plan: Any, catalog: Mapping[str, Dataset], scientist: str | None,
+def _query_timeout(names: set[str], catalog: Mapping[str, Dataset], scientist: str | None,
                    workspace_limit: float | None) -> float | None:
-    """As :func:`executor.query_timeout`, over the datasets the plan names (the worker validates the plan)."""
-    names = walk.source_names(plan)
-    read = executor.for_scientist({name: d for name, d in catalog.items() if name in names}, scientist)
+    """As :func:`executor.query_timeout`, over the datasets a plan names (``names``; the worker validates the plan)."""
+    read = {name: d for name, d in catalog.items() if name in names}
+    if any(scientist in d.policy.scientists for d in read.values()):  # (else their policies apply as they are)
+        read = executor.for_scientist(read, scientist)
     return executor.query_timeout(read.values(), workspace_limit)
 
 

@@ -46,3 +46,24 @@ def test_a_bad_entry_refuses_the_whole_batch(tmp_path, key):
         log.append_many([("decision", "alice", {}), ("no-such-event", "alice", {})])
     assert not log.path.exists() or log.path.read_bytes() == b""
     assert log.append_many([]) == []
+
+
+def test_an_unsynced_entry_is_written_at_once_and_made_durable_by_the_next_fsync(tmp_path, key, monkeypatch):
+    import owner_console.audit as audit_module
+    log = AuditLog(tmp_path / "audit.jsonl", key)
+    synced: list[int] = []
+    real_fsync = audit_module.os.fsync
+    monkeypatch.setattr(audit_module.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    log.append_many([("query", "alice", {"plan": {"op": "scan", "dataset": "patients"}, "text": "cell"})],
+                    sync=False)
+    # In the file (another process reads it; a crash of this one loses nothing), not yet fsynced.
+    assert [e["event"] for e in read_entries(log.path)] == ["plan", "query"] and synced == []
+    log.append_many([("decision", "alice", {"action": "allow"}), ("release", "alice", {"rows": 1})])
+    assert len(synced) == 1  # one fsync for the request's three entries
+    log.sync()
+    assert len(synced) == 1  # nothing was pending
+    log.append_many([("query", "alice", {"text": "again"})], sync=False)
+    log.sync()
+    log.sync()
+    assert len(synced) == 2
+    assert verify(log.path, key.public_key()).ok

@@ -112,6 +112,8 @@ class ExecutorServer(Handlers, Releases):
         # Releases of approved results, one at a time: an approval is released once (see _release_approved).
         self._release_lock = threading.Lock()
         self._limits_cache: tuple[tuple[int, int, int], float, Limits] | None = None
+        self._config_path = str(self.workspace.config_path)  # (stat on every message)
+        self._catalog_cache: tuple[tuple, float, tuple[dict, list]] | None = None
         self._handlers: dict[str, Callable[[Incoming], list[bytes]]] = {
             "hello": self._hello,
             "datasets": self._datasets,
@@ -247,7 +249,9 @@ class ExecutorServer(Handlers, Releases):
             if len(self._seen) > 10_000:
                 self._seen.clear()
             self._seen.add((key, identity))
-        salvaged = salvage_id(parts[0].bytes) if parts else UNREADABLE_ID
+
+        def salvaged() -> str:  # (parsed only for a refusal: a served request's id is read with its body)
+            return salvage_id(parts[0].bytes) if parts else UNREADABLE_ID
 
         def refuse(msg_id: str, error: BastionError, kind: str = "?", **notes: Any) -> None:
             if verdict == "serve":
@@ -258,17 +262,17 @@ class ExecutorServer(Handlers, Releases):
                                                       notes={"key": key, **notes} if scientist is None else notes))
 
         if verdict == "refuse":
-            refuse(salvaged, BastionError("LimitExceeded", f"too many refused requests: this key may make at most "
-                                                           f"{limit} a minute; its messages are dropped until "
-                                                           "then", limit="max_refusals_per_minute"))
+            refuse(salvaged(), BastionError("LimitExceeded", f"too many refused requests: this key may make at "
+                                                             f"most {limit} a minute; its messages are dropped "
+                                                             "until then", limit="max_refusals_per_minute"))
             return
         if scientist is None:
-            refuse(salvaged, BastionError("AuthenticationError", "this key is no longer allowed: the owner "
-                                                                 "removed or replaced it"))
+            refuse(salvaged(), BastionError("AuthenticationError", "this key is no longer allowed: the owner "
+                                                                   "removed or replaced it"))
             return
         if len(parts) != 1:
-            refuse(salvaged, BastionError("ProtocolError", f"a request is one frame (the envelope); got {len(parts)} "
-                                                           "frames"))
+            refuse(salvaged(), BastionError("ProtocolError", "a request is one frame (the envelope); got "
+                                                             f"{len(parts)} frames"))
             return
         try:
             kind, msg_id, body = read_request(parts[0].bytes)
@@ -321,6 +325,12 @@ class ExecutorServer(Handlers, Releases):
                 return
             if request.refusal is None and self._keys.name_of(request.key) != request.scientist:
                 self._withhold(request)
+                return
+            try:
+                self.audit.sync()  # entries written without their own fsync (a query's) are on disk first
+            except Exception:
+                log.exception("cannot write the audit log: request %s (%s from %s) is left unanswered",
+                              request.msg_id, request.kind, request.scientist)
                 return
             self._send([request.identity, *frames])
         finally:
@@ -424,14 +434,43 @@ class ExecutorServer(Handlers, Releases):
         fail exactly like names that do not exist.  A dataset shadows a saved
         result of the same name (``save`` refuses dataset names).
         """
-        catalog, errors = self.workspace.catalog_with_errors()
+        catalog, errors = self._owners_catalog()
         for error in errors:
             if str(error) not in self._logged_catalog_errors:
                 self._logged_catalog_errors.add(str(error))
                 log.error("skipping a dataset: %s", error)
         if scientist is None:
-            return catalog
+            return dict(catalog)
         return {**self.saved.catalog(scientist), **catalog}
+
+    def _owners_catalog(self) -> tuple[dict, list]:
+        """The workspace's datasets and unreadable dataset files, read again only when a dataset file changed.
+
+        Asked on every query, so a ``stat`` of the directory and of each
+        dataset file decides (the parsed files cost far more); a file changed
+        within :data:`AllowList.RACY_SECONDS` of the last read is read again,
+        as :meth:`_limits` does.
+        """
+        directory = self.workspace.datasets_dir
+        try:
+            directory_stat = os.stat(directory)
+            files = []
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.name.endswith(".toml"):
+                        stat = entry.stat()
+                        files.append((entry.name, stat.st_mtime_ns, stat.st_size, stat.st_ino))
+        except OSError:
+            return self.workspace.catalog_with_errors()
+        stamp = (directory_stat.st_mtime_ns, directory_stat.st_ino, tuple(sorted(files)))
+        newest = max([directory_stat.st_mtime_ns, *(file[1] for file in files)])
+        cached = self._catalog_cache
+        if cached is not None and cached[0] == stamp and cached[1] - newest / 1e9 >= AllowList.RACY_SECONDS:
+            return cached[2]
+        read_at = time.time()
+        read = self.workspace.catalog_with_errors()
+        self._catalog_cache = (stamp, read_at, read)
+        return read
 
     def _limits(self) -> Limits:
         """The workspace's limits, re-read when ``config.toml`` changed (defaults if it is broken).
@@ -441,7 +480,7 @@ class ExecutorServer(Handlers, Releases):
         change in the same clock tick would not move its time).
         """
         try:
-            stat = os.stat(self.workspace.config_path)
+            stat = os.stat(self._config_path)
             stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
             cached = self._limits_cache
             if cached is not None and cached[0] == stamp and \

@@ -173,8 +173,11 @@ class Handlers:
 
         def audit_query(**fields: Any) -> None:
             if not queried:
-                self.audit.append("query", request.scientist, request=request.msg_id, plan=plan, plan_hash=digest,
-                                  text=text, **fields)
+                # Not fsynced by itself: the fsync of this request's decision, refusal or error (or the one
+                # ExecutorServer._run makes before any reply) makes it durable, before anything is answered.
+                self.audit.append_many([("query", request.scientist, {
+                    "request": request.msg_id, "plan": plan, "plan_hash": digest, "text": text, **fields})],
+                    sync=False)
                 queried.append(True)
 
         runnable, reads_mock = mock.route(plan)
@@ -188,13 +191,14 @@ class Handlers:
             answer = self._answer_from(request, earlier)
             if answer is not NEW_REVIEW:
                 return answer
+        limits = self._limits()
         try:
-            # The fsynced ``query`` entry is written while the worker computes; it is on disk before any
-            # refusal, decision or release of this request is written, and before anything is sent.
+            # The ``query`` entry is written while the worker computes; it is in the log before any refusal,
+            # decision or release of this request, and on disk (their fsync) before anything is sent.
             outcome = self._executor.evaluate(
                 runnable, catalog, request.scientist, cancel=request.cancel,
-                timeout=self._limits().query_timeout_seconds, on_started=audit_query)
-            _check_rows_released(outcome.table.height, self._limits().max_rows_released)
+                timeout=limits.query_timeout_seconds, on_started=audit_query)
+            _check_rows_released(outcome.table.height, limits.max_rows_released)
         except BastionError:
             raise  # audited as a refusal by _answer, after the query entry
         except Exception:

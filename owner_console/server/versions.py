@@ -36,7 +36,8 @@ def data_version(plan: Any, catalog: dict, scientist: str) -> str:
             stat = path.stat()
         except OSError:
             return ""
-        parts.append([name, str(path), stat.st_size, stat.st_mtime_ns,
-                      dataset.policy.for_scientist(scientist).to_dict(),
+        # (for_scientist drops the overrides table; a policy without one is already as it applies)
+        policy = dataset.policy.for_scientist(scientist) if dataset.policy.scientists else dataset.policy
+        parts.append([name, str(path), stat.st_size, stat.st_mtime_ns, policy.to_dict(),
                       dataset.dp.to_dict() if getattr(dataset, "dp", None) is not None else None])
     return hashlib.sha256(canonical_json(parts)).hexdigest() if parts else ""
