@@ -162,6 +162,7 @@ def _plans() -> dict[str, dict]:
                                 alias(fn("sum", binary("mul", col("f_clean"), col("v"))), "fv"),
                                 alias(fn("mean", binary("mul", col("w"), col("f_zero"))), "wz"),
                                 alias(fn("count", col("region")), "regions")]),
+        "join_by_float_key": op("group_by", input=joined, keys=[col("w")], aggs=_aggs(["f_clean"], SUMS)),
         "join_filtered_side": op("group_by", input=op(
             "join", left=t, right=op("filter", input=dim, predicate=binary("gt", col("w"), lit(0.4))), how="inner",
             left_on=[col("k")], right_on=[col("k")], suffix="_r"), keys=[col("region")],

@@ -590,6 +590,8 @@ class AccountingCompiler:
                 column = small_of[column]
             else:
                 return None  # a key of the table's other columns: its groups split the key groups
+            if not key_dtype_fits(right_schema[column]):
+                return None  # joined to the aggregation by equality: no float keys (NaN, -0.0)
             groups.append((column, P.output_name(key)))
         if not groups or len({o for _, o in groups}) != len(groups):
             return None
