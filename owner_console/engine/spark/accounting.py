@@ -331,12 +331,7 @@ def _acct_share(scope: Scope, node: dict, window: Any) -> Column:
         dtype = scope.dtype(node["input"])
         # A value that is not a float is never NaN: its plain max is polars' (one aggregate less).
         largest = _largest(scope, value, window) if dtype is None or dtype.is_float() else _over(F.max(value), window)
-        spread = largest - _over(F.min(value), window)
-        spread_total = n * variance
-        factor = _clearing_factor(node)
-        return (F.when(~_is_finite(spread_total) | ~_is_finite(spread), F.lit(1))
-                .when((spread == 0) | (spread_total >= F.lit(factor) * spread * spread), F.lit(0))
-                .otherwise(F.lit(2)))
+        return bound_flag(node, n, variance, largest, _over(F.min(value), window))
     group = scope.window()
     median = scope.pre(F.median(value).over(group), "median")
     distance = F.abs(value - median)
@@ -372,6 +367,17 @@ def _acct_share(scope: Scope, node: dict, window: Any) -> Column:
     if node.get("largest") is not None:
         dominated = dominated | ((total > 0) & (top_one > total * F.lit(node["largest"] / 1_000_000)))
     return F.coalesce(dominated, F.lit(False))
+
+
+def bound_flag(node: dict, n: Column, variance: Column, largest: Column, smallest: Column) -> Column:
+    """The dominance bound's flag of a group from its values' count (a double), population variance, max and min:
+    0 cleared, 1 not finite, 2 unsure (see the polars engine's ``_acct_share``)."""
+    spread = largest - smallest
+    spread_total = n * variance
+    factor = _clearing_factor(node)
+    return (F.when(~_is_finite(spread_total) | ~_is_finite(spread), F.lit(1))
+            .when((spread == 0) | (spread_total >= F.lit(factor) * spread * spread), F.lit(0))
+            .otherwise(F.lit(2)))
 
 
 def _clip_zero(value: Column) -> Column:

@@ -43,6 +43,7 @@ from ...model import Dataset
 from ..accounting import RESERVED_PREFIX
 from ..compile import _FILL_NULL_FITS
 from . import accounting
+from .key_stats import cover as key_cover
 from .expressions import Scope, column, shape_of, unsupported
 from .sources import ORDER_COLUMNS, ROW_BLOCK, ROW_FILE, ROW_INDEX
 from .types import PolarsTypes, _user_exprs, polars_schema, spark_type
@@ -164,7 +165,10 @@ def compile_plan(plan: dict, catalog: Mapping[str, Dataset], session: Any,
 
 def compile_result(plan: dict, catalog: Mapping[str, Dataset], session: Any,
                    read: Callable[[Dataset], Any],
-                   row_count: Callable[[Dataset], int | None] | None = None) -> CompiledPlan:
+                   row_count: Callable[[Dataset], int | None] | None = None,
+                   key_stats: Callable[[Dataset, tuple[str, ...], Mapping[str, pl.DataType],
+                                        Mapping[str, pl.DataType]], pl.DataFrame | None] | None = None
+                   ) -> CompiledPlan:
     """:func:`compile_plan`, with the result's polars schema (for :func:`to_polars` and ``output_schema``).
 
     ``row_count(dataset)``, when given, is the number of rows the dataset's
@@ -173,6 +177,11 @@ def compile_result(plan: dict, catalog: Mapping[str, Dataset], session: Any,
     :data:`..accounting.BITSET_MAX_ROWS` rows are counted per group as bits
     (:func:`.accounting.row_words`), as the polars engine counts them.  A
     run that finds more rows than that fails as "changed".
+
+    ``key_stats(dataset, keys, {column: dtype}, {held column: dtype})``, when
+    given, is the dataset's per-key statistics of those columns for its current data
+    version (:func:`.key_stats.measure`), or None: a group-by of a whole
+    source then reads its checks from them (:func:`.key_stats.cover`).
     """
     _apply_session_conf(session)
     # Every source the plan reads (json_objects: the walker's tables do not name the accounting nodes).
@@ -188,6 +197,8 @@ def compile_result(plan: dict, catalog: Mapping[str, Dataset], session: Any,
     schema = types.schema(plan)
     compiler = SparkCompiler(catalog, reader, types, first_reads, ordered)
     compiler.row_count = row_count
+    compiler.key_stats = key_stats
+    compiler.session = session
     compiler.row_id_uses = Counter(node.get("name") for node in walk.json_objects(plan)
                                    if node.get("op") == "acct_row_id")
     frame = compiler.frame(plan)
@@ -281,6 +292,8 @@ class SparkCompiler(accounting.AccountingOps):
         self.serial = 0
         self.checked_datasets: set[str] = set()
         self.row_count: Callable[[Dataset], int | None] | None = None
+        self.key_stats: Callable[..., pl.DataFrame | None] | None = None
+        self.session: Any = None
         self.row_id_uses: Counter = Counter()  # acct_row_id name -> nodes making it
         self.ops: dict[str, Callable[[dict], Frame]] = {
             "scan": self._scan, "saved": self._scan, "filter": self._filter, "select": self._select,
@@ -403,10 +416,18 @@ class SparkCompiler(accounting.AccountingOps):
         scope.partition = [column(k) for k in keys]
         agg_names = [expr_name(a) for a in node["aggs"]]
         slots = [self.hidden("agg") for _ in node["aggs"]]
-        values = [self.agg_value(scope, a).alias(s) for a, s in zip(node["aggs"], slots)]
+        # Checks of a whole source's plain columns read from its per-key statistics, after the aggregation.
+        cover = key_cover(self, node) if not computed else None
+        values = [self.agg_value(scope, a).alias(s) for i, (a, s) in enumerate(zip(node["aggs"], slots))
+                  if cover is None or i not in cover.values]
+        if cover is not None:
+            cover.count = self.hidden("rows")
+            values.append(F.count(F.lit(1)).alias(cover.count))
         if not values:
             values = [F.count(F.lit(1)).alias(self.hidden("rows"))]
         grouped = frame.df.groupBy(*[column(k) for k in keys]).agg(*values)
+        if cover is not None:
+            grouped = cover.joined(self, grouped, node, slots)
         order = [self.hidden("order") for _ in keys]
         df = grouped.select(*[column(k).alias(n) for k, n in zip(keys, key_names)],
                             *[column(s).alias(n) for s, n in zip(slots, agg_names)],

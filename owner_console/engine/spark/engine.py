@@ -287,8 +287,14 @@ class SparkEngine(Engine):
                 versions[dataset.name] = self._path_version(dataset)
             return sources.row_count(dataset, versions[dataset.name])
 
+        def stats(dataset: Dataset, keys: tuple[str, ...], columns: Mapping[str, pl.DataType],
+                  held: Mapping[str, pl.DataType]) -> pl.DataFrame | None:
+            if dataset.name not in versions:
+                versions[dataset.name] = self._path_version(dataset)
+            return self._key_stats(spark, dataset, versions[dataset.name], keys, columns, held)
+
         try:
-            compiled = compile_result(plan, catalog, spark, read, row_count)
+            compiled = compile_result(plan, catalog, spark, read, row_count, stats)
         except Exception as exc:  # noqa: BLE001 - classic Spark analyses each call as it is made
             kind = _spark_failure(exc)
             if kind is None:
@@ -303,6 +309,37 @@ class SparkEngine(Engine):
                 while len(_compiled_plans) > COMPILED_KEPT:
                     _compiled_plans.popitem(last=False)
         return compiled
+
+    def _key_stats(self, spark: Any, dataset: Dataset, version: str, keys: tuple[str, ...],
+                   columns: Mapping[str, pl.DataType], held: Mapping[str, pl.DataType]) -> pl.DataFrame | None:
+        """Per-key statistics of ``columns`` (and holders of ``held``'s extremes) by ``keys`` for ``dataset``'s
+        data ``version``
+        (:mod:`.key_stats`): one Spark job per version and key for the columns not kept yet, under a job tag
+        and the dataset's time limit.  None without a version, with too many groups, or when the job fails
+        (the query then computes its checks itself)."""
+        from .key_stats import kept_stats, measure
+
+        if not version:
+            return None
+        timeout = _time_limit([dataset])
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def measured(missing: Mapping[str, pl.DataType],
+                     missing_held: Mapping[str, pl.DataType]) -> pl.DataFrame | None:
+            frame = sources.read(spark, dataset, version, ordered=False)
+            return measure(frame, keys, missing, missing_held,
+                           lambda df: _tagged(spark, df.toArrow, None, deadline, timeout))
+
+        try:
+            return kept_stats(_identity(dataset), version, keys, columns, held, measured)
+        except BastionError as error:
+            if error.ename == "LimitExceeded":
+                raise
+            return None
+        except Exception as exc:  # noqa: BLE001 - statistics only save work: the query computes its checks
+            if _spark_failure(exc) is None:
+                raise
+            return None
 
     def _compiled_key(self, plan: dict, catalog: Mapping[str, Dataset], versions: dict[str, str]) -> tuple | None:
         """The compile cache's key of ``plan`` (``versions`` gets each source's data version), or None when a
