@@ -243,8 +243,9 @@ class DatasetCache:
 
         A value derived from cached tables only, so the same key over the
         same file versions gives the same value: computed once, then reused
-        until a file changes.  Not kept when facts are off or a table is not
-        the dataset's current one.
+        until a file changes (values of an older version are dropped when
+        the next value is kept).  Not kept when facts are off or a table is
+        not the dataset's current one.
         """
         versions = []
         for dataset, table in sources:
@@ -259,6 +260,10 @@ class DatasetCache:
                 return self._derived[full_key]
         value = compute()
         with self._lock:
+            # Values of replaced tables are dropped: a compiled query holds its tables, which would stay in memory.
+            for stale in [k for k in self._derived
+                          if any(self._frames.get(path, (None,))[0] != version for path, version in k[1])]:
+                del self._derived[stale]
             self._derived[full_key] = value
             while len(self._derived) > DERIVED_KEPT:
                 self._derived.popitem(last=False)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import polars as pl
 
-from bastion_kernel.contract import walk
+from bastion_kernel.contract import plan as P, walk
 from bastion_kernel.contract.protocol import BastionError
 
 from ..model import Dataset
@@ -126,11 +127,10 @@ class PolarsEngine(Engine):
         measure is remembered so that later queries skip the first try.
         """
         started = time.monotonic()
-        compiler = Compiler(catalog, self.cache)
-        query = compiler.frame(plan)
-        streaming = _streams_compiled(compiler)
-        table = self._collect(query, streaming, cancel, timeout, compiler.sliced_join)
-        unsure = [miss for name, miss in compiler.ranged_shares
+        compiled = self._compiled(plan, catalog)
+        streaming = compiled.streaming
+        table = self._collect(compiled.query, streaming, cancel, timeout, compiled.sliced_join)
+        unsure = [miss for name, miss in compiled.ranged_shares
                   if name in table.columns and bool((table.get_column(name) == UNSURE).any())]
         if not unsure:
             return table
@@ -142,13 +142,39 @@ class PolarsEngine(Engine):
             if remaining is not None and remaining <= 0:
                 raise BastionError("LimitExceeded", "", limit="query_timeout_seconds")
             return self._collect(Compiler(catalog, self.cache, fact_ranges=False).frame(plan), streaming, cancel,
-                                 remaining, compiler.sliced_join)
+                                 remaining, compiled.sliced_join)
         except BastionError as error:
             if error.ename != "LimitExceeded" or error.details.get("limit") != "query_timeout_seconds":
                 raise
             # Told as the one query's limit it is (the time left is not the scientist's to learn).
             raise BastionError("LimitExceeded", f"the query ran longer than {timeout:g} s and was cancelled",
                                limit="query_timeout_seconds", seconds=timeout) from None
+
+    def _compiled(self, plan: dict, catalog: Mapping[str, Dataset]) -> CompiledQuery:
+        """The plan's polars query, compiled once per plan and versions of the tables it reads.
+
+        Compiling reads only the cached tables (and their facts), so the same
+        accounted plan over the same file versions compiles to the same
+        query: kept by :meth:`DatasetCache.remembered` (with the dominance
+        measures the facts' ranges left unsure, which change it), it saves
+        the compile's milliseconds on a repeated query.  A plan reading a
+        streamed file is compiled every time.
+        """
+        sources = []
+        for node in walk.json_objects(plan):  # an accounted plan: its acct_* nodes are not in the public tables
+            if "expr" in node or node.get("op") not in ("scan", "saved"):
+                continue
+            dataset = catalog.get(node["dataset"] if node["op"] == "scan" else node["name"])
+            if dataset is None or is_streamed(dataset):
+                return self._compile(plan, catalog)
+            sources.append((dataset, self.cache.frame(dataset)))
+        key = ("compiled", P.plan_hash(plan), frozenset(self.cache.range_misses))
+        return self.cache.remembered(key, sources, lambda: self._compile(plan, catalog))
+
+    def _compile(self, plan: dict, catalog: Mapping[str, Dataset]) -> CompiledQuery:
+        compiler = Compiler(catalog, self.cache)
+        query = compiler.frame(plan)
+        return CompiledQuery(query, _streams_compiled(compiler), tuple(compiler.ranged_shares), compiler.sliced_join)
 
     def _collect(self, query: pl.LazyFrame, streaming: bool, cancel: threading.Event | None,
                  timeout: float | None, exact_slices: bool) -> pl.DataFrame:
@@ -164,6 +190,17 @@ class PolarsEngine(Engine):
             if not isinstance(exc, Exception) and not is_polars_panic(exc):
                 raise  # KeyboardInterrupt, SystemExit
             raise BastionError("ExecutionError", DATA_FAILURE, error_class=type(exc).__name__) from None
+
+
+@dataclass(frozen=True)
+class CompiledQuery:
+    """A compiled plan and what running it needs to know: the engine, the shares measured with the facts'
+    ranges (``(column, measure)``), and whether a slice follows a join (``running.optimizations``)."""
+
+    query: pl.LazyFrame
+    streaming: bool
+    ranged_shares: tuple[tuple[str, tuple], ...]
+    sliced_join: bool
 
 
 def _streams(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache) -> bool:
