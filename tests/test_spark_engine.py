@@ -291,16 +291,17 @@ def _no_jobs_after(spark, seconds: float = 10) -> float:
     return time.monotonic() - started
 
 
-@pytest.mark.slow
-def test_cancel_stops_the_spark_job(spark_catalog, spark):
-    # Compiled once first, so that the cancel lands on the running job rather than on a first compile.
-    engine_for([spark_catalog["patients_spark"]]).output_schema(slow("patients_spark"), spark_catalog)
+def _cancelled_while_running(spark, catalog: dict, after: float) -> tuple[dict, float]:
+    """Evaluate the slow query in a thread and cancel it ``after`` seconds into its first Spark job.
+
+    Returns ``({"result" or "error", "ended"}, when the cancel was set)``.
+    """
     cancel = threading.Event()
     outcome: dict = {}
 
     def run() -> None:
         try:
-            outcome["result"] = core.evaluate(slow("patients_spark"), spark_catalog, "alice", cancel=cancel)
+            outcome["result"] = core.evaluate(slow("patients_spark"), catalog, "alice", cancel=cancel)
         except BastionError as exc:
             outcome["error"] = exc
         outcome["ended"] = time.monotonic()
@@ -308,10 +309,18 @@ def test_cancel_stops_the_spark_job(spark_catalog, spark):
     thread = threading.Thread(target=run)
     thread.start()
     _wait_for_a_job(spark)
-    time.sleep(1.0)
+    time.sleep(after)
     cancelled_at = time.monotonic()
     cancel.set()
     thread.join(60)
+    return outcome, cancelled_at
+
+
+@pytest.mark.slow
+def test_cancel_stops_the_spark_job(spark_catalog, spark):
+    # Compiled once first, so that the cancel lands on the running job rather than on a first compile.
+    engine_for([spark_catalog["patients_spark"]]).output_schema(slow("patients_spark"), spark_catalog)
+    outcome, cancelled_at = _cancelled_while_running(spark, spark_catalog, after=1.0)
     idle = _no_jobs_after(spark)
     latency = outcome["ended"] - cancelled_at
     print(f"\nSpark cancel (classic local[2]): the query returned {latency:.3f} s after cancel; "
@@ -358,23 +367,7 @@ def test_a_kept_compiled_plan_answers_alike_and_stays_cancellable(spark_catalog,
         core.evaluate(slow("patients_spark"), spark_catalog, "alice", timeout=1.0)
     assert limited.value.ename == "LimitExceeded"
     _no_jobs_after(spark)
-    cancel = threading.Event()
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = core.evaluate(slow("patients_spark"), spark_catalog, "alice", cancel=cancel)
-        except BastionError as exc:
-            outcome["error"] = exc
-        outcome["ended"] = time.monotonic()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    _wait_for_a_job(spark)
-    time.sleep(0.5)
-    cancelled_at = time.monotonic()
-    cancel.set()
-    thread.join(60)
+    outcome, cancelled_at = _cancelled_while_running(spark, spark_catalog, after=0.5)
     _no_jobs_after(spark)
     assert outcome["error"].details == {"cancelled": True}
     assert outcome["ended"] - cancelled_at < 3.0
