@@ -213,3 +213,106 @@ def test_keys_of_other_exact_types(engine, tmp_path, monkeypatch, dtype):
     assert covered(engine, GROUPED, catalog)
     assert_frame_equal(run(engine, GROUPED, catalog, True, monkeypatch),
                        run(engine, GROUPED, catalog, False, monkeypatch))
+
+
+# ---------------------------------------------------------------- a group_by over a join with a small side
+def big_table(nan: bool = False) -> pl.DataFrame:
+    """The source: a join key (some keys absent from the small side, one null), a float with nulls and zeros
+    (and a NaN when asked), an int."""
+    rows = 600
+    key = [None if i % 97 == 0 else i % 9 for i in range(rows)]
+    a = [None if i % 13 == 0 else 0.0 if i % 7 == 0 else (i % 23) * 1.5 - 4.0 for i in range(rows)]
+    if nan:
+        a[200] = NAN
+    x = [None if i % 17 == 0 else i % 41 - 7 for i in range(rows)]
+    return pl.DataFrame({"key": key, "a": a, "x": x}, schema={"key": pl.Int64, "a": pl.Float64, "x": pl.Int64})
+
+
+def small_table() -> pl.DataFrame:
+    """The small side: a unique join key (one null), a region with a null, weights with a null and a zero."""
+    return pl.DataFrame({"key": [0, 1, 2, 3, 4, 5, 6, 11, None],
+                         "region": ["n", "n", "s", "s", None, "e", "e", "w", "w"],
+                         "w1": [1.5, -2.0, 0.0, None, 3.0, 0.25, 4.0, 1.0, 2.0],
+                         "w2": [1, 0, 2, None, 5, 7, 0, 1, 3]},
+                        schema={"key": pl.Int64, "region": pl.String, "w1": pl.Float64, "w2": pl.Int64})
+
+
+def joined(keys: list, aggs: list) -> dict:
+    return frame_op("group_by", input=frame_op("join", left=scan("big"), right=scan("small"), how="inner",
+                                               left_on=[col("key")], right_on=[col("key")], suffix="_right"),
+                    keys=keys, aggs=aggs)
+
+
+JOIN_LEFT = joined([col("region")], [alias(fn("sum", col("a")), "sum_a"), alias(fn("count", col("x")), "count_x"),
+                                     alias(length(), "n")])
+JOIN_RIGHT = joined([col("region")], [alias(fn("sum", col("w2")), "sum_w2"), alias(fn("mean", col("w1")), "m1")])
+JOIN_PRODUCT = joined([col("region")], [alias(fn("mean", binary("mul", col("a"), col("w1"))), "mean_aw"),
+                                        alias(fn("sum", col("w2")), "sum_w2"), alias(length(), "n")])
+JOIN_BY_KEY = joined([col("key")], [alias(fn("mean", binary("mul", col("a"), col("w1"))), "mean_aw"),
+                                    alias(fn("sum", col("a")), "sum_a")])
+
+
+def join_catalog(tmp_path: Path, nan: bool = False) -> dict[str, Dataset]:
+    big, small = tmp_path / "big.parquet", tmp_path / "small.parquet"
+    big_table(nan).write_parquet(big)
+    small_table().write_parquet(small)
+    return {"big": Dataset("big", big, "parquet", Policy(min_group_size=3), engine="spark"),
+            "small": Dataset("small", small, "parquet", Policy(min_group_size=3), engine="spark")}
+
+
+def job_aggregates(engine: SparkEngine, plan: dict, catalog: dict) -> list[str]:
+    spark_engine._compiled_plans.clear()
+    optimized = engine._compiled(accounted(plan, catalog, engine), catalog).frame._jdf.queryExecution() \
+        .optimizedPlan().toString()
+    return [line for line in optimized.splitlines() if "Aggregate [" in line]
+
+
+@pytest.mark.parametrize("plan", [JOIN_LEFT, JOIN_RIGHT, JOIN_PRODUCT, JOIN_BY_KEY],
+                         ids=["left_column", "right_column", "product", "by_join_key"])
+def test_a_join_is_accounted_the_same_with_and_without_statistics(engine, tmp_path, monkeypatch, plan):
+    catalog = join_catalog(tmp_path)
+    with_stats = run(engine, plan, catalog, True, monkeypatch)
+    without = run(engine, plan, catalog, False, monkeypatch)
+    assert any(c.startswith("__bastion_") for c in with_stats.columns)
+    assert_frame_equal(with_stats, without)
+    # The null region is a group; the region of a key the source lacks and of the null key meets nothing.
+    if plan is not JOIN_BY_KEY:
+        assert set(with_stats.get_column("region").to_list()) == {"n", "s", "e", None}
+    assert all("var_pop" not in line for line in job_aggregates(engine, plan, catalog))
+
+
+def test_a_covered_join_job_computes_no_accounting_of_its_terms(engine, tmp_path, monkeypatch):
+    catalog = join_catalog(tmp_path)
+    with_stats = " ".join(job_aggregates(engine, JOIN_PRODUCT, catalog))
+    for absent in ("var_pop", "bit_or", "min("):
+        assert absent not in with_stats, with_stats
+    monkeypatch.setattr(SparkEngine, "_key_stats", lambda *args, **kwargs: None)
+    without = " ".join(job_aggregates(engine, JOIN_PRODUCT, catalog))
+    assert "var_pop" in without and "bit_or" in without
+
+
+def test_a_product_with_a_nan_in_the_source_is_not_covered(engine, tmp_path, monkeypatch):
+    catalog = join_catalog(tmp_path, nan=True)
+    assert_frame_equal(run(engine, JOIN_PRODUCT, catalog, True, monkeypatch),
+                       run(engine, JOIN_PRODUCT, catalog, False, monkeypatch))
+    # The product's dominance bound stays in the job; the small side's w2 does not.
+    aggregates = " ".join(job_aggregates(engine, JOIN_PRODUCT, catalog))
+    assert "var_pop((a" in aggregates and "var_pop(cast(w2" not in aggregates, aggregates
+
+
+def test_a_join_group_the_statistics_do_not_know_fails_closed(engine, tmp_path, monkeypatch):
+    catalog = join_catalog(tmp_path)
+    plan = accounted(JOIN_PRODUCT, catalog, engine)
+    real = SparkEngine._key_stats
+
+    def wrong(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        return None if stats is None else stats.with_columns(pl.col("__bastion_stat_len") + 1)
+
+    monkeypatch.setattr(SparkEngine, "_key_stats", wrong)
+    spark_engine._compiled_plans.clear()
+    result = engine.run(plan, catalog)
+    shares = [c for c in result.columns if c.startswith("__bastion_d")]
+    contributors = [c for c in result.columns if c.startswith("__bastion_k")]
+    assert shares and all(set(result.get_column(c).to_list()) == {1} for c in shares)
+    assert contributors and all(set(result.get_column(c).to_list()) == {0} for c in contributors)

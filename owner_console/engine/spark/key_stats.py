@@ -15,6 +15,12 @@ The query's own aggregation then holds the scientist's aggregates and one row
 count per group, the guard: a group whose count differs from the statistics'
 gets a failing value (0 contributors, dominance 1), as on polars.
 
+A ``group_by`` over an inner join of a whole source with a small side whose
+join key is unique reads its checks from :func:`join_stats.group_stats`
+instead (:class:`JoinCover`): the source's statistics by the join key and
+the small side's rows, collected while compiling, as the polars engine's
+``AccountingCompiler._join_key_source`` does.
+
 The statistics are the expressions :mod:`.accounting` computes over the rows
 (:func:`stat_columns`), so a covered check has the value the job would have
 given it.  Statistics are the owner's: they choose how a value is computed,
@@ -32,9 +38,11 @@ from pyspark.sql import functions as F
 
 from bastion_kernel.contract import plan as P
 
-from ..accounting import _INTEGER_RANGE, _RANGE_MARGIN, _carried, _plain_column
+from ..accounting import _INTEGER_RANGE, _RANGE_MARGIN, AccountingCompiler, _carried, _plain_column, \
+    _product_exact
 from ..cache import KEY_STATS_MIN_ROWS
-from ..facts import KEY_LEN, MAX_KEY_GROUPS, key_dtype_fits, stat_name
+from ..facts import KEY_LEN, MAX_KEY_GROUPS, ColumnFacts, key_dtype_fits, stat_name
+from ..join_stats import MAX_SMALL_ROWS, SMALL_ROWS, Term, group_stats
 from .expressions import column
 
 if TYPE_CHECKING:
@@ -45,7 +53,7 @@ _COUNTING = frozenset({"count", "n_unique", "null_count"})
 # Frame operations between a scan and a group_by that keep every row once, in the polars engine's _whole_table.
 _WHOLE_TABLE_OPS = ("sort", "drop", "rename", "with_columns", "with_row_index")
 
-__all__ = ["KeyCover", "cover", "measure", "stat_columns", "kept_stats", "forget"]
+__all__ = ["KeyCover", "JoinCover", "cover", "measure", "stat_columns", "kept_stats", "forget"]
 
 
 def _numeric(dtype: pl.DataType) -> bool:
@@ -74,6 +82,11 @@ def stat_columns(name: str, dtype: pl.DataType) -> dict[str, Column]:
         stats["max"] = F.max(value)
     stats["min"] = F.min(value)
     stats["mean"] = F.avg(value)
+    if dtype.is_float():
+        # The column's facts (a product's exactness over a join, join_stats): its values that are not finite,
+        # and the smallest non-zero magnitude.
+        stats["nonfinite"] = F.count(F.when(value.isNaN() | (F.abs(value) == F.lit(float("inf"))), F.lit(1)))
+        stats["smallest"] = F.min(F.when(value != 0, F.abs(value)))
     if not dtype.is_float():
         # An integer sum's finiteness check (accounting._acct_finite): the sum of the values as doubles.
         stats["dsum"] = F.sum((x.cast("long") if dtype == pl.Boolean else x).cast("double"))
@@ -267,7 +280,7 @@ def cover(compiler: "SparkCompiler", node: dict) -> KeyCover | None:
         return None
     found = _whole_source(compiler, node["input"])
     if found is None:
-        return None
+        return _join_cover(compiler, node)
     dataset, scan_node, carried = found
     schema = compiler.types.schema(scan_node)
     keys, table_keys, outputs = [], [], []
@@ -335,3 +348,171 @@ def _whole_source(compiler: "SparkCompiler", node: dict) -> tuple[Any, dict, dic
     for step in reversed(chain):
         columns = _carried(step, columns)
     return dataset, node, columns
+
+
+# ---------------------------------------------------------------- a group_by over a join with a small side
+@dataclass
+class JoinCover:
+    """The checks of a ``group_by`` over a whole source inner-joined with a small side whose join key is unique,
+    read from :func:`join_stats.group_stats` (the source's per-key statistics and the small side's rows).
+
+    Attributes
+    ----------
+    keys : tuple[str, ...]
+        The group key columns as the group_by's input names them (also the statistics' names of them).
+    stats : polars.DataFrame
+        One row per group: :func:`join_stats.group_stats`.
+    values : dict[int, tuple[str, str]]
+        Index of a covered aggregate in ``node["aggs"]`` -> (its kind, the statistic it reads: for a dominance
+        check the base name of the term's statistics).
+    count : str
+        The hidden column of the aggregation's own row count per group (the guard).
+    """
+
+    keys: tuple[str, ...]
+    stats: pl.DataFrame
+    values: dict[int, tuple[str, str]]
+    count: str = ""
+
+    def joined(self, compiler: "SparkCompiler", grouped: Any, node: dict, slots: list[str]) -> Any:
+        """``grouped`` (the aggregation, with :attr:`count`) with the covered aggregates' columns ``slots[i]``
+        from the statistics joined by the group keys (null-safe; broadcast: one row per group)."""
+        from .accounting import bound_flag
+
+        used = {KEY_LEN}
+        for kind, stat in self.values.values():
+            used |= {stat_name(stat, s) for s in ("count", "var", "max", "min")} if kind == "acct_share" else {stat}
+        wanted = sorted(used)
+        names = {name: compiler.hidden("stat") for name in [*self.keys, *wanted]}
+        arrow = self.stats.select([pl.col(c).alias(names[c]) for c in [*self.keys, *wanted]]) \
+            .to_arrow(compat_level=pl.CompatLevel.oldest())
+        small = compiler.session.createDataFrame(arrow)
+        types = {f.name: f.dataType for f in grouped.schema.fields}
+        small = small.select(*[column(names[k]).cast(types[k]).alias(names[k]) for k in self.keys],
+                             *[column(names[c]) for c in wanted])
+        condition = None
+        for key in self.keys:
+            pair = column(key).eqNullSafe(column(names[key]))
+            condition = pair if condition is None else condition & pair
+        joined = grouped.join(F.broadcast(small), condition, "left")
+        same = column(names[KEY_LEN]) == column(self.count)
+        values = {}
+        for index, (kind, stat) in self.values.items():
+            if kind == "acct_share":
+                part = {s: column(names[stat_name(stat, s)]) for s in ("count", "var", "max", "min")}
+                value, failing = bound_flag(node["aggs"][index], part["count"].cast("double"), part["var"],
+                                            part["max"], part["min"]), 1
+            else:
+                value, failing = column(names[stat]), 0
+            values[slots[index]] = F.when(same, value).otherwise(F.lit(failing)).cast("long")
+        return joined.withColumns(values)
+
+
+def _join_cover(compiler: "SparkCompiler", node: dict) -> JoinCover | None:
+    """A :class:`JoinCover` for a ``group_by`` directly over an inner join of a whole Spark source (as
+    :func:`_whole_source`) with ``acct_unique`` over ``acct_row_id`` over a scan of at most
+    :data:`join_stats.MAX_SMALL_ROWS` rows, grouped by the small side's columns or the join key (exact types),
+    else None.  The conditions and terms are the polars engine's (``AccountingCompiler._join_key_source``):
+    a plain column of either side, or a product of doubles whose facts prove it exact (:func:`_product_exact`,
+    the facts from the source's per-key statistics)."""
+    join = node["input"]
+    if join["op"] != "join" or join["how"] != "inner" or join["right"]["op"] != "acct_unique":
+        return None
+    row_node = join["right"]["input"]
+    if row_node["op"] != "acct_row_id" or row_node["input"]["op"] != "scan":
+        return None
+    small_scan, row_id = row_node["input"], row_node["name"]
+    small_dataset = compiler.catalog.get(small_scan["dataset"])
+    found = _whole_source(compiler, join["left"])
+    if found is None or small_dataset is None or getattr(small_dataset, "engine", "spark") != "spark":
+        return None
+    dataset, scan_node, carried = found
+    table_schema, small_schema = compiler.types.schema(scan_node), compiler.types.schema(small_scan)
+    left_schema, right_schema = compiler.types.schema(join["left"]), compiler.types.schema(join["right"])
+    left_keys = [_plain_column(k) for k in join["left_on"]]
+    right_keys = [_plain_column(k) for k in join["right_on"]]
+    if None in left_keys or None in right_keys or set(join["right"]["columns"]) != set(right_keys) or \
+            any(k not in carried or not key_dtype_fits(table_schema[carried[k]]) or r not in small_schema or
+                small_schema.get(r) != table_schema[carried[k]] for k, r in zip(left_keys, right_keys)):
+        return None
+    # The joined frame's columns: the left's as they are, the right's but its keys (merged), suffixed where the
+    # left has the name.
+    left_names = set(left_schema.names())
+    small_of: dict[str, str] = {}
+    for name in right_schema.names():
+        output = name + join["suffix"] if name in left_names else name
+        if name not in right_keys and output not in left_names and name in small_schema:
+            small_of[output] = name
+    groups, keys = [], []
+    for key in node["keys"]:
+        name = _plain_column(key)
+        if name in left_keys:
+            source = right_keys[left_keys.index(name)]
+        elif name in small_of:
+            source = small_of[name]
+        else:
+            return None  # a key of the table's other columns: its groups split the key groups
+        if not key_dtype_fits(small_schema[source]):
+            return None
+        groups.append((source, name))
+        keys.append(name)
+    if not groups or len(set(keys)) != len(keys) or len({s for s, _ in groups}) != len(groups):
+        return None
+    chosen: dict[int, tuple[str, Term, str]] = {}
+    for index, agg in enumerate(node["aggs"]):
+        kind = agg["expr"]
+        if kind == "acct_distinct" and agg["column"] == row_id and \
+                not (agg["taintable"] or agg["nullable"] or agg["global"]):
+            chosen[index] = (kind, None, stat_name("", SMALL_ROWS))
+            continue
+        if not (kind == "acct_share" and not agg["exact"] or kind == "acct_contrib" and not agg["padded"] and (
+                agg["kind"] == "implicit" or agg["kind"] == "rid" and agg["column"] == row_id)):
+            continue
+        term = AccountingCompiler._join_term(agg["input"], carried, small_of, left_schema, right_schema)
+        if term is None:
+            continue
+        if kind == "acct_share":
+            if not term.numeric:
+                continue
+            chosen[index] = (kind, term, term.name)
+        else:
+            stat = "nonzero" if term.numeric and agg["function"] not in _COUNTING else "count"
+            chosen[index] = (kind, term, stat_name(term.name, stat if agg["kind"] == "implicit" else f"{stat}_rows"))
+    terms = {t.name: t for _, t, _ in chosen.values() if t is not None}
+    if not terms:
+        return None
+    table_keys = [carried[k] for k in left_keys]
+    # Terms of the small side only read the source's rows per key: its first key's statistics hold them.
+    left_columns = {t.left: table_schema[t.left] for t in terms.values() if t.left is not None} or \
+        {table_keys[0]: table_schema[table_keys[0]]}
+    stats = compiler.key_stats(dataset, tuple(table_keys), left_columns, {})
+    if stats is None:
+        return None
+    small_columns = list(dict.fromkeys(right_keys + [s for s, _ in groups]
+                                       + [t.right for t in terms.values() if t.right is not None]))
+    try:
+        rows = compiler.read(small_dataset, False).select(*[column(c) for c in small_columns]) \
+            .limit(MAX_SMALL_ROWS + 1).toArrow()
+    except Exception:  # noqa: BLE001 - read ahead only to save work: the query computes it all otherwise
+        return None
+    small = pl.from_arrow(rows)
+    if not isinstance(small, pl.DataFrame) or small.height > MAX_SMALL_ROWS:
+        return None
+    exact = {name: t for name, t in terms.items()
+             if _product_exact(t, small, None if t.left is None or t.right is None else _facts(stats, t.left))}
+    if not exact:
+        return None
+    per_group = group_stats(small, right_keys, stats, table_keys, groups, list(exact.values()))
+    values = {i: (kind, stat) for i, (kind, t, stat) in chosen.items() if t is None or t.name in exact}
+    return JoinCover(tuple(keys), per_group, values)
+
+
+def _facts(stats: pl.DataFrame, name: str) -> ColumnFacts | None:
+    """The facts :func:`_product_exact` reads of a float column, from its per-key statistics (every row of the
+    source is in one key group): finite, its range and smallest non-zero magnitude."""
+    needed = [stat_name(name, s) for s in ("nonfinite", "smallest", "max", "min")]
+    if not set(needed) <= set(stats.columns):
+        return None
+    nonfinite, smallest, high, low = (stats.get_column(c) for c in needed)
+    return ColumnFacts(nulls=True, zeros=True, finite=nonfinite.sum() == 0, low=low.min(), high=high.max(),
+                       smallest=smallest.min())
