@@ -25,7 +25,7 @@ from bastion_kernel.contract.protocol import BastionError
 from ..model import Dataset
 from .cache import DatasetCache
 from .facts import FLOAT_MAX, KEY_LEN, UNKNOWN, ColumnFacts, key_dtype_fits, nonzero_mask, share_parts, stat_name
-from .join_stats import MAX_SMALL_ROWS, SMALL_ROWS, Term, group_stats
+from .join_stats import MAX_SMALL_ROWS, SMALL_ROWS, Term, group_stats, small_side_columns
 
 # Accounting columns' names start with this; frame-wide operations never touch them.
 RESERVED_PREFIX = "__bastion"
@@ -573,26 +573,13 @@ class AccountingCompiler:
                 any(k not in carried or not key_dtype_fits(table.schema[carried[k]]) or
                     right_schema.get(r) != table.schema[carried[k]] for k, r in zip(left_keys, right_keys)):
             return None
-        # The joined frame's columns: the left's as they are, the right's but its keys (merged), suffixed
-        # where the left has the name.
-        left_names = set(left_schema.names())
-        small_of: dict[str, str] = {}
-        for column in right_schema.names():
-            output = column + join["suffix"] if column in left_names else column
-            if column not in right_keys and output not in left_names:
-                small_of[output] = column
-        groups = []
-        for key in node["keys"]:
-            column = _plain_column(key)
-            if column in left_keys:
-                column = right_keys[left_keys.index(column)]
-            elif column in small_of:
-                column = small_of[column]
-            else:
-                return None  # a key of the table's other columns: its groups split the key groups
-            if not key_dtype_fits(right_schema[column]):
-                return None  # joined to the aggregation by equality: no float keys (NaN, -0.0)
-            groups.append((column, P.output_name(key)))
+        found_columns = small_side_columns(left_schema.names(), right_schema.names(), left_keys, right_keys,
+                                           join["suffix"], [_plain_column(key) for key in node["keys"]],
+                                           lambda column: key_dtype_fits(right_schema[column]))
+        if found_columns is None:
+            return None
+        small_of, sources = found_columns
+        groups = [(source, P.output_name(key)) for source, key in zip(sources, node["keys"])]
         if not groups or len({o for _, o in groups}) != len(groups):
             return None
         covered: dict[str, tuple[dict, Term]] = {}

@@ -22,7 +22,7 @@ only clear fewer groups (a group it does not clear is measured exactly).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import polars as pl
 
@@ -61,6 +61,42 @@ class Term:
     @property
     def numeric(self) -> bool:
         return self.kind != "other"
+
+
+def small_side_columns(left_names: Iterable[str], right_names: Iterable[str], left_keys: Sequence[str],
+                       right_keys: Sequence[str], suffix: str, group_columns: Sequence[str | None],
+                       exact: Callable[[str], bool]) -> tuple[dict[str, str], list[str]] | None:
+    """Which columns of an inner join hold the small side's values, and the small side's column of each group key.
+
+    The joined frame has the left side's columns as they are and the right
+    side's but its keys (merged into the left ones), suffixed where the left
+    has the name.  A group column must be a join key or one of the small
+    side's columns, of a type ``exact`` accepts (the statistics are joined to
+    the aggregation by equality); else None.
+
+    Returns
+    -------
+    (dict, list) or None
+        ``{joined column: small side's column}``, and per group column the small side's column holding it.
+    """
+    left_names = set(left_names)
+    small_of: dict[str, str] = {}
+    for column in right_names:
+        output = column + suffix if column in left_names else column
+        if column not in right_keys and output not in left_names:
+            small_of[output] = column
+    sources = []
+    for column in group_columns:
+        if column in left_keys:
+            source = right_keys[left_keys.index(column)]
+        elif column in small_of:
+            source = small_of[column]
+        else:
+            return None  # a column of the table's other columns: its groups split the key groups
+        if not exact(source):
+            return None
+        sources.append(source)
+    return small_of, sources
 
 
 def group_stats(small: pl.DataFrame, small_keys: Sequence[str], key_stats: pl.DataFrame,

@@ -42,7 +42,7 @@ from ..accounting import _INTEGER_RANGE, _RANGE_MARGIN, AccountingCompiler, _car
     _product_exact
 from ..cache import KEY_STATS_MIN_ROWS
 from ..facts import KEY_LEN, MAX_KEY_GROUPS, ColumnFacts, key_dtype_fits, stat_name
-from ..join_stats import MAX_SMALL_ROWS, SMALL_ROWS, Term, group_stats
+from ..join_stats import MAX_SMALL_ROWS, SMALL_ROWS, Term, group_stats, small_side_columns
 from .expressions import column
 
 if TYPE_CHECKING:
@@ -435,27 +435,15 @@ def _join_cover(compiler: "SparkCompiler", node: dict) -> JoinCover | None:
             any(k not in carried or not key_dtype_fits(table_schema[carried[k]]) or r not in small_schema or
                 small_schema.get(r) != table_schema[carried[k]] for k, r in zip(left_keys, right_keys)):
         return None
-    # The joined frame's columns: the left's as they are, the right's but its keys (merged), suffixed where the
-    # left has the name.
-    left_names = set(left_schema.names())
-    small_of: dict[str, str] = {}
-    for name in right_schema.names():
-        output = name + join["suffix"] if name in left_names else name
-        if name not in right_keys and output not in left_names and name in small_schema:
-            small_of[output] = name
-    groups, keys = [], []
-    for key in node["keys"]:
-        name = _plain_column(key)
-        if name in left_keys:
-            source = right_keys[left_keys.index(name)]
-        elif name in small_of:
-            source = small_of[name]
-        else:
-            return None  # a key of the table's other columns: its groups split the key groups
-        if not key_dtype_fits(small_schema[source]):
-            return None
-        groups.append((source, name))
-        keys.append(name)
+    found_columns = small_side_columns(
+        left_schema.names(), [n for n in right_schema.names() if n in small_schema], left_keys, right_keys,
+        join["suffix"], [_plain_column(key) for key in node["keys"]],
+        lambda name: key_dtype_fits(small_schema[name]))
+    if found_columns is None:
+        return None
+    small_of, sources = found_columns
+    keys = [_plain_column(key) for key in node["keys"]]
+    groups = list(zip(sources, keys))
     if not groups or len(set(keys)) != len(keys) or len({s for s, _ in groups}) != len(groups):
         return None
     chosen: dict[int, tuple[str, Term, str]] = {}
