@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import polars as pl
 
@@ -177,9 +177,11 @@ def make_table(rows: int) -> pl.DataFrame:
 
 @contextlib.contextmanager
 def served(datasets: dict[str, tuple[Path, dict]], scientists: Sequence[str],
-           directory: Path | None = None) -> Iterator[ExecutorProcess]:
+           directory: Path | None = None,
+           configure: Callable[[Workspace], None] | None = None) -> Iterator[ExecutorProcess]:
     """A workspace with ``datasets`` (name -> (file, add_dataset options)), ``scientists``
     registered, and a real ``bastion-owner serve`` on 127.0.0.1 (stopped on exit).
+    ``configure(workspace)`` runs before the executor starts (its ``config.toml``).
     """
     with contextlib.ExitStack() as stack:
         if directory is None:
@@ -192,6 +194,8 @@ def served(datasets: dict[str, tuple[Path, dict]], scientists: Sequence[str],
         for name in scientists:
             keys[name] = make_keys(directory / "keys" / name, name)
             workspace.add_scientist(name, keys[name].public_file)
+        if configure is not None:
+            configure(workspace)
         running = start_executor(workspace.path, keys, ready_as=scientists[0])
         try:
             yield running
