@@ -116,9 +116,14 @@ def stages(name: str, plan: dict, catalog: dict, cache: engine.DatasetCache, rep
     times = interleaved({"validate+account": checks,
                          "engine.run (accounted query)": lambda: engine.run(accounted.plan, catalog, cache),
                          "decide": lambda: decide.decide(accounted, table, "bench")}, repeat)
+    print_stages(name, times, table.columns, accounted.columns)
+
+
+def print_stages(name: str, times: dict[str, list[float]], result_columns: list[str], columns: list[str]) -> None:
+    """Each stage's median, and the accounting columns the accounted query added to the scientist's."""
     medians = {label: statistics.median(values) * 1000 for label, values in times.items()}
     print(f"  {name} stages: " + ", ".join(f"{label} {ms:.1f} ms" for label, ms in medians.items()))
-    print(f"  {name} accounting columns: {[c for c in table.columns if c not in accounted.columns]}")
+    print(f"  {name} accounting columns: {[c for c in result_columns if c not in columns]}")
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from bench_executor import interleaved, load, make_tables
+from bench_executor import interleaved, load, make_tables, print_stages
 
 from bastion_kernel.contract import plan as P
 from owner_console import decide, policy, validate
@@ -150,9 +150,7 @@ def stages(name: str, plan: dict, catalog: dict, runner: SparkEngine, repeat: in
         "kept + Spark job (toArrow)": lambda: spark_engine._fresh(spark, fetched).toArrow(),
         "to_polars+decide": lambda: decide.decide(accounted, to_polars(arrow, compiled.schema), "bench"),
     }, repeat)
-    medians = {label: statistics.median(values) * 1000 for label, values in times.items()}
-    print(f"  {name} stages: " + ", ".join(f"{label} {ms:.1f} ms" for label, ms in medians.items()))
-    print(f"  {name} accounting columns: {[c for c in table.columns if c not in accounted.columns]}")
+    print_stages(name, times, table.columns, accounted.columns)
 
 
 def main() -> None:
