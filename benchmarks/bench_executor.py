@@ -45,6 +45,17 @@ from owner_console.model import Dataset, Policy
 from owner_console.workers import QueryWorkers
 
 
+# The two workloads (every benchmark of them runs these plans): a group-by of the big table, and the big table
+# joined with the small one, then aggregated by the small one's region.
+GROUP_PLAN = P.frame_op("group_by", input=P.scan("big"), keys=[P.col("group")], aggs=[
+    P.alias(P.fn("mean", P.col("a")), "mean_a"), P.alias(P.fn("sum", P.col("c")), "sum_c"), P.alias(P.length(), "n")])
+JOIN_PLAN = P.frame_op("group_by", input=P.frame_op("join", left=P.scan("big"), right=P.scan("small"), how="inner",
+                                                    left_on=[P.col("key")], right_on=[P.col("key")], suffix="_right"),
+                       keys=[P.col("region")],
+                       aggs=[P.alias(P.fn("mean", P.binary("mul", P.col("a"), P.col("w1"))), "mean_aw"),
+                             P.alias(P.fn("sum", P.col("w2")), "sum_w2"), P.alias(P.length(), "n")])
+
+
 def make_tables(rows: int, directory: Path) -> tuple[Path, Path]:
     # Pseudo-random columns from seeded hashes: deterministic, and fast to
     # make in polars itself (no numpy needed).
@@ -147,9 +158,6 @@ def main() -> None:
         small = cache.frame(catalog["small"]).lazy()
         pool = QueryWorkers(Path(tmp) / "shared", size=1)
 
-        group_plan = P.frame_op("group_by", input=P.scan("big"), keys=[P.col("group")], aggs=[
-            P.alias(P.fn("mean", P.col("a")), "mean_a"), P.alias(P.fn("sum", P.col("c")), "sum_c"),
-            P.alias(P.length(), "n")])
 
         def plain_group(engine_name: str = "in-memory"):
             return big.group_by("group").agg(pl.col("a").mean().alias("mean_a"), pl.col("c").sum().alias("sum_c"),
@@ -179,15 +187,7 @@ def main() -> None:
                   f"{cold * 1000:.0f} ms")
             stages(short, plan, catalog, cache, args.repeat)
 
-        measure(f"group-by over {args.rows:,} rows", "group-by", group_plan, plain_group)
-
-        join_plan = P.frame_op(
-            "group_by",
-            input=P.frame_op("join", left=P.scan("big"), right=P.scan("small"), how="inner",
-                             left_on=[P.col("key")], right_on=[P.col("key")], suffix="_right"),
-            keys=[P.col("region")],
-            aggs=[P.alias(P.fn("mean", P.binary("mul", P.col("a"), P.col("w1"))), "mean_aw"),
-                  P.alias(P.fn("sum", P.col("w2")), "sum_w2"), P.alias(P.length(), "n")])
+        measure(f"group-by over {args.rows:,} rows", "group-by", GROUP_PLAN, plain_group)
 
         def plain_join(engine_name: str = "in-memory"):
             return (big.join(small, on="key", how="inner")
@@ -195,7 +195,7 @@ def main() -> None:
                                             pl.col("w2").sum().alias("sum_w2"), pl.len().alias("n"))
                     .collect(engine=engine_name))
 
-        measure(f"{args.rows:,} x 7 join 100 x 5, then aggregate", "join", join_plan, plain_join)
+        measure(f"{args.rows:,} x 7 join 100 x 5, then aggregate", "join", JOIN_PLAN, plain_join)
         pool.close()
     print(f"load at the end: {load()}")
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from bench_executor import interleaved, load, make_tables, print_stages
+from bench_executor import GROUP_PLAN, JOIN_PLAN, interleaved, load, make_tables, print_stages
 
 from bastion_kernel.contract import plan as P
 from owner_console import decide, policy, validate
@@ -196,23 +196,12 @@ def main() -> None:
             stages(short, plan, catalog, runner, args.repeat)
             accounting_cost(short, plan, catalog, runner)
 
-        group_plan = P.frame_op("group_by", input=P.scan("big"), keys=[P.col("group")], aggs=[
-            P.alias(P.fn("mean", P.col("a")), "mean_a"), P.alias(P.fn("sum", P.col("c")), "sum_c"),
-            P.alias(P.length(), "n")])
 
         def plain_group():
             return big.groupBy("group").agg(F.mean("a").alias("mean_a"), F.sum("c").alias("sum_c"),
                                             F.count(F.lit(1)).alias("n")).toArrow()
 
-        measure(f"group-by over {args.rows:,} rows", "group-by", group_plan, plain_group)
-
-        join_plan = P.frame_op(
-            "group_by",
-            input=P.frame_op("join", left=P.scan("big"), right=P.scan("small"), how="inner",
-                             left_on=[P.col("key")], right_on=[P.col("key")], suffix="_right"),
-            keys=[P.col("region")],
-            aggs=[P.alias(P.fn("mean", P.binary("mul", P.col("a"), P.col("w1"))), "mean_aw"),
-                  P.alias(P.fn("sum", P.col("w2")), "sum_w2"), P.alias(P.length(), "n")])
+        measure(f"group-by over {args.rows:,} rows", "group-by", GROUP_PLAN, plain_group)
 
         def plain_join():
             return (big.join(small, on="key", how="inner")
@@ -220,7 +209,7 @@ def main() -> None:
                                            F.sum("w2").alias("sum_w2"), F.count(F.lit(1)).alias("n"))
                     .toArrow())
 
-        measure(f"{args.rows:,} x 7 join 100 x 5, then aggregate", "join", join_plan, plain_join)
+        measure(f"{args.rows:,} x 7 join 100 x 5, then aggregate", "join", JOIN_PLAN, plain_join)
 
         # Issue 19's small-aggregate cell: a query's fixed overhead, on a table of a few thousand rows.
         (Path(tmp) / "cell").mkdir()

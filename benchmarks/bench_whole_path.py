@@ -41,7 +41,7 @@ from pathlib import Path
 import polars as pl
 
 from bastion_kernel.contract import plan as P
-from bench_executor import load, make_tables
+from bench_executor import GROUP_PLAN, JOIN_PLAN, load, make_tables
 from harness import RawClient, cpu_seconds, machine, percentile, process_tree, served, summary
 from owner_console.sample_data import write_patients
 from test_kernel import bastion_kernel, connect_scientist
@@ -56,14 +56,7 @@ GROUP_CELL = ('big.group_by("group").agg(col("a").mean().alias("mean_a"), col("c
               'pl.len().alias("n")).fetch()')
 JOIN_CELL = ('big.join(small, on="key").group_by("region").agg((col("a") * col("w1")).mean().alias("mean_aw"), '
              'col("w2").sum().alias("sum_w2"), pl.len().alias("n")).fetch()')
-# The plans those cells send, for the executor-only breakdown.
-GROUP_PLAN = P.frame_op("group_by", input=P.scan("big"), keys=[P.col("group")], aggs=[
-    P.alias(P.fn("mean", P.col("a")), "mean_a"), P.alias(P.fn("sum", P.col("c")), "sum_c"), P.alias(P.length(), "n")])
-JOIN_PLAN = P.frame_op("group_by", input=P.frame_op("join", left=P.scan("big"), right=P.scan("small"), how="inner",
-                                                    left_on=[P.col("key")], right_on=[P.col("key")], suffix="_right"),
-                       keys=[P.col("region")],
-                       aggs=[P.alias(P.fn("mean", P.binary("mul", P.col("a"), P.col("w1"))), "mean_aw"),
-                             P.alias(P.fn("sum", P.col("w2")), "sum_w2"), P.alias(P.length(), "n")])
+# The plans those cells send (bench_executor.GROUP_PLAN, JOIN_PLAN) serve the executor-only breakdown.
 
 
 def plain_group(big: pl.LazyFrame, small: pl.LazyFrame, engine: str) -> pl.DataFrame:

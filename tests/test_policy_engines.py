@@ -35,7 +35,7 @@ from owner_console.workspace import Workspace
 from conftest import register_scientists, running_executor, spark_unavailable
 from test_attacks import HIDDEN_COMPUTATIONS, OPERATIONS, indicator, is_target
 from test_policy_matrix import FAILING, HIDDEN, HIDDEN_REFUSED
-from test_privacy_order_stats import ORDER_STATISTICS, members
+from test_privacy_order_stats import ORDER_STATISTICS, members, twins
 from wire import fetch
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -292,18 +292,6 @@ def known(raw_patients) -> list[int]:
     return raw_patients.filter(pl.col("cost").is_not_null() & (pl.col("patient_id") > 100))["patient_id"][:9].to_list()
 
 
-def distinguishing_pair(raw: pl.DataFrame, known: list[int], answer: pl.Expr) -> tuple[int, int]:
-    """Two tenth people for whom plain polars gives different answers over the padded group."""
-    answers: dict = {}
-    for candidate in raw.filter(pl.col("cost").is_not_null() & (pl.col("patient_id") > 1000))["patient_id"][:200]:
-        value = raw.filter(pl.col("patient_id").is_in(known + [candidate])).select(answer).item()
-        for other, seen in answers.items():
-            if seen != value:
-                return other, candidate
-        answers[candidate] = value
-    raise AssertionError("no two candidates tell apart")
-
-
 def assert_twins(make_plan, values, catalogs_by_engine: dict) -> dict:
     """Each twin plan gets the same reply on both engines, and every twin the same reply on each engine."""
     replies = [on_both(make_plan(value), catalogs_by_engine) for value in values]
@@ -323,7 +311,7 @@ def public(reply: dict) -> dict:
                          + [(s, "patients") for s in ("max", "n_unique_zip")])
 def test_padded_order_statistics_on_both_engines(statistic, dataset, raw_patients, known, catalogs):
     aggregate, answer = ORDER_STATISTICS[statistic]
-    pair = distinguishing_pair(raw_patients, known, answer)
+    pair = twins(raw_patients, known, answer)
     reply = assert_twins(lambda tenth: total(members(scan(dataset), known + [tenth]), aggregate), pair, catalogs())
     assert reply["kind"] == ("error" if dataset == "patients_strict" else "Held")
 
