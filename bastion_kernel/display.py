@@ -80,27 +80,39 @@ def table_bundle(table: FetchedTable, html_max_rows: int = HTML_MAX_ROWS,
         plain += "\n" + "\n".join(f"note: {note}" for note in table.notes)
     if table.request_id is not None:
         plain += f"\n(approved by the owner: request #{table.request_id})"
+    # The frame's names, types and rows are read once for both renderings: a table is shown right after its
+    # query, when the interpreter's caches are cold and every polars call costs several times its warm time.
+    shown = _Shown(table.frame, max(html_max_rows, resource_max_rows))
     return {
         "text/plain": plain,
-        "text/html": table_html(table, html_max_rows),
-        DATARESOURCE_MIME: data_resource(table.frame, resource_max_rows),
+        "text/html": table_html(table, html_max_rows, shown),
+        DATARESOURCE_MIME: data_resource(table.frame, resource_max_rows, shown),
     }
 
 
-def table_html(table: FetchedTable, max_rows: int = HTML_MAX_ROWS) -> str:
+class _Shown:
+    """A frame's column names, dtypes, height and first ``rows`` rows as tuples."""
+
+    def __init__(self, frame: Any, rows: int) -> None:
+        self.names = list(frame.columns)
+        self.dtypes = list(frame.dtypes)
+        self.height = frame.height
+        self.rows = (frame if self.height <= rows else frame.head(rows)).rows()
+
+
+def table_html(table: FetchedTable, max_rows: int = HTML_MAX_ROWS, shown: _Shown | None = None) -> str:
     """An HTML table: column names with dtypes, at most ``max_rows`` rows, the row count and notes."""
-    frame = table.frame
+    shown = shown or _Shown(table.frame, max_rows)
     esc = html.escape
-    height = frame.height
-    shown = frame.head(max_rows)
+    height = shown.height
     header = "".join(
         f'<th>{esc(name)}<br><span style="font-weight:normal;opacity:0.7">{esc(str(dtype))}</span></th>'
-        for name, dtype in frame.schema.items())
+        for name, dtype in zip(shown.names, shown.dtypes))
     body = "".join(
         "<tr>" + "".join(f"<td>{esc(_cell_text(v))}</td>" for v in row) + "</tr>"
-        for row in shown.iter_rows())
+        for row in shown.rows[:max_rows])
     rows_word = "row" if height == 1 else "rows"
-    footer = [f"{height} {rows_word} × {frame.width} columns"]
+    footer = [f"{height} {rows_word} × {len(shown.names)} columns"]
     if height > max_rows:
         footer.append(f"showing the first {max_rows} rows; the result holds all {height}")
     if table.request_id is not None:
@@ -118,16 +130,16 @@ _MOCK_BANNER = ('<p style="background:#fff3cd;color:#664d03;padding:2px 6px;font
                 f"{html.escape(MOCK_MARKER)}</p>")
 
 
-def data_resource(frame: Any, max_rows: int = RESOURCE_MAX_ROWS) -> dict[str, Any]:
+def data_resource(frame: Any, max_rows: int = RESOURCE_MAX_ROWS, shown: _Shown | None = None) -> dict[str, Any]:
     """The Table Schema data resource ``{"schema": {"fields": [...]}, "data": [{...}]}`` of a frame.
 
     Values are JSON-safe: dates and times as ISO 8601 strings, NaN and
     infinities as ``null``.
     """
-    fields = [{"name": name, "type": table_schema_type(dtype)} for name, dtype in frame.schema.items()]
-    names = list(frame.columns)
-    data = [{name: json_safe(value) for name, value in zip(names, row)}
-            for row in frame.head(max_rows).iter_rows()]
+    shown = shown or _Shown(frame, max_rows)
+    names = shown.names
+    fields = [{"name": name, "type": table_schema_type(dtype)} for name, dtype in zip(names, shown.dtypes)]
+    data = [{name: json_safe(value) for name, value in zip(names, row)} for row in shown.rows[:max_rows]]
     return {"schema": {"fields": fields}, "data": data}
 
 
