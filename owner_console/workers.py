@@ -141,8 +141,10 @@ def _evaluate(request: dict, cache: engine.DatasetCache) -> tuple[dict, bytes]:
     outcome = executor.evaluate(request["plan"], _catalog_from_json(request["catalog"]), request["scientist"],
                                 cache)
     kind = "released" if isinstance(outcome, Released) else "held"
-    return ({"outcome": kind, "decision": _decision_to_json(outcome.decision), "notes": list(outcome.notes)},
-            executor.table_to_ipc(outcome.table))
+    table = outcome.table
+    return ({"outcome": kind, "decision": _decision_to_json(outcome.decision), "notes": list(outcome.notes),
+             "rows": table.height, "schema": [[name, str(dtype)] for name, dtype in zip(table.columns, table.dtypes)]},
+            executor.table_to_ipc(table))
 
 
 def _prepare_save(request: dict, cache: engine.DatasetCache) -> tuple[dict, bytes]:
@@ -374,8 +376,8 @@ class QueryWorkers:
             return executor.evaluate(plan, catalog, scientist, self.cache, cancel=cancel, timeout=timeout)
         header, payload = self._call("evaluate", plan, catalog, scientist, cancel, timeout, on_started, names)
         kind = Released if header["outcome"] == "released" else Held
-        return kind(table=_read_ipc(payload), decision=_decision_from_json(header["decision"]),
-                    notes=list(header["notes"]), ipc=payload)
+        return kind(table=WorkerTable(payload, header["rows"], header["schema"]),
+                    decision=_decision_from_json(header["decision"]), notes=list(header["notes"]), ipc=payload)
 
     def prepare_save(self, plan: Any, catalog: Mapping[str, Dataset], *, cancel: threading.Event | None = None,
                      timeout: float | None = None, scientist: str | None = None,
@@ -525,6 +527,26 @@ def _query_timeout(names: set[str], catalog: Mapping[str, Dataset], scientist: s
     if any(scientist in d.policy.scientists for d in read.values()):  # (else their policies apply as they are)
         read = executor.for_scientist(read, scientist)
     return executor.query_timeout(read.values(), workspace_limit)
+
+
+class WorkerTable:
+    """A result table as a query worker sent it: Arrow IPC bytes, with the height and column types it read off it.
+
+    The executor only counts, describes and forwards a result, so it is
+    decoded (:meth:`frame`) only where a frame is needed: right after a long
+    query, decoding even a 50-row table costs a fifth of a millisecond.
+    ``height`` and ``schema`` (``{column: dtype as polars prints it}``) read
+    as a polars DataFrame's do.
+    """
+
+    def __init__(self, ipc: bytes, height: int, schema: list[list[str]]) -> None:
+        self.ipc = ipc
+        self.height = int(height)
+        self.schema = {str(name): str(dtype) for name, dtype in schema}
+
+    def frame(self) -> Any:
+        """The table as a polars DataFrame."""
+        return _read_ipc(self.ipc)
 
 
 def _read_ipc(payload: bytes) -> Any:

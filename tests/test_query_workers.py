@@ -204,7 +204,9 @@ def test_a_worker_gives_the_same_outcome_as_the_executor_in_process(pool, patien
         here = core.evaluate(plan, catalog, "alice")
         there = pool.evaluate(plan, catalog, "alice")
         assert type(there) is type(here) and isinstance(there, (Released, Held))
-        assert there.table.equals(here.table) and there.decision == here.decision and there.notes == here.notes
+        assert there.table.frame().equals(here.table) and there.decision == here.decision and there.notes == here.notes
+        assert there.table.height == here.table.height
+        assert there.table.schema == {name: str(dtype) for name, dtype in here.table.schema.items()}
         assert pl.read_ipc(io.BytesIO(there.ipc)).equals(here.table)
     saved, policy = pool.prepare_save(by_sex, catalog, scientist="alice")
     here, inherited = core.prepare_save(by_sex, catalog, scientist="alice")
