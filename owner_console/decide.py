@@ -292,7 +292,7 @@ def decide(accounted: AccountedPlan, table: pl.DataFrame, scientist: str | None 
     mask = pl.Series("failing", [False] * table.height, dtype=pl.Boolean)
     for finding in findings:
         mask = mask | finding.failing
-    details["failing_rows"] = int(mask.sum())
+    details["failing_rows"] = int(mask.sum()) if findings else 0
     if findings and suppression_applies(accounted):
         table = table.filter(~mask)
         details["suppressed_groups"] = int(mask.sum())
@@ -423,6 +423,8 @@ def _check_contributions(accounted: AccountedPlan, table: pl.DataFrame) -> _Cont
             smallest = int(present.min())
             if kind == "contrib":
                 result.smallest[source.dataset] = min(result.smallest.get(source.dataset, smallest), smallest)
+        if _none_fail(kind, present, bound):
+            continue
         bad = _where_present(values, _FAILS[kind](values, bound))
         if not bad.any():
             continue
@@ -503,7 +505,7 @@ def _check_source(source: Source, rep: Counting, table: pl.DataFrame, aggregated
             check.unmatched = int((fed == 0).sum())
             counted = fed.filter(fed > 0)
         check.smallest = int(counted.min()) if counted.len() else None
-        check.failing = int((fed < k).sum()) if k > 1 else 0
+        check.failing = int((fed < k).sum()) if k > 1 and not _none_fail("contrib", fed, k) else 0
     if check.failing == 0:
         return check
     if check.unmatched:
@@ -541,6 +543,21 @@ def _pass_message(check: _SourceCheck, aggregated: bool) -> str:
 def _present(values: pl.Series) -> pl.Series:
     """The non-null values."""
     return values if values.null_count() == 0 else values.filter(values.is_not_null())
+
+
+def _none_fail(kind: str, present: pl.Series, bound: int) -> bool:
+    """True when no value of ``present`` (no nulls) can fail ``_FAILS[kind]``: read off its extreme alone.
+
+    Only for integer columns (every accounting column is Int64), whose
+    order has no NaN; otherwise False, and the caller compares every value.
+    """
+    if present.len() == 0:
+        return True
+    if not present.dtype.is_integer():
+        return False
+    if kind == "dominated":
+        return present.max() <= bound
+    return present.min() >= bound  # contrib, held and finite fail below their bound
 
 
 def _where_present(values: pl.Series, condition: pl.Series) -> pl.Series:

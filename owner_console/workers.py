@@ -215,6 +215,10 @@ class _Worker:
         self.sock = ours
         self.kind = kind
         self.background = False
+        # Kept for the worker's life: one thread at a time calls a worker, and a new selector per query is
+        # three system calls on its path.
+        self._readable = selectors.DefaultSelector()
+        self._readable.register(self.sock, selectors.EVENT_READ)
 
     def call(self, header: dict, cancel: threading.Event | None, deadline: float | None,
              timeout: float | None, while_running: Callable[[], None]) -> tuple[dict, bytes]:
@@ -225,10 +229,8 @@ class _Worker:
         except OSError as exc:  # the worker ended before it took the request
             raise WorkerDied(str(exc)) from None
         while_running()
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.sock, selectors.EVENT_READ)
-            engine.wait_or_stop(lambda seconds: bool(selector.select(seconds)), self.kill, cancel, deadline, timeout,
-                                on_tick=self._to_background_when_long)
+        engine.wait_or_stop(lambda seconds: bool(self._readable.select(seconds)), self.kill, cancel, deadline,
+                            timeout, on_tick=self._to_background_when_long)
         return _receive(self.sock)
 
     def _to_background_when_long(self, seconds_running: float) -> None:
@@ -276,6 +278,7 @@ class _Worker:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+        self._readable.close()
         self.sock.close()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -160,15 +161,14 @@ class PolarsEngine(Engine):
         the compile's milliseconds on a repeated query.  A plan reading a
         streamed file is compiled every time.
         """
+        digest, names = _hash_and_sources(plan)
         sources = []
-        for node in walk.json_objects(plan):  # an accounted plan: its acct_* nodes are not in the public tables
-            if "expr" in node or node.get("op") not in ("scan", "saved"):
-                continue
-            dataset = catalog.get(node["dataset"] if node["op"] == "scan" else node["name"])
+        for name in names:
+            dataset = catalog.get(name)
             if dataset is None or is_streamed(dataset):
                 return self._compile(plan, catalog)
             sources.append((dataset, self.cache.frame(dataset)))
-        key = ("compiled", P.plan_hash(plan), frozenset(self.cache.range_misses))
+        key = ("compiled", digest, frozenset(self.cache.range_misses))
         return self.cache.remembered(key, sources, lambda: self._compile(plan, catalog))
 
     def _compile(self, plan: dict, catalog: Mapping[str, Dataset]) -> CompiledQuery:
@@ -201,6 +201,35 @@ class CompiledQuery:
     streaming: bool
     ranged_shares: tuple[tuple[str, tuple], ...]
     sliced_join: bool
+
+
+# Accounted plans' hashes and source names by the plan object (see _hash_and_sources).
+PLAN_KEYS_KEPT = 256
+_plan_keys: OrderedDict[int, tuple[dict, str, tuple[str, ...]]] = OrderedDict()
+_plan_keys_lock = threading.Lock()
+
+
+def _hash_and_sources(plan: dict) -> tuple[str, tuple[str, ...]]:
+    """An accounted plan's hash and the names of the datasets it reads, kept for the same plan object.
+
+    The executor keeps each accounted plan (``executor._PreparedPlans``) and
+    never changes it, so a repeated query hands the same object: it is
+    hashed and walked once.  The plan is held with its entry, so its ``id``
+    is not reused while the entry lives.
+    """
+    with _plan_keys_lock:
+        kept = _plan_keys.get(id(plan))
+        if kept is not None and kept[0] is plan:
+            return kept[1], kept[2]
+    names = tuple(node["dataset"] if node["op"] == "scan" else node["name"]
+                  for node in walk.json_objects(plan)  # accounted: its acct_* nodes are not in the public tables
+                  if "expr" not in node and node.get("op") in ("scan", "saved"))
+    digest = P.plan_hash(plan)
+    with _plan_keys_lock:
+        _plan_keys[id(plan)] = (plan, digest, names)
+        while len(_plan_keys) > PLAN_KEYS_KEPT:
+            _plan_keys.popitem(last=False)
+    return digest, names
 
 
 def _streams(plan: dict, catalog: Mapping[str, Dataset], cache: DatasetCache) -> bool:
