@@ -96,8 +96,10 @@ def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str,
     return decide.decide(accounted, table, scientist)
 
 
-# Plans kept by _PreparedPlans; each holds its small checked and accounted plans.
-PREPARED_KEPT = 256
+# Plans kept by _PreparedPlans, and the largest kept (its JSON): a cell's plan is a few kilobytes, and a
+# scientist sending many large plans must not fill the executor's memory with their checks.
+PREPARED_KEPT = 64
+PREPARED_MAX_PLAN_BYTES = 16 * 1024
 
 
 class _PreparedPlans:
@@ -129,7 +131,7 @@ class _PreparedPlans:
             names = sorted(walk.source_names(plan))
         except (TypeError, ValueError, RecursionError):
             return compute()  # not JSON (an in-process caller): the validator says what is wrong
-        if not names or any(name not in catalog for name in names):
+        if len(key) > PREPARED_MAX_PLAN_BYTES or not names or any(name not in catalog for name in names):
             return compute()
         datasets = tuple(catalog[name] for name in names)
         versions = tuple(runner.data_version(dataset) for dataset in datasets)

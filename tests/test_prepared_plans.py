@@ -122,3 +122,17 @@ def test_a_new_data_version_is_never_served_the_old_check(table):
     second = kept.checked_and_accounted(GROUPED, executor.for_scientist(_catalog(table), "alice"), runner)
     assert second[0] is not first[0] and second[1] is not first[1]
     assert kept.checked_and_accounted(GROUPED, executor.for_scientist(_catalog(table), "alice"), runner)[1] is second[1]
+
+
+def test_a_large_plan_is_checked_every_time(table):
+    # A scientist sending many large plans must not fill the executor's memory with kept checks.
+    cache = engine.DatasetCache()
+    catalog = executor.for_scientist(_catalog(table), "alice")
+    runner = engine.PolarsEngine(cache)
+    kept = executor._PreparedPlans()
+    wide = P.frame_op("group_by", input=P.scan("t"), keys=[P.col("g")],
+                      aggs=[P.alias(P.fn("sum", P.col("x")), f"x{i:03d}_{'y' * 60}") for i in range(200)])
+    first = kept.checked_and_accounted(wide, catalog, runner)
+    assert kept.checked_and_accounted(wide, catalog, runner)[1] is not first[1]
+    assert not kept._plans
+    assert executor.evaluate(wide, _catalog(table), "alice", cache=cache).table.width == 201

@@ -7,6 +7,7 @@ an argument, for callers that hold a cache rather than an engine.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -203,8 +204,10 @@ class CompiledQuery:
     sliced_join: bool
 
 
-# Accounted plans' hashes and source names by the plan object (see _hash_and_sources).
-PLAN_KEYS_KEPT = 256
+# Accounted plans' hashes and source names by the plan object (see _hash_and_sources), and the largest plan
+# (canonical JSON) kept: an entry holds its plan.
+PLAN_KEYS_KEPT = 64
+PLAN_KEYS_MAX_BYTES = 64 * 1024
 _plan_keys: OrderedDict[int, tuple[dict, str, tuple[str, ...]]] = OrderedDict()
 _plan_keys_lock = threading.Lock()
 
@@ -224,11 +227,13 @@ def _hash_and_sources(plan: dict) -> tuple[str, tuple[str, ...]]:
     names = tuple(node["dataset"] if node["op"] == "scan" else node["name"]
                   for node in walk.json_objects(plan)  # accounted: its acct_* nodes are not in the public tables
                   if "expr" not in node and node.get("op") in ("scan", "saved"))
-    digest = P.plan_hash(plan)
-    with _plan_keys_lock:
-        _plan_keys[id(plan)] = (plan, digest, names)
-        while len(_plan_keys) > PLAN_KEYS_KEPT:
-            _plan_keys.popitem(last=False)
+    text = P.canonical_json(plan)
+    digest = hashlib.sha256(text).hexdigest()  # P.plan_hash, from the bytes measured here
+    if len(text) <= PLAN_KEYS_MAX_BYTES:
+        with _plan_keys_lock:
+            _plan_keys[id(plan)] = (plan, digest, names)
+            while len(_plan_keys) > PLAN_KEYS_KEPT:
+                _plan_keys.popitem(last=False)
     return digest, names
 
 
