@@ -75,17 +75,13 @@ def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str,
     runner = engine_of(plan, catalog, cache)
     checked, accounted = _PREPARED.checked_and_accounted(plan, catalog, runner)
 
-    def accounted_for(exact_dominance: bool) -> policy.AccountedPlan:
-        return policy.account(checked, unique_keys=lambda name, keys: runner.unique_keys(catalog[name], keys),
-                              exact_dominance=exact_dominance)
-
     _check_join_rows(checked, catalog, runner)
     limit = query_timeout(checked.datasets.values(), timeout)
     try:
         table = runner.run(accounted.plan, catalog, cancel=cancel, timeout=limit)
         if decide.needs_exact_dominance(accounted, table):
             # A group the cheap bound could not clear: measure every group's dominance exactly.
-            accounted = accounted_for(True)
+            accounted = _account(checked, catalog, runner, exact_dominance=True)
             table = runner.run(accounted.plan, catalog, cancel=cancel, timeout=limit)
     except BastionError as error:
         if error.ename != "ExecutionError" or error.details.get("cancelled"):
@@ -122,8 +118,7 @@ class _PreparedPlans:
         """``validate`` then ``account`` (without exact dominance) of ``plan``, or what they gave before."""
         def compute() -> tuple[validate.CheckedPlan, policy.AccountedPlan]:
             checked = validate.validate(plan, catalog, dataset_columns=runner.columns)
-            return checked, policy.account(checked, exact_dominance=False,
-                                           unique_keys=lambda name, keys: runner.unique_keys(catalog[name], keys))
+            return checked, _account(checked, catalog, runner, exact_dominance=False)
 
         try:
             # Not the canonical form: two plans kept apart by key order only are checked each on their own.
@@ -151,6 +146,13 @@ class _PreparedPlans:
 
 
 _PREPARED = _PreparedPlans()
+
+
+def _account(checked: validate.CheckedPlan, catalog: Mapping[str, Dataset], runner: engine.Engine, *,
+             exact_dominance: bool) -> policy.AccountedPlan:
+    """:func:`policy.account` with the key uniqueness ``runner`` measures."""
+    return policy.account(checked, unique_keys=lambda name, keys: runner.unique_keys(catalog[name], keys),
+                          exact_dominance=exact_dominance)
 
 
 def engine_of(plan: Any, catalog: Mapping[str, Dataset], cache: engine.DatasetCache | None) -> engine.Engine:
