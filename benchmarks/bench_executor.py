@@ -19,10 +19,13 @@ dominance, order statistics, finiteness), is measured:
 
 Plain polars runs the same query on the same in-memory frame with its
 in-memory engine and with its streaming engine; each ratio is against the
-faster of the two (target <= 1.10).  Every function runs once per round,
-rounds interleaved so that a change in the machine's load hits every side
-alike; the figures are medians over the rounds after one warm-up round.
-The first query on a fresh cache (facts measured on the way) is timed once.
+faster of the two (target <= 1.10).  Every side is timed in the same two
+states (``harness.rounds_in_states``): back to back (the second of two runs
+in a row) and after a pause (0.1 s idle), in rounds whose order rotates, so
+that a change in the machine's load hits every side alike and no side
+gains from the one before it; the figures are medians over the rounds after
+one warm-up round.  The first query on a fresh cache (facts measured on the
+way) is timed once.
 
 Run: ``python benchmarks/bench_executor.py [--rows 10000000] [--repeat 7]``
 """
@@ -43,6 +46,8 @@ from owner_console import decide, engine, policy, validate
 from owner_console.executor import evaluate
 from owner_console.model import Dataset, Policy
 from owner_console.workers import QueryWorkers
+
+from harness import STATES, rounds_in_states, timed
 
 
 # The two workloads (every benchmark of them runs these plans): a group-by of the big table, and the big table
@@ -181,8 +186,10 @@ def main() -> None:
             if without_facts is not None:
                 functions["bastion in process, facts off"] = lambda: evaluate(plan, catalog, "bench",
                                                                               cache=without_facts)
-            times = interleaved(functions, args.repeat)
-            report(name, times, ("plain polars, in-memory engine", "plain polars, streaming engine"))
+            times = rounds_in_states({label: timed(fn) for label, fn in functions.items()}, args.repeat)
+            for state in STATES:
+                report(f"{name}, {state}", times[state],
+                       ("plain polars, in-memory engine", "plain polars, streaming engine"))
             print(f"  first query on a fresh cache (facts and per-key statistics measured on the way): "
                   f"{cold * 1000:.0f} ms")
             stages(short, plan, catalog, cache, args.repeat)

@@ -22,10 +22,11 @@ Then the two large workloads of ``bench_executor.py`` as whole cells, kernel
 to displayed table (target: <= 1.25 x plain polars): a group-by over a
 ``--rows`` table, and that table joined with a 100-row one then aggregated.
 Each round sends the cell and runs plain polars with its in-memory and its
-streaming engine on the same in-memory frames (the order rotates from round
-to round, so that no function always runs just after the same other one);
-medians of ``--large-repeat`` rounds after two warm-up rounds, against the
-faster plain engine.
+streaming engine on the same in-memory frames, every side timed in the same
+two states: back to back (the second of two runs in a row) and after a pause
+(0.1 s idle), the order rotating from round to round
+(``harness.rounds_in_states``); medians of ``--large-repeat`` rounds after
+two warm-up rounds, against the faster plain engine.
 
 Run: ``python benchmarks/bench_whole_path.py [--repeat 300] [--rows 10000000] [--large-repeat 7]``
 """
@@ -42,7 +43,8 @@ import polars as pl
 
 from bastion_kernel.contract import plan as P
 from bench_executor import GROUP_PLAN, JOIN_PLAN, load, make_tables
-from harness import RawClient, cpu_seconds, machine, percentile, process_tree, served, summary
+from harness import (STATES, RawClient, cpu_seconds, machine, percentile, process_tree, rounds_in_states, served,
+                     summary, timed)
 from owner_console.sample_data import write_patients
 from test_kernel import bastion_kernel, connect_scientist
 
@@ -72,7 +74,8 @@ def plain_join(big: pl.LazyFrame, small: pl.LazyFrame, engine: str) -> pl.DataFr
 
 
 def large_cells(kc, raw: RawClient, big: pl.LazyFrame, small: pl.LazyFrame, repeat: int) -> None:
-    """The two large workloads as whole cells against plain polars (the faster engine), in interleaved rounds.
+    """The two large workloads as whole cells against plain polars (the faster engine), every side timed in the
+    same two states (``harness.rounds_in_states``: back to back, and after a pause).
 
     Breakdown: the span inside the kernel (``execute_input`` to
     ``execute_result``), and the same plan fetched by a raw DEALER (the
@@ -81,46 +84,28 @@ def large_cells(kc, raw: RawClient, big: pl.LazyFrame, small: pl.LazyFrame, repe
     time_cell(kc, 'big = dataset("big")\nsmall = dataset("small")', expect_result=False)
     for name, cell, plan, plain in (("group-by", GROUP_CELL, GROUP_PLAN, plain_group),
                                     ("join then group-by", JOIN_CELL, JOIN_PLAN, plain_join)):
-        times: dict[str, list[float]] = {"cell": [], "in-memory": [], "streaming": [], "in the kernel": [],
-                                         "executor fetch": []}
-        for round_index in range(2 + repeat):
-            spans: dict[str, float] = {}
+        def run_cell(cell: str = cell) -> dict[str, float]:
+            timings = cell_timings(kc, cell)
+            return {"cell": timings["result"], "in the kernel": timings["in_kernel"]}
 
-            def run_cell() -> float:
-                timings = cell_timings(kc, cell)
-                spans["in the kernel"] = timings["in_kernel"]
-                return timings["result"]
+        def run_fetch(plan: dict = plan, cell: str = cell) -> None:
+            reply, _, _ = raw.request("fetch", {"plan": plan, "text": cell})
+            assert reply == "result", reply
 
-            def run_fetch() -> float:
-                start = time.perf_counter()
-                reply, _, _ = raw.request("fetch", {"plan": plan, "text": cell})
-                assert reply == "result", reply
-                return time.perf_counter() - start
-
-            measured = {"cell": run_cell, "executor fetch": run_fetch}
-            for engine in ("in-memory", "streaming"):
-                def run_plain(engine: str = engine) -> float:
-                    start = time.perf_counter()
-                    plain(big, small, engine)
-                    return time.perf_counter() - start
-                measured[engine] = run_plain
-            order = list(measured.items())
-            shift = round_index % len(order)  # each function takes each place in turn: no place favours one
-            for label, fn in order[shift:] + order[:shift]:
-                seconds = fn()
-                if round_index >= 2:  # two warm-up rounds: the executor's copies, facts, caches
-                    times[label].append(seconds)
-                    if label == "cell":
-                        times["in the kernel"].append(spans["in the kernel"])
-        medians = {label: statistics.median(values) for label, values in times.items()}
-        faster = min(("in-memory", "streaming"), key=medians.__getitem__)
-        ratio = medians["cell"] / medians[faster]
-        print(f"{name}, whole cell through jupyter_client to execute_result: median {medians['cell'] * 1000:.1f} ms; "
-              f"plain polars in-memory {medians['in-memory'] * 1000:.1f} ms, streaming "
-              f"{medians['streaming'] * 1000:.1f} ms; ratio {ratio:.3f} to plain {faster} "
-              f"(target <= 1.25: {'met' if ratio <= 1.25 else 'NOT met'}) (n={repeat}); breakdown: in the kernel "
-              f"{medians['in the kernel'] * 1000:.1f} ms, the plan fetched by a raw client (the executor alone) "
-              f"{medians['executor fetch'] * 1000:.1f} ms")
+        times = rounds_in_states({"cell": run_cell, "executor fetch": timed(run_fetch),
+                                  "in-memory": timed(lambda plain=plain: plain(big, small, "in-memory")),
+                                  "streaming": timed(lambda plain=plain: plain(big, small, "streaming"))},
+                                 repeat, warmup=2)  # two warm-up rounds: the executor's copies, facts, caches
+        for state in STATES:
+            medians = {label: statistics.median(values) for label, values in times[state].items()}
+            faster = min(("in-memory", "streaming"), key=medians.__getitem__)
+            ratio = medians["cell"] / medians[faster]
+            print(f"{name}, {state}, whole cell through jupyter_client to execute_result: median "
+                  f"{medians['cell'] * 1000:.1f} ms; plain polars in-memory {medians['in-memory'] * 1000:.1f} ms, "
+                  f"streaming {medians['streaming'] * 1000:.1f} ms; ratio {ratio:.3f} to plain {faster} "
+                  f"(target <= 1.25: {'met' if ratio <= 1.25 else 'NOT met'}) (n={repeat}); breakdown: in the kernel "
+                  f"{medians['in the kernel'] * 1000:.1f} ms, the plan fetched by a raw client (the executor alone) "
+                  f"{medians['executor fetch'] * 1000:.1f} ms")
 
 
 def plain_aggregate(frame: pl.DataFrame) -> pl.DataFrame:
