@@ -8,8 +8,9 @@ DataFrame-API equivalent of each query in this process, on its own
 ``local[2]`` session over the same files, its result fetched with
 ``.toArrow()``.  Three cells, as in ``bench_whole_path.py``: the group-by and
 the join of ``--rows`` rows, and the small aggregate over ``--small-rows``
-rows; rounds interleaved (the order rotated each round), medians after two
-warm-up rounds, and the small cell's p99 (target: every ratio <= 1.25).
+rows; both sides timed in the same two states (back to back, and after a
+pause: ``harness.rounds_in_states``), the order rotated each round, medians
+after two warm-up rounds, and the small cell's p99 (target: every ratio <= 1.25).
 
 The two JVMs (the executor's Spark and this one) share the machine's cores;
 each is idle while the other works.
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 import tomllib
 from pathlib import Path
 
@@ -29,7 +29,7 @@ import tomli_w
 
 from bench_executor import load, make_tables
 from bench_whole_path import GROUP_CELL, JOIN_CELL, time_cell
-from harness import machine, percentile, served
+from harness import STATES, machine, percentile, rounds_in_states, served, timed
 from owner_console.engine.spark import session as spark_session
 from owner_console.workspace import Workspace, atomic_write
 from test_kernel import bastion_kernel, connect_scientist
@@ -81,34 +81,22 @@ def main() -> None:
             with bastion_kernel(config, jupyter_path) as (km, kc):
                 for name in ("big", "small", "cell"):
                     time_cell(kc, f'{name} = dataset("{name}")', timeout=300, expect_result=False)
-                times: dict[str, dict[str, list[float]]] = {name: {"cell": [], "plain": []} for name in cells}
                 rounds = {"group-by": args.repeat, "join": args.repeat, "small aggregate": args.small_repeat}
-                for name, code in cells.items():
-                    for index in range(rounds[name] + 2):
-                        sides = [("cell", lambda: time_cell(kc, code, timeout=300)),
-                                 ("plain", lambda: _timed(plain[name]))]
-                        if index % 2:
-                            sides.reverse()
-                        for side, run in sides:
-                            elapsed = run()
-                            if index >= 2:
-                                times[name][side].append(elapsed)
-        for name, measured in times.items():
-            cell_median, plain_median = statistics.median(measured["cell"]), statistics.median(measured["plain"])
-            line = (f"{name}: whole cell median {cell_median * 1000:.1f} ms, plain PySpark {plain_median * 1000:.1f} ms,"
-                    f" ratio {cell_median / plain_median:.3f}")
-            if name == "small aggregate":
-                cell_p99, plain_p99 = percentile(measured["cell"], 99), percentile(measured["plain"], 99)
-                line += (f"; p99 {cell_p99 * 1000:.1f} vs {plain_p99 * 1000:.1f} ms, ratio {cell_p99 / plain_p99:.3f}; "
-                         f"overhead median {(cell_median - plain_median) * 1000:.1f} ms")
-            print(f"{line} (target <= 1.25) (n={len(measured['cell'])})")
+                times = {name: rounds_in_states({"cell": lambda code=code: time_cell(kc, code, timeout=300),
+                                                 "plain": timed(plain[name])}, rounds[name], warmup=2)
+                         for name, code in cells.items()}
+        for name, by_state in times.items():
+            for state in STATES:
+                measured = by_state[state]
+                cell_median, plain_median = statistics.median(measured["cell"]), statistics.median(measured["plain"])
+                line = (f"{name}, {state}: whole cell median {cell_median * 1000:.1f} ms, plain PySpark "
+                        f"{plain_median * 1000:.1f} ms, ratio {cell_median / plain_median:.3f}")
+                if name == "small aggregate":
+                    cell_p99, plain_p99 = percentile(measured["cell"], 99), percentile(measured["plain"], 99)
+                    line += (f"; p99 {cell_p99 * 1000:.1f} vs {plain_p99 * 1000:.1f} ms, ratio "
+                             f"{cell_p99 / plain_p99:.3f}; overhead median {(cell_median - plain_median) * 1000:.1f} ms")
+                print(f"{line} (target <= 1.25) (n={len(measured['cell'])})")
     print(f"load at the end: {load()}")
-
-
-def _timed(run) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
