@@ -28,9 +28,8 @@ from conftest import ExecutorProcess, KeyPair, make_keys, start_executor  # noqa
 from owner_console.workspace import Workspace  # noqa: E402
 from wire import RawClient  # noqa: E402
 
-__all__ = ["ExecutorProcess", "KeyPair", "RawClient", "machine", "make_table", "served", "percentile", "timed",
-           "rounds_in_states", "STATES",
-           "summary", "proc_status_bytes", "cpu_seconds", "process_tree"]
+__all__ = ["ExecutorProcess", "KeyPair", "RawClient", "machine", "make_table", "served", "percentile",
+           "summary", "proc_status_bytes", "cpu_seconds", "process_tree", "STATES", "rounds_in_states", "timed"]
 
 
 def machine() -> str:
