@@ -67,7 +67,7 @@ def evaluate(plan: Any, catalog: Mapping[str, Dataset], scientist: str,
         ``UnsupportedOperation``, ``SchemaError``, ``LimitExceeded``,
         ``ExecutionError`` or ``PolicyViolation``.
     """
-    catalog = for_scientist(catalog, scientist)
+    catalog = for_scientist(read_by(plan, catalog), scientist)
     if dp.touches_dp(plan, catalog):
         # A plan that reads a differentially private dataset releases DP aggregates or nothing.
         return dp.evaluate(plan, catalog, scientist, cache, cancel=cancel,
@@ -185,6 +185,21 @@ def _check_join_rows(checked: validate.CheckedPlan, catalog: Mapping[str, Datase
                            limit="max_join_rows", max_rows=limit)
 
 
+def read_by(plan: Any, catalog: Mapping[str, Dataset], names: set[str] | None = None) -> Mapping[str, Dataset]:
+    """The part of ``catalog`` a plan (unchecked JSON) reads: the names of its ``scan`` and ``saved`` nodes.
+
+    A query's cost must not grow with the number of datasets in the
+    workspace: the catalog is copied per scientist for each query, and sent
+    to a query worker.  A plan that names no source, or one the catalog
+    lacks, gets the whole catalog: the validator's refusal lists the names
+    there are.  ``names``: the plan's source names, when the caller has them.
+    """
+    names = walk.source_names(plan) if names is None else names
+    if not names or not names <= catalog.keys():
+        return catalog
+    return {name: catalog[name] for name in names}
+
+
 def for_scientist(catalog: Mapping[str, Dataset], scientist: str | None) -> dict[str, Dataset]:
     """The catalog with each dataset's policy as it applies to ``scientist`` (their overrides applied)."""
     return {name: dataclasses.replace(d, policy=d.policy.for_scientist(scientist)) for name, d in catalog.items()}
@@ -204,7 +219,7 @@ def schema_of(plan: Any, catalog: Mapping[str, Dataset],
         ``UnsupportedOperation``, ``SchemaError``, ``LimitExceeded`` or
         ``PolicyViolation`` (a hidden column used other than as a join key).
     """
-    catalog = for_scientist(catalog, scientist)
+    catalog = for_scientist(read_by(plan, catalog), scientist)
     if dp.touches_dp(plan, catalog) and dp.is_dp_aggregation(plan):
         return dp.schema_of(plan, catalog, cache)
     runner = engine_of(plan, catalog, cache)
@@ -239,7 +254,7 @@ def prepare_save(plan: Any, catalog: Mapping[str, Dataset],
     ``scientist``, when given, applies that scientist's policy overrides
     before the policy is inherited.
     """
-    catalog = for_scientist(catalog, scientist)
+    catalog = for_scientist(read_by(plan, catalog), scientist)
     if dp.touches_dp(plan, catalog):
         raise BastionError("PolicyViolation", "a result computed from a differentially private dataset cannot "
                                               "be saved: such a dataset only releases DP aggregates with .fetch()")

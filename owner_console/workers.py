@@ -430,8 +430,9 @@ class QueryWorkers:
             worker = self._acquire("small" if is_small_query(plan, catalog) else "regular")
             reusable = False
             try:
-                header, payload = worker.call({"op": op, "plan": plan, "catalog": _catalog_to_json(catalog),
-                                               "scientist": scientist}, cancel, deadline, timeout, announce)
+                request = {"op": op, "plan": plan, "catalog": _catalog_to_json(executor.read_by(plan, catalog, names)),
+                           "scientist": scientist}
+                header, payload = worker.call(request, cancel, deadline, timeout, announce)
                 reusable = True
             except WorkerDied:
                 worker.kill()  # (it is gone already, or it closed its end: either way it serves no more)
@@ -526,7 +527,7 @@ def is_small_query(plan: Any, catalog: Mapping[str, Dataset]) -> bool:
 def _query_timeout(names: set[str], catalog: Mapping[str, Dataset], scientist: str | None,
                    workspace_limit: float | None) -> float | None:
     """As :func:`executor.query_timeout`, over the datasets a plan names (``names``; the worker validates the plan)."""
-    read = {name: d for name, d in catalog.items() if name in names}
+    read = {name: catalog[name] for name in names if name in catalog}
     if any(scientist in d.policy.scientists for d in read.values()):  # (else their policies apply as they are)
         read = executor.for_scientist(read, scientist)
     return executor.query_timeout(read.values(), workspace_limit)

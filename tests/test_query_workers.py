@@ -229,6 +229,42 @@ def test_errors_cross_the_pipe_typed(pool, patients_csv):
                                   exprs=[alias(fn("mean", col("age")), "m")]), catalog, "alice").table.height == 1
 
 
+def test_a_worker_is_sent_only_the_datasets_its_plan_reads(pool, patients_csv, monkeypatch):
+    # The catalog is copied for each query and crosses the pipe: its cost must not follow the workspace's size.
+    catalog = {f"table{i}": Dataset(f"table{i}", patients_csv, "csv", Policy(min_group_size=10)) for i in range(40)}
+    sent: list[dict] = []
+    call = workers._Worker.call
+
+    def recording(worker, request, *args, **kwargs):  # the real call, with the request it was given noted
+        sent.append(request["catalog"])
+        return call(worker, request, *args, **kwargs)
+
+    monkeypatch.setattr(workers._Worker, "call", recording)
+    plan = frame_op("group_by", input=scan("table7"), keys=[col("sex")], aggs=[alias(fn("mean", col("age")), "m")])
+    there, here = pool.evaluate(plan, catalog, "alice"), core.evaluate(plan, catalog, "alice")
+    assert sent[-1].keys() == {"table7"}
+    assert there.table.frame().equals(here.table) and there.decision == here.decision
+    # A name the catalog lacks: the whole catalog goes, and the refusal lists every dataset, as in process.
+    unknown = frame_op("select", input=scan("nowhere"), exprs=[col("age")])
+    with pytest.raises(BastionError) as raised:
+        pool.evaluate(unknown, catalog, "alice")
+    with pytest.raises(BastionError) as direct:
+        core.evaluate(unknown, catalog, "alice")
+    assert len(sent[-1]) == 40
+    assert raised.value.body() == direct.value.body() and "'table39'" in raised.value.evalue
+
+
+def test_read_by_keeps_the_sources_a_plan_names_or_the_whole_catalog():
+    catalog = {name: Dataset(name, Path(f"/data/{name}.csv"), "csv", Policy()) for name in ("a", "b", "c")}
+    both = frame_op("join", left=scan("a"), right={"op": "saved", "name": "c"}, how="inner", left_on=[col("k")],
+                    right_on=[col("k")], suffix="_r")
+    assert core.read_by(both, catalog) == {"a": catalog["a"], "c": catalog["c"]}
+    assert core.read_by(scan("a"), catalog, names={"b"}) == {"b": catalog["b"]}
+    for plan in (scan("zz"), frame_op("join", left=scan("a"), right=scan("zz"), how="inner", left_on=[col("k")],
+                                      right_on=[col("k")], suffix="_r"), {"op": "scan"}, 7, None):
+        assert core.read_by(plan, catalog) is catalog
+
+
 def test_a_cancel_before_the_query_starts_never_reaches_a_worker(pool, patients_csv):
     catalog = {"patients": Dataset("patients", patients_csv, "csv", Policy())}
     cancel = threading.Event()
