@@ -193,11 +193,12 @@ def read_by(plan: Any, catalog: Mapping[str, Dataset], names: set[str] | None = 
     to a query worker.  A plan that names no source, or one the catalog
     lacks, gets the whole catalog: the validator's refusal lists the names
     there are.  ``names``: the plan's source names, when the caller has them.
+    The catalog's order is kept (a set's order changes from process to process).
     """
     names = walk.source_names(plan) if names is None else names
     if not names or not names <= catalog.keys():
         return catalog
-    return {name: catalog[name] for name in names}
+    return {name: dataset for name, dataset in catalog.items() if name in names}
 
 
 def for_scientist(catalog: Mapping[str, Dataset], scientist: str | None) -> dict[str, Dataset]:

@@ -258,8 +258,12 @@ def test_read_by_keeps_the_sources_a_plan_names_or_the_whole_catalog():
     catalog = {name: Dataset(name, Path(f"/data/{name}.csv"), "csv", Policy()) for name in ("a", "b", "c")}
     both = frame_op("join", left=scan("a"), right={"op": "saved", "name": "c"}, how="inner", left_on=[col("k")],
                     right_on=[col("k")], suffix="_r")
-    assert core.read_by(both, catalog) == {"a": catalog["a"], "c": catalog["c"]}
+    assert list(core.read_by(both, catalog).items()) == [("a", catalog["a"]), ("c", catalog["c"])]
     assert core.read_by(scan("a"), catalog, names={"b"}) == {"b": catalog["b"]}
+    # In the catalog's order, whatever the order of the set of names (which changes between processes).
+    many = {f"t{i:02}": Dataset(f"t{i:02}", Path(f"/data/t{i}.csv"), "csv", Policy()) for i in range(30)}
+    every_third = [f"t{i:02}" for i in range(0, 30, 3)]
+    assert list(core.read_by(None, many, names=set(every_third))) == every_third
     for plan in (scan("zz"), frame_op("join", left=scan("a"), right=scan("zz"), how="inner", left_on=[col("k")],
                                       right_on=[col("k")], suffix="_r"), {"op": "scan"}, 7, None):
         assert core.read_by(plan, catalog) is catalog
